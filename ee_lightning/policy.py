@@ -1,0 +1,39 @@
+"""Per-layer exit policies: p_l = sigmoid(g_l(s_l)), the probability of exiting at layer l."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def confidence_features(logits: torch.Tensor) -> torch.Tensor:
+    """The head's softmax and its entropy, [B, C + 1]: what a confidence rule would look at."""
+    probs = logits.float().softmax(-1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
+    return torch.cat([probs, entropy], dim=-1).to(logits.dtype)
+
+
+class ExitPolicy(nn.Module):
+    """One small net per layer (the authors': Linear(H, 32) -> GELU -> Linear(32, 1))."""
+
+    def __init__(self, num_layers: int, hidden_size: int, num_logits: int, hidden: int = 32,
+                 use_confidence: bool = False, detach_state: bool = True):
+        super().__init__()
+        self.use_confidence = use_confidence
+        self.detach_state = detach_state
+        in_size = hidden_size + (num_logits + 1 if use_confidence else 0)
+        self.nets = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_size, hidden), nn.GELU(), nn.Linear(hidden, 1)) for _ in range(num_layers)
+        )
+
+    def features(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        state = pooled.detach() if self.detach_state else pooled
+        if not self.use_confidence:
+            return state
+        return torch.cat([state, confidence_features(logits.detach())], dim=-1)
+
+    def logit(self, index: int, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Exit logit [B] at layer `index` (0-based)."""
+        return self.nets[index](self.features(pooled, logits)).squeeze(-1)
+
+    def forward(self, index: int, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(index, pooled, logits))

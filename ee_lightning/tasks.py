@@ -1,0 +1,81 @@
+"""What a dataset asks of the model: classification or regression, how many labels, which metric."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+METRICS = ("acc", "f1", "mcc", "pearson_spearman")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str = CLASSIFICATION
+    num_labels: int = 2
+    metric: str = "acc"  # the task's headline metric, one of METRICS
+    label_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind not in (CLASSIFICATION, REGRESSION):
+            raise ValueError(f"task kind {self.kind!r}: use {CLASSIFICATION!r} or {REGRESSION!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task metric {self.metric!r}: use one of {METRICS}")
+        if self.kind == REGRESSION and self.num_labels != 1:
+            raise ValueError("a regression task has num_labels=1")
+
+    @property
+    def is_regression(self) -> bool:
+        return self.kind == REGRESSION
+
+    @property
+    def output_size(self) -> int:
+        return 1 if self.is_regression else self.num_labels
+
+
+class PearsonSpearmanMean(MetricCollection):
+    """GLUE's STS-B score: the mean of Pearson and Spearman correlation."""
+
+    def __init__(self):
+        super().__init__({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
+
+    def compute(self):
+        values = super().compute()
+        return (values["pearson"] + values["spearman"]) / 2
+
+
+def make_metric(task: TaskSpec) -> Metric | MetricCollection:
+    """A fresh torchmetrics object for the task's headline metric (synced across processes)."""
+    if task.metric == "pearson_spearman":
+        return PearsonSpearmanMean()
+    kind = "binary" if task.num_labels == 2 else "multiclass"
+    if task.metric == "acc":
+        return Accuracy(task=kind, num_classes=task.num_labels)
+    if task.metric == "f1":
+        return F1Score(task=kind, num_classes=task.num_labels)
+    return MatthewsCorrCoef(task=kind, num_classes=task.num_labels)
+
+
+def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Head outputs [..., C] -> what a metric consumes: class ids, or the regression value."""
+    return logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+
+
+def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for classification, squared error for regression."""
+    if task.is_regression:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def is_correct(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, tolerance: float = 0.5) -> torch.Tensor:
+    """Per-instance bool: the class is right, or the regression value is within `tolerance`."""
+    if task.is_regression:
+        return (logits.squeeze(-1) - labels).abs() <= tolerance
+    return logits.argmax(-1) == labels
