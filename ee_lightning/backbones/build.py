@@ -60,8 +60,9 @@ def check_checkpoint(folder: Path) -> str:
     return model_type
 
 
-def load_tokenizer(cfg, checkpoint: Path | None):
-    source = cfg.get("tokenizer_path") or (str(checkpoint) if checkpoint is not None else DEFAULT_TOKENIZER)
+def load_tokenizer(cfg):
+    """The backbone's tokenizer: `tokenizer_path`, else the checkpoint's own, else the packaged MiniLM one."""
+    source = cfg.get("tokenizer_path") or cfg.get("pretrained_path") or DEFAULT_TOKENIZER
     folder = resolve_path(source)
     try:
         return AutoTokenizer.from_pretrained(folder)
@@ -70,20 +71,20 @@ def load_tokenizer(cfg, checkpoint: Path | None):
 
 
 def build_backbone(cfg) -> tuple[LayerwiseBackbone, object]:
-    """cfg: the `backbone` config node. Returns (layer-wise backbone, tokenizer)."""
+    """cfg: the `backbone` config node (or a plain dict). Returns (layer-wise backbone, tokenizer)."""
     attn = cfg.get("attn_implementation", "sdpa")
     if cfg.get("pretrained_path"):
-        checkpoint = resolve_path(cfg.pretrained_path)
+        checkpoint = resolve_path(cfg["pretrained_path"])
         family = check_checkpoint(checkpoint)
-        if cfg.get("family") and cfg.family != family:
-            log.warning("backbone.family=%s but %s holds a %s model; using %s", cfg.family, checkpoint, family, family)
-        tokenizer = load_tokenizer(cfg, checkpoint)
+        if cfg.get("family") and cfg.get("family") != family:
+            log.warning("backbone.family=%s but %s holds a %s model; using %s", cfg.get("family"), checkpoint, family, family)
+        tokenizer = load_tokenizer(cfg)
         model = AutoModel.from_pretrained(checkpoint, attn_implementation=attn)
     else:
-        family = cfg.family
+        family = cfg.get("family")
         if family not in ADAPTERS:
             raise BackboneError(f"backbone.family={family!r} is not supported; choose one of {sorted(ADAPTERS)}")
-        tokenizer = load_tokenizer(cfg, None)
+        tokenizer = load_tokenizer(cfg)
         arch = dict(cfg.get("architecture") or {})
         arch.setdefault("vocab_size", len(tokenizer))
         arch.setdefault("pad_token_id", tokenizer.pad_token_id)

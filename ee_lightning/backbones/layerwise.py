@@ -40,9 +40,16 @@ class LayerwiseBackbone(nn.Module):
         return getattr(self.model, "pooler", None) is not None
 
     # --- the three calls -------------------------------------------------------------
+    @property
+    def takes_token_types(self) -> bool:
+        """Whether segment ids reach the embeddings. A model with a single token type (RoBERTa:
+        type_vocab_size=1) has nothing to look up for segment 1, so a text-pair batch from a
+        BERT-style tokenizer would index past its table; its segment ids are dropped (all 0)."""
+        return self.uses_token_types and int(getattr(self.config, "type_vocab_size", 2)) > 1
+
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         kwargs = {"input_ids": input_ids}
-        if self.uses_token_types and token_type_ids is not None:
+        if token_type_ids is not None and self.takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
         return self.model.embeddings(**kwargs)
 
