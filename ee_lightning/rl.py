@@ -1,0 +1,229 @@
+"""REINFORCE for exit policies, as pure tensor functions over per-layer values cached for a batch.
+
+Shapes: L layers, B instances, K rollouts per instance. Per-layer inputs are [L, B] (layer is
+dim 0); rollout outputs are [K, B]. Exit layers are ints 1..L. The action at layer L is never
+drawn from the policy: an instance still running there exits (forced).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+TASK_TERMS = ("ce", "correct")
+DEPTH_TERMS = ("hardness", "plain", "none")
+SAMPLERS = ("bernoulli", "epsilon_greedy")
+PROB_EPS = 1e-6
+
+
+def _check_layers_first(values: torch.Tensor, name: str) -> None:
+    if values.dim() != 2 or values.shape[0] < 1:
+        raise ValueError(f"{name} must be [L, B] with L >= 1, got {tuple(values.shape)}")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def sample_bernoulli(probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[L, B] exit probabilities -> [K, L, B] bool actions a_l ~ Bernoulli(p_l) (no gradient)."""
+    _check_layers_first(probs, "probs")
+    p = probs.detach().float()
+    return _uniform((k, *p.shape), p, generator) < p
+
+
+def sample_epsilon_greedy(probs: torch.Tensor, k: int, eps: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """[L, B] -> [K, L, B] bool: a_l = [p_l > 0.5] with prob. 1 - eps, a fair coin with prob. eps.
+
+    The authors' sampler; each (rollout, layer, instance) explores independently.
+    """
+    _check_layers_first(probs, "probs")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must lie in [0, 1], got {eps}")
+    p = probs.detach().float()
+    shape = (k, *p.shape)
+    greedy = (p > 0.5).expand(shape)
+    explore = _uniform(shape, p, generator) < eps
+    coin = _uniform(shape, p, generator) < 0.5
+    return torch.where(explore, coin, greedy)
+
+
+def epsilon_schedule(step: int, eps_start: float, eps_end: float, decay_steps: float) -> float:
+    """Exponential decay from eps_start (step 0) towards eps_end: e-fold per decay_steps steps."""
+    if decay_steps <= 0:
+        raise ValueError(f"decay_steps must be positive, got {decay_steps}")
+    return eps_end + (eps_start - eps_end) * math.exp(-step / decay_steps)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+def exit_layers(actions: torch.Tensor) -> torch.Tensor:
+    """[K, L, B] bool actions -> [K, B] long: first l (1-based) with a_l = 1, else L (forced).
+
+    The action at layer L is ignored: exit there happens regardless.
+    """
+    if actions.dim() != 3 or actions.shape[1] < 1:
+        raise ValueError(f"actions must be [K, L, B] with L >= 1, got {tuple(actions.shape)}")
+    num_layers = actions.shape[1]
+    stop = actions.bool().clone()
+    stop[:, -1] = True
+    layer = torch.arange(1, num_layers + 1, device=actions.device).view(1, -1, 1)
+    return torch.where(stop, layer, num_layers).amin(dim=1)
+
+
+def _exit_log_prob_table(log_p: torch.Tensor, log_not_p: torch.Tensor) -> torch.Tensor:
+    """[L, B] log p_l and log(1 - p_l) -> [L, B] log pi(exit at l) for l = 1..L."""
+    # sum_{j<l} log(1 - p_j): exclusive cumulative sum over layers
+    survive = torch.cat([torch.zeros_like(log_not_p[:1]), log_not_p[:-1].cumsum(0)], dim=0)
+    # the forced exit at L has no log p_L term
+    stop = torch.cat([log_p[:-1], torch.zeros_like(log_p[-1:])], dim=0)
+    return survive + stop
+
+
+def gather_layer(values: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+    """[L, B] per-layer values and [K, B] exit layers (1..L) -> [K, B] value at each exit (differentiable)."""
+    _check_layers_first(values, "values")
+    return values.gather(0, exits.long() - 1)
+
+
+def trajectory_log_prob_from_logits(logits: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+    """[L, B] exit logits, [K, B] exit layers -> [K, B] log pi of each trajectory (float32).
+
+    Exit at t < L: sum_{j<t} log(1 - p_j) + log p_t; at L: sum_{j<L} log(1 - p_j). logsigmoid keeps
+    saturated logits finite.
+    """
+    _check_layers_first(logits, "logits")
+    z = logits.float()
+    return gather_layer(_exit_log_prob_table(F.logsigmoid(z), F.logsigmoid(-z)), exits)
+
+
+def trajectory_log_prob(probs: torch.Tensor, exits: torch.Tensor, logits: torch.Tensor | None = None,
+                        eps: float = PROB_EPS) -> torch.Tensor:
+    """[L, B] exit probabilities, [K, B] exit layers -> [K, B] log pi (float32, differentiable).
+
+    Uses `logits` when given (exact); else clamps probs to [eps, 1 - eps] so log never hits -inf.
+    """
+    if logits is not None:
+        return trajectory_log_prob_from_logits(logits, exits)
+    _check_layers_first(probs, "probs")
+    p = probs.float().clamp(eps, 1.0 - eps)
+    return gather_layer(_exit_log_prob_table(p.log(), torch.log1p(-p)), exits)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+@dataclass(frozen=True)
+class RewardParts:
+    """reward = task - depth_cost, each [K, B]; kept apart so callbacks can log them."""
+
+    reward: torch.Tensor
+    task: torch.Tensor
+    depth_cost: torch.Tensor
+
+
+def rewards(exits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor | None,
+            memorized: torch.Tensor | None, num_layers: int, alpha: float,
+            task_term: str = "ce", depth_term: str = "hardness") -> RewardParts:
+    """R = task - alpha * t * factor for exits t [K, B].
+
+    task: -loss_t ("ce"; pass squared errors as `losses` for regression) or correct_t as 0/1
+    ("correct"). factor: 1 - m/L ("hardness"), 1 ("plain"), 0 ("none"). Inputs are detached:
+    REINFORCE treats rewards as constants.
+    """
+    if task_term not in TASK_TERMS:
+        raise ValueError(f"task_term {task_term!r}: use one of {TASK_TERMS}")
+    if depth_term not in DEPTH_TERMS:
+        raise ValueError(f"depth_term {depth_term!r}: use one of {DEPTH_TERMS}")
+    if exits.dim() != 2:
+        raise ValueError(f"exits must be [K, B], got {tuple(exits.shape)}")
+    if task_term == "ce":
+        task = -gather_layer(losses.detach().float(), exits)
+    else:
+        if correct is None:
+            raise ValueError("task_term='correct' needs the correct table")
+        task = gather_layer(correct.detach(), exits).float()
+    t = exits.float()
+    if depth_term == "hardness":
+        if memorized is None:
+            raise ValueError("depth_term='hardness' needs memorized layers")
+        factor = (1.0 - memorized.detach().float() / num_layers).to(t.device).unsqueeze(0)
+    elif depth_term == "plain":
+        factor = torch.ones_like(t)
+    else:
+        factor = torch.zeros_like(t)
+    depth_cost = alpha * t * factor
+    return RewardParts(reward=task - depth_cost, task=task, depth_cost=depth_cost)
+
+
+def advantages(rewards: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """[K, B] -> A = R - mean_k R (per-instance baseline); normalize divides by the batch std of A."""
+    adv = rewards - rewards.mean(dim=0, keepdim=True)
+    if normalize:
+        # population std: a single entry gives 0 rather than nan
+        adv = adv / (adv.std(correction=0) + 1e-8)
+    return adv
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def bernoulli_entropy(probs: torch.Tensor, eps: float = PROB_EPS) -> torch.Tensor:
+    """Elementwise entropy (nats) of Bernoulli(p), finite at p = 0 or 1."""
+    p = probs.float().clamp(eps, 1.0 - eps)
+    return -(p * p.log() + (1.0 - p) * torch.log1p(-p))
+
+
+def policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, entropy_bonus: float = 0.0,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE: -mean(A * log pi) over rollouts and instances, minus entropy_bonus * mean entropy.
+
+    The entropy (of probs [L, B], layers 1..L-1 only, since L is forced) counts only when
+    entropy_bonus > 0. Advantages are detached.
+    """
+    loss = -(advantages.detach() * log_probs).mean()
+    if entropy_bonus > 0:
+        if probs is None:
+            raise ValueError("entropy_bonus > 0 needs probs")
+        _check_layers_first(probs, "probs")
+        if probs.shape[0] > 1:
+            loss = loss - entropy_bonus * bernoulli_entropy(probs[:-1]).mean()
+    return loss
+
+
+# --------------------------------------------------------------------------- inference and rollouts
+
+
+def greedy_exit(probs: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """Inference rule, [L, B] -> [B] long: first l with p_l > tau, else L (forced)."""
+    _check_layers_first(probs, "probs")
+    return exit_layers((probs > tau).unsqueeze(0))[0]
+
+
+def rollout(k: int, *, probs: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+            sampler: str = "bernoulli", eps: float = 0.0,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K rollouts per instance over cached [L, B] probs or logits -> (exits [K, B], log pi [K, B]).
+
+    Give logits for exact log-probabilities; the epsilon-greedy sampler still scores its
+    trajectories under Bernoulli(p), as the authors' code does.
+    """
+    if probs is None and logits is None:
+        raise ValueError("give probs or logits")
+    if probs is None:
+        probs = torch.sigmoid(logits.float())
+    if sampler == "bernoulli":
+        actions = sample_bernoulli(probs, k, generator)
+    elif sampler == "epsilon_greedy":
+        actions = sample_epsilon_greedy(probs, k, eps, generator)
+    else:
+        raise ValueError(f"sampler {sampler!r}: use one of {SAMPLERS}")
+    exits = exit_layers(actions)
+    return exits, trajectory_log_prob(probs, exits, logits=logits)
