@@ -17,7 +17,8 @@ class LayerOutputs:
 
     pooled: torch.Tensor  # [L, B, H]
     logits: torch.Tensor  # [L, B, C]
-    exit_probs: torch.Tensor | None = None  # [L, B], when the model has a policy
+    exit_logits: torch.Tensor | None = None  # [L, B], when the model has a policy
+    exit_probs: torch.Tensor | None = None  # [L, B], sigmoid of exit_logits
 
 
 class EarlyExitModel(nn.Module):
@@ -49,15 +50,17 @@ class EarlyExitModel(nn.Module):
     def forward(self, batch: dict) -> LayerOutputs:
         """Run every layer and every head (and every policy net, if any)."""
         hidden, bias = self.start(batch)
-        pooled, logits, probs = [], [], []
+        pooled, logits, exit_logits = [], [], []
         for index in range(self.num_layers):
             hidden, pooled_l, logits_l = self.step(index, hidden, bias, batch["attention_mask"])
             pooled.append(pooled_l)
             logits.append(logits_l)
             if self.policy is not None:
-                probs.append(self.policy(index, pooled_l, logits_l))
+                exit_logits.append(self.policy.logit(index, pooled_l, logits_l))
+        exit_logits = torch.stack(exit_logits) if exit_logits else None
         return LayerOutputs(
             pooled=torch.stack(pooled),
             logits=torch.stack(logits),
-            exit_probs=torch.stack(probs) if probs else None,
+            exit_logits=exit_logits,
+            exit_probs=torch.sigmoid(exit_logits) if exit_logits is not None else None,
         )

@@ -227,3 +227,32 @@ def rollout(k: int, *, probs: torch.Tensor | None = None, logits: torch.Tensor |
         raise ValueError(f"sampler {sampler!r}: use one of {SAMPLERS}")
     exits = exit_layers(actions)
     return exits, trajectory_log_prob(probs, exits, logits=logits)
+
+
+# --------------------------------------------------------------------------- one policy-gradient step
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the policy logits
+    parts: RewardParts  # [K, B] each
+    advantages: torch.Tensor  # [K, B]
+    exits: torch.Tensor  # [K, B], 1..L
+    probs: torch.Tensor  # [L, B]
+
+
+def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor,
+                        memorized: torch.Tensor | None, *, k: int, alpha: float, task_term: str = "ce",
+                        depth_term: str = "hardness", sampler: str = "bernoulli", eps: float = 0.0,
+                        normalize_advantages: bool = False, entropy_bonus: float = 0.0,
+                        generator: torch.Generator | None = None) -> PolicyStep:
+    """K rollouts over cached per-layer values [L, B] -> the REINFORCE loss and what went into it.
+
+    Only sampling and bookkeeping happen here: the backbone is not run again per rollout.
+    """
+    exits, log_probs = rollout(k, logits=policy_logits, sampler=sampler, eps=eps, generator=generator)
+    parts = rewards(exits, losses, correct, memorized, policy_logits.shape[0], alpha, task_term, depth_term)
+    adv = advantages(parts.reward, normalize=normalize_advantages)
+    probs = torch.sigmoid(policy_logits.float())
+    loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
+    return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits, probs=probs)

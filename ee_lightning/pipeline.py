@@ -1,0 +1,230 @@
+"""The stages of a run, each a LightningModule fitted by its own Trainer.
+
+`method=finetune` runs stage 1. `method=consistentee` runs stage 1 (or starts from
+`init_from`), the memorized layers, policy training, optionally the joint stage, then
+evaluates the policy against the other exit rules on the test split. A ledger in the run
+directory (`stages.json`) records finished stages and their checkpoints, so rerunning into
+the same directory (`hydra.run.dir=<run dir>`) resumes from the stage that was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from . import hardness as hardness_lib
+from .evaluation import evaluate_methods
+from .replay import CachedLayerDataset, collect_layer_outputs
+from .systems.base import EarlyExitSystem
+from .systems.finetune import FinetuneSystem
+from .systems.joint import JointSystem
+from .systems.policy import PolicySystem
+from .trainers import best_or_last, finish_loggers, make_trainer
+
+log = logging.getLogger(__name__)
+
+
+class StageLedger:
+    """stages.json: which stages of this run finished, and the checkpoint each left."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "stages.json"
+        self.stages = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def checkpoint(self, stage: str) -> str | None:
+        return self.stages.get(stage, {}).get("checkpoint")
+
+    def mark(self, stage: str, checkpoint: str | None, **info) -> None:
+        self.stages[stage] = {"checkpoint": checkpoint, **info}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=2))
+        os.replace(tmp, self.path)
+
+
+def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
+    """The last checkpoint a stage wrote before the run stopped, to resume its fit."""
+    last = Path(run_dir) / "checkpoints" / stage / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def load_checkpoint_weights(system: EarlyExitSystem, checkpoint: str) -> None:
+    """Load a checkpoint of any stage into `system`, refusing one of another backbone or task."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    check_compatible(system, state.get("hyper_parameters", {}), checkpoint)
+    system.load_state_dict(state["state_dict"])
+
+
+def check_compatible(system: EarlyExitSystem, hparams: dict, checkpoint: str) -> None:
+    theirs_cfg, theirs_task = hparams.get("cfg"), hparams.get("task")
+    if theirs_cfg is None or theirs_task is None:
+        raise ValueError(f"{checkpoint} is not an ee-lightning checkpoint (no cfg/task in its hyper-parameters)")
+    mine = (system.cfg.backbone.get("name"), system.task.name, system.task.output_size)
+    theirs = (theirs_cfg["backbone"].get("name"), theirs_task["name"], 1 if theirs_task["kind"] == "regression"
+              else theirs_task["num_labels"])
+    if mine != theirs:
+        raise ValueError(
+            f"{checkpoint} was trained with backbone={theirs[0]} on task {theirs[1]} ({theirs[2]} outputs), "
+            f"but this run has backbone={mine[0]} on task {mine[1]} ({mine[2]} outputs); "
+            "pass the matching backbone=/data= overrides or another checkpoint"
+        )
+
+
+def fit_stage(cfg, system, stage: str, run_dir: Path, ledger: StageLedger, datamodule=None, **fit_kwargs):
+    """Fit one stage (resuming its interrupted fit if any) and record its checkpoint."""
+    started = time.perf_counter()
+    trainer = make_trainer(cfg, stage, run_dir, **stage_trainer_overrides(cfg, stage))
+    trainer.fit(system, datamodule=datamodule, ckpt_path=interrupted_checkpoint(run_dir, stage), **fit_kwargs)
+    checkpoint = best_or_last(trainer)
+    ledger.mark(stage, checkpoint, seconds=round(time.perf_counter() - started, 1))
+    finish_loggers(trainer)
+    return trainer, checkpoint
+
+
+def stage_trainer_overrides(cfg, stage: str) -> dict:
+    if stage == "policy":
+        return {"max_epochs": cfg.method.policy.epochs}
+    if stage == "joint":
+        return {"max_epochs": cfg.method.joint.epochs}
+    return {}
+
+
+def test_layers(cfg, system, stage: str, run_dir: Path, datamodule) -> list[float]:
+    trainer = make_trainer(cfg, f"{stage}-test", run_dir)
+    trainer.test(system, datamodule=datamodule, verbose=False)
+    finish_loggers(trainer)
+    return system.layer_results("test")
+
+
+def base_results(cfg, system: EarlyExitSystem, test: list[float]) -> dict:
+    return {
+        "task": system.task.name,
+        "metric_name": system.task.metric,
+        "num_layers": system.num_layers,
+        "layer_metrics": test,
+        "full": test[-1],
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+    }
+
+
+def run_finetune(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[FinetuneSystem, dict]:
+    """Stage 1: fit backbone + heads, then test every layer."""
+    ledger = StageLedger(run_dir)
+    system = FinetuneSystem(cfg, datamodule.task)
+    trainer, checkpoint = fit_stage(cfg, system, "finetune", run_dir, ledger, datamodule=datamodule)
+    val = system.layer_results("val") if any(k.startswith("val/") for k in trainer.callback_metrics) else None
+    results = base_results(cfg, system, test_layers(cfg, system, "finetune", run_dir, datamodule))
+    results.update(val_layer_metrics=val, checkpoints={"finetune": checkpoint},
+                   seconds={"finetune": ledger.stages["finetune"]["seconds"]})
+    return system, results
+
+
+def stage_one_weights(cfg, datamodule, run_dir: Path, ledger: StageLedger):
+    """Stage-1 weights as (state_dict, checkpoint): from init_from, a finished stage, or a new fit."""
+    if cfg.get("init_from"):
+        checkpoint = str(cfg.init_from)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"init_from={checkpoint} does not exist; give the path of a stage-1 .ckpt file")
+    elif ledger.done("finetune") and ledger.checkpoint("finetune"):
+        checkpoint = ledger.checkpoint("finetune")
+    else:
+        system = FinetuneSystem(cfg, datamodule.task)
+        _, checkpoint = fit_stage(cfg, system, "finetune", run_dir, ledger, datamodule=datamodule)
+        return system.state_dict(), checkpoint
+    probe = PolicySystem(cfg, datamodule.task)
+    load_checkpoint_weights(probe, checkpoint)
+    return probe.state_dict(), checkpoint
+
+
+def memorized_layers(cfg, system: PolicySystem, cache: dict, checkpoint: str | None, split_size: int) -> torch.Tensor:
+    """The memorized layer of every training row, saved beside the stage-1 checkpoint and reused."""
+    num_layers = system.num_layers
+    tolerance = cfg.method.hardness.tolerance
+    artefact = Path(checkpoint).with_suffix(".hardness.pt") if checkpoint else None
+    meta = (hardness_lib.hardness_meta(checkpoint, num_layers, system.task, split_size, tolerance, hash_contents=False,
+                                       data=cfg.data.name, max_train_samples=cfg.data.get("max_train_samples"))
+            if artefact else None)
+    table = hardness_lib.load_hardness(artefact, meta) if artefact else None
+    if table is not None and bool((table[cache["idx"]] > 0).all()):
+        rank_zero_info(f"memorized layers reused from {artefact}")
+        return table
+    correct = hardness_lib.correct_table(system.task, cache["logits"], cache["labels"], tolerance)
+    memorized = hardness_lib.memorized_layer(correct)
+    if artefact:
+        hardness_lib.save_hardness(artefact, memorized, cache["idx"], meta)
+        rank_zero_info(f"memorized layers saved to {artefact}")
+    table = torch.zeros(max(split_size, int(cache["idx"].max()) + 1), dtype=torch.long)
+    table[cache["idx"]] = memorized
+    return table
+
+
+def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyExitSystem, dict]:
+    ledger = StageLedger(run_dir)
+    task = datamodule.task
+    seconds = {}
+
+    started = time.perf_counter()
+    state, stage1_checkpoint = stage_one_weights(cfg, datamodule, run_dir, ledger)
+    seconds["finetune"] = ledger.stages.get("finetune", {}).get("seconds", round(time.perf_counter() - started, 1))
+
+    # Hardness and the policy's training cache come from one all-layers pass over the training set.
+    system = PolicySystem(cfg, task)
+    system.load_state_dict(state)
+    started = time.perf_counter()
+    train_loader = datamodule.dataloader("train", shuffle=False)
+    cache = collect_layer_outputs(system.model, train_loader, keep_pooled=not ledger.done("policy"))
+    table = memorized_layers(cfg, system, cache, stage1_checkpoint, datamodule.split_size("train"))
+    memorized = table[cache["idx"]]
+    seconds["hardness"] = round(time.perf_counter() - started, 1)
+    hardness_hist = hardness_lib.histogram(memorized, system.num_layers).tolist()
+    rank_zero_info(f"memorized-layer histogram (layers 1..{system.num_layers}): {hardness_hist}")
+
+    if ledger.done("policy"):
+        load_checkpoint_weights(system, ledger.checkpoint("policy"))
+    else:
+        policy_loader = DataLoader(CachedLayerDataset(cache, memorized), batch_size=cfg.method.policy.batch_size,
+                                   shuffle=True)
+        fit_stage(cfg, system, "policy", run_dir, ledger, train_dataloaders=policy_loader,
+                  val_dataloaders=datamodule.val_dataloader())
+    seconds["policy"] = ledger.stages["policy"].get("seconds")
+    del cache
+
+    if cfg.method.joint.enabled:
+        joint = JointSystem(cfg, task)
+        joint.load_state_dict(system.state_dict())
+        joint.set_memorized(table)
+        if ledger.done("joint"):
+            load_checkpoint_weights(joint, ledger.checkpoint("joint"))
+        else:
+            fit_stage(cfg, joint, "joint", run_dir, ledger, datamodule=datamodule)
+        seconds["joint"] = ledger.stages["joint"].get("seconds")
+        system = joint
+
+    started = time.perf_counter()
+    results = base_results(cfg, system, test_layers(cfg, system, "consistentee", run_dir, datamodule))
+    test_cache = collect_layer_outputs(system.model, datamodule.test_dataloader())
+    results.update(evaluate_methods(test_cache, task, tau=cfg.method.tau))
+    seconds["evaluate"] = round(time.perf_counter() - started, 1)
+    results.update(
+        hardness_histogram=hardness_hist,
+        checkpoints={stage: info.get("checkpoint") for stage, info in ledger.stages.items()},
+        seconds=seconds,
+    )
+    if stage1_checkpoint:
+        results["checkpoints"].setdefault("finetune", stage1_checkpoint)
+    results["objective"] = results["methods"]["consistentee"]["metric"]
+    return system, results
+
+
+METHODS = {"finetune": run_finetune, "consistentee": run_consistentee}

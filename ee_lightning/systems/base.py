@@ -1,0 +1,110 @@
+"""What every stage shares: the early-exit model, the task, and per-layer evaluation."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..backbones import build_backbone
+from ..heads import ExitHeads
+from ..model import EarlyExitModel
+from ..policy import ExitPolicy
+from ..rl import greedy_exit
+from ..tasks import TaskSpec, make_metric, predictions
+
+
+def build_model(cfg: DictConfig, task: TaskSpec) -> EarlyExitModel:
+    """Backbone, heads and policy nets. Every stage builds the same modules, so a checkpoint
+    of any stage loads into any other (stage 1 simply leaves the policy untrained)."""
+    backbone, _ = build_backbone(cfg.backbone)
+    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, task.output_size, dropout=cfg.head.dropout)
+    policy = ExitPolicy(backbone.num_layers, backbone.hidden_size, task.output_size,
+                        hidden=cfg.policy.hidden, use_confidence=cfg.policy.use_confidence,
+                        detach_state=cfg.policy.detach_state)
+    return EarlyExitModel(backbone, heads, pooling=cfg.head.pooling, policy=policy)
+
+
+def task_from_dict(task: dict | TaskSpec) -> TaskSpec:
+    if isinstance(task, TaskSpec):
+        return task
+    task = dict(task)
+    task["label_names"] = tuple(task.get("label_names") or ())
+    return TaskSpec(**task)
+
+
+class EarlyExitSystem(L.LightningModule):
+    """Base LightningModule. Subclasses define training; evaluation logs every layer's metric.
+
+    The resolved config and the task travel in the checkpoint's hyper-parameters, so any
+    stage's checkpoint rebuilds its model with `load_from_checkpoint(path)` alone.
+    """
+
+    evaluates_policy = False
+
+    def __init__(self, cfg: dict | DictConfig, task: dict | TaskSpec):
+        super().__init__()
+        cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+        self.task = task_from_dict(task)
+        self.save_hyperparameters({
+            "cfg": OmegaConf.to_container(cfg, resolve=True),
+            "task": {**self.task.__dict__, "label_names": list(self.task.label_names)},
+        })
+        self.cfg = OmegaConf.create(self.hparams.cfg)
+        self.model = build_model(self.cfg, self.task)
+        num_layers = self.model.num_layers
+        self.layer_metrics = nn.ModuleDict({
+            split: nn.ModuleList(make_metric(self.task) for _ in range(num_layers)) for split in ("val", "test")
+        })
+        # What the policy achieves at inference (exit at the first p_l > tau), once it is trained.
+        self.policy_metrics = nn.ModuleDict({split: make_metric(self.task) for split in ("val", "test")})
+        self.exit_layer_mean = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    def metric_key(self, split: str, layer: int) -> str:
+        """`val/acc_L3`: split, the task's metric, 1-based layer."""
+        return f"{split}/{self.task.metric}_L{layer}"
+
+    def _evaluate(self, batch: dict, split: str) -> None:
+        outputs = self.model(batch)
+        for index, metric in enumerate(self.layer_metrics[split]):
+            metric.update(predictions(self.task, outputs.logits[index]), batch["labels"])
+            self.log(self.metric_key(split, index + 1), metric, on_step=False, on_epoch=True,
+                     batch_size=batch["labels"].shape[0])
+        if self.evaluates_policy:
+            self._evaluate_policy(batch, outputs, split)
+
+    def _evaluate_policy(self, batch: dict, outputs, split: str) -> None:
+        exits = greedy_exit(outputs.exit_probs, self.cfg.method.get("tau", 0.5))
+        at_exit = outputs.logits.gather(0, (exits - 1).view(1, -1, 1).expand(1, -1, outputs.logits.shape[-1]))[0]
+        size = batch["labels"].shape[0]
+        self.policy_metrics[split].update(predictions(self.task, at_exit), batch["labels"])
+        self.exit_layer_mean[split].update(exits.float())
+        self.log(f"{split}/policy_{self.task.metric}", self.policy_metrics[split], on_epoch=True, batch_size=size)
+        self.log(f"{split}/avg_exit_layer", self.exit_layer_mean[split], on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def layer_results(self, split: str) -> list[float]:
+        """The per-layer metric values logged at the end of the last evaluation of `split`."""
+        metrics = self.trainer.callback_metrics
+        return [float(metrics[self.metric_key(split, layer)]) for layer in range(1, self.num_layers + 1)]
+
+
+def linear_warmup_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

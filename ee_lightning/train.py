@@ -1,0 +1,36 @@
+"""ee-train: seed -> instantiate -> fit -> test -> report."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from .backbones import load_tokenizer
+from .data import build_datamodule
+from .pipeline import METHODS
+from .results import format_layer_table, write_results
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg.data, load_tokenizer(cfg.backbone))
+    datamodule.prepare_data()
+    datamodule.setup()
+    _, results = METHODS[cfg.method.name](cfg, datamodule, run_dir)
+    report(run_dir, results)
+    return results
+
+
+@rank_zero_only
+def report(run_dir: Path, results: dict) -> None:
+    path = write_results(run_dir, results)
+    print(format_layer_table(results["metric_name"], results["layer_metrics"], results.get("val_layer_metrics")))
+    print(f"results: {path}")

@@ -1,0 +1,77 @@
+"""Trainers, loggers and callbacks for one stage of a run, instantiated from the config tree."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def build_loggers(cfg: DictConfig, stage: str) -> list:
+    """Each stage logs to its own CSV folder and its own wandb run (job_type = stage)."""
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None or "_target_" not in logger_cfg:
+            continue
+        logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=True))
+        with open_dict(logger_cfg):
+            if logger_cfg._target_.endswith("CSVLogger"):
+                logger_cfg.version = stage
+            if logger_cfg._target_.endswith("WandbLogger"):
+                if os.environ.get("WANDB_MODE") == "disabled":
+                    continue
+                logger_cfg.job_type = stage
+                logger_cfg.name = f"{logger_cfg.get('name') or run_name(cfg)}-{stage}"
+                Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate(logger_cfg))
+    return loggers
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable run name: the experiment's task name plus the command-line overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "paths."))]
+    except ValueError:
+        overrides = []
+    return ",".join([cfg.task_name, *overrides])[:120]
+
+
+def build_callbacks(cfg: DictConfig, stage: str, run_dir: Path) -> list:
+    callbacks = []
+    for callback_cfg in (cfg.get("callbacks") or {}).values():
+        if callback_cfg is None or "_target_" not in callback_cfg:
+            continue
+        callback = instantiate(callback_cfg)
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = str(run_dir / "checkpoints" / stage)
+            callback.filename = f"{stage}-{{epoch}}-{{step}}"
+        callbacks.append(callback)
+    return callbacks
+
+
+def make_trainer(cfg: DictConfig, stage: str, run_dir: Path, **overrides) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.update(overrides)
+    trainer_cfg["default_root_dir"] = str(run_dir)
+    loggers = build_loggers(cfg, stage)
+    return instantiate(trainer_cfg, callbacks=build_callbacks(cfg, stage, run_dir), logger=loggers or False)
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close each stage's wandb run so the next stage (or sweep job) starts its own."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+
+def best_or_last(trainer: L.Trainer) -> str | None:
+    """The checkpoint to evaluate: the best one when monitored, else the last; None without checkpoints."""
+    callback = trainer.checkpoint_callback
+    if callback is None or trainer.fast_dev_run:
+        return None
+    return callback.best_model_path or callback.last_model_path or None
