@@ -58,3 +58,54 @@ def make_batch(tokenizer, texts=SENTENCES, pairs=None) -> dict:
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+# --- composing and running ee-train in-process ------------------------------------------
+os.environ.setdefault("EE_CACHE_DIR", str(ROOT / ".cache"))
+DATA_OPTIONS = ["rotten_tomatoes", "bbc_news", "glue", "csv"]
+
+
+def write_sentiment_files(folder: Path, n_train: int = 48, n_eval: int = 16) -> Path:
+    """A GLUE SST-2 style folder (sentence<TAB>label, with header) of generated sentences."""
+    import random
+
+    rng = random.Random(0)
+    good, bad = ["great", "moving", "funny", "brilliant"], ["dull", "boring", "awful", "flat"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_eval), ("test.tsv", n_eval)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            words = rng.choices(good if label else bad, k=rng.randint(1, 6))
+            rows.append(f"the film was {' and '.join(words)}\t{label}")
+        (folder / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def data_overrides(option: str, tmp_path: Path) -> list[str]:
+    """Overrides that make a data option run on small local files (real files for the packaged sets)."""
+    if option == "glue":
+        folder = write_sentiment_files(tmp_path / "SST-2")
+        return ["data=glue", "data.task=sst2", f"data.data_dir={folder}"]
+    if option == "csv":
+        folder = write_sentiment_files(tmp_path / "csvdata")
+        return ["data=csv", f"data.train_file={folder / 'train.tsv'}", f"data.test_file={folder / 'test.tsv'}",
+                "data.text_column=sentence", "data.label_column=label"]
+    return [f"data={option}"]
+
+
+def compose_train(overrides: list[str], run_dir: Path, config_name: str = "train"):
+    """The config ee-train would run with, its output directory set to `run_dir`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg

@@ -53,6 +53,8 @@ class EarlyExitSystem(L.LightningModule):
         })
         self.cfg = OmegaConf.create(self.hparams.cfg)
         self.model = build_model(self.cfg, self.task)
+        # from_pretrained returns eval mode and Lightning keeps modules' modes: train() turns dropout on.
+        self.model.train()
         num_layers = self.model.num_layers
         self.layer_metrics = nn.ModuleDict({
             split: nn.ModuleList(make_metric(self.task) for _ in range(num_layers)) for split in ("val", "test")

@@ -58,6 +58,7 @@ class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
         super().__init__(cfg, task)
         self.model.backbone.requires_grad_(False)
         self.model.heads.requires_grad_(False)
+        self.train()
 
     def train(self, mode: bool = True):
         # Frozen parts stay in eval mode: their outputs were cached without dropout.

@@ -1,0 +1,75 @@
+"""ee-train end to end on tiny backbones: composition of every family x data option, fdr runs,
+results.json, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from ee_lightning.train import train
+from tests.conftest import DATA_OPTIONS, ROOT, TINY_BACKBONES, compose_train, data_overrides
+
+FAST = ["logger=csv", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+@pytest.mark.parametrize("data", DATA_OPTIONS)
+def test_every_family_and_data_option_composes(backbone, data, tmp_path):
+    cfg = compose_train([f"backbone={backbone}", *data_overrides(data, tmp_path), "debug=fdr"], tmp_path / "run")
+    assert cfg.backbone.name == backbone
+    assert cfg.data.name == data
+    assert cfg.trainer.fast_dev_run is True
+    assert cfg.data._target_.startswith("ee_lightning.data.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,data", [(b, "glue") for b in TINY_BACKBONES] +
+                         [("tiny_bert", d) for d in DATA_OPTIONS if d != "glue"])
+def test_fast_dev_run_every_family_and_data_option(backbone, data, tmp_path):
+    """`ee-train backbone=<family> data=<option> debug=fdr`: every family once, every data option once."""
+    cfg = compose_train([f"backbone={backbone}", *data_overrides(data, tmp_path), "debug=fdr",
+                         "method=finetune", *FAST], tmp_path / "run")
+    results = train(cfg)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["num_layers"] == 4 == len(written["layer_metrics"])
+    assert written["full"] == written["layer_metrics"][-1] == results["full"]
+    assert written["metric_name"] == "acc" and written["task"]
+
+
+@pytest.mark.slow
+def test_finetune_learns_and_checkpoints(tmp_path):
+    """A few real epochs on separable generated text: the last layer learns, checkpoints are written."""
+    run = tmp_path / "run"
+    cfg = compose_train(["backbone=tiny_bert", *data_overrides("glue", tmp_path), "method=finetune",
+                         "method.finetune.epochs=6", "method.finetune.lr=3e-3", "data.batch_size=8", *FAST], run)
+    results = train(cfg)
+    assert results["full"] >= 0.9, results
+    assert (run / "checkpoints" / "finetune" / "last.ckpt").is_file()
+    assert (run / "csv" / "finetune" / "metrics.csv").is_file()
+    header = (run / "csv" / "finetune" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/acc_L4" in header and "val/acc_L1" in header
+
+
+def test_unknown_backbone_lists_the_options(tmp_path):
+    with pytest.raises(MissingConfigException, match="tiny_bert"):
+        compose_train(["backbone=not_a_model"], tmp_path / "run")
+
+
+def test_unknown_data_option_lists_the_options(tmp_path):
+    with pytest.raises(MissingConfigException, match="rotten_tomatoes"):
+        compose_train(["data=imagenet"], tmp_path / "run")
+
+
+def test_misspelled_key_is_named(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="polcy"):
+        compose_train(["method=consistentee", "method.polcy.k=3"], tmp_path / "run")
+
+
+def test_console_script_reports_a_bad_option():
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.cli", "backbone=nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "Could not find 'backbone/nope'" in out.stderr and "minilm_l6" in out.stderr
