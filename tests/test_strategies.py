@@ -1,0 +1,235 @@
+"""Exit rules on small hand-built per-layer outputs (L=4 layers, B=3 rows, C=3 classes)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ee_lightning.strategies import (
+    GRID_KNOBS,
+    RULES,
+    build_rule,
+    default_grid,
+    entropy,
+    exit_summary,
+    predictions_at_exit,
+    replay,
+    rule_from_grid,
+    select_state,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core box spin-wait and run
+    these tests ~50x slower; restored afterwards for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dist(cls: int, p: float) -> list[float]:
+    """Log-probabilities with `p` on class `cls` and the rest split evenly over the other two."""
+    probs = [(1 - p) / 2] * 3
+    probs[cls] = p
+    return [math.log(q) for q in probs]
+
+
+# (predicted class, its probability) per layer; entropies (nats): p=.4 -> 1.089, .5 -> 1.040,
+# .6 -> 0.950, .9 -> 0.394, .95 -> 0.233, .99 -> 0.063.
+PATTERN = [
+    [(0, .4), (0, .9), (0, .99), (1, .99)],  # row 0: predictions 0 0 0 1
+    [(1, .5), (2, .5), (2, .6), (2, .95)],  # row 1: predictions 1 2 2 2
+    [(2, .99), (2, .99), (0, .4), (0, .4)],  # row 2: predictions 2 2 0 0
+]
+LOGITS = torch.tensor([[dist(*PATTERN[b][l]) for b in range(3)] for l in range(4)])  # [L=4, B=3, C=3]
+EXIT_PROBS = torch.tensor([[.1, .5, .9], [.6, .5, .9], [.2, .5, .9], [.9, .5, .9]])  # [L, B]
+
+
+def exits(name, logits=LOGITS, exit_probs=EXIT_PROBS, **kwargs):
+    labels = kwargs.pop("labels", None)
+    regression = kwargs.pop("is_regression", False)
+    rule = build_rule(name, num_layers=logits.shape[0], **kwargs)
+    return replay(rule, logits, exit_probs, labels=labels, is_regression=regression).tolist()
+
+
+def test_constructed_outputs_are_what_the_comments_say():
+    assert LOGITS.shape == (4, 3, 3)
+    assert entropy(LOGITS[1, 0]).item() == pytest.approx(0.394, abs=1e-3)
+    assert LOGITS.argmax(-1).T.tolist() == [[0, 0, 0, 1], [1, 2, 2, 2], [2, 2, 0, 0]]
+
+
+@pytest.mark.parametrize("threshold,expected", [
+    (0.3, [3, 4, 1]),  # row 0 first below 0.3 at layer 3; row 1 only at 4 (forced anyway); row 2 at 1
+    (0.5, [2, 4, 1]),
+    (0.01, [4, 4, 4]),  # nothing is that sure: all forced at L
+    (2.0, [1, 1, 1]),  # above ln 3: everything exits at once
+])
+def test_entropy(threshold, expected):
+    assert exits("entropy", threshold=threshold) == expected
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.85, [2, 4, 1]), (0.55, [2, 3, 1]), (1.0, [4, 4, 4]), (0.3, [1, 1, 1])])
+def test_maxprob(threshold, expected):
+    assert exits("maxprob", threshold=threshold) == expected
+
+
+@pytest.mark.parametrize("patience,expected", [
+    (0, [1, 1, 1]),
+    (1, [2, 3, 2]),  # same prediction as the layer before
+    (2, [3, 4, 4]),  # row 2 changes at layer 3, so its counter is only 1 at layer 4: forced
+    (3, [4, 4, 4]),
+])
+def test_patience(patience, expected):
+    assert exits("patience", patience=patience) == expected
+
+
+REG = torch.tensor([[1.0, 0.0, 2.0], [1.05, 1.0, 2.01], [1.5, 2.0, 2.02], [1.52, 3.0, 2.5]]).unsqueeze(-1)  # [L, B, 1]
+
+
+@pytest.mark.parametrize("patience,expected", [(1, [2, 4, 2]), (2, [4, 4, 3])])
+def test_patience_regression_uses_tolerance(patience, expected):
+    assert exits("patience", logits=REG, exit_probs=None, patience=patience, tolerance=0.1, is_regression=True) == expected
+    # a huge tolerance: every move counts as unchanged
+    assert exits("patience", logits=REG, exit_probs=None, patience=patience, tolerance=10.0,
+                 is_regression=True) == [patience + 1] * 3
+
+
+def test_regression_is_inferred_from_one_output():
+    rule = build_rule("patience", patience=1, tolerance=0.1)
+    assert replay(rule, REG, is_regression=None).tolist() == [2, 4, 2]
+
+
+@pytest.mark.parametrize("threshold,patience,expected", [
+    (0.3, 2, [4, 4, 2]),  # confident (H < .3): row0 F F T T, row1 F F F T, row2 T T F F
+    (0.5, 2, [3, 4, 2]),  # row0 F T T T
+    (0.5, 1, [2, 4, 1]),  # patience 1 is the entropy rule
+    (2.0, 3, [3, 3, 3]),
+])
+def test_pcee(threshold, patience, expected):
+    assert exits("pcee", threshold=threshold, patience=patience) == expected
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_static(k):
+    assert exits("static", k=k) == [k] * 3
+
+
+@pytest.mark.parametrize("labels,expected", [([1, 2, 0], [4, 2, 3]), ([0, 0, 0], [1, 4, 3])])
+def test_oracle(labels, expected):
+    assert exits("oracle", labels=torch.tensor(labels)) == expected
+
+
+def test_oracle_regression():
+    assert exits("oracle", logits=REG, exit_probs=None, labels=torch.tensor([1.5, 3.0, 0.0]), tolerance=0.1,
+                 is_regression=True) == [3, 4, 4]
+
+
+def test_full():
+    assert exits("full") == [4, 4, 4]
+
+
+@pytest.mark.parametrize("tau,expected", [(0.5, [2, 4, 1]), (0.7, [4, 4, 1]), (0.95, [4, 4, 4]), (0.0, [1, 1, 1])])
+def test_policy(tau, expected):
+    assert exits("policy", tau=tau) == expected
+
+
+def test_predictions_at_exit_and_summary():
+    exit_layers = torch.tensor([3, 4, 1])
+    picked = predictions_at_exit(LOGITS, exit_layers)
+    assert picked.shape == (3, 3)
+    for b, layer in enumerate(exit_layers.tolist()):
+        assert torch.equal(picked[b], LOGITS[layer - 1, b])
+    summary = exit_summary(exit_layers, 4)
+    assert summary["avg_exit_layer"] == pytest.approx(8 / 3)
+    assert summary["layer_saving"] == pytest.approx(1 - 2 / 3)
+    assert summary["speedup"] == pytest.approx(1.5)
+
+
+def test_decide_is_row_wise_so_state_can_be_subset():
+    """What the runner relies on: deciding on a subset of rows with the subset state = the full decision's rows."""
+    rule = build_rule("patience", patience=1)
+    state = rule.init_state(3)
+    full_state = state
+    rows = torch.tensor([0, 2])
+    sub_state = select_state(state, rows)
+    for layer in range(1, 4):
+        full_exit, full_state = rule.decide(layer, LOGITS[layer - 1], None, full_state)
+        sub_exit, sub_state = rule.decide(layer, LOGITS[layer - 1, rows], None, sub_state)
+        assert torch.equal(sub_exit, full_exit[rows])
+
+
+def test_default_grids_go_from_no_saving_to_full_saving():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50, 3)
+    probs = torch.rand(6, 50)
+    for name in RULES:
+        grid = default_grid(name, 6, num_classes=3)
+        assert grid, name
+        labels = torch.randint(0, 3, (50,))
+        averages = [replay(rule_from_grid(name, value, num_layers=6), logits, probs, labels=labels).float().mean().item()
+                    for value in grid]
+        if name in ("entropy", "maxprob", "static", "patience", "policy"):
+            assert averages == sorted(averages, reverse=True), name  # monotone: later points save more
+        if name in ("entropy", "maxprob", "static"):
+            assert averages[0] == 6 and averages[-1] == 1, name
+        if name == "pcee":
+            assert all(isinstance(v, tuple) and len(v) == 2 for v in grid)
+            assert max(averages) > min(averages)
+        if name in ("oracle", "full"):
+            assert grid == [None]
+    assert default_grid("patience", 4) == [3, 2, 1]
+    assert default_grid("static", 4) == [4, 3, 2, 1]
+    assert default_grid("entropy", 4, num_classes=3)[-1] > math.log(3)
+    assert set(GRID_KNOBS) == set(RULES)
+
+
+# --- errors ---------------------------------------------------------------------------------
+def test_unknown_rule_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown exit rule 'deebert'.*entropy.*maxprob.*patience.*pcee.*static.*oracle"):
+        build_rule("deebert")
+    with pytest.raises(ValueError, match="unknown exit rule"):
+        default_grid("nope", 4)
+
+
+def test_unknown_knob_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="no knob.*thresh.*its knobs: threshold"):
+        build_rule("entropy", thresh=0.1)
+    with pytest.raises(ValueError, match="its knobs: none"):
+        build_rule("full", k=1)
+
+
+@pytest.mark.parametrize("name,knobs,message", [
+    ("static", {"k": 0}, "k=0 must be >= 1"),
+    ("static", {"k": 5}, r"k=5 is outside 1\.\.4"),
+    ("static", {"k": 1.5}, "must be an integer"),
+    ("patience", {"patience": -1}, "patience=-1 must be >= 0"),
+    ("patience", {"patience": 2, "tolerance": -0.1}, "tolerance"),
+    ("pcee", {"patience": 0, "threshold": 0.3}, "patience=0 must be >= 1"),
+    ("entropy", {"threshold": -0.5}, "threshold=-0.5 must be >= 0"),
+    ("entropy", {"threshold": "low"}, "must be a number"),
+    ("maxprob", {"threshold": 1.5}, "threshold=1.5 must be <= 1"),
+    ("policy", {"tau": 2.0}, "tau=2.0 must be <= 1"),
+])
+def test_bad_knobs(name, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        build_rule(name, num_layers=4, **knobs)
+
+
+def test_static_beyond_the_model_fails_at_replay():
+    rule = build_rule("static", k=5)  # no num_layers: checked when the depth is known
+    with pytest.raises(ValueError, match=r"outside 1\.\.4"):
+        replay(rule, LOGITS)
+
+
+def test_missing_inputs():
+    with pytest.raises(ValueError, match="needs exit_probs"):
+        replay(build_rule("policy"), LOGITS, None)
+    with pytest.raises(ValueError, match="needs labels"):
+        replay(build_rule("oracle"), LOGITS)
+    with pytest.raises(ValueError, match="regression"):
+        replay(build_rule("entropy"), REG, is_regression=True)
+    with pytest.raises(ValueError, match="does not match"):
+        rule_from_grid("pcee", 0.3)
