@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from . import hardness as hardness_lib
+from .evaluate import run_report
 from .evaluation import evaluate_methods
 from .replay import CachedLayerDataset, collect_layer_outputs
 from .systems.base import EarlyExitSystem
@@ -49,6 +50,11 @@ class StageLedger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.stages, indent=2))
         os.replace(tmp, self.path)
+
+
+def is_global_zero() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
+        torch.distributed.get_rank() == 0
 
 
 def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
@@ -213,9 +219,20 @@ def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyE
 
     started = time.perf_counter()
     results = base_results(cfg, system, test_layers(cfg, system, "consistentee", run_dir, datamodule))
-    test_cache = collect_layer_outputs(system.model, datamodule.test_dataloader())
+    test_cache = collect_layer_outputs(system.model, datamodule.dataloader("test"))
     results.update(evaluate_methods(test_cache, task, tau=cfg.method.tau))
     seconds["evaluate"] = round(time.perf_counter() - started, 1)
+    if cfg.get("report") and is_global_zero():
+        started = time.perf_counter()
+        title = f"{cfg.backbone.name} on {task.name} (test)"
+        report = run_report(system, test_cache, datamodule, "test", run_dir, cfg.report, tau=cfg.method.tau,
+                            title=title)
+        results["pareto"] = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
+        latency = next((p for p in report["points"] if "latency_b1_ms" in p), None)
+        if latency:
+            results["methods"]["consistentee"]["wallclock"] = {
+                k: latency[k] for k in latency if k.startswith(("latency_", "plain_", "wallclock_"))}
+        seconds["report"] = round(time.perf_counter() - started, 1)
     results.update(
         hardness_histogram=hardness_hist,
         checkpoints={stage: info.get("checkpoint") for stage, info in ledger.stages.items()},

@@ -12,13 +12,13 @@ def collect_layer_outputs(model: EarlyExitModel, dataloader, keep_pooled: bool =
     """Run every layer, head and policy net over `dataloader` in eval mode.
 
     Returns layer-first tensors: logits [L, N, C], exit_probs [L, N], pooled [L, N, H]
-    (when keep_pooled), and labels [N], idx [N] in the dataloader's order.
+    (when keep_pooled), and labels [N], idx [N], lengths [N] (tokens) in the dataloader's order.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     keys = ["logits", "exit_probs"] + (["pooled"] if keep_pooled else [])
-    chunks: dict[str, list] = {key: [] for key in keys + ["labels", "idx"]}
+    chunks: dict[str, list] = {key: [] for key in keys + ["labels", "idx", "lengths"]}
     for batch in dataloader:
         batch = {name: value.to(device) for name, value in batch.items()}
         outputs = model(batch)
@@ -26,6 +26,7 @@ def collect_layer_outputs(model: EarlyExitModel, dataloader, keep_pooled: bool =
             chunks[key].append(getattr(outputs, key).cpu())
         chunks["labels"].append(batch["labels"].cpu())
         chunks["idx"].append(batch["idx"].cpu())
+        chunks["lengths"].append(batch["attention_mask"].sum(-1).cpu())
     model.train(was_training)
     return {key: torch.cat(values, dim=1 if key in keys else 0) for key, values in chunks.items()}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -454,22 +455,32 @@ class TextDataModule(L.LightningDataModule):
         """The raw (first) texts of a split, in `idx` order."""
         return self.dataset(split).texts
 
-    def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+    def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
+                   sampler=None) -> DataLoader:
         """A loader over any split. batch_size=None: `batch_size` when shuffling, else `eval_batch_size`."""
         dataset = self.dataset(split)
         if batch_size is None:
             batch_size = self.batch_size if shuffle else self.eval_batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator,
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        # Under DDP each process evaluates its own rows, none twice (Lightning's default sampler pads
+        # the last shard with repeats), so the synced metrics cover exactly the whole split.
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            sampler = UnrepeatedDistributedSampler(self.dataset(split), shuffle=False)
+        return self.dataloader(split, batch_size=self.eval_batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True, batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self.dataloader("validation", batch_size=self.eval_batch_size)
+        return self._evaluation_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test", batch_size=self.eval_batch_size)
+        return self._evaluation_loader("test")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, max_length={self.max_length}, cache={self.cache_dir})"

@@ -5,7 +5,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from ..backbones import build_backbone
 from ..heads import ExitHeads
@@ -23,6 +23,9 @@ def build_model(cfg: DictConfig, task: TaskSpec) -> EarlyExitModel:
     policy = ExitPolicy(backbone.num_layers, backbone.hidden_size, task.output_size,
                         hidden=cfg.policy.hidden, use_confidence=cfg.policy.use_confidence,
                         detach_state=cfg.policy.detach_state)
+    if cfg.head.pooling != "cls" and backbone.has_pooler:
+        # Mean pooling never reads the pooler; frozen, so DDP does not wait for its gradients.
+        backbone.model.pooler.requires_grad_(False)
     return EarlyExitModel(backbone, heads, pooling=cfg.head.pooling, policy=policy)
 
 
@@ -62,6 +65,8 @@ class EarlyExitSystem(L.LightningModule):
         # What the policy achieves at inference (exit at the first p_l > tau), once it is trained.
         self.policy_metrics = nn.ModuleDict({split: make_metric(self.task) for split in ("val", "test")})
         self.exit_layer_mean = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        # How many rows an evaluation saw, summed over processes: the whole split, once each.
+        self.num_examples = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
 
     @property
     def num_layers(self) -> int:
@@ -77,6 +82,8 @@ class EarlyExitSystem(L.LightningModule):
             metric.update(predictions(self.task, outputs.logits[index]), batch["labels"])
             self.log(self.metric_key(split, index + 1), metric, on_step=False, on_epoch=True,
                      batch_size=batch["labels"].shape[0])
+        self.num_examples[split].update(batch["labels"].shape[0])
+        self.log(f"{split}/num_examples", self.num_examples[split], on_step=False, on_epoch=True)
         if self.evaluates_policy:
             self._evaluate_policy(batch, outputs, split)
 
