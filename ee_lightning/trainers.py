@@ -19,7 +19,7 @@ def build_loggers(cfg: DictConfig, stage: str) -> list:
         logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=True))
         with open_dict(logger_cfg):
             if logger_cfg._target_.endswith("CSVLogger"):
-                logger_cfg.version = stage
+                logger_cfg.version = free_version(Path(logger_cfg.save_dir) / logger_cfg.name, stage)
             if logger_cfg._target_.endswith("WandbLogger"):
                 if os.environ.get("WANDB_MODE") == "disabled":
                     continue
@@ -28,6 +28,15 @@ def build_loggers(cfg: DictConfig, stage: str) -> list:
                 Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate(logger_cfg))
     return loggers
+
+
+def free_version(folder: Path, stage: str) -> str:
+    """`stage`, or `stage-resumed-N` when a resumed stage would otherwise overwrite its earlier logs."""
+    version, n = stage, 0
+    while (folder / version / "metrics.csv").exists():
+        n += 1
+        version = f"{stage}-resumed-{n}"
+    return version
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -49,7 +58,9 @@ def build_callbacks(cfg: DictConfig, stage: str, run_dir: Path) -> list:
         callback = instantiate(callback_cfg)
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(run_dir / "checkpoints" / stage)
-            callback.filename = f"{stage}-{{epoch}}-{{step}}"
+            # No '=' in file names: a path with '=' cannot be passed as a Hydra override (init_from=...).
+            callback.filename = f"{stage}-epoch{{epoch}}-step{{step}}"
+            callback.auto_insert_metric_name = False
         callbacks.append(callback)
     return callbacks
 

@@ -21,7 +21,8 @@ TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert",
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from a second thread, and busy-waiting threads slow a loaded 2-core machine.
+torch.set_num_threads(1)
 
 
 def backbone_cfg(name: str = "tiny_bert"):

@@ -1,0 +1,153 @@
+"""ConsistentEE as a whole: the policy learns instance-dependent exits; stages resume; init_from."""
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from ee_lightning import trainers
+from ee_lightning.replay import CachedLayerDataset
+from ee_lightning.rl import greedy_exit
+from ee_lightning.systems.policy import PolicySystem
+from ee_lightning.train import train
+from tests.conftest import compose_train, data_overrides
+
+FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]
+TINY_RUN = ["backbone=tiny_bert", "method=consistentee", "method.finetune.epochs=1", "method.policy.epochs=2",
+            "data.batch_size=8", *FAST]
+
+
+def separable_cache(n: int = 256, layers: int = 4, hidden: int = 32, hard_from: int = 3, seed: int = 0):
+    """Generated per-layer outputs: easy rows are right at every head, hard rows only from
+    layer `hard_from` on; the pooled state says which is which (feature 0 = +/-2)."""
+    g = torch.Generator().manual_seed(seed)
+    easy = torch.arange(n) % 2 == 0
+    labels = torch.randint(0, 2, (n,), generator=g)
+    pooled = torch.randn(layers, n, hidden, generator=g) * 0.5
+    pooled[:, :, 0] = torch.where(easy, 2.0, -2.0)
+    right = torch.nn.functional.one_hot(labels, 2).float() * 4 - 2  # logits favouring the label
+    logits = torch.empty(layers, n, 2)
+    for layer in range(layers):
+        correct_here = easy | torch.tensor(layer + 1 >= hard_from)
+        logits[layer] = torch.where(correct_here[:, None], right, -right)
+    memorized = torch.where(easy, 1, hard_from)
+    cache = {"pooled": pooled, "logits": logits, "labels": labels, "idx": torch.arange(n)}
+    return cache, memorized, easy
+
+
+def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path):
+    L.seed_everything(0)
+    cfg = compose_train(["backbone=tiny_bert", "method=consistentee", "method.policy.alpha=0.1",
+                         "method.policy.lr=1e-2", "method.policy.k=8", "method.policy.task_term=correct",
+                         "method.policy.depth_term=hardness", "data=glue", "data.task=sst2",
+                         "data.data_dir=unused"], tmp_path / "run")
+    cache, memorized, easy = separable_cache()
+    system = PolicySystem(cfg, {"name": "generated", "kind": "classification", "num_labels": 2, "metric": "acc"})
+    loader = DataLoader(CachedLayerDataset(cache, memorized), batch_size=64, shuffle=True)
+    trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(system, train_dataloaders=loader)
+
+    with torch.no_grad():
+        policy = system.model.policy
+        probs = torch.stack([policy(layer, cache["pooled"][layer], cache["logits"][layer]) for layer in range(4)])
+    exits = greedy_exit(probs, 0.5)
+    at_exit = cache["logits"][exits - 1, torch.arange(len(exits))].argmax(-1)
+    accuracy = (at_exit == cache["labels"]).float().mean()
+    full_accuracy = (cache["logits"][-1].argmax(-1) == cache["labels"]).float().mean()
+    assert exits[easy].float().mean() < 1.5, exits[easy].float().mean()
+    assert exits[~easy].float().mean() >= 2.9, exits[~easy].float().mean()
+    assert accuracy >= full_accuracy - 0.02
+
+
+@pytest.mark.slow
+def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
+    run = tmp_path / "run"
+    cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "method.joint.enabled=true",
+                         "report.latency.enabled=true", "report.latency.num_examples=8", "report.latency.repeats=1",
+                         "report.latency.warmup=1"], run)
+    results = train(cfg)
+    written = json.loads((run / "results.json").read_text())
+    assert set(written["methods"]) >= {"consistentee", "full"}
+    for method in written["methods"].values():
+        assert {"metric", "avg_exit_layer", "layer_saving", "speedup"} <= set(method)
+        assert method["layer_saving"] == pytest.approx(1 - method["avg_exit_layer"] / 4)
+        assert method["speedup"] == pytest.approx(4 / method["avg_exit_layer"])
+    assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy", "joint"}
+    assert results["methods"]["full"]["metric"] == pytest.approx(written["full"], abs=1e-6)
+    assert "wallclock_speedup_b1" in written["methods"]["consistentee"]["wallclock"]
+    for name in ("pareto.csv", "pareto.md", "pareto.png"):
+        assert (run / name).is_file()
+    assert sum(written["hardness_histogram"]) == 48
+
+
+class FailOnSecondPolicyEpoch(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated interruption")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_the_stage_it_was_in(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    overrides = [*TINY_RUN, *data_overrides("glue", tmp_path)]
+    original = trainers.build_callbacks
+
+    def with_failure(cfg, stage, run_dir):
+        callbacks = original(cfg, stage, run_dir)
+        return callbacks + [FailOnSecondPolicyEpoch()] if stage == "policy" else callbacks
+
+    monkeypatch.setattr(trainers, "build_callbacks", with_failure)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        train(compose_train(overrides, run))
+    ledger = json.loads((run / "stages.json").read_text())
+    assert set(ledger) == {"finetune"}
+    stage_one = ledger["finetune"]["checkpoint"]
+    stamp = (run / "checkpoints" / "policy" / "last.ckpt").stat().st_mtime_ns
+    assert torch.load(run / "checkpoints" / "policy" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+    monkeypatch.setattr(trainers, "build_callbacks", original)
+    train(compose_train(overrides, run))
+    ledger = json.loads((run / "stages.json").read_text())
+    assert ledger["finetune"]["checkpoint"] == stage_one  # stage 1 was not run again
+    assert set(ledger) == {"finetune", "policy"}
+    resumed = torch.load(run / "checkpoints" / "policy" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 1 and (run / "checkpoints" / "policy" / "last.ckpt").stat().st_mtime_ns != stamp
+    assert (run / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_init_from_skips_stage_one_and_reuses_hardness(tmp_path):
+    first = tmp_path / "first"
+    train(compose_train([*TINY_RUN, *data_overrides("glue", tmp_path)], first))
+    stage_one = json.loads((first / "stages.json").read_text())["finetune"]["checkpoint"]
+    artefact = stage_one.replace(".ckpt", ".hardness.pt")
+    stamp = __import__("os").stat(artefact).st_mtime_ns
+
+    second = tmp_path / "second"
+    results = train(compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), f"init_from={stage_one}",
+                                   "method.policy.alpha=0.2"], second))
+    assert set(json.loads((second / "stages.json").read_text())) == {"policy"}
+    assert __import__("os").stat(artefact).st_mtime_ns == stamp  # reused, not rewritten
+    assert results["checkpoints"]["finetune"] == stage_one
+
+
+@pytest.mark.slow
+def test_init_from_of_another_backbone_is_refused(tmp_path):
+    first = tmp_path / "first"
+    train(compose_train(["backbone=tiny_distilbert", "method=finetune", "method.finetune.epochs=1",
+                         *data_overrides("glue", tmp_path), *FAST], first))
+    stage_one = json.loads((first / "stages.json").read_text())["finetune"]["checkpoint"]
+    with pytest.raises(ValueError, match="tiny_distilbert.*tiny_bert|backbone="):
+        train(compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), f"init_from={stage_one}"], tmp_path / "x"))
+
+
+def test_init_from_missing_file_is_named(tmp_path):
+    cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "init_from=/nowhere/stage1.ckpt"],
+                        tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="init_from=/nowhere/stage1.ckpt"):
+        train(cfg)
