@@ -42,6 +42,16 @@ def check_expected(system: EarlyExitSystem, cfg: DictConfig, ckpt_path: str) -> 
                              "pass the checkpoint of the run you mean")
 
 
+def check_same_task(system: EarlyExitSystem, task, ckpt_path: str) -> None:
+    """The data to evaluate on must be the task the checkpoint's heads were trained for."""
+    mine = (system.task.name, system.task.kind, system.task.output_size)
+    theirs = (task.name, task.kind, task.output_size)
+    if mine != theirs:
+        raise ValueError(f"{ckpt_path} was trained on task {mine[0]} ({mine[1]}, {mine[2]} outputs) but the data "
+                         f"given is task {theirs[0]} ({theirs[1]}, {theirs[2]} outputs); drop the data overrides "
+                         "or pass the checkpoint trained on this task")
+
+
 def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
                tau: float | None = None, title: str = "") -> dict:
     """Replay every rule over `cache` (all-layer outputs of `split`), time the real runner at
@@ -72,12 +82,15 @@ def evaluate(cfg: DictConfig) -> dict:
     check_expected(system, cfg, cfg.ckpt_path)
     data_cfg = system.cfg.data
     if cfg.get("data"):
-        data_cfg = OmegaConf.merge(data_cfg, cfg.data)
+        # A data config with its own _target_ replaces the checkpoint's; otherwise it overrides keys of it.
+        replaces = cfg.data.get("_target_") not in (None, data_cfg.get("_target_"))
+        data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data)) if replaces else OmegaConf.merge(data_cfg, cfg.data)
     with open_dict(data_cfg):
         data_cfg.cache_dir = str(Path(cfg.paths.cache_dir) / "data")
     datamodule = build_datamodule(data_cfg, load_tokenizer(system.cfg.backbone))
     datamodule.prepare_data()
     datamodule.setup()
+    check_same_task(system, datamodule.task, cfg.ckpt_path)
     out_dir = Path(cfg.paths.output_dir)
     tau = cfg.tau if cfg.get("tau") is not None else system.cfg.method.get("tau", 0.5)
     title = f"{system.cfg.backbone.name} on {system.task.name} ({cfg.split})"
