@@ -153,21 +153,53 @@ def stage_one_weights(cfg, datamodule, run_dir: Path, ledger: StageLedger):
     return probe.state_dict(), checkpoint
 
 
-def memorized_layers(cfg, system: PolicySystem, cache: dict, checkpoint: str | None, split_size: int) -> torch.Tensor:
-    """The memorized layer of every training row, saved beside the stage-1 checkpoint and reused."""
-    num_layers = system.num_layers
-    tolerance = cfg.method.hardness.tolerance
+def training_set_outputs(cfg, system: PolicySystem, datamodule, checkpoint: str | None):
+    """All-layer outputs (pooled states, head logits) and memorized layers of the training set under
+    the stage-1 weights. Both are saved beside the stage-1 checkpoint, so every run that starts from
+    it (`init_from`, e.g. a sweep over policy knobs) skips the backbone pass and only trains the policy."""
+    split_size = datamodule.split_size("train")
+    meta = None
+    if checkpoint:
+        meta = hardness_lib.hardness_meta(checkpoint, system.num_layers, system.task, split_size,
+                                          cfg.method.hardness.tolerance, hash_contents=False, data=cfg.data.name,
+                                          max_train_samples=cfg.data.get("max_train_samples"),
+                                          pooling=cfg.head.pooling)
+    outputs_path = Path(checkpoint).with_suffix(".train_outputs.pt") if checkpoint else None
+    cache = load_artefact(outputs_path, meta) if outputs_path else None
+    if cache is None:
+        cache = collect_layer_outputs(system.model, datamodule.dataloader("train", shuffle=False), keep_pooled=True)
+        if outputs_path and cfg.method.hardness.cache_train_outputs and is_global_zero():
+            save_artefact(outputs_path, cache, meta)
+    else:
+        rank_zero_info(f"training-set layer outputs reused from {outputs_path}")
+    return cache, memorized_layers(cfg, system, cache, checkpoint, meta, split_size)
+
+
+def load_artefact(path: Path, meta: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved["tensors"] if json.loads(json.dumps(saved.get("meta"))) == json.loads(json.dumps(meta)) else None
+
+
+def save_artefact(path: Path, tensors: dict, meta: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"meta": meta, "tensors": tensors}, tmp)
+    os.replace(tmp, path)
+
+
+def memorized_layers(cfg, system: PolicySystem, cache: dict, checkpoint: str | None, meta: dict | None,
+                     split_size: int) -> torch.Tensor:
+    """The memorized layer of every training row (a table indexed by row idx), saved beside the
+    stage-1 checkpoint and reused."""
     artefact = Path(checkpoint).with_suffix(".hardness.pt") if checkpoint else None
-    meta = (hardness_lib.hardness_meta(checkpoint, num_layers, system.task, split_size, tolerance, hash_contents=False,
-                                       data=cfg.data.name, max_train_samples=cfg.data.get("max_train_samples"))
-            if artefact else None)
     table = hardness_lib.load_hardness(artefact, meta) if artefact else None
     if table is not None and bool((table[cache["idx"]] > 0).all()):
         rank_zero_info(f"memorized layers reused from {artefact}")
         return table
-    correct = hardness_lib.correct_table(system.task, cache["logits"], cache["labels"], tolerance)
+    correct = hardness_lib.correct_table(system.task, cache["logits"], cache["labels"], cfg.method.hardness.tolerance)
     memorized = hardness_lib.memorized_layer(correct)
-    if artefact:
+    if artefact and is_global_zero():
         hardness_lib.save_hardness(artefact, memorized, cache["idx"], meta)
         rank_zero_info(f"memorized layers saved to {artefact}")
     table = torch.zeros(max(split_size, int(cache["idx"].max()) + 1), dtype=torch.long)
@@ -184,13 +216,11 @@ def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyE
     state, stage1_checkpoint = stage_one_weights(cfg, datamodule, run_dir, ledger)
     seconds["finetune"] = ledger.stages.get("finetune", {}).get("seconds", round(time.perf_counter() - started, 1))
 
-    # Hardness and the policy's training cache come from one all-layers pass over the training set.
+    # Hardness and the policy's training data come from one all-layers pass over the training set.
     system = PolicySystem(cfg, task)
     system.load_state_dict(state)
     started = time.perf_counter()
-    train_loader = datamodule.dataloader("train", shuffle=False)
-    cache = collect_layer_outputs(system.model, train_loader, keep_pooled=not ledger.done("policy"))
-    table = memorized_layers(cfg, system, cache, stage1_checkpoint, datamodule.split_size("train"))
+    cache, table = training_set_outputs(cfg, system, datamodule, stage1_checkpoint)
     memorized = table[cache["idx"]]
     seconds["hardness"] = round(time.perf_counter() - started, 1)
     hardness_hist = hardness_lib.histogram(memorized, system.num_layers).tolist()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import lightning as L
 import pytest
@@ -126,13 +127,15 @@ def test_init_from_skips_stage_one_and_reuses_hardness(tmp_path):
     train(compose_train([*TINY_RUN, *data_overrides("glue", tmp_path)], first))
     stage_one = json.loads((first / "stages.json").read_text())["finetune"]["checkpoint"]
     artefact = stage_one.replace(".ckpt", ".hardness.pt")
-    stamp = __import__("os").stat(artefact).st_mtime_ns
+    outputs = stage_one.replace(".ckpt", ".train_outputs.pt")
+    stamp, outputs_stamp = os.stat(artefact).st_mtime_ns, os.stat(outputs).st_mtime_ns
 
     second = tmp_path / "second"
     results = train(compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), f"init_from={stage_one}",
                                    "method.policy.alpha=0.2"], second))
     assert set(json.loads((second / "stages.json").read_text())) == {"policy"}
-    assert __import__("os").stat(artefact).st_mtime_ns == stamp  # reused, not rewritten
+    assert os.stat(artefact).st_mtime_ns == stamp  # reused, not rewritten
+    assert os.stat(outputs).st_mtime_ns == outputs_stamp
     assert results["checkpoints"]["finetune"] == stage_one
 
 
