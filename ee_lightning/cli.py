@@ -1,6 +1,7 @@
 """Console entry points. Each is a Hydra app over the config tree in conf/."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,19 +16,29 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def _log_once() -> None:
+    """Lightning adds its own console handler; under Hydra's root handler every line would print twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
+def train_main(cfg: DictConfig) -> float | list[float] | None:
+    from .sweep import sweep_return
     from .train import train
 
+    _log_once()
     results = train(cfg)
-    # The value a Hydra sweeper optimises: the last layer's metric, or the method's when there is one.
-    return results.get("objective", results.get("full"))
+    # The value a Hydra sweeper optimises: the last layer's metric, or the method's when there is one;
+    # the values named by `optimized_metrics` when set (a list of floats for a multi-objective search).
+    return sweep_return(results, cfg.get("optimized_metrics"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     from .evaluate import evaluate
 
+    _log_once()
     evaluate(cfg)
 
 
