@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
@@ -25,9 +25,45 @@ def build_loggers(cfg: DictConfig, stage: str) -> list:
                     continue
                 logger_cfg.job_type = stage
                 logger_cfg.name = f"{logger_cfg.get('name') or run_name(cfg)}-{stage}"
+                logger_cfg.group = run_group(cfg, logger_cfg.get("group"))
                 Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(logger_cfg))
+        logger = instantiate(logger_cfg)
+        if logger_cfg._target_.endswith("WandbLogger"):
+            # The run's config is the resolved config tree (filterable by e.g. method.policy.alpha).
+            logger.log_hyperparams(run_config(cfg, stage))
+        loggers.append(logger)
     return loggers
+
+
+def _hydra_config():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except ValueError:
+        return None
+
+
+def _is_multirun(hydra_cfg) -> bool:
+    from hydra.types import RunMode
+
+    return hydra_cfg is not None and hydra_cfg.get("mode") == RunMode.MULTIRUN
+
+
+def run_group(cfg: DictConfig, group: str | None) -> str | None:
+    """The wandb group: the experiment's (task_name); in a multirun, plus the sweep directory's name."""
+    hydra_cfg = _hydra_config()
+    if _is_multirun(hydra_cfg) and group == cfg.get("task_name"):
+        return f"{group}-{Path(str(hydra_cfg.sweep.dir)).name}"[:128]
+    return group
+
+
+def run_config(cfg: DictConfig, stage: str) -> dict:
+    """The resolved config tree (without hydra's node), the job's overrides and the stage."""
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    hydra_cfg = _hydra_config()
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    return {**config, "stage": stage, "overrides": overrides}
 
 
 def free_version(folder: Path, stage: str) -> str:
@@ -40,14 +76,16 @@ def free_version(folder: Path, stage: str) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """A readable run name: the experiment's task name plus the command-line overrides."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "paths."))]
-    except ValueError:
-        overrides = []
-    return ",".join([cfg.task_name, *overrides])[:120]
+    """A readable run name: the experiment's task name (#job in a multirun) plus the command-line
+    overrides, less hydra's, paths and other path-valued ones."""
+    hydra_cfg = _hydra_config()
+    name, overrides = cfg.task_name, []
+    if hydra_cfg is not None:
+        overrides = [o for o in hydra_cfg.overrides.task
+                     if not o.lstrip("+~").startswith(("hydra.", "paths.")) and "/" not in o.partition("=")[2]]
+        if _is_multirun(hydra_cfg) and hydra_cfg.job.get("num") is not None:
+            name = f"{name}#{hydra_cfg.job.num}"
+    return ",".join([name, *overrides])[:120]
 
 
 def build_callbacks(cfg: DictConfig, stage: str, run_dir: Path) -> list:
@@ -56,6 +94,8 @@ def build_callbacks(cfg: DictConfig, stage: str, run_dir: Path) -> list:
         if callback_cfg is None or "_target_" not in callback_cfg:
             continue
         callback = instantiate(callback_cfg)
+        if hasattr(callback, "bind_stage"):  # ee_lightning.callbacks: they name the stage in what they write
+            callback.bind_stage(stage, run_dir)
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(run_dir / "checkpoints" / stage)
             # No '=' in file names: a path with '=' cannot be passed as a Hydra override (init_from=...).
@@ -70,7 +110,10 @@ def make_trainer(cfg: DictConfig, stage: str, run_dir: Path, **overrides) -> L.T
     trainer_cfg.update(overrides)
     trainer_cfg["default_root_dir"] = str(run_dir)
     loggers = build_loggers(cfg, stage)
-    return instantiate(trainer_cfg, callbacks=build_callbacks(cfg, stage, run_dir), logger=loggers or False)
+    callbacks = build_callbacks(cfg, stage, run_dir)
+    if not loggers:  # logger=none: LearningRateMonitor refuses a Trainer without loggers
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

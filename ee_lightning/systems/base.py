@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from .. import hardness as hardness_lib
 from ..backbones import build_backbone
 from ..heads import ExitHeads
 from ..model import EarlyExitModel
@@ -67,6 +68,9 @@ class EarlyExitSystem(L.LightningModule):
         self.exit_layer_mean = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         # How many rows an evaluation saw, summed over processes: the whole split, once each.
         self.num_examples = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
+        # The policy's greedy exits of the current evaluation, [3 buckets, L] counts per split (reset at each
+        # evaluation's start; read by callbacks.ExitHistogram at its end).
+        self.exit_counts: dict[str, torch.Tensor] = {}
 
     @property
     def num_layers(self) -> int:
@@ -95,6 +99,21 @@ class EarlyExitSystem(L.LightningModule):
         self.exit_layer_mean[split].update(exits.float())
         self.log(f"{split}/policy_{self.task.metric}", self.policy_metrics[split], on_epoch=True, batch_size=size)
         self.log(f"{split}/avg_exit_layer", self.exit_layer_mean[split], on_epoch=True, batch_size=size)
+        self._count_exits(split, exits, outputs.logits, batch["labels"])
+
+    def _count_exits(self, split: str, exits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch's exits to `exit_counts[split]`, by the memorized-layer bucket of each row on this split."""
+        tolerance = self.cfg.method.get("hardness", {}).get("tolerance", 0.5)
+        correct = hardness_lib.correct_table(self.task, logits.detach(), labels, tolerance)
+        buckets = hardness_lib.hardness_buckets(hardness_lib.memorized_layer(correct), self.num_layers)
+        counts = bucket_exit_counts(exits, buckets, self.num_layers)
+        self.exit_counts[split] = counts + self.exit_counts[split] if split in self.exit_counts else counts
+
+    def on_validation_epoch_start(self):
+        self.exit_counts.pop("val", None)
+
+    def on_test_epoch_start(self):
+        self.exit_counts.pop("test", None)
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -106,6 +125,13 @@ class EarlyExitSystem(L.LightningModule):
         """The per-layer metric values logged at the end of the last evaluation of `split`."""
         metrics = self.trainer.callback_metrics
         return [float(metrics[self.metric_key(split, layer)]) for layer in range(1, self.num_layers + 1)]
+
+
+def bucket_exit_counts(exits: torch.Tensor, buckets: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Exits (1..L) and their rows' buckets (0..2, broadcast to exits' shape) -> [3, L] counts."""
+    buckets = buckets.expand_as(exits)
+    flat = buckets.reshape(-1).long() * num_layers + exits.reshape(-1).long() - 1
+    return torch.bincount(flat, minlength=3 * num_layers).view(3, num_layers)
 
 
 def linear_warmup_schedule(optimizer, total_steps: int, warmup_ratio: float):

@@ -5,6 +5,8 @@ here reads cached pooled states and head logits, so K rollouts cost K Bernoulli 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..rl import epsilon_schedule, reinforce_objective
@@ -43,6 +45,9 @@ class PolicyTrainingMixin:
         }, batch_size=size, on_step=True, on_epoch=False)
         self.log_dict({f"policy/p_exit_L{layer + 1}": step.probs[layer].mean() for layer in range(step.probs.shape[0])},
                       batch_size=size, on_step=True, on_epoch=False)
+        # For callbacks (exit histograms by bucket, reward curve): this step, detached, and its rows' memorized layers.
+        self.last_policy_step = dataclasses.replace(step, loss=step.loss.detach(), probs=step.probs.detach())
+        self.last_policy_memorized = memorized
         return step
 
 

@@ -1,0 +1,105 @@
+"""Tracking callbacks: exit histograms (overall and by memorized-layer bucket), reward curve,
+per-layer metric curves; with logger=csv and logger=none; state for resume; trainers' wandb naming."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from ee_lightning.callbacks import ExitHistogram, LayerMetricCurves
+from ee_lightning.callbacks.job_report import finish_open_wandb_run
+from ee_lightning.systems.base import bucket_exit_counts
+from ee_lightning.train import train
+from tests.conftest import compose_train, write_sentiment_files
+
+
+def test_bucket_exit_counts_by_hand():
+    exits = torch.tensor([[1, 2, 4], [1, 4, 4]])  # K=2 rollouts of B=3 rows
+    buckets = torch.tensor([0, 2, 2])  # easy, hard, hard
+    counts = bucket_exit_counts(exits, buckets.view(1, -1), 4)
+    assert counts.tolist() == [[2, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 3]]
+    assert counts.sum() == exits.numel()
+
+
+def test_callback_state_round_trips():
+    histogram = ExitHistogram()
+    histogram._train_total, histogram._train_buckets, histogram._train_epoch = (
+        torch.tensor([3, 1]), torch.tensor([[1, 0], [0, 0], [2, 1]]), 4)
+    restored = ExitHistogram()
+    restored.load_state_dict(json.loads(json.dumps(histogram.state_dict())))
+    assert restored._train_total.tolist() == [3, 1] and restored._train_buckets.tolist() == [[1, 0], [0, 0], [2, 1]]
+    assert restored._train_epoch == 4
+    curves = LayerMetricCurves()
+    curves.history.append({"epoch": 0, "step": 3, "values": [0.5, 0.7]})
+    again = LayerMetricCurves()
+    again.load_state_dict(curves.state_dict())
+    assert again.history == curves.history
+
+
+def test_finish_open_wandb_run_marks_a_failed_job(tmp_path):
+    import wandb
+
+    wandb.init(mode="offline", dir=str(tmp_path), project="ee-lightning-test")
+    assert wandb.run is not None
+    finish_open_wandb_run(failed=True)
+    assert wandb.run is None
+
+
+def tiny_consistentee(tmp_path, logger: str) -> list[str]:
+    folder = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=16)
+    return ["method=consistentee", "backbone=tiny_bert", "data=glue", "data.task=sst2", f"data.data_dir={folder}",
+            "method.finetune.epochs=1", "method.policy.epochs=2", "method.policy.batch_size=16",
+            "report.latency.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["csv", "none"])
+def test_tracking_files_with_csv_and_without_logger(logger, tmp_path):
+    run = tmp_path / "run"
+    train(compose_train(tiny_consistentee(tmp_path, logger), run))
+
+    # exit histograms: every validation and training epoch of the policy stage, and the test
+    records = read_jsonl(run / "exit_histograms.jsonl")
+    seen = [(r["stage"], r["split"]) for r in records]
+    assert seen.count(("policy", "val")) == 2 and seen.count(("policy", "train")) == 2
+    assert seen.count(("consistentee-test", "test")) == 1
+    assert not any(stage == "finetune" for stage, _ in seen)
+    for record in records:
+        assert len(record["counts"]) == record["num_layers"] == 4
+        if record["split"] != "train":
+            assert sum(record["counts"]) == 16  # every evaluation row exits once
+        assert set(record["buckets"]) == {"easy", "medium", "hard"}
+        assert [sum(c) for c in zip(*record["buckets"].values())] == record["counts"]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert all(sum(r["counts"]) == 40 * 8 for r in train_records)  # K=8 rollouts of 40 rows per epoch
+
+    # reward curve: one row per policy step (40 rows / batch 16 = 3 steps per epoch)
+    with open(run / "reward_curve.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["stage"] for r in rows} == {"policy"}
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "task_term", "depth_cost", "advantage_std", "loss", "entropy", "p_exit_L1", "p_exit_L4"):
+        assert all(r[key] not in ("", "nan") for r in rows), key
+
+    if logger == "csv":
+        policy_rows = list(csv.DictReader(open(run / "csv" / "policy" / "metrics.csv", newline="")))
+        columns = set(policy_rows[0])
+        assert {f"val/exit/frac_L{layer}" for layer in range(1, 5)} <= columns
+        assert {f"train/exit/frac_L{layer}" for layer in range(1, 5)} <= columns
+        assert any(c.startswith(("train/exit/easy/", "train/exit/hard/", "train/exit/medium/")) for c in columns)
+        assert {"policy/reward", "policy/task_term", "policy/depth_cost", "policy/advantage_std", "policy/loss",
+                "policy/entropy", "policy/p_exit_L1"} <= columns
+        val = [r for r in policy_rows if r["val/exit/frac_L1"]]
+        assert len(val) == 2
+        assert sum(float(val[-1][f"val/exit/frac_L{layer}"]) for layer in range(1, 5)) == pytest.approx(1.0)
+        test_columns = open(run / "csv" / "consistentee-test" / "metrics.csv").readline()
+        assert "test/exit/frac_L1" in test_columns
+    else:
+        assert not (run / "csv").exists() and not (run / "wandb").exists()
