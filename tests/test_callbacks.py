@@ -103,3 +103,30 @@ def test_tracking_files_with_csv_and_without_logger(logger, tmp_path):
         assert "test/exit/frac_L1" in test_columns
     else:
         assert not (run / "csv").exists() and not (run / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_exit_histograms_under_ddp_count_every_row_once(tmp_path):
+    """trainer=ddp with 2 CPU processes: counts are summed over processes (21 rows: unequal shards)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=21)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "EE_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "ee_lightning.cli", "method=consistentee", "backbone=tiny_bert", "data=glue",
+               "data.task=sst2", f"data.data_dir={data}", "data.batch_size=4", "data.eval_batch_size=4",
+               "method.policy.epochs=1", "method.policy.batch_size=8", "~report", "trainer=ddp",
+               "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "trainer.enable_progress_bar=false",
+               f"hydra.run.dir={run}"]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = {(r["stage"], r["split"]): r for r in read_jsonl(run / "exit_histograms.jsonl")}
+    assert sorted(records) == [("consistentee-test", "test"), ("policy", "train"), ("policy", "val")]
+    assert sum(records["policy", "val"]["counts"]) == 21 == sum(records["consistentee-test", "test"]["counts"])
+    assert sum(records["policy", "train"]["counts"]) == 40 * 8
+    val = [r for r in csv.DictReader(open(run / "csv" / "policy" / "metrics.csv")) if r.get("val/exit/frac_L1")]
+    assert len(val) == 1

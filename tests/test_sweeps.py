@@ -170,6 +170,22 @@ def test_multirun_gives_each_job_its_wandb_runs_and_a_summary(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failed_job_closes_its_wandb_run_and_the_next_job_gets_its_own(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "EE_ROOT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.cli", "-m", "method=consistentee", *tiny_args(tmp_path),
+                          "method.policy.sampler=nope,bernoulli", "logger=wandb", f"hydra.sweep.dir={sweep}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "sampler 'nope'" in out.stderr
+    failed = {run["job_type"]: run["exit_code"] for run in offline_runs(sweep / "0")}
+    assert failed == {"finetune": 0, "policy": 1}  # the policy stage's run is closed, marked failed
+    assert sorted(run["job_type"] for run in offline_runs(sweep / "1")) == [
+        "consistentee-test", "finetune", "policy", "report"]
+    rows = list(csv.DictReader(open(sweep / "sweep.csv", newline="")))  # written after each job
+    assert [r["status"] for r in rows] == ["no results", "done"]
+
+
+@pytest.mark.slow
 def test_optuna_study_continues_in_its_storage(tmp_path):
     import optuna
 

@@ -75,12 +75,14 @@ class ExitHistogram(StageCallback):
         if not self.train or not hasattr(pl_module, "policy_step"):
             return
         num_layers = pl_module.num_layers
+        # Every process reduces both tensors (zeros where it has none), so the collectives match.
         total = self._train_total if self._train_total is not None else torch.zeros(num_layers, dtype=torch.long)
         total = _sum_over_processes(trainer, total.to(pl_module.device))
-        buckets = None
-        if self._train_buckets is not None:
-            buckets = _sum_over_processes(trainer, self._train_buckets.to(pl_module.device))
-        self._emit(trainer, pl_module, "train", total, buckets)
+        buckets = self._train_buckets if self._train_buckets is not None else torch.zeros(3, num_layers,
+                                                                                           dtype=torch.long)
+        buckets = _sum_over_processes(trainer, buckets.to(pl_module.device))
+        # No memorized layers (joint stage without a hardness table): no buckets.
+        self._emit(trainer, pl_module, "train", total, buckets if int(buckets.sum()) else None)
         self._train_total = self._train_buckets = None
 
     # --- state: the sampled exits of an unfinished epoch ------------------------------------------
