@@ -47,6 +47,18 @@ def test_finish_open_wandb_run_marks_a_failed_job(tmp_path):
     assert wandb.run is None
 
 
+def test_wandb_mode_disabled_leaves_only_the_csv_logger(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ee_lightning.trainers import build_loggers, run_name
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_train(["logger=many", "backbone=tiny_bert", "paths.cache_dir=/some/path", "init_from=/a/b.ckpt", "seed=3"], tmp_path / "run")
+    loggers = build_loggers(cfg, "policy")
+    assert [type(logger) for logger in loggers] == [CSVLogger]
+    assert run_name(cfg) == "rt_consistentee,logger=many,backbone=tiny_bert,seed=3"  # no path-valued overrides
+
+
 def tiny_consistentee(tmp_path, logger: str) -> list[str]:
     folder = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=16)
     return ["method=consistentee", "backbone=tiny_bert", "data=glue", "data.task=sst2", f"data.data_dir={folder}",
