@@ -94,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     tau = cfg.tau if cfg.get("tau") is not None else system.cfg.method.get("tau", 0.5)
     title = f"{system.cfg.backbone.name} on {system.task.name} ({cfg.split})"
-    cache = collect_layer_outputs(system.model, datamodule.dataloader(cfg.split))
+    cache = collect_layer_outputs(system.model, datamodule.dataloader(cfg.split, by_length=True))
     report = run_report(system, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
     (out_dir / "eval.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, **report},
                                                   indent=2, default=str))

@@ -167,7 +167,8 @@ def training_set_outputs(cfg, system: PolicySystem, datamodule, checkpoint: str 
     outputs_path = Path(checkpoint).with_suffix(".train_outputs.pt") if checkpoint else None
     cache = load_artefact(outputs_path, meta) if outputs_path else None
     if cache is None:
-        cache = collect_layer_outputs(system.model, datamodule.dataloader("train", shuffle=False), keep_pooled=True)
+        train_loader = datamodule.dataloader("train", shuffle=False, by_length=True)
+        cache = collect_layer_outputs(system.model, train_loader, keep_pooled=True)
         if outputs_path and cfg.method.hardness.cache_train_outputs and is_global_zero():
             save_artefact(outputs_path, cache, meta)
     else:
@@ -249,7 +250,7 @@ def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyE
 
     started = time.perf_counter()
     results = base_results(cfg, system, test_layers(cfg, system, "consistentee", run_dir, datamodule))
-    test_cache = collect_layer_outputs(system.model, datamodule.dataloader("test"))
+    test_cache = collect_layer_outputs(system.model, datamodule.dataloader("test", by_length=True))
     results.update(evaluate_methods(test_cache, task, tau=cfg.method.tau))
     seconds["evaluate"] = round(time.perf_counter() - started, 1)
     if cfg.get("report") and is_global_zero():

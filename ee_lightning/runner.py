@@ -85,9 +85,12 @@ class EarlyExitRunner:
                 break
             keep = (~exit_now).nonzero().squeeze(1)
             rows = rows.index_select(0, keep)
-            hidden = hidden.index_select(0, keep)
-            bias = bias.index_select(0, keep)
             attention_mask = attention_mask.index_select(0, keep)
+            # Columns that are padding for every row still running are dropped too.
+            width = int(attention_mask.any(0).nonzero().max()) + 1
+            attention_mask = attention_mask[:, :width]
+            hidden = hidden.index_select(0, keep)[:, :width]
+            bias = model.backbone.attention_bias(attention_mask, hidden.dtype)
             state = select_state(state, keep)
             if labels is not None:
                 labels = labels.index_select(0, keep)

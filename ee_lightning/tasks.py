@@ -42,24 +42,25 @@ class TaskSpec:
 class PearsonSpearmanMean(MetricCollection):
     """GLUE's STS-B score: the mean of Pearson and Spearman correlation."""
 
-    def __init__(self):
-        super().__init__({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
+    def __init__(self, **metric_kwargs):
+        super().__init__({"pearson": PearsonCorrCoef(**metric_kwargs), "spearman": SpearmanCorrCoef(**metric_kwargs)})
 
     def compute(self):
         values = super().compute()
         return (values["pearson"] + values["spearman"]) / 2
 
 
-def make_metric(task: TaskSpec) -> Metric | MetricCollection:
-    """A fresh torchmetrics object for the task's headline metric (synced across processes)."""
+def make_metric(task: TaskSpec, **metric_kwargs) -> Metric | MetricCollection:
+    """A fresh torchmetrics object for the task's headline metric. It syncs across processes at
+    compute; `sync_on_compute=False` for a value one process computes alone (e.g. on a replay cache)."""
     if task.metric == "pearson_spearman":
-        return PearsonSpearmanMean()
+        return PearsonSpearmanMean(**metric_kwargs)
     kind = "binary" if task.num_labels == 2 else "multiclass"
     if task.metric == "acc":
-        return Accuracy(task=kind, num_classes=task.num_labels)
+        return Accuracy(task=kind, num_classes=task.num_labels, **metric_kwargs)
     if task.metric == "f1":
-        return F1Score(task=kind, num_classes=task.num_labels)
-    return MatthewsCorrCoef(task=kind, num_classes=task.num_labels)
+        return F1Score(task=kind, num_classes=task.num_labels, **metric_kwargs)
+    return MatthewsCorrCoef(task=kind, num_classes=task.num_labels, **metric_kwargs)
 
 
 def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:

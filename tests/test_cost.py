@@ -52,7 +52,16 @@ def counted(fn) -> float:
 @pytest.fixture(scope="module", params=TINY_BACKBONES)
 def tiny(request):
     model, tokenizer = make_tiny_model(request.param, output_size=3, with_policy=True)  # cls pooling
-    return request.param, model, tokenizer, make_batch(tokenizer)
+    return request.param, model, tokenizer, equal_length_batch()
+
+
+def equal_length_batch(rows: int = 8, width: int = 12) -> dict:
+    """Rows without padding: the runner trims padding columns as rows leave, so only a batch of
+    equal lengths costs exactly rows x the per-instance count at its width."""
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 2000, (rows, width), generator=generator),
+            "attention_mask": torch.ones(rows, width, dtype=torch.long),
+            "token_type_ids": torch.zeros(rows, width, dtype=torch.long)}
 
 
 @pytest.mark.parametrize("rule", [build_rule("full"), build_rule("static", k=2), Scheduled(), ScheduledWithPolicy()],
@@ -73,7 +82,7 @@ def test_count_agrees_with_flop_counter_over_a_runner_batch(tiny, rule):
 
 def test_count_agrees_for_mean_pooling():
     model, tokenizer = make_tiny_model("tiny_bert", output_size=3, with_policy=True, pooling="mean")
-    batch = make_batch(tokenizer)
+    batch = equal_length_batch()
     out = {}
     measured = counted(lambda: out.update(result=EarlyExitRunner(model).run(batch, Scheduled())))
     predicted = flops_per_row(model, batch["input_ids"].shape[1], out["result"][1]).sum().item()
@@ -91,6 +100,17 @@ def test_cost_falls_with_exit_layer_at_batch_one(tiny):
     assert measured == sorted(measured) and len(set(measured)) == 4
     predicted = [flops_per_instance(model, seq_len, torch.tensor([k])) for k in range(1, 5)]
     assert predicted == pytest.approx(measured, rel=0.02)
+
+
+def test_runner_trims_padding_as_rows_leave(tiny):
+    """A padded batch costs at most the padded-width count: columns no running row needs are dropped."""
+    _, model, tokenizer, _ = tiny
+    batch = make_batch(tokenizer)
+    runner = EarlyExitRunner(model)
+    out = {}
+    measured = counted(lambda: out.update(result=runner.run(batch, Scheduled())))
+    padded = flops_per_instance(model, batch["input_ids"].shape[1], out["result"][1]) * len(out["result"][1])
+    assert 0 < measured < padded
 
 
 def test_flops_increase_with_exit_layer(tiny):

@@ -651,3 +651,22 @@ def test_build_datamodule_errors(tok, tmp_path, monkeypatch):
                                          {"cache_dir": str(tmp_path)}), tok)
     with pytest.raises(DataError, match="unexpected keyword"):
         build_datamodule({"_target_": "ee_lightning.data.GlueDataModule", "name": "glue", "colour": "red"}, tok)
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding():
+    from ee_lightning.data.batching import LengthGroupedBatches
+
+    lengths = torch.randint(1, 64, (1000,), generator=torch.Generator().manual_seed(0))
+    sampler = LengthGroupedBatches(lengths, batch_size=32, shuffle=True, seed=3, pool_batches=10)
+    first, second = list(sampler), list(sampler)
+    assert sorted(i for b in first for i in b) == list(range(1000)) == sorted(i for b in second for i in b)
+    assert first != second  # a new order each epoch
+    assert list(LengthGroupedBatches(lengths, 32, True, seed=3, pool_batches=10)) == first  # reproducible
+
+    def padded(batches):
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    random_batches = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).split(32)
+    assert padded(first) < 0.75 * padded([b.tolist() for b in random_batches])
+    ordered = list(LengthGroupedBatches(lengths, 32, shuffle=False))
+    assert [int(lengths[b].max()) for b in ordered] == sorted(int(lengths[b].max()) for b in ordered)

@@ -53,7 +53,7 @@ class LayerwiseBackbone(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         return self.model.embeddings(**kwargs)
 
-    def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+    def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
         """Run layer `index` (0-based) on `hidden`; `attention_bias` from `attention_bias()`."""
         return self.layer_module(index)(hidden, attention_bias)
 
@@ -67,7 +67,11 @@ class LayerwiseBackbone(nn.Module):
         raise ValueError(f"unknown pooling {mode!r}: use 'cls' or 'mean'")
 
     # --- helpers ---------------------------------------------------------------------
-    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The additive mask for `layer`; None when no row has padding, as the library's own forward
+        does (attention without a mask takes a faster kernel, with the same result)."""
+        if bool(attention_mask.all()):
+            return None
         return additive_attention_mask(attention_mask, dtype or self.model.dtype)
 
     def layer_module(self, index: int) -> nn.Module:

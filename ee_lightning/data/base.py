@@ -31,6 +31,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .batching import LengthGroupedBatches
 from ..tasks import METRICS, REGRESSION, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, tokenizer, max_length: int = 128, batch_size: int = 32, eval_batch_size: int = 128,
                  num_workers: int = 0, cache_dir: str | None = DEFAULT_CACHE_DIR,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                 split_seed: int = 1234, name: str | None = None):
+                 split_seed: int = 1234, name: str | None = None, bucket_by_length: bool = True):
         super().__init__()
         # every constructor argument but the tokenizer (subclasses' included); not sent to loggers,
         # so the data settings never clash with the model's hyperparameters when Lightning merges them
@@ -295,6 +296,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.split_seed = int(split_seed)
+        self.bucket_by_length = bool(bucket_by_length)
         self.name = name or self.option
         self._task: TaskSpec | None = None
         self._splits: dict[str, TokenizedSplit] | None = None
@@ -456,25 +458,34 @@ class TextDataModule(L.LightningDataModule):
         return self.dataset(split).texts
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
-                   sampler=None) -> DataLoader:
-        """A loader over any split. batch_size=None: `batch_size` when shuffling, else `eval_batch_size`."""
+                   sampler=None, by_length: bool = False) -> DataLoader:
+        """A loader over any split. batch_size=None: `batch_size` when shuffling, else `eval_batch_size`.
+        by_length: batches of similar length (see `batching.LengthGroupedBatches`)."""
         dataset = self.dataset(split)
         if batch_size is None:
             batch_size = self.batch_size if shuffle else self.eval_batch_size
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if by_length and sampler is None:
+            batches = LengthGroupedBatches(dataset.lengths(), batch_size, shuffle, seed=self.split_seed)
+            return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collator, **workers)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          **workers)
+
+    @staticmethod
+    def _distributed() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
 
     def _evaluation_loader(self, split: str) -> DataLoader:
         # Under DDP each process evaluates its own rows, none twice (Lightning's default sampler pads
         # the last shard with repeats), so the synced metrics cover exactly the whole split.
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            sampler = UnrepeatedDistributedSampler(self.dataset(split), shuffle=False)
-        return self.dataloader(split, batch_size=self.eval_batch_size, sampler=sampler)
+        sampler = UnrepeatedDistributedSampler(self.dataset(split), shuffle=False) if self._distributed() else None
+        return self.dataloader(split, batch_size=self.eval_batch_size, sampler=sampler, by_length=self.bucket_by_length)
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", shuffle=True, batch_size=self.batch_size)
+        # Under DDP, Lightning shards a plain shuffled loader; length grouping is for one process.
+        by_length = self.bucket_by_length and not self._distributed()
+        return self.dataloader("train", shuffle=True, batch_size=self.batch_size, by_length=by_length)
 
     def val_dataloader(self) -> DataLoader:
         return self._evaluation_loader("validation")

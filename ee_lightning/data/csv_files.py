@@ -41,10 +41,10 @@ class CsvDataModule(TextDataModule):
                  batch_size: int = 32, eval_batch_size: int = 128, num_workers: int = 0, cache_dir: str | None = None,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None, split_seed: int = 1234,
                  validation_fraction: float = 0.1, test_fraction: float = 0.1, tsv_quote_none: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, bucket_by_length: bool = True):
         super().__init__(tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
-                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name)
+                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name, bucket_by_length=bucket_by_length)
         if not train_file:
             raise DataError("data option csv: data.train_file is not set; set data.train_file=PATH to a "
                             ".csv, .tsv or .jsonl file (validation_file/test_file are optional)")

@@ -85,13 +85,13 @@ class GlueDataModule(TextDataModule):
                  max_train_samples: int | None = None, max_eval_samples: int | None = None, split_seed: int = 1234,
                  train_file: str | None = None, validation_file: str | None = None, test_file: str | None = None,
                  mnli_eval: str = "matched", validation_fraction: float = 0.1, skip_malformed: bool = False,
-                 name: str | None = None):
+                 name: str | None = None, bucket_by_length: bool = True):
         self.glue = glue_task(task)
         if max_length is None:  # pair tasks need room for two texts
             max_length = 128 if self.glue.pair else 64
         super().__init__(tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
-                         max_eval_samples=max_eval_samples, split_seed=split_seed,
+                         max_eval_samples=max_eval_samples, split_seed=split_seed, bucket_by_length=bucket_by_length,
                          name=f"glue_{self.glue.name}" if name in (None, "glue") else name)
         if mnli_eval not in ("matched", "mismatched"):
             raise DataError(f"data.mnli_eval={mnli_eval!r}: use 'matched' or 'mismatched'")

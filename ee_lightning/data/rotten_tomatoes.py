@@ -40,10 +40,10 @@ class RottenTomatoesDataModule(TextDataModule):
                  num_workers: int = 0, cache_dir: str | None = None, max_train_samples: int | None = 8000,
                  max_eval_samples: int | None = None, split_seed: int = 1234, source_path: str | None = None,
                  verify_checksum: bool = True, test_size: int = 2000, validation_size: int = 1000,
-                 name: str | None = None):
+                 name: str | None = None, bucket_by_length: bool = True):
         super().__init__(tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
-                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name)
+                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name, bucket_by_length=bucket_by_length)
         self.source_path = Path(source_path).expanduser() if source_path else None
         if self.source_path is not None and not self.source_path.is_file():
             raise DataError(
