@@ -256,3 +256,19 @@ def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, corre
     probs = torch.sigmoid(policy_logits.float())
     loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
     return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits, probs=probs)
+
+
+def step_statistics(step: PolicyStep) -> dict[str, torch.Tensor]:
+    """What a reward curve shows of one step: mean reward and its parts, advantage spread, loss,
+    policy entropy (layers 1..L-1), mean exit layer, and mean exit probability per layer."""
+    stats = {
+        "reward": step.parts.reward.mean(),
+        "task_term": step.parts.task.mean(),
+        "depth_cost": step.parts.depth_cost.mean(),
+        "advantage_std": step.advantages.std(),
+        "loss": step.loss,
+        "entropy": bernoulli_entropy(step.probs[:-1]).mean(),
+        "exit_layer": step.exits.float().mean(),
+    }
+    stats.update({f"p_exit_L{layer + 1}": step.probs[layer].mean() for layer in range(step.probs.shape[0])})
+    return stats

@@ -31,7 +31,7 @@ PRESETS = {
                       "data.max_train_samples=8000"], "finetune": []},
     "bbc_news": {"data": ["data=bbc_news"], "finetune": ["method.finetune.epochs=3", "method.finetune.lr=1e-4"]},
 }
-ALPHAS = {"hardness": [0.02, 0.05, 0.08, 0.12], "plain": [0.02, 0.05, 0.08, 0.12]}
+ALPHAS = {"hardness": [0.05, 0.1, 0.15], "plain": [0.03, 0.06]}
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
 
 

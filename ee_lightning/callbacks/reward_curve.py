@@ -13,25 +13,14 @@ import csv
 
 from lightning.pytorch import LightningModule, Trainer
 
-from ..systems.policy import _mean_entropy
+from ..rl import step_statistics
 from ._common import StageCallback, layer_names, log_to_wandb, wandb_loggers
 
 PARTS = ("reward", "task_term", "depth_cost", "advantage_std", "loss", "entropy", "exit_layer")
 
 
 def step_row(step) -> dict[str, float]:
-    """A PolicyStep's reward, its parts, advantage spread, loss, entropy, and mean exit probability per layer."""
-    row = {
-        "reward": step.parts.reward.mean(),
-        "task_term": step.parts.task.mean(),
-        "depth_cost": step.parts.depth_cost.mean(),
-        "advantage_std": step.advantages.std(),
-        "loss": step.loss,
-        "entropy": _mean_entropy(step.probs[:-1]),
-        "exit_layer": step.exits.float().mean(),
-    }
-    row.update({f"p_exit_L{layer + 1}": step.probs[layer].mean() for layer in range(step.probs.shape[0])})
-    return {key: float(value) for key, value in row.items()}
+    return {key: float(value) for key, value in step_statistics(step).items()}
 
 
 class RewardCurve(StageCallback):

@@ -13,6 +13,7 @@ from ..heads import ExitHeads
 from ..model import EarlyExitModel
 from ..policy import ExitPolicy
 from ..rl import greedy_exit
+from ..strategies import predictions_at_exit
 from ..tasks import TaskSpec, make_metric, predictions
 
 
@@ -93,7 +94,7 @@ class EarlyExitSystem(L.LightningModule):
 
     def _evaluate_policy(self, batch: dict, outputs, split: str) -> None:
         exits = greedy_exit(outputs.exit_probs, self.cfg.method.get("tau", 0.5))
-        at_exit = outputs.logits.gather(0, (exits - 1).view(1, -1, 1).expand(1, -1, outputs.logits.shape[-1]))[0]
+        at_exit = predictions_at_exit(outputs.logits, exits)
         size = batch["labels"].shape[0]
         self.policy_metrics[split].update(predictions(self.task, at_exit), batch["labels"])
         self.exit_layer_mean[split].update(exits.float())

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ..rl import epsilon_schedule, reinforce_objective
+from ..rl import epsilon_schedule, reinforce_objective, step_statistics
 from ..tasks import is_correct, task_loss
 from .base import EarlyExitSystem
 
@@ -33,27 +33,12 @@ class PolicyTrainingMixin:
             normalize_advantages=cfg.normalize_advantages, entropy_bonus=cfg.entropy_bonus,
         )
         size = losses.shape[1]
-        self.log_dict({
-            "policy/reward": step.parts.reward.mean(),
-            "policy/task_term": step.parts.task.mean(),
-            "policy/depth_cost": step.parts.depth_cost.mean(),
-            "policy/advantage_std": step.advantages.std(),
-            "policy/loss": step.loss,
-            "policy/exit_layer": step.exits.float().mean(),
-            "policy/entropy": _mean_entropy(step.probs[:-1]),
-            "policy/eps": torch.tensor(eps),
-        }, batch_size=size, on_step=True, on_epoch=False)
-        self.log_dict({f"policy/p_exit_L{layer + 1}": step.probs[layer].mean() for layer in range(step.probs.shape[0])},
-                      batch_size=size, on_step=True, on_epoch=False)
+        stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
+        self.log_dict({**stats, "policy/eps": torch.tensor(eps)}, batch_size=size, on_step=True, on_epoch=False)
         # For callbacks (exit histograms by bucket, reward curve): this step, detached, and its rows' memorized layers.
         self.last_policy_step = dataclasses.replace(step, loss=step.loss.detach(), probs=step.probs.detach())
         self.last_policy_memorized = memorized
         return step
-
-
-def _mean_entropy(probs: torch.Tensor) -> torch.Tensor:
-    p = probs.clamp(1e-6, 1 - 1e-6)
-    return -(p * p.log() + (1 - p) * (1 - p).log()).mean()
 
 
 class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
