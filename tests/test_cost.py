@@ -15,16 +15,6 @@ from ee_lightning.strategies import ExitRule, build_rule
 TARGETS = [1, 4, 2, 3, 2, 4, 1, 3]  # exit layers for the 8 test sentences
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core box spin-wait and run
-    these tests ~50x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class Scheduled(ExitRule):
     """Test rule: row i exits at TARGETS[i] (the state carries the targets, so it follows the rows)."""

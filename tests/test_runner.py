@@ -11,16 +11,6 @@ from ee_lightning.strategies import RULES, build_rule, entropy, max_prob, predic
 L = 4  # the tiny backbones' depth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core box spin-wait and run
-    these tests ~50x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def spread_model(model, batch, scale: float = 2.0):
     """Random tiny models give near-identical, near-uniform heads for every row. Re-centre and rescale

@@ -20,16 +20,6 @@ from ee_lightning.strategies import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core box spin-wait and run
-    these tests ~50x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dist(cls: int, p: float) -> list[float]:
     """Log-probabilities with `p` on class `cls` and the rest split evenly over the other two."""
     probs = [(1 - p) / 2] * 3
