@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 PRESETS = {
-    "rotten_tomatoes": {"data": ["data=rotten_tomatoes"], "finetune": []},
+    "rotten_tomatoes": {"data": ["data=rotten_tomatoes"], "finetune": ["method.finetune.epochs=2"]},
+    # dev.tsv (6,735 rows) is the validation split: 1,000 of them are plenty to watch training.
     "sst2": {"data": ["data=glue", "data.task=sst2", f"data.data_dir={ROOT.parent / 'shared' / 'data' / 'glue' / 'SST-2'}",
-                      "data.max_train_samples=8000"], "finetune": []},
+                      "data.max_train_samples=8000", "data.max_eval_samples=1000"],
+             "finetune": []},
     "bbc_news": {"data": ["data=bbc_news"], "finetune": ["method.finetune.epochs=3", "method.finetune.lr=1e-4"]},
 }
 ALPHAS = {"hardness": [0.05, 0.1, 0.15], "plain": [0.03, 0.06]}
