@@ -14,11 +14,17 @@ def metric_value(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> 
     return float(metric.compute())
 
 
-def evaluate_rule(task: TaskSpec, cache: dict, rule) -> dict:
+def rule_exits(task: TaskSpec, cache: dict, rule) -> torch.Tensor:
+    """Each cached row's exit layer (1..L) under `rule`."""
+    return replay(rule, cache["logits"], cache.get("exit_probs"), labels=cache["labels"],
+                  is_regression=task.is_regression)
+
+
+def evaluate_rule(task: TaskSpec, cache: dict, rule, exits: torch.Tensor | None = None) -> dict:
     """One point: the rule's task metric at its exits, its layer cost, and its exit histogram."""
     logits = cache["logits"]
     num_layers = logits.shape[0]
-    exits = replay(rule, logits, cache.get("exit_probs"), labels=cache["labels"], is_regression=task.is_regression)
+    exits = rule_exits(task, cache, rule) if exits is None else exits
     point = {"metric": metric_value(task, predictions_at_exit(logits, exits), cache["labels"])}
     point.update(exit_summary(exits, num_layers))
     point["exit_histogram"] = torch.bincount(exits - 1, minlength=num_layers).tolist()
@@ -69,12 +75,12 @@ def exits_by_bucket(task: TaskSpec, cache: dict, exits: torch.Tensor, tolerance:
 
 def evaluate_methods(cache: dict, task: TaskSpec, tau: float = 0.5) -> dict:
     """ConsistentEE at tau and the full model, with the entropy rule's curve on the same heads."""
-    consistentee = evaluate_rule(task, cache, build_rule("policy", tau=tau))
+    exits = rule_exits(task, cache, build_rule("policy", tau=tau))
+    consistentee = evaluate_rule(task, cache, None, exits=exits)
     full = evaluate_rule(task, cache, build_rule("full"))
     entropy_curve = sweep_rule(task, cache, "entropy") if not task.is_regression else []
     if entropy_curve:
         consistentee["entropy_at_same_saving"] = metric_at_saving(entropy_curve, consistentee["layer_saving"])
-    exits = replay(build_rule("policy", tau=tau), cache["logits"], cache["exit_probs"])
     return {
         "methods": {"consistentee": {"tau": tau, **consistentee}, "full": full},
         "entropy_curve": [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in entropy_curve],

@@ -136,21 +136,19 @@ def run_finetune(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[FinetuneSy
     return system, results
 
 
-def stage_one_weights(cfg, datamodule, run_dir: Path, ledger: StageLedger):
-    """Stage-1 weights as (state_dict, checkpoint): from init_from, a finished stage, or a new fit."""
+def stage_one(cfg, datamodule, run_dir: Path, ledger: StageLedger) -> tuple[dict | None, str | None]:
+    """The stage-1 checkpoint (init_from, this run's finished stage 1, or a new fit), and the fitted
+    weights when the fit happened now (fast_dev_run writes no checkpoint)."""
     if cfg.get("init_from"):
         checkpoint = str(cfg.init_from)
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"init_from={checkpoint} does not exist; give the path of a stage-1 .ckpt file")
-    elif ledger.done("finetune") and ledger.checkpoint("finetune"):
-        checkpoint = ledger.checkpoint("finetune")
-    else:
-        system = FinetuneSystem(cfg, datamodule.task)
-        _, checkpoint = fit_stage(cfg, system, "finetune", run_dir, ledger, datamodule=datamodule)
-        return system.state_dict(), checkpoint
-    probe = PolicySystem(cfg, datamodule.task)
-    load_checkpoint_weights(probe, checkpoint)
-    return probe.state_dict(), checkpoint
+        return None, checkpoint
+    if ledger.done("finetune") and ledger.checkpoint("finetune"):
+        return None, ledger.checkpoint("finetune")
+    system = FinetuneSystem(cfg, datamodule.task)
+    _, checkpoint = fit_stage(cfg, system, "finetune", run_dir, ledger, datamodule=datamodule)
+    return system.state_dict(), checkpoint
 
 
 def training_set_outputs(cfg, system: PolicySystem, datamodule, checkpoint: str | None):
@@ -214,12 +212,15 @@ def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyE
     seconds = {}
 
     started = time.perf_counter()
-    state, stage1_checkpoint = stage_one_weights(cfg, datamodule, run_dir, ledger)
+    fitted, stage1_checkpoint = stage_one(cfg, datamodule, run_dir, ledger)
     seconds["finetune"] = ledger.stages.get("finetune", {}).get("seconds", round(time.perf_counter() - started, 1))
 
     # Hardness and the policy's training data come from one all-layers pass over the training set.
     system = PolicySystem(cfg, task)
-    system.load_state_dict(state)
+    if fitted is not None:
+        system.load_state_dict(fitted)
+    else:
+        load_checkpoint_weights(system, stage1_checkpoint)
     started = time.perf_counter()
     cache, table = training_set_outputs(cfg, system, datamodule, stage1_checkpoint)
     memorized = table[cache["idx"]]
