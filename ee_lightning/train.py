@@ -33,4 +33,9 @@ def train(cfg: DictConfig) -> dict:
 def report(run_dir: Path, results: dict) -> None:
     path = write_results(run_dir, results)
     print(format_layer_table(results["metric_name"], results["layer_metrics"], results.get("val_layer_metrics")))
+    for name, method in results.get("methods", {}).items():
+        versus = (f"; entropy at that saving {method['entropy_at_same_saving']:.4f}"
+                  if "entropy_at_same_saving" in method else "")
+        print(f"{name}: {results['metric_name']} {method['metric']:.4f} at {100 * method['layer_saving']:.1f}% "
+              f"layer saving ({method['speedup']:.2f}x fewer layers){versus}")
     print(f"results: {path}")
