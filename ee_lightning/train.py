@@ -37,5 +37,5 @@ def report(run_dir: Path, results: dict) -> None:
         versus = (f"; entropy at that saving {method['entropy_at_same_saving']:.4f}"
                   if "entropy_at_same_saving" in method else "")
         print(f"{name}: {results['metric_name']} {method['metric']:.4f} at {100 * method['layer_saving']:.1f}% "
-              f"layer saving ({method['speedup']:.2f}x fewer layers){versus}")
+              f"layer saving (layer speed-up {method['speedup']:.2f}x){versus}")
     print(f"results: {path}")
