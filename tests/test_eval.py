@@ -9,7 +9,7 @@ import pytest
 from ee_lightning.evaluate import evaluate
 from ee_lightning.report import ALL_RULES, mark_pareto, rule_grids
 from ee_lightning.train import train
-from tests.conftest import compose_train, data_overrides, write_sentiment_files
+from tests.conftest import compose_train, data_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -480,7 +480,8 @@ class TextDataModule(L.LightningDataModule):
         # Under DDP each process evaluates its own rows, none twice (Lightning's default sampler pads
         # the last shard with repeats), so the synced metrics cover exactly the whole split.
         sampler = UnrepeatedDistributedSampler(self.dataset(split), shuffle=False) if self._distributed() else None
-        return self.dataloader(split, batch_size=self.eval_batch_size, sampler=sampler, by_length=self.bucket_by_length)
+        return self.dataloader(split, batch_size=self.eval_batch_size, sampler=sampler,
+                               by_length=self.bucket_by_length)
 
     def train_dataloader(self) -> DataLoader:
         # Under DDP, Lightning shards a plain shuffled loader; length grouping is for one process.

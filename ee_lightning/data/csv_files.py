@@ -44,7 +44,8 @@ class CsvDataModule(TextDataModule):
                  name: str | None = None, bucket_by_length: bool = True):
         super().__init__(tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
-                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name, bucket_by_length=bucket_by_length)
+                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name,
+                         bucket_by_length=bucket_by_length)
         if not train_file:
             raise DataError("data option csv: data.train_file is not set; set data.train_file=PATH to a "
                             ".csv, .tsv or .jsonl file (validation_file/test_file are optional)")

@@ -43,7 +43,8 @@ class RottenTomatoesDataModule(TextDataModule):
                  name: str | None = None, bucket_by_length: bool = True):
         super().__init__(tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
-                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name, bucket_by_length=bucket_by_length)
+                         max_eval_samples=max_eval_samples, split_seed=split_seed, name=name,
+                         bucket_by_length=bucket_by_length)
         self.source_path = Path(source_path).expanduser() if source_path else None
         if self.source_path is not None and not self.source_path.is_file():
             raise DataError(
