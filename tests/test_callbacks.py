@@ -62,7 +62,7 @@ def test_wandb_mode_disabled_leaves_only_the_csv_logger(tmp_path, monkeypatch):
 def tiny_consistentee(tmp_path, logger: str) -> list[str]:
     folder = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=16)
     return ["method=consistentee", "backbone=tiny_bert", "data=glue", "data.task=sst2", f"data.data_dir={folder}",
-            "method.finetune.epochs=1", "method.policy.epochs=2", "method.policy.batch_size=16",
+            "method.finetune.epochs=1", "method.policy.epochs=2", "method.policy.batch_size=16", "method.policy.k=8",
             "report.latency.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1"]
 
@@ -131,7 +131,7 @@ def test_exit_histograms_under_ddp_count_every_row_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "EE_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "ee_lightning.cli", "method=consistentee", "backbone=tiny_bert", "data=glue",
                "data.task=sst2", f"data.data_dir={data}", "data.batch_size=4", "data.eval_batch_size=4",
-               "method.policy.epochs=1", "method.policy.batch_size=8", "~report", "trainer=ddp",
+               "method.policy.epochs=1", "method.policy.batch_size=8", "method.policy.k=8", "~report", "trainer=ddp",
                "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "trainer.enable_progress_bar=false",
                f"hydra.run.dir={run}"]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
