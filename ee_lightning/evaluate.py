@@ -5,7 +5,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .backbones import load_tokenizer
@@ -13,20 +12,14 @@ from .data import build_datamodule
 from .replay import collect_layer_outputs
 from .report import measure_latency, pareto_points, rule_grids, summary_rows, write_report
 from .strategies import build_rule
-from .systems.base import EarlyExitSystem
+from .systems.base import EarlyExitSystem, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def load_system(ckpt_path: str) -> EarlyExitSystem:
-    path = Path(str(ckpt_path))
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist; give the .ckpt of an ee-train run "
-                                "(its run directory's checkpoints/<stage>/last.ckpt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "cfg" not in hparams or "task" not in hparams:
-        raise ValueError(f"{path} is not an ee-lightning checkpoint (no cfg/task in its hyper-parameters)")
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
     system = EarlyExitSystem(hparams["cfg"], hparams["task"])
     system.load_state_dict(checkpoint["state_dict"])
     return system.eval()

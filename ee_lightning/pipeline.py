@@ -23,7 +23,7 @@ from . import hardness as hardness_lib
 from .evaluate import run_report
 from .evaluation import evaluate_methods
 from .replay import CachedLayerDataset, collect_layer_outputs
-from .systems.base import EarlyExitSystem
+from .systems.base import EarlyExitSystem, read_checkpoint
 from .systems.finetune import FinetuneSystem
 from .systems.joint import JointSystem
 from .systems.policy import PolicySystem
@@ -65,15 +65,13 @@ def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
 
 def load_checkpoint_weights(system: EarlyExitSystem, checkpoint: str) -> None:
     """Load a checkpoint of any stage into `system`, refusing one of another backbone or task."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    check_compatible(system, state.get("hyper_parameters", {}), checkpoint)
+    state = read_checkpoint(checkpoint, key="init_from")
+    check_compatible(system, state["hyper_parameters"], checkpoint)
     system.load_state_dict(state["state_dict"])
 
 
 def check_compatible(system: EarlyExitSystem, hparams: dict, checkpoint: str) -> None:
-    theirs_cfg, theirs_task = hparams.get("cfg"), hparams.get("task")
-    if theirs_cfg is None or theirs_task is None:
-        raise ValueError(f"{checkpoint} is not an ee-lightning checkpoint (no cfg/task in its hyper-parameters)")
+    theirs_cfg, theirs_task = hparams["cfg"], hparams["task"]
     mine = (system.cfg.backbone.get("name"), system.task.name, system.task.output_size)
     theirs = (theirs_cfg["backbone"].get("name"), theirs_task["name"], 1 if theirs_task["kind"] == "regression"
               else theirs_task["num_labels"])

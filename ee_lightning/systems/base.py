@@ -1,6 +1,8 @@
 """What every stage shares: the early-exit model, the task, and per-layer evaluation."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +31,20 @@ def build_model(cfg: DictConfig, task: TaskSpec) -> EarlyExitModel:
         # Mean pooling never reads the pooler; frozen, so DDP does not wait for its gradients.
         backbone.model.pooler.requires_grad_(False)
     return EarlyExitModel(backbone, heads, pooling=cfg.head.pooling, policy=policy)
+
+
+def read_checkpoint(path, key: str = "ckpt_path") -> dict:
+    """A checkpoint written by an ee-lightning stage: its state dict and, in its hyper-parameters, the
+    resolved config and task that rebuild the model. `key` names the setting in error messages."""
+    path = Path(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path} does not exist; give the .ckpt of an ee-train run "
+                                "(its run directory's checkpoints/<stage>/last.ckpt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "cfg" not in hparams or "task" not in hparams:
+        raise ValueError(f"{path} is not an ee-lightning checkpoint (no cfg/task in its hyper-parameters)")
+    return checkpoint
 
 
 def task_from_dict(task: dict | TaskSpec) -> TaskSpec:
