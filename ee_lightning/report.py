@@ -72,16 +72,17 @@ def _value_text(value) -> str:
     return str(value)
 
 
+def pareto_optimal(point: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+    """(metric, saving): no other point is at least as good on both and better on one."""
+    return not any(o[0] >= point[0] and o[1] >= point[1] and (o[0] > point[0] or o[1] > point[1]) for o in others)
+
+
 def mark_pareto(points: list[dict]) -> None:
-    """pareto = no other realisable point is at least as good on metric and saving and better on one.
-    The oracle needs the labels, so it is a bound, not a competitor: never marked, never dominating."""
-    real = [p for p in points if p["rule"] != "oracle"]
+    """pareto = no other realisable point dominates this one. The oracle needs the labels, so it is
+    a bound, not a competitor: never marked, never dominating."""
+    real = [(p["metric"], p["layer_saving"]) for p in points if p["rule"] != "oracle"]
     for point in points:
-        point["pareto"] = point["rule"] != "oracle" and not any(
-            other["metric"] >= point["metric"] and other["layer_saving"] >= point["layer_saving"]
-            and (other["metric"] > point["metric"] or other["layer_saving"] > point["layer_saving"])
-            for other in real
-        )
+        point["pareto"] = point["rule"] != "oracle" and pareto_optimal((point["metric"], point["layer_saving"]), real)
 
 
 def best_within(points: list[dict], rule: str, reference: float, tolerance: float) -> dict | None:

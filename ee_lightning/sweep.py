@@ -27,6 +27,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .report import pareto_optimal
+
 log = logging.getLogger(__name__)
 
 # Names for optimized_metrics; any other name is a dotted path into results.json.
@@ -173,15 +175,13 @@ def _short(value: str) -> str:
 def mark_pareto(jobs: list[dict]) -> None:
     """A job's ConsistentEE point is Pareto-optimal when no other job's is as good on metric and
     layer saving and better on one."""
-    points = [j for j in jobs if j.get("consistentee_metric") is not None]
+    points = [(j["consistentee_metric"], j["consistentee_layer_saving"]) for j in jobs
+              if j.get("consistentee_metric") is not None]
     for job in jobs:
-        if job not in points:
+        if job.get("consistentee_metric") is None:
             job["pareto"] = ""
-            continue
-        m, s = job["consistentee_metric"], job["consistentee_layer_saving"]
-        job["pareto"] = not any(o["consistentee_metric"] >= m and o["consistentee_layer_saving"] >= s
-                                and (o["consistentee_metric"] > m or o["consistentee_layer_saving"] > s)
-                                for o in points)
+        else:
+            job["pareto"] = pareto_optimal((job["consistentee_metric"], job["consistentee_layer_saving"]), points)
 
 
 def write_summary(sweep_dir: Path, plot: bool = True, study: dict | None = None) -> dict[str, Path] | None:
