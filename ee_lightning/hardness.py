@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_torch_save
 from .tasks import TaskSpec, is_correct
 
 BUCKET_NAMES = ("easy", "medium", "hard")
@@ -148,19 +148,7 @@ def save_hardness(path: str | os.PathLike, memorized: torch.Tensor, idx: torch.T
         "idx": idx,
         "memorized": memorized,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(payload, Path(path))
 
 
 def load_hardness(path: str | os.PathLike, expected_meta: dict) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from . import hardness as hardness_lib
 from .evaluate import run_report
+from .files import atomic_torch_save, atomic_write_text
 from .evaluation import evaluate_methods
 from .replay import CachedLayerDataset, collect_layer_outputs
 from .systems.base import EarlyExitSystem, read_checkpoint
@@ -47,9 +47,7 @@ class StageLedger:
 
     def mark(self, stage: str, checkpoint: str | None, **info) -> None:
         self.stages[stage] = {"checkpoint": checkpoint, **info}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stages, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.stages, indent=2))
 
 
 def is_global_zero() -> bool:
@@ -180,9 +178,7 @@ def load_artefact(path: Path, meta: dict) -> dict | None:
 
 
 def save_artefact(path: Path, tensors: dict, meta: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"meta": meta, "tensors": tensors}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"meta": meta, "tensors": tensors}, path)
 
 
 def memorized_layers(cfg, system: PolicySystem, cache: dict, checkpoint: str | None, meta: dict | None,

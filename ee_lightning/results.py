@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import atomic_write_text
 
 RESULTS_FILE = "results.json"
 
@@ -11,9 +12,7 @@ RESULTS_FILE = "results.json"
 def write_results(run_dir: Path, results: dict) -> Path:
     """Write atomically, so an interrupted run never leaves half a file."""
     path = Path(run_dir) / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
     return path
 
 

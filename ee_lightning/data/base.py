@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +29,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import atomic_torch_save
 from .batching import LengthGroupedBatches
 from ..tasks import METRICS, REGRESSION, TaskSpec
 
@@ -184,19 +183,6 @@ def _flatten(seqs: list[list[int]], dtype) -> tuple[torch.Tensor, torch.Tensor]:
     offsets[1:] = torch.cumsum(lengths, 0)
     flat = torch.tensor([t for s in seqs for t in s], dtype=dtype)
     return flat, offsets
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(obj, handle)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- dataset + collate
