@@ -51,8 +51,9 @@ def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out
     ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
     model = system.model.eval()
     task = system.task
-    rules, grids, latency = list(report_cfg.rules), OmegaConf.to_container(report_cfg.grids), report_cfg.latency
-    grids = rule_grids(rules, grids, model.num_layers, cache["logits"].shape[-1])
+    rules = list(report_cfg.rules) if report_cfg.rules is not None else None
+    grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
+    grids = rule_grids(rules, grids, model.num_layers, cache["logits"].shape[-1], task.is_regression)
     if tau is not None and "policy" in grids and tau not in grids["policy"]:
         grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
     points = pareto_points(model, task, cache, grids)

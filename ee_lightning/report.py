@@ -28,14 +28,27 @@ COLUMNS = ("rule", "knob", "value", "metric", "avg_exit_layer", "layer_saving", 
 LATENCY_COLUMNS = ("latency_b1_ms", "latency_b32_ms", "wallclock_speedup_b1", "wallclock_speedup_b32")
 
 
-def rule_grids(rules, grids: dict | None, num_layers: int, num_classes: int) -> dict[str, list]:
-    """Each rule's knob grid: the user's where given, else the default spanning no to maximal saving."""
+def applicable_rules(is_regression: bool) -> list[str]:
+    """Every rule that can run on the task: a regression head has no class probabilities."""
+    return [name for name in ALL_RULES if not (is_regression and RULES[name].classification_only)]
+
+
+def rule_grids(rules, grids: dict | None, num_layers: int, num_classes: int,
+               is_regression: bool = False) -> dict[str, list]:
+    """Each rule's knob grid: the user's where given, else the default spanning no to maximal saving.
+    rules=None: every rule that applies to the task."""
     grids = dict(grids or {})
-    unknown = [name for name in list(rules) + list(grids) if name not in RULES]
+    rules = applicable_rules(is_regression) if rules is None else list(rules)
+    unknown = [name for name in rules + list(grids) if name not in RULES]
     if unknown:
         raise ValueError(f"unknown exit rule(s) {unknown}; valid rules: {', '.join(RULES)}")
     if not rules:
         raise ValueError("no rules to compare: set rules=[policy,entropy,...]")
+    if is_regression:
+        unfit = [name for name in rules if RULES[name].classification_only]
+        if unfit:
+            raise ValueError(f"report.rules has {unfit}, which need class probabilities; a regression task has "
+                             f"none. Drop them, or set report.rules=null for every rule that applies")
     chosen = {}
     for name in rules:
         grid = grids.get(name)

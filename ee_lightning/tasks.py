@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import Metric
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+from torchmetrics.utilities import dim_zero_cat
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -39,18 +40,32 @@ class TaskSpec:
         return 1 if self.is_regression else self.num_labels
 
 
-class PearsonSpearmanMean(MetricCollection):
-    """GLUE's STS-B score: the mean of Pearson and Spearman correlation."""
+class PearsonSpearmanMean(Metric):
+    """GLUE's STS-B score: the mean of Pearson and Spearman correlation.
+
+    A single `Metric` (not a MetricCollection) so that `LightningModule.log` accepts it; the
+    predictions and targets are kept whole (synced by concatenation) because a rank
+    correlation cannot be accumulated batch by batch."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
     def __init__(self, **metric_kwargs):
-        super().__init__({"pearson": PearsonCorrCoef(**metric_kwargs), "spearman": SpearmanCorrCoef(**metric_kwargs)})
+        super().__init__(**metric_kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
 
-    def compute(self):
-        values = super().compute()
-        return (values["pearson"] + values["spearman"]) / 2
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.preds.append(preds.detach().float().reshape(-1))
+        self.target.append(target.detach().float().reshape(-1))
+
+    def compute(self) -> torch.Tensor:
+        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        return (pearson_corrcoef(preds, target) + spearman_corrcoef(preds, target)) / 2
 
 
-def make_metric(task: TaskSpec, **metric_kwargs) -> Metric | MetricCollection:
+def make_metric(task: TaskSpec, **metric_kwargs) -> Metric:
     """A fresh torchmetrics object for the task's headline metric. It syncs across processes at
     compute; `sync_on_compute=False` for a value one process computes alone (e.g. on a replay cache)."""
     if task.metric == "pearson_spearman":
