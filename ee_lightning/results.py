@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_write_text
+from ee_lightning.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ee_lightning.backbones import build_backbone
-from ee_lightning.heads import ExitHeads
-from ee_lightning.model import EarlyExitModel
-from ee_lightning.policy import ExitPolicy
-from ee_lightning.rl import advantages, policy_loss, reinforce_objective, rewards, rollout
-from ee_lightning.systems.policy import layer_losses_and_correct
+from ee_lightning.modeling.backbones import build_backbone
+from ee_lightning.modeling.heads import ExitHeads
+from ee_lightning.modeling.model import EarlyExitModel
+from ee_lightning.modeling.exit_policy import ExitPolicy
+from ee_lightning.exits.rl import advantages, policy_loss, reinforce_objective, rewards, rollout
+from ee_lightning.training.systems.policy import layer_losses_and_correct
 from ee_lightning.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
 
 
 def ee_train(args: list[str]) -> None:
-    command = [sys.executable, "-m", "ee_lightning.cli", *args]
+    command = [sys.executable, "-m", "ee_lightning.app.cli", *args]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ee_lightning.backbones import build_backbone
-from ee_lightning.heads import ExitHeads
-from ee_lightning.model import EarlyExitModel
-from ee_lightning.policy import ExitPolicy
+from ee_lightning.modeling.backbones import build_backbone
+from ee_lightning.modeling.heads import ExitHeads
+from ee_lightning.modeling.model import EarlyExitModel
+from ee_lightning.modeling.exit_policy import ExitPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ee_lightning.backbones import BackboneError, LayerwiseBackbone, build_backbone, check_checkpoint
+from ee_lightning.modeling.backbones import BackboneError, LayerwiseBackbone, build_backbone, check_checkpoint
 
 from conftest import CONF_DIR, SENTENCES, TINY_BACKBONES, backbone_cfg, make_batch
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from ee_lightning.callbacks import ExitHistogram, LayerMetricCurves
-from ee_lightning.callbacks.job_report import finish_open_wandb_run
-from ee_lightning.systems.base import bucket_exit_counts
-from ee_lightning.train import train
+from ee_lightning.training.callbacks import ExitHistogram, LayerMetricCurves
+from ee_lightning.training.callbacks.job_report import finish_open_wandb_run
+from ee_lightning.training.systems.base import bucket_exit_counts
+from ee_lightning.app.train import train
 from tests.conftest import compose_train, write_sentiment_files
 
 
@@ -50,7 +50,7 @@ def test_finish_open_wandb_run_marks_a_failed_job(tmp_path):
 def test_wandb_mode_disabled_leaves_only_the_csv_logger(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
 
-    from ee_lightning.trainers import build_loggers, run_name
+    from ee_lightning.training.trainers import build_loggers, run_name
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = compose_train(["logger=many", "backbone=tiny_bert", "paths.cache_dir=/some/path", "init_from=/a/b.ckpt", "seed=3"], tmp_path / "run")
@@ -129,7 +129,7 @@ def test_exit_histograms_under_ddp_count_every_row_once(tmp_path):
     data = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=21)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "EE_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "ee_lightning.cli", "method=consistentee", "backbone=tiny_bert", "data=glue",
+    command = [sys.executable, "-m", "ee_lightning.app.cli", "method=consistentee", "backbone=tiny_bert", "data=glue",
                "data.task=sst2", f"data.data_dir={data}", "data.batch_size=4", "data.eval_batch_size=4",
                "method.policy.epochs=1", "method.policy.batch_size=8", "method.policy.k=8", "report.latency.enabled=false", "trainer=ddp",
                "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "trainer.enable_progress_bar=false",

@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from ee_lightning import trainers
-from ee_lightning.replay import CachedLayerDataset
-from ee_lightning.rl import greedy_exit
-from ee_lightning.systems.policy import PolicySystem
-from ee_lightning.train import train
+from ee_lightning.training import trainers
+from ee_lightning.inference.layer_cache import CachedLayerDataset
+from ee_lightning.exits.rl import greedy_exit
+from ee_lightning.training.systems.policy import PolicySystem
+from ee_lightning.app.train import train
 from tests.conftest import compose_train, data_overrides
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_BACKBONES, backbone_cfg, make_batch, make_tiny_model
-from ee_lightning.cost import flop_counter, flops_per_instance, flops_per_row, full_model_flops, measure_flops
-from ee_lightning.runner import EarlyExitRunner
-from ee_lightning.strategies import ExitRule, build_rule
+from ee_lightning.evaluation.cost import flop_counter, flops_per_instance, flops_per_row, full_model_flops, measure_flops
+from ee_lightning.inference.runner import EarlyExitRunner
+from ee_lightning.exits.rules import ExitRule, build_rule
 
 TARGETS = [1, 4, 2, 3, 2, 4, 1, 3]  # exit layers for the 8 test sentences
 

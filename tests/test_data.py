@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ee_lightning.data.base as data_base
-from ee_lightning.backbones import build_backbone
+from ee_lightning.modeling.backbones import build_backbone
 from ee_lightning.data import (BBCNewsDataModule, CsvDataModule, DataError, GlueDataModule, RottenTomatoesDataModule,
                                TextDataModule, build_datamodule)
 from ee_lightning.data.bbc_news import PREFIX as BBC_PREFIX

@@ -17,7 +17,7 @@ def test_ddp_two_cpu_processes_sync_metrics_over_the_whole_split(tmp_path):
     data = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=21)  # odd: shards are unequal
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled", "EE_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "ee_lightning.cli", "method=finetune", "backbone=tiny_bert", "data=glue",
+    command = [sys.executable, "-m", "ee_lightning.app.cli", "method=finetune", "backbone=tiny_bert", "data=glue",
                "data.task=sst2", f"data.data_dir={data}", "data.batch_size=4", "data.eval_batch_size=4",
                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv",
                "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ee_lightning import hardness
+from ee_lightning.exits import hardness
 from ee_lightning.tasks import REGRESSION, TaskSpec
 
 T, F = True, False

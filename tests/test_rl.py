@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ee_lightning import rl
+from ee_lightning.exits import rl
 
 
 def logit(p: float) -> float:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import SENTENCES, TINY_BACKBONES, make_batch, make_tiny_model
-from ee_lightning.runner import EarlyExitRunner
-from ee_lightning.strategies import RULES, build_rule, entropy, max_prob, predictions_at_exit, replay
+from ee_lightning.inference.runner import EarlyExitRunner
+from ee_lightning.exits.rules import RULES, build_rule, entropy, max_prob, predictions_at_exit, replay
 
 L = 4  # the tiny backbones' depth
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ee_lightning.strategies import (
+from ee_lightning.exits.rules import (
     GRID_KNOBS,
     RULES,
     build_rule,

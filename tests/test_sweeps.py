@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ee_lightning.sweep import objective_value, sweep_return, write_summary
+from ee_lightning.app.sweep import objective_value, sweep_return, write_summary
 from tests.conftest import ROOT, compose_train, write_sentiment_files
 
 RESULTS = {"metric_name": "acc", "full": 0.9, "objective": 0.85, "layer_metrics": [0.6, 0.9],
@@ -123,7 +123,7 @@ def offline_runs(job_dir: Path) -> list[dict]:
 def ee_train(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "EE_ROOT": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "ee_lightning.cli", *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -173,7 +173,7 @@ def test_multirun_gives_each_job_its_wandb_runs_and_a_summary(tmp_path):
 def test_a_failed_job_closes_its_wandb_run_and_the_next_job_gets_its_own(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "EE_ROOT": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "ee_lightning.cli", "-m", "method=consistentee", *tiny_args(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", "-m", "method=consistentee", *tiny_args(tmp_path),
                           "method.policy.sampler=nope,bernoulli", "logger=wandb", f"hydra.sweep.dir={sweep}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "sampler 'nope'" in out.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ee_lightning.train import train
+from ee_lightning.app.train import train
 from tests.conftest import compose_train
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false", "backbone=tiny_bert"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from ee_lightning.train import train
+from ee_lightning.app.train import train
 from tests.conftest import DATA_OPTIONS, ROOT, TINY_BACKBONES, compose_train, data_overrides
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false"]
@@ -69,7 +69,7 @@ def test_misspelled_key_is_named(tmp_path):
 
 
 def test_console_script_reports_a_bad_option():
-    out = subprocess.run([sys.executable, "-m", "ee_lightning.cli", "backbone=nope"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", "backbone=nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "Could not find 'backbone/nope'" in out.stderr and "minilm_l6" in out.stderr

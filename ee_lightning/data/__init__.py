@@ -2,12 +2,12 @@
 
 See `base.TextDataModule` for the batch format and the caching contract.
 """
-from .base import DataError, Examples, PadCollator, TextDataModule, TokenizedSplit
-from .bbc_news import BBCNewsDataModule
-from .csv_files import CsvDataModule
-from .factory import build_datamodule, data_options
-from .glue import GLUE_TASKS, GlueDataModule
-from .rotten_tomatoes import RottenTomatoesDataModule
+from ee_lightning.data.base import DataError, Examples, PadCollator, TextDataModule, TokenizedSplit
+from ee_lightning.data.bbc_news import BBCNewsDataModule
+from ee_lightning.data.csv_files import CsvDataModule
+from ee_lightning.data.factory import build_datamodule, data_options
+from ee_lightning.data.glue import GLUE_TASKS, GlueDataModule
+from ee_lightning.data.rotten_tomatoes import RottenTomatoesDataModule
 
 __all__ = [
     "DataError", "Examples", "PadCollator", "TextDataModule", "TokenizedSplit", "BBCNewsDataModule", "CsvDataModule",

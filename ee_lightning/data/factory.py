@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .base import DataError, TextDataModule
+from ee_lightning.data.base import DataError, TextDataModule
 
 CONF_DATA_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
 

