@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.data.batching import LengthGroupedBatches
+from ee_lightning.training.resume import EpochShuffle, ResumableLoader
 from ee_lightning.tasks import METRICS, REGRESSION, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -450,12 +451,19 @@ class TextDataModule(L.LightningDataModule):
         dataset = self.dataset(split)
         if batch_size is None:
             batch_size = self.batch_size if shuffle else self.eval_batch_size
-        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        # Its own generator: a loader's pass then draws nothing from the global random state, so a
+        # resumed fit's extra passes (sanity check) leave dropout's stream as the uninterrupted fit had it.
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "generator": torch.Generator().manual_seed(self.split_seed)}
+        # A training loader resumes mid-epoch (training.resume): its order is a function of the epoch.
+        loader = ResumableLoader if shuffle else DataLoader
         if by_length and sampler is None:
             batches = LengthGroupedBatches(dataset.lengths(), batch_size, shuffle, seed=self.split_seed)
-            return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collator, **workers)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator, sampler=sampler,
-                          **workers)
+            return loader(dataset, batch_sampler=batches, collate_fn=self.collator, **workers)
+        if shuffle and sampler is None and not self._distributed():  # under DDP Lightning shards a seeded order
+            sampler, shuffle = EpochShuffle(len(dataset), seed=self.split_seed), False
+        return loader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator, sampler=sampler,
+                      **workers)
 
     @staticmethod
     def _distributed() -> bool:

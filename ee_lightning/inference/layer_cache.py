@@ -38,6 +38,7 @@ class CachedLayerDataset(Dataset):
         self.pooled = cache["pooled"]
         self.logits = cache["logits"]
         self.labels = cache["labels"]
+        self.idx = cache["idx"]  # row ids, so a numerical fault can name the rows of its batch
         self.memorized = memorized
 
     def __len__(self) -> int:
@@ -45,4 +46,4 @@ class CachedLayerDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"pooled": self.pooled[:, i], "logits": self.logits[:, i], "labels": self.labels[i],
-                "memorized": self.memorized[i]}
+                "memorized": self.memorized[i], "idx": self.idx[i]}

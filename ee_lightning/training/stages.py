@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.app.evaluate import run_report
@@ -27,6 +26,7 @@ from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
 from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem
+from ee_lightning.training.resume import EpochShuffle, ResumableLoader, seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def fit_stage(cfg, system, stage: str, run_dir: Path, ledger: StageLedger, datam
     """Fit one stage (resuming its interrupted fit if any) and record its checkpoint."""
     started = time.perf_counter()
     trainer = make_trainer(cfg, stage, run_dir, **stage_trainer_overrides(cfg, stage))
+    seed_stage(cfg.seed, stage)  # the same stream whether or not earlier stages ran in this process
     trainer.fit(system, datamodule=datamodule, ckpt_path=interrupted_checkpoint(run_dir, stage), **fit_kwargs)
     checkpoint = best_or_last(trainer)
     ledger.mark(stage, checkpoint, seconds=round(time.perf_counter() - started, 1))
@@ -225,8 +226,9 @@ def run_consistentee(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[EarlyE
     if ledger.done("policy"):
         load_checkpoint_weights(system, ledger.checkpoint("policy"))
     else:
-        policy_loader = DataLoader(CachedLayerDataset(cache, memorized), batch_size=cfg.method.policy.batch_size,
-                                   shuffle=True)
+        policy_loader = ResumableLoader(CachedLayerDataset(cache, memorized), batch_size=cfg.method.policy.batch_size,
+                                        sampler=EpochShuffle(len(memorized), seed=cfg.seed),
+                                        generator=torch.Generator().manual_seed(cfg.seed))
         fit_stage(cfg, system, "policy", run_dir, ledger, train_dataloaders=policy_loader,
                   val_dataloaders=datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")

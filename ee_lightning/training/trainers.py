@@ -1,13 +1,21 @@
 """Trainers, loggers and callbacks for one stage of a run, instantiated from the config tree."""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import uuid
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ee_lightning.files import atomic_write_text
+from ee_lightning.training.resume import AtomicCheckpointIO, ResumeState
+
+log = logging.getLogger(__name__)
 
 
 def build_loggers(cfg: DictConfig, stage: str) -> list:
@@ -26,13 +34,44 @@ def build_loggers(cfg: DictConfig, stage: str) -> list:
                 logger_cfg.job_type = stage
                 logger_cfg.name = f"{logger_cfg.get('name') or run_name(cfg)}-{stage}"
                 logger_cfg.group = run_group(cfg, logger_cfg.get("group"))
+                # A rerun into the same run directory continues the stage's wandb run, not a new one.
+                logger_cfg.id = stage_run_id(Path(cfg.paths.output_dir), stage)
+                logger_cfg.resume = "allow"
                 Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        logger = instantiate(logger_cfg)
         if logger_cfg._target_.endswith("WandbLogger"):
-            # The run's config is the resolved config tree (filterable by e.g. method.policy.alpha).
-            logger.log_hyperparams(run_config(cfg, stage))
+            logger = start_wandb(logger_cfg, cfg, stage)
+            if logger is None:
+                continue
+        else:
+            logger = instantiate(logger_cfg)
         loggers.append(logger)
     return loggers
+
+
+def start_wandb(logger_cfg: DictConfig, cfg: DictConfig, stage: str):
+    """A started WandbLogger, or None when wandb cannot start: a run never stops for its tracker."""
+    try:
+        logger = instantiate(logger_cfg)
+        # The run's config is the resolved config tree (filterable by e.g. method.policy.alpha); this
+        # starts the wandb run, so a failing start shows here.
+        logger.log_hyperparams(run_config(cfg, stage))
+        return logger
+    except Exception as error:  # wandb raises many kinds (network, auth, service); none must end the run
+        others = [name for name, c in (cfg.get("logger") or {}).items()
+                  if c is not None and not str(c.get("_target_", "")).endswith("WandbLogger")]
+        log.warning(f"wandb did not start for stage {stage} ({type(error).__name__}: {error}); training continues "
+                    f"with the other loggers ({', '.join(others) or 'none'})")
+        return None
+
+
+def stage_run_id(run_dir: Path, stage: str) -> str:
+    """The wandb run id of `stage` in this run directory, made once and kept in wandb_ids.json."""
+    path = Path(run_dir) / "wandb_ids.json"
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if stage not in ids:
+        ids[stage] = uuid.uuid4().hex[:12]
+        atomic_write_text(path, json.dumps(ids, indent=2))
+    return ids[stage]
 
 
 def _hydra_config():
@@ -110,10 +149,11 @@ def make_trainer(cfg: DictConfig, stage: str, run_dir: Path, **overrides) -> L.T
     trainer_cfg.update(overrides)
     trainer_cfg["default_root_dir"] = str(run_dir)
     loggers = build_loggers(cfg, stage)
-    callbacks = build_callbacks(cfg, stage, run_dir)
+    callbacks = build_callbacks(cfg, stage, run_dir) + [ResumeState()]  # random states travel in checkpoints
     if not loggers:  # logger=none: LearningRateMonitor refuses a Trainer without loggers
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    plugins = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **plugins)
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

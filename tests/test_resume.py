@@ -1,0 +1,178 @@
+"""Exact resume: a run killed with SIGKILL at any step of any stage, rerun with the same command
+into the same run directory, ends with the numbers of the run that was never interrupted.
+
+The end-to-end test kills a real `python -m ee_lightning.app.cli` process; the unit tests pin the
+pieces (the loader's position, the random states, atomic checkpoint writes)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ee_lightning.data.batching import LengthGroupedBatches
+from ee_lightning.training.resume import (AtomicCheckpointIO, EpochShuffle, ResumableLoader, rng_state,
+                                          set_loader_epoch, set_rng_state)
+from tests.conftest import ROOT, write_sentiment_files
+
+
+# --- the pieces ------------------------------------------------------------------------------------
+def _idx_batches(loader) -> list[list[int]]:
+    return [batch.tolist() for batch in loader]
+
+
+def test_loader_resumes_its_pass_past_the_batches_served():
+    loader = ResumableLoader(torch.arange(20), batch_size=3, sampler=EpochShuffle(20, seed=5))
+    loader.sampler.set_epoch(2)
+    whole = _idx_batches(loader)
+    iterator = iter(loader)
+    first = [next(iterator).tolist() for _ in range(3)]
+    state = loader.state_dict()
+    assert state == {"served": 3, "epoch": 2}
+
+    again = ResumableLoader(torch.arange(20), batch_size=3, sampler=EpochShuffle(20, seed=5))
+    again.sampler.set_epoch(2)
+    again.load_state_dict(state)
+    assert first + _idx_batches(again) == whole
+    assert _idx_batches(again) == whole  # only the one pass resumes
+
+
+def test_loader_state_of_another_epoch_is_not_applied():
+    """A checkpoint taken in epoch 0 resumes into epoch 1 from its start (no batches skipped)."""
+    lengths = torch.tensor([5, 3, 8, 1, 9, 2, 7, 4])
+    loader = ResumableLoader(torch.arange(8), batch_sampler=LengthGroupedBatches(lengths, 2, shuffle=True))
+    set_loader_epoch(loader, 1)
+    whole = _idx_batches(loader)
+    loader.load_state_dict({"served": 2, "epoch": 0})
+    set_loader_epoch(loader, 1)
+    assert _idx_batches(loader) == whole
+
+
+def test_batch_order_depends_only_on_seed_and_epoch():
+    a, b = EpochShuffle(30, seed=1), EpochShuffle(30, seed=1)
+    b.set_epoch(3)
+    a.set_epoch(3)
+    assert list(a) == list(b)
+    b.set_epoch(4)
+    assert list(a) != list(b)
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    path = tmp_path / "state.pt"
+    torch.save(rng_state(), path)
+    expected = (torch.rand(4), np.random.rand(4), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_state(torch.load(path, weights_only=True))  # what Lightning uses to read a checkpoint
+    got = (torch.rand(4), np.random.rand(4), random.random())
+    assert torch.equal(got[0], expected[0]) and (got[1] == expected[1]).all() and got[2] == expected[2]
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left either
+
+
+# --- end to end: SIGKILL a real run ----------------------------------------------------------------
+def tiny_run(tmp_path: Path, run_dir: Path) -> list[str]:
+    folder = tmp_path / "SST-2"
+    if not folder.is_dir():
+        write_sentiment_files(folder, n_train=48, n_eval=16)
+    # 48 rows in batches of 8: 6 optimizer steps per epoch, 2 epochs per stage, last.ckpt every 2 steps.
+    return [sys.executable, "-m", "ee_lightning.app.cli", "method=consistentee", "backbone=tiny_bert", "data=glue",
+            "data.task=sst2", f"data.data_dir={folder}", "data.batch_size=8", "method.finetune.epochs=2",
+            "method.policy.epochs=2", "method.policy.batch_size=8", "callbacks.step_checkpoint.every_n_train_steps=2",
+            "report.latency.enabled=false", "trainer.enable_progress_bar=false", "logger=many",
+            f"hydra.run.dir={run_dir}"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "EE_ROOT": str(tmp_path)}
+
+
+def run_to_end(command: list[str], tmp_path: Path) -> None:
+    out = subprocess.run(command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def run_and_kill(command: list[str], tmp_path: Path, run_dir: Path, stage: str, step: int) -> int:
+    """Start the run and SIGKILL it as soon as the stage's last.ckpt holds global step >= `step`."""
+    checkpoint = run_dir / "checkpoints" / stage / "last.ckpt"
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    seen, deadline = None, time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"the run ended before {stage} reached step {step}"
+            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != seen:
+                seen = checkpoint.stat().st_mtime_ns
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+                if saved >= step:
+                    process.send_signal(signal.SIGKILL)
+                    process.wait()
+                    return saved
+            time.sleep(0.01)
+        raise AssertionError(f"{stage} did not reach step {step} in time")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def metrics(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    return {k: v for k, v in results.items() if k not in ("seconds", "checkpoints", "pareto")}
+
+
+def wandb_run_ids(run_dir: Path) -> list[str]:
+    return sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_of_both_stages_resumes_to_the_same_results(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    run_to_end(tiny_run(tmp_path, reference), tmp_path)
+
+    run_dir = tmp_path / "killed"
+    command = tiny_run(tmp_path, run_dir)
+    killed_at = [
+        ("finetune", run_and_kill(command, tmp_path, run_dir, "finetune", 3)),  # mid epoch 0
+        ("finetune", run_and_kill(command, tmp_path, run_dir, "finetune", 6)),  # epoch 0's end
+        ("policy", run_and_kill(command, tmp_path, run_dir, "policy", 8)),      # mid epoch 1
+    ]
+    assert all(step < 12 for _, step in killed_at), killed_at  # each stage killed before its end (12 steps)
+    run_to_end(command, tmp_path)
+
+    assert metrics(run_dir) == metrics(reference)
+    for stage in ("finetune", "policy"):  # the final weights too, bit for bit on a CPU
+        ours = torch.load(run_dir / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
+        theirs = torch.load(reference / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage
+    # Every start of a stage continued that stage's wandb run (same id, one per stage); a finished
+    # stage never starts again: stage 1 started 3 times (twice killed), the policy twice (once killed).
+    ids = json.loads((run_dir / "wandb_ids.json").read_text())
+    runs = wandb_run_ids(run_dir)
+    assert runs.count(ids["finetune"]) == 3 and runs.count(ids["policy"]) == 2, (ids, runs)
+    assert len(set(runs)) == len(ids) == 4
