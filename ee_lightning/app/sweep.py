@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.evaluation.pareto import pareto_optimal
+from ee_lightning.training.callbacks.job_report import error_line
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ OBJECTIVES = {
 
 COLUMNS = ("job", "status", "swept", "metric_name", "consistentee_metric", "consistentee_layer_saving",
            "consistentee_avg_exit_layer", "consistentee_speedup", "full", "entropy_at_same_saving", "pareto",
-           "run_dir", "overrides")
+           "run_dir", "overrides", "error")
 
 
 # --- what a job returns to the sweeper --------------------------------------------------------
@@ -139,8 +140,10 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
         overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
         results_file = job_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else None
-        row = {"job": str(job_dir.relative_to(sweep_dir)), "status": "done" if results else "no results",
-               "run_dir": str(job_dir), "overrides": overrides}
+        error = error_line(job_dir)
+        status = "done" if results else "failed" if error else "no results"
+        row = {"job": str(job_dir.relative_to(sweep_dir)), "status": status, "run_dir": str(job_dir),
+               "overrides": overrides, "error": "" if results else error or ""}
         if results:
             consistentee = results.get("methods", {}).get("consistentee", {})
             row.update(metric_name=results.get("metric_name"), full=results.get("full"),
@@ -233,12 +236,16 @@ def markdown(jobs: list[dict], sweep_dir: Path, study: dict | None = None) -> st
                   f"{study['complete']} complete.", ""]
     header = ["job", "swept", f"ConsistentEE {metric}", "layer saving", "speed-up (layers)", f"full {metric}",
               "Pareto", "status"]
+    failed = [j for j in jobs if j.get("error")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for j in jobs:
         cells = [j["job"], j.get("swept") or "-", _fmt(j.get("consistentee_metric")),
                  _fmt(j.get("consistentee_layer_saving"), percent=True), _fmt(j.get("consistentee_speedup"), suffix="x"),
                  _fmt(j.get("full")), "**yes**" if j.get("pareto") is True else "", j["status"]]
         lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "Failed jobs (the error each recorded in its run directory's error.txt):", ""]
+        lines += [f"- job {j['job']} ({j.get('swept') or '-'}): `{j['error']}`" for j in failed]
     return "\n".join(lines) + "\n"
 
 

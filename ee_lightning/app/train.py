@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.data import build_datamodule
+from ee_lightning.files import check_writable
 from ee_lightning.training.stages import METHODS
 from ee_lightning.results import format_layer_table, write_results
 
@@ -21,6 +22,7 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    check_writable(run_dir)  # before any data or model work: an unwritable run directory fails in a second
     datamodule = build_datamodule(cfg.data, load_tokenizer(cfg.backbone))
     datamodule.prepare_data()
     datamodule.setup()

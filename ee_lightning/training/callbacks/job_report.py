@@ -1,5 +1,7 @@
 """A Hydra callback at the end of every job (single run or one job of a multirun).
 
+- A failed job writes its error into its run directory (error.txt, first line the error), which
+  the sweep summary lists against the job.
 - A wandb run that a failed job left open is finished (marked failed), so the next job of a
   multirun starts its own run instead of logging into it.
 - When the job wrote results.json / pareto.png and logs to wandb, one more run of the job's group,
@@ -13,11 +15,14 @@ import csv
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from ee_lightning.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,36 @@ class JobReport(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         failed = job_return.status != JobStatus.COMPLETED
         finish_open_wandb_run(failed)
+        run_dir = Path(config.hydra.runtime.output_dir)
+        record_error(run_dir, job_return._return_value if failed else None)
         if failed or not self.wandb_report or not config.get("logger"):
             return
-        run_dir = Path(config.hydra.runtime.output_dir)
         if (run_dir / "results.json").is_file() or (run_dir / "pareto.png").is_file():
             log_report(config, run_dir)
+
+
+ERROR_FILE = "error.txt"
+
+
+def record_error(run_dir: Path, error: BaseException | None) -> None:
+    """A failed job leaves error.txt in its run directory: the error's one-line summary, then its
+    traceback (the sweep summary shows the first line). A job that succeeds removes an earlier one."""
+    path = run_dir / ERROR_FILE
+    if error is None:
+        path.unlink(missing_ok=True)
+        return
+    summary = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        atomic_write_text(path, f"{summary}\n\n{trace}")
+    except OSError as write_error:  # e.g. the run directory is what failed: the error is still on stderr
+        log.warning(f"could not record the job's error in {path}: {write_error}")
+
+
+def error_line(run_dir: Path) -> str | None:
+    """The one-line error a failed job recorded in its run directory, if any."""
+    path = Path(run_dir) / ERROR_FILE
+    return path.read_text().splitlines()[0] if path.is_file() else None
 
 
 def finish_open_wandb_run(failed: bool) -> None:
