@@ -82,7 +82,7 @@ def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
         assert method["layer_saving"] == pytest.approx(1 - method["avg_exit_layer"] / 4)
         assert method["speedup"] == pytest.approx(4 / method["avg_exit_layer"])
     assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy", "joint"}
-    assert results["methods"]["full"]["metric"] == pytest.approx(written["full"], abs=1e-6)
+    assert results.methods["full"].metric == pytest.approx(written["full"], abs=1e-6)
     assert "wallclock_speedup_b1" in written["methods"]["consistentee"]["wallclock"]
     for name in ("pareto.csv", "pareto.md", "pareto.png"):
         assert (run / name).is_file()
@@ -139,7 +139,7 @@ def test_init_from_skips_stage_one_and_reuses_hardness(tmp_path):
     assert set(json.loads((second / "stages.json").read_text())) == {"policy"}
     assert os.stat(artefact).st_mtime_ns == stamp  # reused, not rewritten
     assert os.stat(outputs).st_mtime_ns == outputs_stamp
-    assert results["checkpoints"]["finetune"] == stage_one
+    assert results.checkpoints["finetune"] == stage_one
 
 
 @pytest.mark.slow

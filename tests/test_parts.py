@@ -66,8 +66,8 @@ def test_resuming_a_finished_policy_stage_with_another_policy_shape_is_refused(t
     run = tmp_path / "run"
     overrides = [*TINY_RUN, *data_overrides("glue", tmp_path)]
     train(compose_train(overrides, run))
-    with pytest.raises(ValueError, match=r"stages.json policy=.*the policy does not match.*\[32, 32\] in the "
-                                         r"checkpoint but \[8, 32\] here"):
+    with pytest.raises(ValueError, match=r"stages.json policy=.*the policy does not match.*nets\.0\.0\.bias has "
+                                         r"shape \[32\] in the checkpoint but \[8\] here"):
         train(compose_train([*overrides, "policy.hidden=8"], run))
 
 

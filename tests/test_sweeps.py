@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from ee_lightning.app.sweep import objective_value, sweep_return, write_summary
 from tests.conftest import ROOT, compose_train, write_sentiment_files
 
-RESULTS = {"metric_name": "acc", "full": 0.9, "objective": 0.85, "layer_metrics": [0.6, 0.9],
+BASE = {"task": "sst2", "metric_name": "acc", "num_layers": 2, "backbone": "tiny_bert", "data": "glue", "seed": 42}
+RESULTS = {**BASE, "full": 0.9, "objective": 0.85, "layer_metrics": [0.6, 0.9],
            "methods": {"consistentee": {"metric": 0.85, "layer_saving": 0.4, "avg_exit_layer": 1.2, "speedup": 1.67}}}
 
 
@@ -67,7 +68,8 @@ def test_summary_of_jobs_with_and_without_results(tmp_path):
     fake_job(sweep, 0, ["backbone=tiny_bert", "method.policy.alpha=0.01"], RESULTS)
     fake_job(sweep, 1, ["backbone=tiny_bert", "method.policy.alpha=0.05"], better)
     fake_job(sweep, 2, ["backbone=tiny_bert", "method.policy.alpha=0.1"], None)  # failed job
-    fake_job(sweep, 10, ["backbone=tiny_bert", "method.policy.alpha=0.2"], {"metric_name": "acc", "full": 0.8})
+    fake_job(sweep, 10, ["backbone=tiny_bert", "method.policy.alpha=0.2"],
+             {**BASE, "full": 0.8, "layer_metrics": [0.7, 0.8]})
     paths = write_summary(sweep)
     rows = list(csv.DictReader(open(paths["csv"], newline="")))
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]

@@ -35,7 +35,7 @@ def test_fast_dev_run_every_family_and_data_option(backbone, data, tmp_path):
     results = train(cfg)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["num_layers"] == 4 == len(written["layer_metrics"])
-    assert written["full"] == written["layer_metrics"][-1] == results["full"]
+    assert written["full"] == written["layer_metrics"][-1] == results.full
     assert written["metric_name"] == "acc" and written["task"]
 
 
@@ -46,7 +46,7 @@ def test_finetune_learns_and_checkpoints(tmp_path):
     cfg = compose_train(["backbone=tiny_bert", *data_overrides("glue", tmp_path), "method=finetune",
                          "method.finetune.epochs=6", "method.finetune.lr=3e-3", "data.batch_size=8", *FAST], run)
     results = train(cfg)
-    assert results["full"] >= 0.9, results
+    assert results.full >= 0.9, results
     assert (run / "checkpoints" / "finetune" / "last.ckpt").is_file()
     assert (run / "csv" / "finetune" / "metrics.csv").is_file()
     header = (run / "csv" / "finetune" / "metrics.csv").read_text().splitlines()[0]

@@ -32,7 +32,7 @@ def train_main(cfg: DictConfig) -> float | list[float] | None:
     results = train(cfg)
     # The value a Hydra sweeper optimises: the last layer's metric, or the method's when there is one;
     # the values named by `optimized_metrics` when set (a list of floats for a multi-objective search).
-    return sweep_return(results, cfg.get("optimized_metrics"))
+    return sweep_return(results.to_dict(), cfg.get("optimized_metrics"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -11,13 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from ee_lightning.data import build_datamodule
 from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.modeling.saved import build_model
-from ee_lightning.results import format_layer_table, write_results
+from ee_lightning.results import RunResults, format_layer_table
 from ee_lightning.training.stages import METHODS, Run
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig) -> RunResults:
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)
@@ -35,12 +35,12 @@ def train(cfg: DictConfig) -> dict:
 
 
 @rank_zero_only
-def report(run_dir: Path, results: dict) -> None:
-    path = write_results(run_dir, results)
-    print(format_layer_table(results["metric_name"], results["layer_metrics"], results.get("val_layer_metrics")))
-    for name, method in results.get("methods", {}).items():
-        versus = (f"; entropy at that saving {method['entropy_at_same_saving']:.4f}"
-                  if "entropy_at_same_saving" in method else "")
-        print(f"{name}: {results['metric_name']} {method['metric']:.4f} at {100 * method['layer_saving']:.1f}% "
-              f"layer saving (layer speed-up {method['speedup']:.2f}x){versus}")
+def report(run_dir: Path, results: RunResults) -> None:
+    path = results.write(run_dir)
+    print(format_layer_table(results.metric_name, results.layer_metrics, results.val_layer_metrics))
+    for name, method in results.methods.items():
+        versus = (f"; entropy at that saving {method.entropy_at_same_saving:.4f}"
+                  if method.entropy_at_same_saving is not None else "")
+        print(f"{name}: {results.metric_name} {method.metric:.4f} at {100 * method.layer_saving:.1f}% "
+              f"layer saving (layer speed-up {method.speedup:.2f}x){versus}")
     print(f"results: {path}")

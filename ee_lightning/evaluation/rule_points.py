@@ -7,6 +7,7 @@ import torch
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import at_exit, build_rule, default_grid, exit_summary, replay, rule_from_grid
 from ee_lightning.inference.layer_cache import signal_part
+from ee_lightning.results import MethodResult
 from ee_lightning.tasks import TaskSpec, is_right, make_metric
 
 
@@ -87,7 +88,7 @@ def evaluate_methods(cache: dict, task: TaskSpec, tau: float, tolerance: float) 
     if entropy_curve:
         consistentee["entropy_at_same_saving"] = metric_at_saving(entropy_curve, consistentee["layer_saving"])
     return {
-        "methods": {"consistentee": {"tau": tau, **consistentee}, "full": full},
+        "methods": {"consistentee": MethodResult(tau=tau, **consistentee), "full": MethodResult(**full)},
         "entropy_curve": [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in entropy_curve],
         "consistentee_exits_by_bucket": exits_by_bucket(task, cache, exits, tolerance),
     }

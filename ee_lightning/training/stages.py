@@ -25,6 +25,7 @@ from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
 from ee_lightning.modeling.model import EarlyExitModel
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
+from ee_lightning.results import RunResults
 from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
 from ee_lightning.training.systems.finetune import FinetuneSystem
@@ -116,17 +117,10 @@ def test_stage(run: Run, system: EarlyExitSystem, stage: str) -> tuple[list[floa
     return system.layer_results("test"), cache
 
 
-def base_results(run: Run, test: list[float]) -> dict:
-    return {
-        "task": run.task.name,
-        "metric_name": run.task.metric,
-        "num_layers": run.model.num_layers,
-        "layer_metrics": test,
-        "full": test[-1],
-        "backbone": run.cfg.backbone.name,
-        "data": run.cfg.data.name,
-        "seed": run.cfg.seed,
-    }
+def base_results(run: Run, test: list[float]) -> RunResults:
+    return RunResults(task=run.task.name, metric_name=run.task.metric, num_layers=run.model.num_layers,
+                      layer_metrics=test, full=test[-1], backbone=run.cfg.backbone.name, data=run.cfg.data.name,
+                      seed=run.cfg.seed)
 
 
 def finetune_system(run: Run) -> FinetuneSystem:
@@ -135,7 +129,7 @@ def finetune_system(run: Run) -> FinetuneSystem:
     return FinetuneSystem(run.model, run.task, run.spec, **settings)
 
 
-def run_finetune(run: Run) -> dict:
+def run_finetune(run: Run) -> RunResults:
     """Stage 1: fit backbone + heads, then test every layer."""
     ledger = StageLedger(run.run_dir)
     system = finetune_system(run)
@@ -143,8 +137,9 @@ def run_finetune(run: Run) -> dict:
     trainer_metrics = system.trainer.callback_metrics
     val = system.layer_results("val") if any(k.startswith("val/") for k in trainer_metrics) else None
     results = base_results(run, test_stage(run, system, "finetune")[0])
-    results.update(val_layer_metrics=val, checkpoints={"finetune": checkpoint},
-                   seconds={"finetune": ledger.stages["finetune"]["seconds"]})
+    results.val_layer_metrics = val
+    results.checkpoints = {"finetune": checkpoint}
+    results.seconds = {"finetune": ledger.stages["finetune"]["seconds"]}
     return results
 
 
@@ -205,7 +200,7 @@ def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict |
     return table
 
 
-def run_consistentee(run: Run) -> dict:
+def run_consistentee(run: Run) -> RunResults:
     from ee_lightning.app.evaluate import run_report  # the report is the ee-eval app's; imported late (no cycle)
 
     cfg, task = run.cfg, run.task
@@ -251,27 +246,26 @@ def run_consistentee(run: Run) -> dict:
     started = time.perf_counter()
     layer_metrics, test_cache = test_stage(run, system, "consistentee")
     results = base_results(run, layer_metrics)
-    results.update(evaluate_methods(test_cache, task, tau=tau, tolerance=tolerance))
+    for key, value in evaluate_methods(test_cache, task, tau=tau, tolerance=tolerance).items():
+        setattr(results, key, value)
     seconds["evaluate"] = round(time.perf_counter() - started, 1)
     if cfg.get("report") and is_global_zero():
         started = time.perf_counter()
         title = f"{cfg.backbone.name} on {task.name} (test)"
         report = run_report(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
                             title=title)
-        results["pareto"] = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
+        results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
         latency = next((p for p in report["points"] if "latency_b1_ms" in p), None)
         if latency:
-            results["methods"]["consistentee"]["wallclock"] = {
+            results.methods["consistentee"].wallclock = {
                 k: latency[k] for k in latency if k.startswith(("latency_", "plain_", "wallclock_"))}
         seconds["report"] = round(time.perf_counter() - started, 1)
-    results.update(
-        hardness_histogram=hardness_hist,
-        checkpoints={stage: info.get("checkpoint") for stage, info in ledger.stages.items()},
-        seconds=seconds,
-    )
+    results.hardness_histogram = hardness_hist
+    results.checkpoints = {stage: info.get("checkpoint") for stage, info in ledger.stages.items()}
     if stage1_checkpoint:
-        results["checkpoints"].setdefault("finetune", stage1_checkpoint)
-    results["objective"] = results["methods"]["consistentee"]["metric"]
+        results.checkpoints.setdefault("finetune", stage1_checkpoint)
+    results.seconds = seconds
+    results.objective = results.methods["consistentee"].metric
     return results
 
 
