@@ -16,7 +16,8 @@ from ee_lightning.modeling.exit_policy import ExitPolicy
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra"]
+TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra", "tiny_mpnet",
+                  "tiny_deberta_v2", "tiny_xlm_roberta", "tiny_modernbert"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
