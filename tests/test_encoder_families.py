@@ -1,0 +1,141 @@
+"""The families beyond BERT's layer call: MPNet, DeBERTa-v2/v3, ModernBERT variants; model types recognised
+as a supported family's modules; the error for an unsupported family; the base configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig
+
+from ee_lightning.modeling.backbones import BackboneError, adapter_for, build_backbone
+from ee_lightning.modeling.backbones.families import module_signature, unsupported_message
+from ee_lightning.modeling.backbones.layerwise import BertBackbone, RobertaBackbone
+
+from conftest import CONF_DIR, SENTENCES, make_batch
+from test_backbones import PADDED_TEXTS, assert_states_match, build, layerwise_and_reference, library_view
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def build_family(family: str, seed: int = 0, attn: str = "sdpa", **arch):
+    torch.manual_seed(seed)
+    backbone, tokenizer = build_backbone({"family": family, "architecture": {**TINY, **arch},
+                                          "attn_implementation": attn, "random_init_expected": True})
+    return backbone.eval(), tokenizer
+
+
+@pytest.mark.slow  # the first comparison imports every candidate family's modeling code
+@pytest.mark.parametrize("family", ["camembert", "data2vec-text", "xlm-roberta"])
+def test_model_types_with_roberta_modules_run_with_the_roberta_adapter(family):
+    backbone, tokenizer = build_family(family, type_vocab_size=1)
+    assert type(backbone) is RobertaBackbone and backbone.config.model_type == family
+    batch = make_batch(tokenizer, PADDED_TEXTS)
+    mine, out = layerwise_and_reference(backbone, batch)
+    assert_states_match(mine, out.hidden_states[1:])
+
+
+def test_signature_tells_renamed_copies_from_changed_modules():
+    def on_meta(model_type, **arch):
+        with torch.device("meta"):
+            from transformers import AutoModel
+            return AutoModel.from_config(AutoConfig.for_model(model_type, **{**TINY, **arch}))
+
+    roberta = module_signature(on_meta("roberta"))
+    assert module_signature(on_meta("xlm-roberta")) == roberta  # RoBERTa renamed
+    assert module_signature(on_meta("roberta-prelayernorm")) != roberta  # other modules
+    assert module_signature(on_meta("bert")) != roberta  # same tree, other embeddings code
+    assert adapter_for(AutoConfig.for_model("bert", **TINY)) is BertBackbone
+
+
+@pytest.mark.slow
+def test_unsupported_family_says_what_an_adapter_needs():
+    with pytest.raises(BackboneError) as err:
+        build_family("ernie")
+    message = str(err.value)
+    assert "backbone.family='ernie' is not supported" in message
+    for need in ("embeddings", "one layer is called", "once per forward", "EncoderContext", "select()"):
+        assert need in message, need
+    # ERNIE is BERT but for its embeddings (task-type embeddings): the nearest family and the difference are named
+    assert "Nearest supported family: bert" in message and "['embeddings']" in message
+    for family in ("bert", "roberta", "mpnet", "deberta-v2", "modernbert"):
+        assert f"'{family}'" in message
+    gpt2 = unsupported_message("gpt2", AutoConfig.for_model("gpt2", n_layer=1, n_embd=8, n_head=2))
+    assert "'gpt2' models have no layer-wise adapter" in gpt2 and "Nearest" not in gpt2  # nothing close
+    with pytest.raises(BackboneError, match="not a transformers model type"):
+        build_family("no-such-model")
+
+
+@pytest.mark.parametrize("variant", [
+    {"conv_kernel_size": 3, "conv_act": "gelu"},  # DeBERTa-v2 xlarge: a convolution after layer 0
+    {"relative_attention": False, "position_biased_input": True},  # absolute positions only
+    {"pos_att_type": ["c2p"], "share_att_key": False, "norm_rel_ebd": "none"},  # v2-style separate position keys
+], ids=["conv", "absolute", "c2p_only"])
+def test_deberta_variants_match_the_library(variant):
+    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / "tiny_deberta_v2.yaml").architecture)
+    backbone, tokenizer = build_family("deberta-v2", attn="eager", **{**base, **variant})
+    batch = make_batch(tokenizer, PADDED_TEXTS)
+    mine, out = layerwise_and_reference(backbone, batch)
+    assert_states_match(mine, out.hidden_states[1:])
+    # the runner's row selection keeps the extras consistent: short rows alone == short rows in the batch
+    with torch.no_grad():
+        hidden, ctx = backbone.start(batch)
+        hidden = backbone.step(0, hidden, ctx)
+        rows = torch.tensor([0, 2, 3])
+        hidden, ctx = ctx.select(rows, hidden)
+        for index in range(1, backbone.num_layers):
+            hidden = backbone.step(index, hidden, ctx)
+    width = hidden.shape[1]
+    assert width < batch["input_ids"].shape[1]  # padding columns were dropped
+    tokens = batch["attention_mask"][rows, :width].bool()
+    torch.testing.assert_close(hidden[tokens], mine[-1][rows, :width][tokens], rtol=1e-4, atol=1e-5)
+
+
+def test_deberta_with_token_types_reads_the_second_segment():
+    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / "tiny_deberta_v2.yaml").architecture)
+    backbone, tokenizer = build_family("deberta-v2", attn="eager", **{**base, "type_vocab_size": 2})
+    assert backbone.takes_token_types
+    batch = make_batch(tokenizer, PADDED_TEXTS, SENTENCES[:4])
+    mine, out = layerwise_and_reference(backbone, batch)
+    assert_states_match(mine, out.hidden_states[1:])
+    with torch.no_grad():
+        flat, _ = layerwise_and_reference(backbone, {**batch, "token_type_ids": torch.zeros_like(batch["token_type_ids"])})
+    assert not torch.allclose(flat[-1], mine[-1])
+
+
+def test_modernbert_alternates_local_and_global_attention():
+    backbone, tokenizer = build("tiny_modernbert")
+    kinds = [backbone.layer_module(i).attention_type for i in range(backbone.num_layers)]
+    assert kinds == ["full_attention", "sliding_attention"] * 2
+    batch = make_batch(tokenizer, PADDED_TEXTS)
+    assert batch["input_ids"].shape[1] > backbone.config.local_attention  # the window really cuts
+    hidden, ctx = backbone.start(batch)
+    assert set(ctx.masks) == set(ctx.rotary) == {"full_attention", "sliding_attention"}
+    # a wider window is another model: the local mask is in use
+    wide, _ = build("tiny_modernbert", **{"architecture.local_attention": 512})
+    mine, out = layerwise_and_reference(backbone, batch)
+    wide_states, _ = layerwise_and_reference(wide, batch)
+    assert not torch.allclose(wide_states[-1], mine[-1])
+    # the library's output is the last state through the final norm; cls pooling applies it at every exit
+    assert torch.allclose(library_view(backbone, mine)[-1], out.last_hidden_state, atol=1e-5)
+    assert backbone.first_token_pooler() is backbone.model.final_norm
+
+
+def test_modernbert_rejects_unpadding_attention():
+    from ee_lightning.modeling.backbones.modernbert import ModernBertBackbone
+
+    backbone, _ = build("tiny_modernbert")
+    backbone.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2.*sdpa"):
+        ModernBertBackbone(backbone.model)
+
+
+@pytest.mark.parametrize("name,family,layers,hidden", [
+    ("mpnet_base", "mpnet", 12, 768), ("deberta_v3_base", "deberta-v2", 12, 768),
+    ("xlm_roberta_base", "xlm-roberta", 12, 768), ("modernbert_base", "modernbert", 22, 768),
+])
+def test_base_configs_describe_the_public_architectures(name, family, layers, hidden):
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml")
+    assert cfg.family == family and cfg.pretrained_path is None and cfg.random_init_expected is False
+    config = AutoConfig.for_model(family, **OmegaConf.to_container(cfg.architecture))
+    assert (config.num_hidden_layers, config.hidden_size) == (layers, hidden)
+    assert adapter_for(config) is not None
