@@ -139,3 +139,82 @@ def test_base_configs_describe_the_public_architectures(name, family, layers, hi
     config = AutoConfig.for_model(family, **OmegaConf.to_container(cfg.architecture))
     assert (config.num_hidden_layers, config.hidden_size) == (layers, hidden)
     assert adapter_for(config) is not None
+
+
+# --- a checkpoint of another family through backbone.pretrained_path, on real data -------------------
+
+def mpnet_tokenizer():
+    """An MPNet tokenizer over the packaged MiniLM WordPiece vocabulary, with MPNet's special tokens first
+    (<pad> = 1, as MPNet's position ids assume)."""
+    from transformers import MPNetTokenizer
+
+    from ee_lightning.modeling.backbones import load_tokenizer
+
+    words = sorted(load_tokenizer({}).get_vocab().items(), key=lambda item: item[1])
+    vocab = ["<s>", "<pad>", "</s>", "<unk>"] + [word for word, _ in words] + ["<mask>"]
+    return MPNetTokenizer(vocab={word: i for i, word in enumerate(dict.fromkeys(vocab))}, unk_token="<unk>")
+
+
+def deberta_v3_tokenizer():
+    """A DeBERTa-v3 style unigram tokenizer: [PAD] [CLS] [SEP] [UNK] first, then the MiniLM words as
+    '▁word' pieces and its continuations as plain pieces."""
+    import math
+
+    from transformers import DebertaV2Tokenizer
+
+    from ee_lightning.modeling.backbones import load_tokenizer
+
+    words = [word for word, _ in sorted(load_tokenizer({}).get_vocab().items(), key=lambda item: item[1])]
+    pieces = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+    pieces += ["▁" + w for w in words if not w.startswith(("[", "##"))] + [w[2:] for w in words if w.startswith("##")]
+    pieces = list(dict.fromkeys(pieces)) + ["[MASK]"]
+    vocab = [(piece, 0.0 if i < 4 else -math.log(2 + i)) for i, piece in enumerate(pieces)]
+    return DebertaV2Tokenizer(vocab=vocab, do_lower_case=True)
+
+
+SHAPES = {
+    # a DeBERTa-v3-base shaped model (relative buckets, shared keys, no absolute positions or token types), smaller
+    "deberta_v3_base": (deberta_v3_tokenizer, {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                                               "intermediate_size": 64}),
+    "mpnet_base": (mpnet_tokenizer, {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                                     "intermediate_size": 64}),
+}
+
+
+def save_random_checkpoint(name: str, folder):
+    """A random model of the base config's architecture (smaller), saved with save_pretrained with its tokenizer."""
+    from transformers import AutoModel
+
+    make_tokenizer, smaller = SHAPES[name]
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml")
+    tokenizer = make_tokenizer()
+    arch = {**OmegaConf.to_container(cfg.architecture), **smaller, "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(cfg.family, **arch)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
+    """`ee-train backbone=<base> backbone.pretrained_path=DIR method=consistentee data=rotten_tomatoes`
+    on a save_pretrained folder of that family (tiny epochs, a few real rows)."""
+    import json
+
+    from ee_lightning.app.train import train
+    from tests.conftest import compose_train
+
+    folder = save_random_checkpoint(name, tmp_path / "checkpoint")
+    run = tmp_path / "run"
+    cfg = compose_train([f"backbone={name}", f"backbone.pretrained_path={folder}", "data=rotten_tomatoes",
+                         "data.max_train_samples=64", "data.max_eval_samples=32", "data.batch_size=16",
+                         "method=consistentee", "method.finetune.epochs=1", "method.policy.epochs=1",
+                         "logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"], run)
+    results = train(cfg)
+    written = json.loads((run / "results.json").read_text())
+    assert written["num_layers"] == 3  # read from the checkpoint, not the base config's 12
+    assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy"}
+    assert set(written["methods"]) >= {"consistentee", "full"}
+    assert 0.0 <= results["methods"]["consistentee"]["metric"] <= 1.0
