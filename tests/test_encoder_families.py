@@ -129,6 +129,27 @@ def test_modernbert_rejects_unpadding_attention():
         ModernBertBackbone(backbone.model)
 
 
+@pytest.mark.parametrize("name", ["tiny_mpnet", "tiny_deberta_v2", "tiny_xlm_roberta", "tiny_modernbert"])
+def test_rebuilt_from_the_recorded_config(name):
+    """What a checkpoint's model spec keeps (the transformers config) rebuilds the same adapter and model."""
+    from ee_lightning.modeling.backbones import backbone_from_config
+
+    backbone, tokenizer = build(name)
+    rebuilt = backbone_from_config(backbone.model.config.to_dict(), backbone_cfg_attn(name))
+    assert type(rebuilt) is type(backbone)
+    rebuilt.load_state_dict(backbone.state_dict())
+    rebuilt.eval()
+    batch = make_batch(tokenizer, PADDED_TEXTS)
+    mine, _ = layerwise_and_reference(backbone, batch)
+    again, _ = layerwise_and_reference(rebuilt, batch)
+    for a, b in zip(mine, again):
+        assert torch.equal(a, b)
+
+
+def backbone_cfg_attn(name: str) -> str:
+    return OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml").attn_implementation
+
+
 @pytest.mark.parametrize("name,family,layers,hidden", [
     ("mpnet_base", "mpnet", 12, 768), ("deberta_v3_base", "deberta-v2", 12, 768),
     ("xlm_roberta_base", "xlm-roberta", 12, 768), ("modernbert_base", "modernbert", 22, 768),
@@ -202,6 +223,7 @@ def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
     """`ee-train backbone=<base> backbone.pretrained_path=DIR method=consistentee data=rotten_tomatoes`
     on a save_pretrained folder of that family (tiny epochs, a few real rows)."""
     import json
+    import shutil
 
     from ee_lightning.app.train import train
     from tests.conftest import compose_train
@@ -218,3 +240,11 @@ def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
     assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy"}
     assert set(written["methods"]) >= {"consistentee", "full"}
     assert 0.0 <= results["methods"]["consistentee"]["metric"] <= 1.0
+    # ee-eval rebuilds the model from the checkpoint alone (no pretrained folder), with the checkpoint's tokenizer
+    from ee_lightning.app.evaluate import evaluate
+
+    ckpt = json.loads((run / "stages.json").read_text())["policy"]["checkpoint"]
+    shutil.rmtree(folder)
+    evaluate(compose_train([f"ckpt_path={ckpt}", "report.latency.enabled=false"], tmp_path / "eval", "eval"))
+    rows = (tmp_path / "eval" / "pareto.csv").read_text().splitlines()
+    assert len(rows) > 2 and rows[0].startswith("rule")
