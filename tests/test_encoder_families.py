@@ -248,3 +248,25 @@ def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
     evaluate(compose_train([f"ckpt_path={ckpt}", "report.latency.enabled=false"], tmp_path / "eval", "eval"))
     rows = (tmp_path / "eval" / "pareto.csv").read_text().splitlines()
     assert len(rows) > 2 and rows[0].startswith("rule")
+
+
+def test_deberta_batched_cost_is_per_row_cost_less_the_shared_position_projections():
+    """The per-instance FLOP count is DeBERTa's batch-1 cost; a batch of B rows shares, in every layer, the
+    projections of the relative position embeddings (query and key projections of [2 * buckets, H] when keys
+    are shared), so it costs (B - 1) of them less than B single rows."""
+    from conftest import make_tiny_model
+    from ee_lightning.evaluation.cost import flop_counter, flops_per_instance
+    from ee_lightning.exits.rules import build_rule
+    from ee_lightning.inference.runner import EarlyExitRunner
+
+    model, _ = make_tiny_model("tiny_deberta_v2", output_size=3)
+    rows, width = 8, 12
+    batch = {"input_ids": torch.randint(1000, 2000, (rows, width), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(rows, width, dtype=torch.long)}
+    config = model.backbone.config
+    projection = 2 * (2 * (2 * config.position_buckets) * config.hidden_size * config.hidden_size)  # query + key
+    for k in (1, 4):
+        with flop_counter() as counter:
+            _, exits = EarlyExitRunner(model).run(batch, build_rule("static", k=k))
+        predicted = flops_per_instance(model, width, exits) * rows
+        assert predicted - float(counter.get_total_flops()) == k * (rows - 1) * projection
