@@ -8,7 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# ee_lightning/conf: the config tree inside the wheel; in a checkout, a link to the top-level conf/.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _quiet_defaults() -> None:
