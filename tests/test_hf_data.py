@@ -218,3 +218,16 @@ def test_conf_hf_builds_from_config(tok, tmp_path):
     cfg.colour = "red"
     with pytest.raises(DataError, match="unexpected keyword"):
         build_datamodule(cfg, tok)
+
+
+def test_folder_of_data_files(tok, tmp_path):
+    """A folder that is not a save_to_disk folder: the datasets library infers its splits from the file names."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_csv(folder / "train.csv", rows(12))
+    write_csv(folder / "test.csv", rows(4, 50))
+    dm = module(tok, tmp_path, path=str(folder), validation_split=None)
+    assert dm.kind == "folder"
+    dm.setup()
+    assert sizes(dm) == {"train": 11, "validation": 1, "test": 4}
+    assert dm.texts("test") == rows(4, 50)["premise"]
