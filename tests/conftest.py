@@ -16,7 +16,8 @@ from ee_lightning.modeling.exit_policy import ExitPolicy
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra"]
+TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra", "tiny_mpnet",
+                  "tiny_deberta_v2", "tiny_xlm_roberta", "tiny_modernbert"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -74,7 +75,7 @@ def tiny_model():
 
 # --- composing and running ee-train in-process ------------------------------------------
 os.environ.setdefault("EE_CACHE_DIR", str(ROOT / ".cache"))
-DATA_OPTIONS = ["rotten_tomatoes", "bbc_news", "glue", "csv"]
+DATA_OPTIONS = ["rotten_tomatoes", "bbc_news", "glue", "csv", "hf"]
 
 
 def write_sentiment_files(folder: Path, n_train: int = 48, n_eval: int = 16) -> Path:
@@ -103,7 +104,27 @@ def data_overrides(option: str, tmp_path: Path) -> list[str]:
         folder = write_sentiment_files(tmp_path / "csvdata")
         return ["data=csv", f"data.train_file={folder / 'train.tsv'}", f"data.test_file={folder / 'test.tsv'}",
                 "data.text_column=sentence", "data.label_column=label"]
+    if option == "hf":
+        return ["data=hf", f"data.path={write_sentiment_dataset(tmp_path / 'hfdata')}", "data.text_column=sentence",
+                f"data.hf_cache_dir={tmp_path / 'hf_cache'}"]
     return [f"data={option}"]
+
+
+def write_sentiment_dataset(folder: Path) -> Path:
+    """The generated sentiment rows as a Hugging Face DatasetDict saved with save_to_disk."""
+    import csv
+
+    import datasets
+
+    files = write_sentiment_files(folder.with_name(folder.name + "_tsv"))
+    splits = {}
+    for split, name in (("train", "train.tsv"), ("validation", "dev.tsv"), ("test", "test.tsv")):
+        with open(files / name, newline="") as handle:
+            table = list(csv.DictReader(handle, delimiter="\t"))
+        splits[split] = datasets.Dataset.from_dict({"sentence": [r["sentence"] for r in table],
+                                                    "label": [int(r["label"]) for r in table]})
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return folder
 
 
 def compose_train(overrides: list[str], run_dir: Path, config_name: str = "train"):

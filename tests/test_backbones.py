@@ -61,6 +61,18 @@ def layerwise_and_reference(backbone: LayerwiseBackbone, batch: dict):
     return mine, out
 
 
+def library_view(backbone: LayerwiseBackbone, mine: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The layer-wise states as the library reports them: a pre-norm family (ModernBERT) reports its
+    last layer through its final norm."""
+    norm = backbone.output_norm()
+    return mine if norm is None else [*mine[:-1], norm(mine[-1])]
+
+
+def expected_attention(backbone: LayerwiseBackbone, requested: str) -> str:
+    """MPNet and DeBERTa-v2 have only eager attention in transformers: sdpa falls back to it."""
+    return requested if type(backbone.model)._supports_sdpa else "eager"
+
+
 def assert_states_match(mine, reference, atol: float = ATOL):
     assert len(mine) == len(reference)
     for index, (a, b) in enumerate(zip(mine, reference)):
@@ -75,15 +87,15 @@ def assert_states_match(mine, reference, atol: float = ATOL):
 @pytest.mark.parametrize("name", TINY_BACKBONES)
 def test_layerwise_matches_library_padded(name, attn):
     backbone, tokenizer = build(name, attn_implementation=attn)
-    assert backbone.model.config._attn_implementation == attn
+    assert backbone.model.config._attn_implementation == expected_attention(backbone, attn)
     batch = make_batch(tokenizer, PADDED_TEXTS)
     mask = batch["attention_mask"]
     assert mask.sum(1).min() < mask.shape[1] // 4, "the batch should have heavily padded rows"
     mine, out = layerwise_and_reference(backbone, batch)
     assert len(mine) == backbone.num_layers
     assert all(state.shape == (*batch["input_ids"].shape, backbone.hidden_size) for state in mine)
-    assert_states_match(mine, out.hidden_states[1:])
-    assert torch.allclose(mine[-1], out.last_hidden_state, atol=ATOL)
+    assert_states_match(library_view(backbone, mine), out.hidden_states[1:])
+    assert torch.allclose(library_view(backbone, mine)[-1], out.last_hidden_state, atol=ATOL)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -101,15 +113,17 @@ def test_layerwise_matches_library_text_pairs(name, attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["tiny_roberta", "tiny_distilbert"])
+@pytest.mark.parametrize("name", ["tiny_roberta", "tiny_distilbert", "tiny_mpnet", "tiny_deberta_v2",
+                                  "tiny_xlm_roberta", "tiny_modernbert"])
 def test_text_pairs_without_segment_embeddings(name, attn):
-    """RoBERTa (one token type) and DistilBERT (none) get a pair batch from the BERT-style
-    tokenizer: its segment ids are ignored, as the model's own forward would treat them."""
+    """RoBERTa (one token type), DeBERTa-v3 (type_vocab_size 0) and DistilBERT, MPNet, ModernBERT (none)
+    get a pair batch from the BERT-style tokenizer: its segment ids are ignored, as the model's own
+    forward would treat them."""
     backbone, tokenizer = build(name, attn_implementation=attn)
     batch = make_batch(tokenizer, PADDED_TEXTS, SENTENCES[: len(PADDED_TEXTS)])
     assert not backbone.takes_token_types
     mine, out = layerwise_and_reference(backbone, batch)  # the reference gets no token_type_ids
-    assert_states_match(mine, out.hidden_states[1:])
+    assert_states_match(library_view(backbone, mine), out.hidden_states[1:])
     with torch.no_grad():
         embedded = backbone.embed(batch["input_ids"], batch["token_type_ids"])
     assert torch.equal(embedded, backbone.embed(batch["input_ids"]))
@@ -152,7 +166,7 @@ def test_albert_inner_groups():
 
 # --- 3. pooling ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_albert"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_mpnet", "tiny_xlm_roberta"])
 def test_cls_pooling_goes_through_the_pooler(name):
     backbone, tokenizer = build(name)
     assert backbone.first_token_pooler() is not None
@@ -166,7 +180,7 @@ def test_cls_pooling_goes_through_the_pooler(name):
     assert not torch.allclose(pooled, mine[-1][:, 0], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_electra"])
+@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_electra", "tiny_deberta_v2"])
 def test_cls_pooling_is_first_token_without_pooler(name):
     backbone, tokenizer = build(name)
     assert backbone.first_token_pooler() is None
@@ -209,6 +223,10 @@ CHECKPOINT_SIZES = {
     "tiny_albert": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
     "tiny_electra": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
     "tiny_distilbert": {"n_layers": 3, "dim": 48, "n_heads": 4},
+    "tiny_mpnet": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_deberta_v2": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_xlm_roberta": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_modernbert": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
 }
 
 
@@ -227,7 +245,7 @@ def test_pretrained_path_loads_local_checkpoint(name, tmp_path):
         loaded, loaded_tokenizer = build_backbone(cfg)
         loaded.eval()
         assert type(loaded) is type(source)
-        assert loaded.family == family
+        assert loaded.config.model_type == family
         assert (loaded.num_layers, loaded.hidden_size) == (3, 48)
         source_state, loaded_state = source.model.state_dict(), loaded.model.state_dict()
         assert source_state.keys() == loaded_state.keys()
@@ -244,7 +262,7 @@ def test_pretrained_path_loads_local_checkpoint(name, tmp_path):
         for a, b in zip(expected, got):
             assert torch.equal(a, b)
         mine, out = layerwise_and_reference(loaded, batch)
-        assert_states_match(mine, out.hidden_states[1:])
+        assert_states_match(library_view(loaded, mine), out.hidden_states[1:])
 
 
 def test_family_mismatch_uses_the_checkpoint(tmp_path, caplog):

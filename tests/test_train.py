@@ -40,6 +40,21 @@ def test_fast_dev_run_every_family_and_data_option(backbone, data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_fast_dev_run_consistentee_every_family(backbone, tmp_path):
+    """`ee-train backbone=<family> method=consistentee method.joint.enabled=true debug=fdr`: every
+    ConsistentEE stage (fine-tune, policy, joint) and the exit report on every family."""
+    run = tmp_path / "run"
+    cfg = compose_train([f"backbone={backbone}", *data_overrides("glue", tmp_path), "debug=fdr", "method=consistentee",
+                         "method.joint.enabled=true", "report.latency.enabled=false", *FAST], run)
+    results = train(cfg)
+    assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy", "joint"}
+    written = json.loads((run / "results.json").read_text())
+    assert written["num_layers"] == 4 and set(written["methods"]) >= {"consistentee", "full"}
+    assert 1 <= results["methods"]["consistentee"]["avg_exit_layer"] <= 4
+
+
+@pytest.mark.slow
 def test_finetune_learns_and_checkpoints(tmp_path):
     """A few real epochs on separable generated text: the last layer learns, checkpoints are written."""
     run = tmp_path / "run"

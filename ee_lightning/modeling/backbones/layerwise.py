@@ -98,6 +98,11 @@ class LayerwiseBackbone(nn.Module):
     def layer_module(self, index: int) -> nn.Module:
         return self.model.encoder.layer[index]
 
+    def output_norm(self):
+        """The model's own normalisation of a layer's output ([..., H] -> [..., H]) for pre-norm families
+        (ModernBERT's final LayerNorm), or None when a layer's output already is the model's output."""
+        return None
+
     def first_token_pooler(self):
         """The model's own pooler over the first token ([B, H] -> [B, H]), or None if it has none.
         The classification heads call it for `cls` pooling; its weights stay the backbone's."""
@@ -149,8 +154,3 @@ class DistilBertBackbone(LayerwiseBackbone):
     def layer_module(self, index: int) -> nn.Module:
         return self.model.transformer.layer[index]
 
-
-ADAPTERS: dict[str, type[LayerwiseBackbone]] = {
-    cls.family: cls
-    for cls in (BertBackbone, RobertaBackbone, ElectraBackbone, AlbertBackbone, DistilBertBackbone)
-}
