@@ -35,7 +35,7 @@ def make_tiny_model(name: str = "tiny_bert", output_size: int = 2, with_policy: 
     torch.manual_seed(seed)
     backbone, tokenizer = build_backbone(backbone_cfg(name))
     heads = ExitHeads(backbone.num_layers, backbone.hidden_size, output_size, dropout=0.0, pooling=pooling,
-                      first_token_pooler=backbone.first_token_pooler())
+                      first_token_pooler=backbone.first_token_pooler(), output_norm=backbone.output_norm())
     policy = (ExitPolicy(backbone.num_layers, backbone.hidden_size, output_size, use_confidence=use_confidence)
               if with_policy else None)
     return EarlyExitModel(backbone, heads, policy=policy).eval(), tokenizer

@@ -115,9 +115,17 @@ def test_modernbert_alternates_local_and_global_attention():
     mine, out = layerwise_and_reference(backbone, batch)
     wide_states, _ = layerwise_and_reference(wide, batch)
     assert not torch.allclose(wide_states[-1], mine[-1])
-    # the library's output is the last state through the final norm; cls pooling applies it at every exit
+    # the library's output is the last state through the final norm; the exit heads apply it at every
+    # exit, before cls and before mean pooling alike
     assert torch.allclose(library_view(backbone, mine)[-1], out.last_hidden_state, atol=1e-5)
-    assert backbone.first_token_pooler() is backbone.model.final_norm
+    assert backbone.first_token_pooler() is None and backbone.output_norm() is backbone.model.final_norm
+    from ee_lightning.modeling.heads import ExitHeads, mean_pool
+
+    for pooling in ("cls", "mean"):
+        heads = ExitHeads(1, backbone.hidden_size, 2, pooling=pooling, output_norm=backbone.output_norm())
+        normed = backbone.model.final_norm(mine[1])
+        expected = normed[:, 0] if pooling == "cls" else mean_pool(normed, batch["attention_mask"])
+        assert torch.allclose(heads.pool(mine[1], batch["attention_mask"]), expected, atol=1e-6)
 
 
 def test_modernbert_rejects_unpadding_attention():

@@ -132,7 +132,9 @@ def measure_flops(model, seq_len: int) -> FlopBreakdown:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), flop_counter() as counter:
+        # no_grad, not inference_mode: a module that reads a parameter as its input (DeBERTa's
+        # relative embeddings) cannot run under the counter in inference mode.
+        with torch.no_grad(), flop_counter() as counter:
             meter = _Meter(counter)
             hidden, ctx = model.start(batch)
             embeddings = meter()

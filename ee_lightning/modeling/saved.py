@@ -30,7 +30,8 @@ def assemble(backbone: LayerwiseBackbone, head: dict, policy: dict, task: TaskSp
     """Heads and policy nets around a backbone. Every stage uses the same modules, so stage 1 simply
     leaves the policy untrained."""
     heads = ExitHeads(backbone.num_layers, backbone.hidden_size, task.output_size, dropout=head["dropout"],
-                      pooling=head["pooling"], first_token_pooler=backbone.first_token_pooler())
+                      pooling=head["pooling"], first_token_pooler=backbone.first_token_pooler(),
+                      output_norm=backbone.output_norm())
     policy_nets = ExitPolicy(backbone.num_layers, backbone.hidden_size, task.output_size, hidden=policy["hidden"],
                              use_confidence=policy["use_confidence"], detach_state=policy["detach_state"])
     return EarlyExitModel(backbone, heads, policy_nets)

@@ -3,7 +3,7 @@
 the rotary cos/sin tables per kind; each layer takes the pair of its kind. No token types.
 
 The layer-wise states are the residual stream after each layer; the library's output adds a
-final LayerNorm (`output_norm`), which `first_token_pooler` applies for `cls` pooling at every exit. Only the
+final LayerNorm (`output_norm`), which the exit heads apply to every exit's states before pooling. Only the
 padded attention paths (sdpa, eager) are supported: flash attention unpads the batch."""
 from __future__ import annotations
 
@@ -67,4 +67,4 @@ class ModernBertBackbone(LayerwiseBackbone):
         return self.model.final_norm
 
     def first_token_pooler(self):
-        return self.model.final_norm
+        return None  # no pooler; the heads apply output_norm before pooling
