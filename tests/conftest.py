@@ -8,6 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import ee_lightning.config  # noqa: F401  (registers the config schemas with Hydra before any compose)
+
 from ee_lightning.modeling.backbones import build_backbone
 from ee_lightning.modeling.heads import ExitHeads
 from ee_lightning.modeling.model import EarlyExitModel

@@ -8,6 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import ee_lightning.config  # noqa: F401  (registers the config schemas; misspelt keys get a suggestion)
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 

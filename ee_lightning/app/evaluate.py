@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ee_lightning.config import validate_config
 from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.data import build_datamodule
 from ee_lightning.inference.layer_cache import collect_layer_outputs
@@ -72,6 +73,7 @@ def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    validate_config(cfg)  # every problem of the config at once, before the checkpoint or data loads
     system = load_system(cfg.ckpt_path)
     check_expected(system, cfg, cfg.ckpt_path)
     data_cfg = system.cfg.data

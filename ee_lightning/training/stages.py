@@ -93,11 +93,8 @@ def fit_stage(cfg, system, stage: str, run_dir: Path, ledger: StageLedger, datam
 
 
 def stage_trainer_overrides(cfg, stage: str) -> dict:
-    if stage == "policy":
-        return {"max_epochs": cfg.method.policy.epochs}
-    if stage == "joint":
-        return {"max_epochs": cfg.method.joint.epochs}
-    return {}
+    """Each fitted stage's epochs come from its own knob, method.<stage>.epochs (the trainer config has none)."""
+    return {"max_epochs": cfg.method[stage].epochs}
 
 
 def test_layers(cfg, system, stage: str, run_dir: Path, datamodule) -> list[float]:
