@@ -24,6 +24,7 @@ LAYER_WEIGHTS = ("linear", "uniform")
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("classification", "regression")
 MNLI_EVAL = ("matched", "mismatched")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,10 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem of an ee-train or ee-eval config; return if none."""
     check = Checker()
     for key in missing_keys(cfg):
-        check.problems.append(f"{key} is missing (???): set it in its yaml file or on the command line ({key}=VALUE)")
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml")) if "." not in key else []
+        fix = (f"choose an option: {key}={' | '.join(options)}" if options
+               else f"set it in its yaml file or on the command line ({key}=VALUE)")
+        check.problems.append(f"{key} is missing (???): {fix}")
     if "ckpt_path" in cfg:
         check_eval(cfg, check)
     else:
@@ -339,10 +343,6 @@ def check_eval(cfg: DictConfig, check: Checker) -> None:
     check.choice(cfg, "split", "", SPLITS)
     check.number(cfg, "tau", "", low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
                  why="null: the tau the checkpoint was trained with")
-    ckpt_path = _value(cfg, "ckpt_path")
-    if ckpt_path not in (_MISSING, None) and not Path(str(ckpt_path)).is_file():
-        check.add("ckpt_path", ckpt_path, "the file does not exist; give the .ckpt of an ee-train run "
-                                          "(e.g. <run>/checkpoints/policy/last.ckpt)")
     if _value(cfg, "report") not in (_MISSING, None):
         check_report(cfg.report, check)
 
@@ -358,7 +358,8 @@ def _value(node, key: str):
 def _show(value) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
-    return repr(value) if isinstance(value, str) else str(value)
+    # As typed on the command line (key=value), quoted only where that would hide the value.
+    return repr(value) if isinstance(value, str) and (not value.strip() or value != value.strip()) else str(value)
 
 
 def _did_you_mean(value, choices) -> str:
