@@ -73,6 +73,12 @@ def test_typed_gives_schema_objects(tmp_path):
     assert isinstance(typed(cfg.method), ConsistentEEMethod)
 
 
+def test_the_report_can_be_dropped(tmp_path):
+    cfg = compose_train(["~report"], tmp_path / "run")
+    assert cfg.report is None
+    validate_config(cfg)
+
+
 def test_eval_config_composes_and_validates(tmp_path):
     validate_config(compose_train(["ckpt_path=/some/run/last.ckpt", "tau=0.3"], tmp_path / "run", "eval"))
 
@@ -168,6 +174,8 @@ def test_rule_that_needs_classes_on_a_regression_task(data, tmp_path):
     # rules=null picks the rules that apply; patience has a regression form
     validate_config(compose_train([*data, "report.rules=[policy,patience,static]"], tmp_path / "ok"))
     validate_config(compose_train([*data, "report.rules=null"], tmp_path / "null"))
+    assert "report.grids.entropy=[0.1]: 'entropy' needs class probabilities" in \
+        problems([*data, "report.rules=null", "+report.grids.entropy=[0.1]"], tmp_path)
 
 
 def test_exits_within_a_pretrained_backbones_depth(tmp_path):

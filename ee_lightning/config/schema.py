@@ -202,7 +202,7 @@ class TrainConfig:
     backbone: BackboneConfig = MISSING
     head: HeadConfig = MISSING
     policy: PolicyNetConfig = MISSING
-    report: Optional[ReportConfig] = MISSING
+    report: Optional[ReportConfig] = None  # `~report`: no exit-rule report at the end of consistentee
     data: Any = MISSING    # typed by the option's own schema (DATA_SCHEMAS)
     method: Any = MISSING  # typed by the option's own schema (METHOD_SCHEMAS)
     paths: Any = MISSING

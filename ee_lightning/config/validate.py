@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ee_lightning.config.schema import DATA_SCHEMAS, METHOD_SCHEMAS, ConsistentEEMethod, FinetuneMethod
+from ee_lightning.config.schema import (DATA_SCHEMAS, METHOD_SCHEMAS, ConsistentEEMethod, CsvData, FinetuneMethod,
+                                        GlueData)
 
 POOLINGS = ("cls", "mean")
 BACKBONE_KINDS = ("encoder", "decoder")
@@ -210,9 +211,9 @@ def check_data(data: DictConfig, check: Checker) -> None:
         check.choice(data, "task_kind", p, TASK_KINDS)
         if _value(data, "task_kind") in TASK_KINDS:
             check.regression = _value(data, "task_kind") == "regression"
-    if "train_file" in data and schema.__name__ == "CsvData" and not _value(data, "train_file"):
+    if schema is CsvData and not _value(data, "train_file"):
         check.add("data.train_file", None, "the csv option needs a training file: data.train_file=PATH")
-    if "task" in data and schema.__name__ == "GlueData":
+    if schema is GlueData:
         from ee_lightning.data.glue import GLUE_TASKS, glue_task
 
         try:
@@ -319,6 +320,8 @@ def check_report(report: DictConfig, check: Checker) -> None:
             continue
         if chosen is not None and name not in chosen:
             check.add(key, grid, f"{name!r} is not in report.rules={chosen}: add it there or drop this grid")
+        elif chosen is None and check.regression and RULES[name].classification_only:
+            check.add(key, grid, f"{name!r} needs class probabilities, and this is a regression task: drop this grid")
         if len(grid) == 0:
             check.add(key, [], "give at least one knob value, or drop it for the default grid")
         for value in grid:
