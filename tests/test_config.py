@@ -229,6 +229,9 @@ def test_misspelt_override_gets_the_nearest_key(tmp_path):
         compose_train(["method.polcy.k=3"], tmp_path / "run")
     with pytest.raises(ConfigCompositionException, match=r"did you mean method.policy.alpha\?"):
         compose_train(["method.policy.alpah=0.2"], tmp_path / "run")
+    # a free-form node (the trainer's arguments) can take new keys with +, but a near miss is still named
+    with pytest.raises(ConfigCompositionException, match=r"trainer.acelerator: did you mean trainer.accelerator\?"):
+        compose_train(["trainer.acelerator=cpu"], tmp_path / "run")
 
 
 def test_misspelt_key_in_a_yaml_file_gets_the_nearest_key(tmp_path):

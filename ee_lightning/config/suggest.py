@@ -40,21 +40,29 @@ def nearest_key(key: str, candidates: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def suggestion(error: BaseException) -> str | None:
-    """"did you mean ...?" for the first unknown-key error in `error`'s chain; None if there is none."""
+def unknown_key_error(error: BaseException):
+    """The OmegaConf unknown-key error in `error`'s chain, or None."""
     for cause in _chain(error):
-        if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not getattr(cause, "key", None):
-            continue
-        key, full_key = str(cause.key), str(getattr(cause, "full_key", None) or cause.key)
-        prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
-        candidates = [k for k in valid_keys(cause) if not k.startswith("_")]
-        if not candidates:
-            return None
-        near = nearest_key(key, candidates)
-        guess = f"did you mean {prefix}{near}? " if near else ""
-        where = prefix.rstrip(".") or "the root config"
-        return f"{full_key} is not a known key: {guess}(the keys of {where}: {', '.join(candidates)})"
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "key", None):
+            return cause
     return None
+
+
+def suggestion(error: BaseException) -> str | None:
+    """"did you mean ...?" for an unknown-key error in `error`'s chain. On a schema's node it also lists
+    the valid keys; on a free-form node (trainer, a dict of grids) only a close match is worth saying."""
+    cause = unknown_key_error(error)
+    if cause is None:
+        return None
+    key, full_key = str(cause.key), str(getattr(cause, "full_key", None) or cause.key)
+    prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
+    candidates = [k for k in valid_keys(cause) if not k.startswith("_")]
+    near = nearest_key(key, candidates)
+    guess = f"did you mean {prefix}{near}?" if near else ""
+    if not is_dataclass(getattr(cause, "object_type", None)):
+        return f"{full_key}: {guess}" if near else None
+    where = prefix.rstrip(".") or "the root config"
+    return f"{full_key} is not a known key: {guess + ' ' if guess else ''}(the keys of {where}: {', '.join(candidates)})"
 
 
 def install_suggestions() -> None:
@@ -73,8 +81,12 @@ def install_suggestions() -> None:
             hint = suggestion(err)
             if hint is None:
                 raise
+            message = str(err)
+            if is_dataclass(getattr(unknown_key_error(err), "object_type", None)):
+                # Hydra's "To append to your config use +key=..." cannot work on a schema's node: dropped.
+                message = "\n".join(line for line in message.splitlines() if not line.startswith("To append"))
             # Hydra prints this message, then the OmegaConf error it came from (when chained).
-            raise ConfigCompositionException(f"{err}\n{hint}".lstrip()) from err.__cause__
+            raise ConfigCompositionException(f"{message}\n{hint}".lstrip()) from err.__cause__
 
     load_configuration.suggests_keys = True
     ConfigLoaderImpl.load_configuration = load_configuration
