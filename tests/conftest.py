@@ -36,10 +36,21 @@ def make_tiny_model(name: str = "tiny_bert", output_size: int = 2, with_policy: 
                     pooling: str = "cls", seed: int = 0, use_confidence: bool = False) -> tuple[EarlyExitModel, object]:
     torch.manual_seed(seed)
     backbone, tokenizer = build_backbone(backbone_cfg(name))
-    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, output_size, dropout=0.0)
+    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, output_size, dropout=0.0, pooling=pooling,
+                      first_token_pooler=backbone.first_token_pooler())
     policy = (ExitPolicy(backbone.num_layers, backbone.hidden_size, output_size, use_confidence=use_confidence)
               if with_policy else None)
-    return EarlyExitModel(backbone, heads, pooling=pooling, policy=policy).eval(), tokenizer
+    return EarlyExitModel(backbone, heads, policy=policy).eval(), tokenizer
+
+
+def layer_states(backbone, batch: dict) -> list[torch.Tensor]:
+    """Every layer's hidden states (L tensors of [B, S, H]) through the step interface."""
+    hidden, ctx = backbone.start(batch)
+    states = []
+    for index in range(backbone.num_layers):
+        hidden = backbone.step(index, hidden, ctx)
+        states.append(hidden)
+    return states
 
 
 SENTENCES = [

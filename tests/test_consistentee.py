@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.training import trainers
 from ee_lightning.inference.layer_cache import CachedLayerDataset
-from ee_lightning.exits.rl import greedy_exit
+from ee_lightning.exits.rules import policy_exits
+from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.policy import PolicySystem
+from tests.conftest import make_tiny_model
 from ee_lightning.app.train import train
 from ee_lightning.config import ConfigError
 from tests.conftest import compose_train, data_overrides
@@ -43,12 +45,13 @@ def separable_cache(n: int = 256, layers: int = 4, hidden: int = 32, hard_from: 
 
 def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path):
     L.seed_everything(0)
-    cfg = compose_train(["backbone=tiny_bert", "method=consistentee", "method.policy.alpha=0.1",
-                         "method.policy.lr=1e-2", "method.policy.k=8", "method.policy.task_term=correct",
-                         "method.policy.depth_term=hardness", "data=glue", "data.task=sst2",
-                         "data.data_dir=unused"], tmp_path / "run")
+    cfg = compose_train(["method=consistentee", "method.policy.alpha=0.1", "method.policy.lr=1e-2",
+                         "method.policy.k=8", "method.policy.task_term=correct", "method.policy.depth_term=hardness"],
+                        tmp_path / "run")
     cache, memorized, easy = separable_cache()
-    system = PolicySystem(cfg, {"name": "generated", "kind": "classification", "num_labels": 2, "metric": "acc"})
+    model, _ = make_tiny_model("tiny_bert", output_size=2, with_policy=True)
+    task = TaskSpec("generated", "classification", 2, "acc")
+    system = PolicySystem(model, task, {}, rl=dict(cfg.method.policy), lr=cfg.method.policy.lr, tau=0.5, tolerance=0.5)
     loader = DataLoader(CachedLayerDataset(cache, memorized), batch_size=64, shuffle=True)
     trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
@@ -57,7 +60,7 @@ def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path)
     with torch.no_grad():
         policy = system.model.policy
         probs = torch.stack([policy(layer, cache["pooled"][layer], cache["logits"][layer]) for layer in range(4)])
-    exits = greedy_exit(probs, 0.5)
+    exits = policy_exits(probs, 0.5)
     at_exit = cache["logits"][exits - 1, torch.arange(len(exits))].argmax(-1)
     accuracy = (at_exit == cache["labels"]).float().mean()
     full_accuracy = (cache["logits"][-1].argmax(-1) == cache["labels"]).float().mean()

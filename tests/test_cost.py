@@ -20,17 +20,18 @@ class Scheduled(ExitRule):
     """Test rule: row i exits at TARGETS[i] (the state carries the targets, so it follows the rows)."""
 
     name: ClassVar[str] = "scheduled"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
     def init_state(self, batch_size, device=None):
         return {"target": torch.tensor(TARGETS[:batch_size], device=device)}
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
         return state["target"] <= layer, state
 
 
 @dataclass(frozen=True)
 class ScheduledWithPolicy(Scheduled):
-    needs_policy: ClassVar[bool] = True  # makes the runner evaluate the policy nets
+    needs: ClassVar[tuple[str, ...]] = ("prediction", "exit_prob")  # makes the runner evaluate the policy nets
 
 
 def counted(fn) -> float:

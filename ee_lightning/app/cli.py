@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 import ee_lightning.config  # noqa: F401  (registers the config schemas; misspelt keys get a suggestion)
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# ee_lightning/conf: the config tree inside the wheel; in a checkout, a link to the top-level conf/.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _quiet_defaults() -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.config import validate_config
-from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.data import build_datamodule
-from ee_lightning.training.stages import METHODS
+from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.modeling.saved import build_model
 from ee_lightning.results import format_layer_table, write_results
+from ee_lightning.training.stages import METHODS, Run
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,14 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    datamodule = build_datamodule(cfg.data, load_tokenizer(cfg.backbone))
+    tokenizer = load_tokenizer(cfg.backbone)
+    datamodule = build_datamodule(cfg.data, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    _, results = METHODS[cfg.method.name](cfg, datamodule, run_dir)
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    model, spec = build_model(plain(cfg.backbone), plain(cfg.head), plain(cfg.policy), datamodule.task, tokenizer,
+                              data=plain(cfg.data), tau=cfg.method.get("tau"))
+    results = METHODS[cfg.method.name](Run(cfg, run_dir, datamodule, model, spec))
     report(run_dir, results)
     return results
 

@@ -70,21 +70,22 @@ def load_tokenizer(cfg):
         raise BackboneError(f"no tokenizer could be loaded from {folder}: {err}; set backbone.tokenizer_path=DIR") from err
 
 
-def build_backbone(cfg) -> tuple[LayerwiseBackbone, object]:
-    """cfg: the `backbone` config node (or a plain dict). Returns (layer-wise backbone, tokenizer)."""
+def build_backbone(cfg, tokenizer=None) -> tuple[LayerwiseBackbone, object]:
+    """cfg: the `backbone` config node (or a plain dict). Returns (layer-wise backbone, tokenizer);
+    pass the tokenizer when it is already loaded."""
     attn = cfg.get("attn_implementation", "sdpa")
     if cfg.get("pretrained_path"):
         checkpoint = resolve_path(cfg["pretrained_path"])
         family = check_checkpoint(checkpoint)
         if cfg.get("family") and cfg.get("family") != family:
             log.warning("backbone.family=%s but %s holds a %s model; using %s", cfg.get("family"), checkpoint, family, family)
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = tokenizer or load_tokenizer(cfg)
         model = AutoModel.from_pretrained(checkpoint, attn_implementation=attn)
     else:
         family = cfg.get("family")
         if family not in ADAPTERS:
             raise BackboneError(f"backbone.family={family!r} is not supported; choose one of {sorted(ADAPTERS)}")
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = tokenizer or load_tokenizer(cfg)
         arch = dict(cfg.get("architecture") or {})
         arch.setdefault("vocab_size", len(tokenizer))
         arch.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -101,3 +102,15 @@ def build_backbone(cfg) -> tuple[LayerwiseBackbone, object]:
         (log.info if cfg.get("random_init_expected") else log.warning)(message)
     backbone = ADAPTERS[family](model)
     return backbone, tokenizer
+
+
+def backbone_from_config(model_config: dict, attn_implementation: str = "sdpa") -> LayerwiseBackbone:
+    """The architecture a checkpoint recorded (`model.config.to_dict()`), with uninitialised-for-use
+    weights: the caller loads the checkpoint's state dict. No pretrained folder is read."""
+    model_config = dict(model_config)
+    family = model_config.pop("model_type")
+    if family not in ADAPTERS:
+        raise BackboneError(f"the checkpoint's backbone is a {family!r} model; supported families: {sorted(ADAPTERS)}")
+    config = AutoConfig.for_model(family, **model_config)
+    return ADAPTERS[family](AutoModel.from_config(config, attn_implementation=attn_implementation))
+
