@@ -210,7 +210,7 @@ def test_train_and_evaluate_fail_before_loading_anything(tmp_path, monkeypatch):
 
     for name in ("build_datamodule", "load_tokenizer"):
         monkeypatch.setattr(train_module, name, never)
-    monkeypatch.setattr(evaluate_module, "load_system", never)
+    monkeypatch.setattr(evaluate_module, "load_checkpoint_model", never)
     cfg = compose_train(["method.tau=1.5"], tmp_path / "run")
     started = time.perf_counter()
     with pytest.raises(ConfigError, match="method.tau=1.5"):

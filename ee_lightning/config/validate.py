@@ -25,7 +25,7 @@ LAYER_WEIGHTS = ("linear", "uniform")
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("classification", "regression")
 MNLI_EVAL = ("matched", "mismatched")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config tree (inside the wheel; a link in a checkout)
 
 
 class ConfigError(ValueError):
