@@ -6,8 +6,8 @@ import torch
 
 from conftest import SENTENCES, TINY_BACKBONES, make_batch, make_tiny_model
 from ee_lightning.inference.runner import EarlyExitRunner
-from ee_lightning.exits.rules import RULES, at_exit, build_rule, entropy, max_prob, replay
-from ee_lightning.exits.signals import all_layer_signals
+from ee_lightning.exits.rules import RULES, at_exit, build_rule, replay
+from ee_lightning.exits.signals import all_layer_signals, entropy, max_prob
 
 L = 4  # the tiny backbones' depth
 

@@ -12,14 +12,13 @@ from ee_lightning.exits.rules import (
     at_exit,
     build_rule,
     default_grid,
-    entropy,
     exit_summary,
     policy_exits,
     replay,
     rule_from_grid,
     select_state,
 )
-from ee_lightning.exits.signals import all_layer_signals, layer_signals
+from ee_lightning.exits.signals import all_layer_signals, entropy, layer_signals
 
 
 def dist(cls: int, p: float) -> list[float]:

@@ -16,7 +16,7 @@ from ee_lightning.data import build_datamodule
 from ee_lightning.evaluation.pareto import measure_latency, pareto_points, rule_grids, summary_rows, write_report
 from ee_lightning.exits.rules import build_rule
 from ee_lightning.inference.layer_cache import collect_signals
-from ee_lightning.modeling.saved import SPEC_KEY, load_parts, model_from_spec
+from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts, model_from_spec
 from ee_lightning.training.systems.base import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,6 @@ def check_expected(spec: dict, cfg: DictConfig, ckpt_path: str) -> None:
         if wanted is not None and found.get(key) != wanted:
             raise ValueError(f"{ckpt_path} holds {key}={found.get(key)!r}, but expect.{key}={wanted!r}; "
                              "pass the checkpoint of the run you mean")
-
-
-def check_same_task(task, data_task, ckpt_path: str) -> None:
-    """The data to evaluate on must be the task the checkpoint's heads were trained for."""
-    mine = (task.name, task.kind, task.output_size)
-    theirs = (data_task.name, data_task.kind, data_task.output_size)
-    if mine != theirs:
-        raise ValueError(f"{ckpt_path} was trained on task {mine[0]} ({mine[1]}, {mine[2]} outputs) but the data "
-                         f"given is task {theirs[0]} ({theirs[1]}, {theirs[2]} outputs); drop the data overrides "
-                         "or pass the checkpoint trained on this task")
 
 
 def run_report(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
@@ -90,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(data_cfg, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    check_same_task(task, datamodule.task, cfg.ckpt_path)
+    check_same_model(spec, datamodule.task, cfg.ckpt_path)
     out_dir = Path(cfg.paths.output_dir)
     tau = cfg.tau if cfg.get("tau") is not None else spec["tau"]
     title = f"{spec['backbone'].get('name')} on {task.name} ({cfg.split})"

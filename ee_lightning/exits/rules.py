@@ -45,7 +45,6 @@ from typing import ClassVar
 
 import torch
 
-from ee_lightning.exits.signals import entropy, max_prob  # noqa: F401  (re-exported: rules' units)
 from ee_lightning.tasks import is_right
 
 State = dict[str, torch.Tensor]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
 from ee_lightning.modeling.backbones import LayerwiseBackbone, backbone_from_config, build_backbone
@@ -51,6 +50,19 @@ def model_from_spec(spec: dict):
     backbone = backbone_from_config(spec["model_config"], spec["backbone"].get("attn_implementation", "sdpa"))
     task = TaskSpec.from_dict(spec["task"])
     return assemble(backbone, spec["head"], spec["policy"], task), tokenizer_from_files(spec["tokenizer_files"]), task
+
+
+def check_same_model(spec: dict, task: TaskSpec, source: str, backbone_name: str | None = None) -> None:
+    """Refuse a checkpoint trained for another task (or, given `backbone_name`, another backbone)."""
+    def describe(backbone, task: TaskSpec) -> str:
+        prefix = f"backbone={backbone} " if backbone_name is not None else ""
+        return f"{prefix}task {task.name} ({task.kind}, {task.output_size} outputs)"
+
+    theirs = describe(spec["backbone"].get("name"), TaskSpec.from_dict(spec["task"]))
+    mine = describe(backbone_name, task)
+    if mine != theirs:
+        raise ValueError(f"{source} was trained with {theirs}, but this run has {mine}; "
+                         "pass the matching backbone=/data= overrides, or the checkpoint trained for this run")
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:

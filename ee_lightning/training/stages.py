@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
-from ee_lightning.files import atomic_torch_save, atomic_write_text
+from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
 from ee_lightning.modeling.model import EarlyExitModel
-from ee_lightning.modeling.saved import load_parts
+from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
 from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
 from ee_lightning.training.systems.finetune import FinetuneSystem
@@ -86,20 +86,8 @@ def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
 def load_stage_weights(run: Run, checkpoint: str, parts, key: str) -> None:
     """Load `parts` of a checkpoint into the run's model, refusing one of another backbone or task."""
     state = read_checkpoint(checkpoint, key=key)
-    check_compatible(run, state["ee_lightning"], checkpoint)
+    check_same_model(state[SPEC_KEY], run.task, checkpoint, backbone_name=run.cfg.backbone.get("name"))
     load_parts(run.model, state["state_dict"], parts, f"{key}={checkpoint}")
-
-
-def check_compatible(run: Run, spec: dict, checkpoint: str) -> None:
-    theirs_task = TaskSpec.from_dict(spec["task"])
-    mine = (run.cfg.backbone.get("name"), run.task.name, run.task.output_size)
-    theirs = (spec["backbone"].get("name"), theirs_task.name, theirs_task.output_size)
-    if mine != theirs:
-        raise ValueError(
-            f"{checkpoint} was trained with backbone={theirs[0]} on task {theirs[1]} ({theirs[2]} outputs), "
-            f"but this run has backbone={mine[0]} on task {mine[1]} ({mine[2]} outputs); "
-            "pass the matching backbone=/data= overrides or another checkpoint"
-        )
 
 
 def fit_stage(run: Run, system, stage: str, ledger: StageLedger, max_epochs: int, datamodule=None,
@@ -193,17 +181,10 @@ def training_set_outputs(run: Run, checkpoint: str | None):
     if cache is None:
         cache = collect_states(run.model, datamodule.dataloader("train", shuffle=False, by_length=True))
         if outputs_path and cfg.method.hardness.cache_train_outputs and is_global_zero():
-            atomic_torch_save({"meta": meta, "tensors": cache}, outputs_path)
+            save_artefact(outputs_path, cache, meta)
     else:
         rank_zero_info(f"training-set layer outputs reused from {outputs_path}")
     return cache, memorized_layers(run, cache, checkpoint, meta, split_size)
-
-
-def load_artefact(path: Path, meta: dict) -> dict | None:
-    if not path.is_file():
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return saved["tensors"] if json.loads(json.dumps(saved.get("meta"))) == json.loads(json.dumps(meta)) else None
 
 
 def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict | None, split_size: int) -> torch.Tensor:
