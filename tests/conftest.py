@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
+
+import ee_lightning.config  # noqa: F401  (registers the config schemas with Hydra before any compose)
 
 from ee_lightning.modeling.backbones import build_backbone
 from ee_lightning.modeling.heads import ExitHeads
@@ -142,3 +145,18 @@ def compose_train(overrides: list[str], run_dir: Path, config_name: str = "train
     HydraConfig.instance().set_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+class FailInStage(Callback):
+    """Fails the fit of one stage (`+callbacks.fail._target_=tests.conftest.FailInStage
+    +callbacks.fail.stage=policy`): a failure no config check can foresee, for the failure-path tests."""
+
+    def __init__(self, stage: str):
+        self.stage, self.bound = stage, None
+
+    def bind_stage(self, stage: str, run_dir) -> None:
+        self.bound = stage
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.bound == self.stage:
+            raise RuntimeError(f"deliberate failure in stage {self.stage}")

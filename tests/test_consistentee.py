@@ -17,6 +17,7 @@ from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.policy import PolicySystem
 from tests.conftest import make_tiny_model
 from ee_lightning.app.train import train
+from ee_lightning.config import ConfigError
 from tests.conftest import compose_train, data_overrides
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]
@@ -155,5 +156,5 @@ def test_init_from_of_another_backbone_is_refused(tmp_path):
 def test_init_from_missing_file_is_named(tmp_path):
     cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "init_from=/nowhere/stage1.ckpt"],
                         tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="init_from=/nowhere/stage1.ckpt"):
+    with pytest.raises(ConfigError, match="init_from=/nowhere/stage1.ckpt: the file does not exist"):
         train(cfg)

@@ -176,9 +176,10 @@ def test_a_failed_job_closes_its_wandb_run_and_the_next_job_gets_its_own(tmp_pat
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "EE_ROOT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", "-m", "method=consistentee", *tiny_args(tmp_path),
-                          "method.policy.sampler=nope,bernoulli", "logger=wandb", f"hydra.sweep.dir={sweep}"],
+                          "+callbacks.fail._target_=tests.conftest.FailInStage", "+callbacks.fail.stage=policy,none",
+                          "logger=wandb", f"hydra.sweep.dir={sweep}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "sampler 'nope'" in out.stderr
+    assert out.returncode != 0 and "deliberate failure in stage policy" in out.stderr
     failed = {run["job_type"]: run["exit_code"] for run in offline_runs(sweep / "0")}
     assert failed == {"finetune": 0, "policy": 1}  # the policy stage's run is closed, marked failed
     assert sorted(run["job_type"] for run in offline_runs(sweep / "1")) == [

@@ -79,7 +79,7 @@ def test_unknown_data_option_lists_the_options(tmp_path):
 
 
 def test_misspelled_key_is_named(tmp_path):
-    with pytest.raises(ConfigCompositionException, match="polcy"):
+    with pytest.raises(ConfigCompositionException, match=r"method.polcy is not a known key: did you mean method.policy\?"):
         compose_train(["method=consistentee", "method.polcy.k=3"], tmp_path / "run")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import ee_lightning.config  # noqa: F401  (registers the config schemas; misspelt keys get a suggestion)
+
 # ee_lightning/conf: the config tree inside the wheel; in a checkout, a link to the top-level conf/.
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ee_lightning.config import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.evaluation.pareto import measure_latency, pareto_points, rule_grids, summary_rows, write_report
 from ee_lightning.exits.rules import build_rule
@@ -66,6 +67,7 @@ def run_report(model, task, cache: dict, datamodule, split: str, out_dir: Path, 
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    validate_config(cfg)  # every problem of the config at once, before the checkpoint or data loads
     model, tokenizer, task, spec = load_checkpoint_model(cfg.ckpt_path)
     check_expected(spec, cfg, cfg.ckpt_path)
     data_cfg = OmegaConf.create(spec["data"])

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ee_lightning.config import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.modeling.saved import build_model
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> RunResults:
+    validate_config(cfg)  # every problem of the config at once, before any data or model loads
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)
