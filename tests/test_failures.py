@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import logging
 import os
 import time
@@ -92,7 +93,7 @@ def test_wandb_failing_to_start_does_not_stop_training(tmp_path, monkeypatch, ca
     cfg = compose_train([*FAST, *data_overrides("glue", tmp_path), "logger=many", "method.finetune.epochs=1"], run)
     with caplog.at_level(logging.WARNING, logger="ee_lightning.training.trainers"):
         results = train(cfg)
-    assert results["layer_metrics"] and (run / "results.json").is_file()
+    assert results.layer_metrics and (run / "results.json").is_file()
     assert (run / "csv" / "finetune" / "metrics.csv").is_file()  # the other logger logged
     assert "wandb did not start for stage finetune (CommError: wandb service unreachable); training continues " \
            "with the other loggers (csv)" in caplog.text
@@ -109,7 +110,9 @@ def test_a_failed_job_records_its_error_and_the_summary_lists_it(tmp_path):
         job_dir = sweep / str(num)
         (job_dir / ".hydra").mkdir(parents=True)
         (job_dir / ".hydra" / "overrides.yaml").write_text(f"- method.policy.alpha={alpha}\n")
-    (sweep / "1" / "results.json").write_text('{"metric_name": "acc", "full": 0.8, "layer_metrics": [0.8]}')
+    (sweep / "1" / "results.json").write_text(json.dumps({
+        "task": "sst2", "metric_name": "acc", "num_layers": 1, "layer_metrics": [0.8], "full": 0.8,
+        "backbone": "tiny_bert", "data": "glue", "seed": 42}))
     try:
         raise ValueError("method.policy.sampler='nope': use bernoulli or epsilon_greedy")
     except ValueError as error:

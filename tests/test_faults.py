@@ -65,7 +65,7 @@ def test_skip_anomalies_skips_and_counts_the_faulty_step(tmp_path, monkeypatch):
     cfg = compose_train(["backbone=tiny_bert", *data_overrides("glue", tmp_path), "method=finetune", *FAST,
                          "callbacks.numerical_guard.skip_anomalies=true"], run)
     results = train(cfg)
-    assert all(math.isfinite(value) for value in results["layer_metrics"])
+    assert all(math.isfinite(value) for value in results.layer_metrics)
     weights = torch.load(run / "checkpoints" / "finetune" / "last.ckpt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in weights["state_dict"].values() if v.is_floating_point())
     assert weights["callbacks"]["NumericalGuard"]["skipped"] == 1
