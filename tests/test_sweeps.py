@@ -186,7 +186,7 @@ def test_a_failed_job_closes_its_wandb_run_and_the_next_job_gets_its_own(tmp_pat
         "consistentee-test", "finetune", "policy", "report"]
     rows = list(csv.DictReader(open(sweep / "sweep.csv", newline="")))  # written after each job
     assert [r["status"] for r in rows] == ["failed", "done"]
-    assert "sampler 'nope'" in rows[0]["error"] and rows[1]["error"] == ""  # the job's own error line
+    assert "RuntimeError: deliberate failure in stage policy" in rows[0]["error"] and rows[1]["error"] == ""
 
 
 @pytest.mark.slow
