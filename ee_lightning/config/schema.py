@@ -174,10 +174,9 @@ class GlueData(DataConfig):
 
 
 @dataclass
-class CsvData(DataConfig):
-    train_file: Optional[str] = MISSING
-    validation_file: Optional[str] = MISSING
-    test_file: Optional[str] = MISSING
+class ColumnsData(DataConfig):
+    """Data read by column names (ee_lightning/data/columns.py): csv files and Hugging Face datasets."""
+
     text_column: str = MISSING
     text_pair_column: Optional[str] = MISSING
     label_column: str = MISSING
@@ -187,7 +186,26 @@ class CsvData(DataConfig):
     metric: Optional[str] = MISSING
     validation_fraction: float = MISSING
     test_fraction: float = MISSING
+
+
+@dataclass
+class CsvData(ColumnsData):
+    train_file: Optional[str] = MISSING
+    validation_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING
     tsv_quote_none: bool = MISSING
+
+
+@dataclass
+class HfData(ColumnsData):
+    path: Optional[str] = MISSING
+    config_name: Optional[str] = MISSING
+    data_files: Any = MISSING  # a path or glob, a list, or {split: files}
+    revision: Optional[str] = MISSING
+    hf_cache_dir: Optional[str] = MISSING
+    train_split: str = MISSING
+    validation_split: Optional[str] = MISSING
+    test_split: Optional[str] = MISSING
 
 
 # --- roots ------------------------------------------------------------------------------------
@@ -237,6 +255,7 @@ DATA_SCHEMAS: dict[str, type] = {
     "bbc_news": BBCNewsData,
     "glue": GlueData,
     "csv": CsvData,
+    "hf": HfData,
 }
 METHOD_SCHEMAS: dict[str, type] = {
     "finetune": FinetuneMethod,

@@ -186,8 +186,8 @@ def check_data(data: DictConfig, check: Checker) -> None:
     schema = OmegaConf.get_type(data)
     if schema not in DATA_SCHEMAS.values():
         name = data.get("name", "?")
-        check.add("data", name, f"this data option has no schema: register one in ee_lightning/config/schema.py "
-                                f"(DATA_SCHEMAS) and name it first in its yaml file's defaults list")
+        check.add("data", name, "this data option has no schema: register one in ee_lightning/config/schema.py "
+                                "(DATA_SCHEMAS) and name it first in its yaml file's defaults list")
         return
     p = "data."
     for key in ("batch_size", "eval_batch_size"):
