@@ -9,6 +9,8 @@ Lightning's checkpoint already holds the weights, optimizers, schedulers and loo
   Its batch order must be a function of the epoch: `EpochShuffle` (or `LengthGroupedBatches`).
 - `ResumeState`: the torch, numpy and python random states at the checkpoint (dropout, the policy's
   Bernoulli draws), restored before training continues; it also hands the loaders their position.
+- `StepCheckpoint`: `last.ckpt` every N optimizer steps as well as at epoch ends, so a kill costs
+  at most N steps.
 - `AtomicCheckpointIO`: checkpoints written atomically, so a kill mid-save loses nothing.
 - `seed_stage`: each stage starts from its own seed, so a stage runs the same whether the stages
   before it ran in this process or were read from the ledger.
