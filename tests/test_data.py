@@ -650,8 +650,9 @@ def test_build_datamodule_errors(tok, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"could not build ee_lightning\.data\.NoSuchModule.*rotten_tomatoes"):
         build_datamodule({"_target_": "ee_lightning.data.NoSuchModule", "name": "x"}, tok)
     with pytest.raises(DataError, match=r"data\.data_dir is not set"):
-        build_datamodule(OmegaConf.merge(OmegaConf.load(CONF_DIR / "data" / "glue.yaml"),
-                                         {"cache_dir": str(tmp_path)}), tok)
+        glue = OmegaConf.load(CONF_DIR / "data" / "glue.yaml")
+        glue.pop("defaults")  # the schema line of the file, not a datamodule argument
+        build_datamodule(OmegaConf.merge(glue, {"cache_dir": str(tmp_path)}), tok)
     with pytest.raises(DataError, match="unexpected keyword"):
         build_datamodule({"_target_": "ee_lightning.data.GlueDataModule", "name": "glue", "colour": "red"}, tok)
 

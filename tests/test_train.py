@@ -51,7 +51,7 @@ def test_fast_dev_run_consistentee_every_family(backbone, tmp_path):
     assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy", "joint"}
     written = json.loads((run / "results.json").read_text())
     assert written["num_layers"] == 4 and set(written["methods"]) >= {"consistentee", "full"}
-    assert 1 <= results["methods"]["consistentee"]["avg_exit_layer"] <= 4
+    assert 1 <= results.methods["consistentee"].avg_exit_layer <= 4
 
 
 @pytest.mark.slow
