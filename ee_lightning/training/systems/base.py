@@ -41,12 +41,13 @@ class EarlyExitSystem(L.LightningModule):
 
     evaluates_policy = False
 
-    def __init__(self, model: EarlyExitModel, task: TaskSpec, spec: dict, tau: float = 0.5,
-                 tolerance: float = 0.5):
+    def __init__(self, model: EarlyExitModel, task: TaskSpec, spec: dict, tau: float | None = None,
+                 tolerance: float | None = None):
         super().__init__()
         self.model = model
         self.task = task
         self.spec = spec  # travels in every checkpoint (see on_save_checkpoint)
+        # What a stage with a policy evaluates (method.tau, method.hardness.tolerance); stage 1 has none.
         self.tau = tau
         self.tolerance = tolerance  # regression: |prediction - label| <= tolerance counts as right
         # from_pretrained returns eval mode and Lightning keeps modules' modes: train() turns dropout on.

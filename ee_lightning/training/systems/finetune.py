@@ -43,8 +43,8 @@ class FinetuneSystem(EarlyExitSystem):
     """Stage 1: backbone and every exit head, sum_l w_l * loss_l / sum_l w_l."""
 
     def __init__(self, model, task, spec, *, lr: float, weight_decay: float, warmup_ratio: float,
-                 layer_weights="linear", tau: float = 0.5, tolerance: float = 0.5):
-        super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
+                 layer_weights):
+        super().__init__(model, task, spec)
         self.save_hyperparameters({"stage": "finetune", "lr": lr, "weight_decay": weight_decay,
                                    "warmup_ratio": warmup_ratio, "layer_weights": layer_weights})
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio

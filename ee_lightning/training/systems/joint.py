@@ -14,7 +14,7 @@ class JointSystem(PolicyTrainingMixin, EarlyExitSystem):
     evaluates_policy = True
 
     def __init__(self, model, task, spec, *, rl: dict, lr_model: float, lr_policy: float,
-                 memorized: torch.Tensor | None = None, tau: float = 0.5, tolerance: float = 0.5):
+                 memorized: torch.Tensor | None = None, tau: float, tolerance: float):
         super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
         self.automatic_optimization = False
         self.rl = rl_settings(rl)

@@ -56,7 +56,7 @@ def rl_settings(settings: dict) -> dict:
 class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
     evaluates_policy = True
 
-    def __init__(self, model, task, spec, *, rl: dict, lr: float, tau: float = 0.5, tolerance: float = 0.5):
+    def __init__(self, model, task, spec, *, rl: dict, lr: float, tau: float, tolerance: float):
         super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
         self.rl = rl_settings(rl)
         self.lr = lr
