@@ -202,7 +202,7 @@ def test_eval_settings_are_validated(tmp_path):
 
 
 def test_train_and_evaluate_fail_before_loading_anything(tmp_path, monkeypatch):
-    import ee_lightning.app.evaluate as evaluate_module
+    import ee_lightning.app.evaluate_checkpoint as evaluate_module
     import ee_lightning.app.train as train_module
 
     def never(*args, **kwargs):

@@ -249,7 +249,7 @@ def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
     assert set(written["methods"]) >= {"consistentee", "full"}
     assert 0.0 <= results["methods"]["consistentee"]["metric"] <= 1.0
     # ee-eval rebuilds the model from the checkpoint alone (no pretrained folder), with the checkpoint's tokenizer
-    from ee_lightning.app.evaluate import evaluate
+    from ee_lightning.app.evaluate_checkpoint import evaluate
 
     ckpt = json.loads((run / "stages.json").read_text())["policy"]["checkpoint"]
     shutil.rmtree(folder)

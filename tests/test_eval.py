@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ee_lightning.app.evaluate import evaluate
+from ee_lightning.app.evaluate_checkpoint import evaluate
 from ee_lightning.evaluation.pareto import ALL_RULES, mark_pareto, rule_grids
 from ee_lightning.app.train import train
 from tests.conftest import compose_train, data_overrides

@@ -39,7 +39,7 @@ def train_main(cfg: DictConfig) -> float | list[float] | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
-    from ee_lightning.app.evaluate import evaluate
+    from ee_lightning.app.evaluate_checkpoint import evaluate
 
     _log_once()
     evaluate(cfg)

@@ -34,12 +34,12 @@ def train(cfg: DictConfig) -> RunResults:
     model, spec = build_model(plain(cfg.backbone), plain(cfg.head), plain(cfg.policy), datamodule.task, tokenizer,
                               data=plain(cfg.data), tau=cfg.method.get("tau"))
     results = METHODS[cfg.method.name](Run(cfg, run_dir, datamodule, model, spec))
-    report(run_dir, results)
+    print_summary(run_dir, results)
     return results
 
 
 @rank_zero_only
-def report(run_dir: Path, results: RunResults) -> None:
+def print_summary(run_dir: Path, results: RunResults) -> None:
     path = results.write(run_dir)
     print(format_layer_table(results.metric_name, results.layer_metrics, results.val_layer_metrics))
     for name, method in results.methods.items():

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ee_lightning.evaluation.cost import measure_flops
 from ee_lightning.evaluation.rule_points import evaluate_rule
 from ee_lightning.inference.runner import EarlyExitRunner
-from ee_lightning.exits.rules import GRID_KNOBS, RULES, default_grid, rule_from_grid
+from ee_lightning.exits.rules import build_rule, GRID_KNOBS, RULES, default_grid, rule_from_grid
 from ee_lightning.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -227,3 +228,29 @@ def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
         else:
             rows.append({k: best[k] for k in ("rule", "value", "metric", "layer_saving", "speedup", "flops")})
     return rows
+
+
+# --- the whole comparison -----------------------------------------------------------------------
+def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
+                  tau: float | None = None, title: str = "") -> dict:
+    """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
+    ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
+    model = model.eval()
+    rules = list(report_cfg.rules) if report_cfg.rules is not None else None
+    grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
+    grids = rule_grids(rules, grids, model.num_layers, task.output_size, task.is_regression)
+    if tau is not None and "policy" in grids and tau not in grids["policy"]:
+        grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
+    points = pareto_points(model, task, cache, grids)
+    if latency and latency.get("enabled", True) and "policy" in grids and tau is not None:
+        measured = measure_latency(model, build_rule("policy", tau=tau),
+                                   lambda bs: datamodule.dataloader(split, batch_size=bs),
+                                   batch_sizes=tuple(latency.batch_sizes), num_examples=latency.num_examples,
+                                   repeats=latency.repeats, warmup=latency.warmup)
+        for point in points:
+            if point["rule"] == "policy" and point["value"] == str(tau):
+                point.update(measured)
+    paths = write_report(points, out_dir, task.metric, title)
+    print((out_dir / "pareto.md").read_text())
+    return {"points": points, "summary_within_1pt": summary_rows(points, 0.01),
+            "files": {k: str(v) for k, v in paths.items()}}

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
@@ -202,8 +203,6 @@ def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict |
 
 
 def run_consistentee(run: Run) -> RunResults:
-    from ee_lightning.app.evaluate import run_report  # the report is the ee-eval app's; imported late (no cycle)
-
     cfg, task = run.cfg, run.task
     ledger = StageLedger(run.run_dir)
     seconds = {}
@@ -254,7 +253,7 @@ def run_consistentee(run: Run) -> RunResults:
     if cfg.get("report") and is_global_zero():
         started = time.perf_counter()
         title = f"{cfg.backbone.name} on {task.name} (test)"
-        report = run_report(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
+        report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
                             title=title)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
         latency = next((p for p in report["points"] if "latency_b1_ms" in p), None)

@@ -13,8 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ee_lightning.config import validate_config
 from ee_lightning.data import build_datamodule
-from ee_lightning.evaluation.pareto import measure_latency, pareto_points, rule_grids, summary_rows, write_report
-from ee_lightning.exits.rules import build_rule
+from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.inference.layer_cache import collect_signals
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts, model_from_spec
 from ee_lightning.training.systems.base import read_checkpoint
@@ -41,31 +40,6 @@ def check_expected(spec: dict, cfg: DictConfig, ckpt_path: str) -> None:
                              "pass the checkpoint of the run you mean")
 
 
-def run_report(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
-               tau: float | None = None, title: str = "") -> dict:
-    """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
-    ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
-    model = model.eval()
-    rules = list(report_cfg.rules) if report_cfg.rules is not None else None
-    grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
-    grids = rule_grids(rules, grids, model.num_layers, task.output_size, task.is_regression)
-    if tau is not None and "policy" in grids and tau not in grids["policy"]:
-        grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
-    points = pareto_points(model, task, cache, grids)
-    if latency and latency.get("enabled", True) and "policy" in grids and tau is not None:
-        measured = measure_latency(model, build_rule("policy", tau=tau),
-                                   lambda bs: datamodule.dataloader(split, batch_size=bs),
-                                   batch_sizes=tuple(latency.batch_sizes), num_examples=latency.num_examples,
-                                   repeats=latency.repeats, warmup=latency.warmup)
-        for point in points:
-            if point["rule"] == "policy" and point["value"] == str(tau):
-                point.update(measured)
-    paths = write_report(points, out_dir, task.metric, title)
-    print((out_dir / "pareto.md").read_text())
-    return {"points": points, "summary_within_1pt": summary_rows(points, 0.01),
-            "files": {k: str(v) for k, v in paths.items()}}
-
-
 def evaluate(cfg: DictConfig) -> dict:
     validate_config(cfg)  # every problem of the config at once, before the checkpoint or data loads
     model, tokenizer, task, spec = load_checkpoint_model(cfg.ckpt_path)
@@ -85,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
     tau = cfg.tau if cfg.get("tau") is not None else spec["tau"]
     title = f"{spec['backbone'].get('name')} on {task.name} ({cfg.split})"
     cache = collect_signals(model, datamodule.dataloader(cfg.split, by_length=True), task.is_regression)
-    report = run_report(model, task, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
+    report = compare_rules(model, task, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
     (out_dir / "eval.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, **report},
                                                   indent=2, default=str))
     print(f"pareto files: {out_dir}")
