@@ -11,7 +11,6 @@ import torch
 from ee_lightning.app.train import train
 from ee_lightning.training.faults import NumericalFault, non_finite
 from ee_lightning.training.systems.finetune import FinetuneSystem
-from ee_lightning.training.systems.policy import PolicySystem
 from tests.conftest import compose_train, data_overrides
 
 FAST = ["trainer.enable_progress_bar=false", "logger=csv", "report.latency.enabled=false", "data.batch_size=8",

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from ee_lightning.data.batching import LengthGroupedBatches
-from ee_lightning.training.resume import (AtomicCheckpointIO, EpochShuffle, ResumableLoader, rng_state,
-                                          set_loader_epoch, set_rng_state)
+from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
+from ee_lightning.training.resume import AtomicCheckpointIO, rng_state, set_loader_epoch, set_rng_state
 from tests.conftest import ROOT, write_sentiment_files
 
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.data.batching import LengthGroupedBatches
-from ee_lightning.training.resume import EpochShuffle, ResumableLoader
+from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
 from ee_lightning.tasks import METRICS, REGRESSION, TaskSpec
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
 from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem
-from ee_lightning.training.resume import EpochShuffle, ResumableLoader, seed_stage
+from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
+from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
 
 log = logging.getLogger(__name__)
