@@ -47,6 +47,7 @@ class GenerationResult:
     kv_fills: torch.Tensor
     policy_calls: torch.Tensor
     classifier_calls: torch.Tensor
+    cache: object = None  # the KV cache at the end (every row, every layer)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -148,7 +149,7 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     def stack(key):
         return torch.stack(records[key], dim=1) if records[key] else torch.zeros(batch, 0, dtype=torch.long)
 
-    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"))
+    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"), cache)
 
 
 def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv):

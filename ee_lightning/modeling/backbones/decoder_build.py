@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ee_lightning.modeling.backbones.decoders import SUPPORTED_FAMILIES, LayerwiseDecoder, wrap_decoder
@@ -114,8 +115,12 @@ def load_tokenizer(source: str):
 
 def build_decoder(cfg) -> tuple[LayerwiseDecoder, object]:
     """cfg: a `backbone` node with kind: decoder. Returns (layer-wise decoder in eval mode, tokenizer)."""
-    if cfg.get("kind", "decoder") != "decoder":
-        raise DecoderError(f"backbone {cfg.get('name')!r} is an {cfg.get('kind')} backbone; choose a decoder backbone (e.g. backbone=smollm2_135m)")
+    kind = cfg.get("kind") or "encoder"  # the encoder configs predate the key
+    if kind != "decoder":
+        raise DecoderError(f"backbone {cfg.get('name')!r} is an {kind} backbone (kind: {kind}); choose a decoder backbone "
+                           "(kind: decoder, e.g. backbone=smollm2_135m)")
+    if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, "pretrained_path"):
+        raise DecoderError(f"backbone {cfg.get('name')!r} needs its weights: set backbone.pretrained_path=DIR (a local checkpoint folder)")
     attn = cfg.get("attn_implementation") or "sdpa"
     dtype = getattr(torch, cfg.get("dtype") or "float32")
     if cfg.get("pretrained_path"):
