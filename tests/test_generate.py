@@ -153,3 +153,21 @@ def test_rule_math_by_hand():
         tr.make_rule("nope")
     with pytest.raises(ValueError, match="needs a knob"):
         tr.make_rule("saturation")
+
+
+def test_teacher_forcing_and_the_real_deeper_states_reference():
+    _, decoder = tiny_lm("mistral")
+    ids, mask = left_padded_prompts()
+    exits = PlainExits(4)
+    full = generate_with_exits(decoder, exits, tr.Full(), ids, mask, 5, output_logits=True)
+    assert torch.equal(full.logits.argmax(-1), full.new_tokens)
+    forced = full.new_tokens.flip(0)
+    static = generate_with_exits(decoder, exits, tr.Static(2), ids, mask, 5, force_tokens=forced, output_logits=True)
+    assert torch.equal(static.new_tokens, forced) and static.logits.shape == (3, 5, decoder.vocab_size)
+    # Exited tokens that keep running for their K/V leave exactly the full model's cache behind.
+    real = generate_with_exits(decoder, exits, tr.Static(2), ids, mask, 5, force_tokens=forced, propagate_kv=False)
+    reference = generate_with_exits(decoder, exits, tr.Full(), ids, mask, 5, force_tokens=forced)
+    for layer in range(4):
+        torch.testing.assert_close(real.cache.layers[layer].keys, reference.cache.layers[layer].keys, rtol=0, atol=1e-6)
+    assert bool((real.kv_fills == 0).all()) and bool((real.exit_layers == 2).all())
+    assert not torch.allclose(static.cache.layers[3].keys, reference.cache.layers[3].keys)

@@ -48,6 +48,7 @@ class GenerationResult:
     policy_calls: torch.Tensor
     classifier_calls: torch.Tensor
     cache: object = None  # the KV cache at the end (every row, every layer)
+    logits: torch.Tensor | None = None  # [B, N, V] each token's exit logits, with output_logits=True
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -91,7 +92,8 @@ def _as_list(ids):
 def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                         eos_token_id=None, pad_token_id=None, do_sample: bool = False, logits_processor=None,
                         policy=None, classifier=None, generator: torch.Generator | None = None,
-                        propagate_kv: bool = True) -> GenerationResult:
+                        propagate_kv: bool = True, force_tokens: torch.Tensor | None = None,
+                        output_logits: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` per row from left-padded prompts, exiting per token by `rule`.
 
     eos_token_id: an id or a list; a row stops at its first EOS (later positions get
@@ -102,6 +104,9 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     propagate_kv: False makes exited tokens keep running the deeper layers for their K/V only
         (their output token still comes from the exit): the "real deeper states" reference that
         measures what state propagation changes.
+    force_tokens: [B, N] teacher forcing: these tokens are emitted and fed back whatever the
+        exits predict (the exit decisions and logits are still computed), up to N steps.
+    output_logits: keep every step's exit logits (before the processors) in `result.logits`.
     """
     if "policy" in rule.needs and policy is None:
         raise ValueError("this rule reads the exit policy: pass policy=")
@@ -125,8 +130,11 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     sequences, next_input = input_ids, input_ids[:, -1:]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     records = {key: [] for key in ("exit", "lm", "kv", "policy", "classifier")}
+    kept_logits = []
+    if force_tokens is not None:
+        max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
     eos_ids = torch.tensor(eos, device=input_ids.device) if eos else None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         hidden, ctx = decoder.start(next_input, mask, cache)
         logits, counts = _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv)
         scores = logits_processor(sequences, logits) if logits_processor is not None else logits
@@ -135,6 +143,10 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
             next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             next_tokens = scores.argmax(-1)
+        if force_tokens is not None:
+            next_tokens = force_tokens[:, step].to(next_tokens.device)
+        if output_logits:
+            kept_logits.append(logits)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
         for key, value in counts.items():
             records[key].append(value.masked_fill(finished, 0))
@@ -149,7 +161,8 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     def stack(key):
         return torch.stack(records[key], dim=1) if records[key] else torch.zeros(batch, 0, dtype=torch.long)
 
-    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"), cache)
+    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"), cache,
+                            torch.stack(kept_logits, dim=1) if output_logits and kept_logits else None)
 
 
 def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv):
