@@ -39,3 +39,35 @@ def tiny_llama(num_layers: int = 4, hidden: int = 16, vocab: int = 50, seed: int
                          num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=128, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
+
+
+class LlamaLayers(torch.nn.Module):
+    """The decoder protocol the exits and the cache pass use, over a plain LlamaForCausalLM: `forward`
+    gives each layer's raw (un-normed) output, read by forward hooks on the library's own layers."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+
+    def final_norm(self, hidden):
+        return self.model.model.norm(hidden)
+
+    def lm_head(self, hidden):
+        return self.model.lm_head(hidden)
+
+    def forward(self, input_ids, attention_mask):
+        states = []
+
+        def keep(module, args, output):
+            states.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(keep) for layer in self.model.model.layers]
+        try:
+            self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return states
