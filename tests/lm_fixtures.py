@@ -30,14 +30,16 @@ def tiny_chat_tokenizer(texts: list[str] = ()):
     return tokenizer
 
 
-def tiny_llama(num_layers: int = 4, hidden: int = 16, vocab: int = 50, seed: int = 0):
-    """A random-init LlamaForCausalLM small enough for CPU tests (tied embeddings like SmolLM2)."""
+def tiny_llama(num_layers: int = 4, hidden: int = 16, vocab: int = 50, seed: int = 0, init_std: float = 0.02):
+    """A random-init LlamaForCausalLM small enough for CPU tests (tied embeddings like SmolLM2).
+    A larger init_std gives logits far from uniform (the default's are nearly flat)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=128, tie_word_embeddings=True)
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         initializer_range=init_std)
     return LlamaForCausalLM(config).eval()
 
 
