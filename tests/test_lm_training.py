@@ -192,15 +192,21 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     for stage in ("adapters", "policy", "classifier"):
         cfg[stage].epochs = 1
     cfg.policy.k = 4
+    cfg.policy.task_target = "full"
     run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)
     assert run.exits.exit_layers == [2, 4]
     for name in ("exit_states_train.pt", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt"):
         assert (tmp_path / "out" / name).is_file()
     summary = run.summary
-    assert len(summary["token_acc"]) == 2 and sum(summary["memorized_histogram"]) == summary["tokens"]
-    # the last exit is the model itself: its agreement with the model's own token is 1
-    assert summary["agreement_with_full"][-1] == 1.0
-    assert 1.0 <= summary["policy_mean_exit"] <= 2.0
+    train = summary["train"]
+    assert len(train["token_acc"]) == 2 and sum(summary["memorized_histogram"]) == train["tokens"]
+    # the last exit is the model itself: its agreement with the model's own token is 1, trained or not
+    assert train["agreement_with_full"][-1] == summary["untrained"]["agreement_with_full"][-1] == 1.0
+    assert 1.0 <= train["policy_mean_exit"] <= 2.0
+    held_out = summary["evaluation"]
+    assert held_out["split"] == "validation" and held_out["tokens"] == sum(
+        len(r) for r in dm.dataset("validation").response_ids)
+    assert (tmp_path / "out" / "exit_states_validation.pt").is_file()
     mtime = (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns
     cfg.policy.epochs = cfg.classifier.epochs = cfg.adapters.epochs = 0
     again = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)

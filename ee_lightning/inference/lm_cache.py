@@ -106,24 +106,29 @@ def load_or_build(path: str | Path, meta: dict, build) -> dict:
 
 @torch.no_grad()
 def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bool | None = None) -> dict:
-    """Each exit's argmax token and cross-entropy against the target, per cached token: tokens [E, N],
-    ce [E, N] (float32). One LM-head pass per exit over the cache, in chunks (V-wide logits are big)."""
-    states, targets = cache["states"], cache["targets"]
+    """Each exit's argmax token and cross-entropy per cached token: tokens [E, N], ce [E, N] against the
+    reference token, ce_full [E, N] against the full model's token (float32). One LM-head pass per exit
+    over the cache, in chunks (V-wide logits are big)."""
+    states, targets, full = cache["states"], cache["targets"], cache["full_tokens"]
     layers = [int(x) for x in cache["exit_layers"]]
     device = _device(decoder)
     exits.to(device)
     tokens = torch.empty(len(layers), len(targets), dtype=torch.long)
     ce = torch.empty(len(layers), len(targets))
+    ce_full = torch.empty(len(layers), len(targets))
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, desc="scoring exits", unit="chunk", dynamic_ncols=True,
                       disable=not sys.stderr.isatty() if progress is None else not progress):
         chunk = states[start:start + batch_size].to(device, torch.float32)
         target = targets[start:start + batch_size].to(device)
+        full_target = full[start:start + batch_size].to(device)
+        rows = slice(start, start + len(target))
         for e, layer in enumerate(layers):
-            logits = exits.logits(layer, chunk[:, e].to(_dtype(decoder)), decoder).float()
-            tokens[e, start:start + len(target)] = logits.argmax(-1).cpu()
-            ce[e, start:start + len(target)] = torch.nn.functional.cross_entropy(logits, target, reduction="none").cpu()
-    return {"tokens": tokens, "ce": ce}
+            log_probs = exits.logits(layer, chunk[:, e].to(_dtype(decoder)), decoder).float().log_softmax(-1)
+            tokens[e, rows] = log_probs.argmax(-1).cpu()
+            ce[e, rows] = -log_probs.gather(1, target[:, None]).squeeze(1).cpu()
+            ce_full[e, rows] = -log_probs.gather(1, full_target[:, None]).squeeze(1).cpu()
+    return {"tokens": tokens, "ce": ce, "ce_full": ce_full}
 
 
 def _dtype(module) -> torch.dtype:

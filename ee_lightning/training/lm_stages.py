@@ -18,6 +18,8 @@ so rollouts cost Bernoulli draws, not LM-head calls.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -195,15 +197,58 @@ def _get(cfg, key: str, default):
     return default if value is None else value
 
 
+def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """Greedy exits (1..E) of cached tokens [N, E, H]: the first exit with p > tau, else the last."""
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        per_exit = _layers_first(states.to(device, torch.float32))
+        probs = torch.stack([policy.prob(layer, per_exit[e]) for e, layer in enumerate(policy.exit_layers)])
+    return greedy_exit(probs, tau).cpu()
+
+
+def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5) -> dict:
+    """Per exit: token accuracy against the reference and agreement with the full model's token; with a
+    policy, its mean greedy exit (1..E) and the accuracy / agreement of the tokens it emits."""
+    correct = exit_correct(tables["tokens"], cache["targets"])
+    agree = exit_correct(tables["tokens"], cache["full_tokens"])
+    summary = {"tokens": len(cache["targets"]), "token_acc": correct.float().mean(1).tolist(),
+               "agreement_with_full": agree.float().mean(1).tolist()}
+    if policy is not None:
+        at = (policy_exits(policy, cache["states"], tau) - 1).unsqueeze(0)
+        summary["policy_mean_exit"] = (at + 1).float().mean().item()
+        summary["policy_token_acc"] = correct.gather(0, at).float().mean().item()
+        summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()
+    return summary
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg, out_dir: Path,
+                 identity: dict | None) -> dict:
+    """The exit-state cache of one split, built once and reused while its settings hold."""
+    dataset = datamodule.dataset(split)
+    dtype = str(_get(cache_cfg, "dtype", "float32"))
+    meta = {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
+            "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
+            "rows": _digest([dataset.prompt_ids, dataset.response_ids]), "exit_layers": exit_layers,
+            "dtype": dtype}
+    loader = datamodule.dataloader(split, "train", batch_size=int(_get(cache_cfg, "batch_size", 8)))
+    return load_or_build(out_dir / f"exit_states_{split}.pt", meta,
+                         lambda: collect_exit_states(decoder, loader, exit_layers, dtype=dtype))
+
+
 def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factory=default_trainer,
                    identity: dict | None = None) -> LMExitRun:
-    """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier.
+    """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary.
 
     `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
     `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the `lm_exits` config node
     (conf/lm_exits/default.yaml); `trainer_factory(stage, max_epochs)` makes each stage's Trainer;
-    `identity` (e.g. the model name) goes into the cache's key, so another model rebuilds it.
-    Saves exit_states_train.pt (the cache), lm_exits.pt, token_policy.pt, exit_classifier.pt in out_dir.
+    `identity` (e.g. the model name) goes into the caches' keys, so another model rebuilds them.
+    Writes exit_states_<split>.pt (caches), lm_exits.pt, token_policy.pt, exit_classifier.pt in out_dir.
+    The summary has the train split's numbers and, under "evaluation", those of `cfg.evaluate_split`.
     """
     out_dir = Path(out_dir)
     adapters_cfg, policy_cfg = cfg.get("adapters", {}), cfg.get("policy", {})
@@ -212,21 +257,12 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
     exits = LMExitHeads(num_layers, hidden_size, exit_every=int(_get(cfg, "exit_every", 1)),
                         rank=int(_get(cfg, "rank", 32)))
     datamodule.setup()
-    train_set = datamodule.dataset("train")
-    meta = {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": num_layers,
-            "hidden_size": hidden_size, "data": datamodule.name, "rows": len(train_set),
-            "references": train_set.references, "max_prompt_length": datamodule.max_prompt_length,
-            "max_response_length": datamodule.max_response_length, "exit_layers": exits.exit_layers,
-            "dtype": _get(cache_cfg, "dtype", "float32")}
-    cache = load_or_build(out_dir / "exit_states_train.pt", meta, lambda: collect_exit_states(
-        decoder, datamodule.dataloader("train", "train", batch_size=int(_get(cache_cfg, "batch_size", 8))),
-        exits.exit_layers, dtype=meta["dtype"]))
+    cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cache_cfg, out_dir, identity)
     targets = cache["targets"]
     batch = int(_get(adapters_cfg, "batch_size", 64))
-    summary: dict = {"tokens": len(targets), "exit_layers": exits.exit_layers}
+    untrained = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
+    summary: dict = {"exit_layers": exits.exit_layers, "untrained": untrained}
 
-    untrained = exit_tables(cache, exits, decoder, batch_size=batch)
-    summary["token_acc_untrained"] = exit_correct(untrained["tokens"], targets).float().mean(1).tolist()
     epochs = int(_get(adapters_cfg, "epochs", 2))
     if epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=float(_get(adapters_cfg, "lr", 1e-3)),
@@ -237,30 +273,27 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
     atomic_torch_save(exits.state_dict(), out_dir / "lm_exits.pt")
 
     tables = exit_tables(cache, exits, decoder, batch_size=batch)
-    correct = exit_correct(tables["tokens"], targets)
-    summary["token_acc"] = correct.float().mean(1).tolist()
-    summary["agreement_with_full"] = exit_correct(tables["tokens"], cache["full_tokens"]).float().mean(1).tolist()
-    target = str(_get(cfg.get("hardness", {}), "target", "reference"))
-    memorized = token_memorized_exit(tables["tokens"], hardness_targets(target, targets, cache["full_tokens"]))
+    hardness_target = str(_get(cfg.get("hardness", {}), "target", "reference"))
+    memorized = token_memorized_exit(tables["tokens"], hardness_targets(hardness_target, targets,
+                                                                        cache["full_tokens"]))
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
 
-    policy = None
+    policy, tau = None, float(_get(policy_cfg, "tau", 0.5))
     if int(_get(policy_cfg, "epochs", 2)) > 0:
         policy = TokenExitPolicy(num_layers, hidden_size, hidden=int(_get(policy_cfg, "hidden", 32)),
                                  exit_layers=exits.exit_layers)
         keys = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
                 "normalize_advantages", "entropy_bonus", "lr")
         system = TokenPolicySystem(policy, **{key: policy_cfg[key] for key in keys if key in policy_cfg})
-        data = TokenStateDataset(cache["states"], ce=tables["ce"].T, correct=correct.T, memorized=memorized)
+        # the task term scores an exit's token against the reference or the full model's own token
+        task_target = str(_get(policy_cfg, "task_target", "reference"))
+        correct = exit_correct(tables["tokens"], hardness_targets(task_target, targets, cache["full_tokens"]))
+        ce = tables["ce" if task_target == "reference" else "ce_full"]
+        data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
         loader = DataLoader(data, batch_size=int(_get(policy_cfg, "batch_size", 256)), shuffle=True)
         trainer_factory("lm_policy", int(_get(policy_cfg, "epochs", 2))).fit(system, train_dataloaders=loader)
         atomic_torch_save(policy.state_dict(), out_dir / "token_policy.pt")
-        with torch.no_grad():
-            states = cache["states"].to(next(policy.parameters()).device, torch.float32)
-            probs = torch.stack([policy.prob(layer, states[:, e]) for e, layer in enumerate(exits.exit_layers)])
-            exit_index = greedy_exit(probs, float(_get(policy_cfg, "tau", 0.5))).cpu()
-        summary["policy_mean_exit"] = exit_index.float().mean().item()
-        summary["policy_token_acc"] = correct.gather(0, (exit_index - 1).unsqueeze(0)).float().mean().item()
+    summary["train"] = exit_summary(cache, tables, policy, tau)
 
     classifier = None
     if int(_get(classifier_cfg, "epochs", 2)) > 0 and len(exits.exit_layers) > 1:
@@ -270,5 +303,11 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
         loader = DataLoader(data, batch_size=int(_get(classifier_cfg, "batch_size", 256)), shuffle=True)
         trainer_factory("lm_classifier", int(_get(classifier_cfg, "epochs", 2))).fit(system, train_dataloaders=loader)
         atomic_torch_save(classifier.state_dict(), out_dir / "exit_classifier.pt")
+
+    split = cfg.get("evaluate_split", "validation")
+    if split:
+        held_out = _split_cache(decoder, datamodule, str(split), exits.exit_layers, cache_cfg, out_dir, identity)
+        summary["evaluation"] = {"split": str(split), **exit_summary(
+            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, tau)}
     log.info("lm exits trained: %s", summary)
     return LMExitRun(exits, policy, classifier, cache, tables, memorized, summary)
