@@ -175,6 +175,10 @@ def test_adapter_stage_lowers_the_exits_loss():
     quiet_trainer(max_epochs=20).fit(system, train_dataloaders=DataLoader(data, batch_size=32, shuffle=True))
     after = loss()
     assert after[0] < before[0] - 0.5 and after[1] > before[1] + 0.2, (before, after)
+    trainer = quiet_trainer()
+    trainer.validate(system, DataLoader(data, batch_size=128), verbose=False)
+    assert float(trainer.callback_metrics["val/token_acc_L1"]) == pytest.approx(float(after[1]))
+    assert set(trainer.callback_metrics) >= {"val/ce_L2", "val/token_acc_L3"}
     assert not any(p.requires_grad for p in decoder.parameters())
     assert all(not k.startswith("_frozen") for k in system.state_dict())  # the decoder is not checkpointed
 
