@@ -13,6 +13,7 @@ from ee_lightning.data.generation import PromptResponseDataModule
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
 from ee_lightning.exits.rl import greedy_exit
+from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
 from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.lm_stages import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
@@ -121,15 +122,22 @@ def easy_hard_tables(n=256, exits=4, hidden=16, hard_from=3, seed=0):
     return states, correct, ce, memorized, easy
 
 
-def test_token_policy_learns_to_exit_easy_tokens_early():
+def test_token_policy_learns_to_exit_easy_tokens_early(tmp_path):
     L.seed_everything(0)
     states, correct, ce, memorized, easy = easy_hard_tables()
     policy = TokenExitPolicy(4, 16, hidden=8)
     system = TokenPolicySystem(policy, k=8, alpha=0.1, task_term="correct", depth_term="hardness", lr=1e-2)
     loader = DataLoader(TokenStateDataset(states, ce=ce, correct=correct, memorized=memorized), batch_size=64,
                         shuffle=True)
-    quiet_trainer(max_epochs=40).fit(system, train_dataloaders=loader)
+    curve = RewardCurve()
+    curve.bind_stage("lm_policy", tmp_path)
+    trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", callbacks=[curve])
+    trainer.fit(system, train_dataloaders=loader)
     assert system.last_policy_step is not None and system.last_policy_step.exits.shape == (8, 64)
+    rows = read_curve(tmp_path / "reward_curve.csv", "lm_policy")
+    assert len(rows) == 40 * 4 and {"reward", "depth_cost", "p_exit_L1", "exit_layer"} <= set(rows[0])
+    assert rows[-1]["reward"] > rows[0]["reward"]
     with torch.no_grad():
         probs = torch.stack([policy.prob(layer, states[:, layer - 1]) for layer in range(1, 5)])
     exits = greedy_exit(probs)
