@@ -58,10 +58,6 @@ def test_aclsum_datamodule_batches():
     assert len(generate["references"]) == 2 and generate["attention_mask"][:, -1].all()
 
 
-def rows_items():
-    return [PromptItem("a b", "c", "x"), PromptItem("a", "c d e", "y")]
-
-
 def test_train_batches_mask_prompt_and_padding_and_right_pad():
     rows = [{"idx": 0, "prompt_ids": [5, 6], "response_ids": [7, 3], "prompt": "p", "reference": "r"},
             {"idx": 1, "prompt_ids": [5], "response_ids": [8, 9, 3], "prompt": "q", "reference": "s"},
