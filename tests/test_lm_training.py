@@ -219,6 +219,7 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     assert held_out["split"] == "validation" and held_out["tokens"] == sum(
         len(r) for r in dm.dataset("validation").response_ids)
     assert (tmp_path / "out" / "exit_states_validation.pt").is_file()
+    assert len(held_out["classifier_acc"]) == 1 and 0.0 <= held_out["classifier_acc"][0] <= 1.0
     mtime = (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns
     cfg.policy.epochs = cfg.classifier.epochs = cfg.adapters.epochs = 0
     again = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)

@@ -206,9 +206,11 @@ def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5
     return greedy_exit(probs, tau).cpu()
 
 
-def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5) -> dict:
+def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5,
+                 classifier: ExitClassifier | None = None) -> dict:
     """Per exit: token accuracy against the reference and agreement with the full model's token; with a
-    policy, its mean greedy exit (1..E) and the accuracy / agreement of the tokens it emits."""
+    policy, its mean greedy exit (1..E) and the accuracy / agreement of the tokens it emits; with CALM's
+    classifier, its accuracy per exit below the last (p > 0.5 vs "same token as the last exit")."""
     correct = exit_correct(tables["tokens"], cache["targets"])
     agree = exit_correct(tables["tokens"], cache["full_tokens"])
     summary = {"tokens": len(cache["targets"]), "token_acc": correct.float().mean(1).tolist(),
@@ -218,6 +220,13 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
         summary["policy_mean_exit"] = (at + 1).float().mean().item()
         summary["policy_token_acc"] = correct.gather(0, at).float().mean().item()
         summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()
+    if classifier is not None:
+        labels = agrees_with_last(tables["tokens"])
+        with torch.no_grad():
+            per_exit = _layers_first(cache["states"].to(next(classifier.parameters()).device, torch.float32))
+            said = torch.stack([classifier.prob(layer, per_exit[e]) > 0.5
+                                for e, layer in enumerate(classifier.exit_layers[:-1])]).cpu()
+        summary["classifier_acc"] = (said == labels).float().mean(1).tolist()
     return summary
 
 
@@ -308,6 +317,6 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
     if split:
         held_out = _split_cache(decoder, datamodule, str(split), exits.exit_layers, cache_cfg, out_dir, identity)
         summary["evaluation"] = {"split": str(split), **exit_summary(
-            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, tau)}
+            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, tau, classifier)}
     log.info("lm exits trained: %s", summary)
     return LMExitRun(exits, policy, classifier, cache, tables, memorized, summary)
