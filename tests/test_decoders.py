@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from tiny_decoders import FAMILIES, left_padded_prompts, tiny_lm
-from ee_lightning.modeling.backbones.decoders import SUPPORTED_FAMILIES, build_decoder
-from ee_lightning.modeling.backbones.decoder_build import DecoderError
+from ee_lightning.modeling.backbones.decoders import SUPPORTED_FAMILIES
+from ee_lightning.modeling.backbones.decoder_build import DecoderError, build_decoder
 
 
 @pytest.mark.parametrize("family", FAMILIES)

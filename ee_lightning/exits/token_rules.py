@@ -127,3 +127,8 @@ def margin(probs: torch.Tensor) -> torch.Tensor:
 def saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of two hidden states [..., H]."""
     return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
+
+
+def knob_name(rule: str) -> str | None:
+    """What a rule's knob is, for reports."""
+    return {"static": "layer", "policy": "tau", "full": None, "oracle": None}.get(rule, "threshold")

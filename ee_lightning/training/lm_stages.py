@@ -124,6 +124,11 @@ class TokenPolicySystem(L.LightningModule):
         self.last_policy_step = None
         self.last_policy_memorized = None
 
+    @property
+    def num_layers(self) -> int:
+        """The number of exits E: the exit-histogram callback counts sampled exits 1..E."""
+        return len(self.policy.exit_layers)
+
     def exit_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[B, E, H] -> [E, B] policy logits."""
         per_exit = _layers_first(states)

@@ -34,8 +34,8 @@ class DecoderError(ValueError):
     """A decoder config or checkpoint that cannot be used; the message says how to fix it."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EE_CACHE_DIR") or ".cache").expanduser()
+def cache_dir(folder=None) -> Path:
+    return Path(folder or os.environ.get("EE_CACHE_DIR") or ".cache").expanduser()
 
 
 def package_gguf(module_name: str) -> Path:
@@ -54,10 +54,10 @@ def package_gguf(module_name: str) -> Path:
     return files[0]
 
 
-def converted_folder(gguf: Path) -> Path:
+def converted_folder(gguf: Path, cache: str | Path | None = None) -> Path:
     """A safetensors checkpoint of `gguf` under the cache directory, converted on first use."""
     stat = gguf.stat()
-    target = cache_dir() / "decoders" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_dir(cache) / "decoders" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     print(f"Converting {gguf.name} to a safetensors checkpoint in {target} (once; about half a minute)", file=sys.stderr)
@@ -80,11 +80,11 @@ def converted_folder(gguf: Path) -> Path:
     return target
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str, cache: str | Path | None = None) -> Path:
     """`package:<module>` -> its converted GGUF folder; anything else -> a checked local folder."""
     path = str(path)
     if path.startswith("package:"):
-        return converted_folder(package_gguf(path.split(":", 1)[1]))
+        return converted_folder(package_gguf(path.split(":", 1)[1]), cache)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DecoderError(f"backbone.pretrained_path={folder} is not a directory; point it at a local transformers checkpoint folder")
@@ -101,8 +101,8 @@ def check_family(family) -> str:
     return family
 
 
-def load_tokenizer(source: str):
-    folder = resolve_checkpoint(source)
+def load_tokenizer(source: str, cache: str | Path | None = None):
+    folder = resolve_checkpoint(source, cache)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -113,8 +113,9 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def build_decoder(cfg) -> tuple[LayerwiseDecoder, object]:
-    """cfg: a `backbone` node with kind: decoder. Returns (layer-wise decoder in eval mode, tokenizer)."""
+def build_decoder(cfg, cache: str | Path | None = None) -> tuple[LayerwiseDecoder, object]:
+    """cfg: a `backbone` node with kind: decoder; cache: where converted checkpoints go (default env
+    EE_CACHE_DIR, else .cache). Returns (layer-wise decoder in eval mode, tokenizer)."""
     kind = cfg.get("kind") or "encoder"  # the encoder configs predate the key
     if kind != "decoder":
         raise DecoderError(f"backbone {cfg.get('name')!r} is an {kind} backbone (kind: {kind}); choose a decoder backbone "
@@ -124,15 +125,15 @@ def build_decoder(cfg) -> tuple[LayerwiseDecoder, object]:
     attn = cfg.get("attn_implementation") or "sdpa"
     dtype = getattr(torch, cfg.get("dtype") or "float32")
     if cfg.get("pretrained_path"):
-        checkpoint = resolve_checkpoint(cfg["pretrained_path"])
+        checkpoint = resolve_checkpoint(cfg["pretrained_path"], cache)
         family = check_family(AutoConfig.from_pretrained(checkpoint).model_type)
         if cfg.get("family") and cfg.get("family") != family:
             log.warning("backbone.family=%s but %s holds a %s model; using %s", cfg.get("family"), checkpoint, family, family)
-        tokenizer = load_tokenizer(cfg.get("tokenizer_path") or str(checkpoint))
+        tokenizer = load_tokenizer(cfg.get("tokenizer_path") or str(checkpoint), cache)
         model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation=attn, dtype=dtype)
     else:
         family = check_family(cfg.get("family"))
-        tokenizer = load_tokenizer(cfg.get("tokenizer_path") or DEFAULT_TOKENIZER)
+        tokenizer = load_tokenizer(cfg.get("tokenizer_path") or DEFAULT_TOKENIZER, cache)
         arch = dict(cfg.get("architecture") or {})
         arch.setdefault("vocab_size", len(tokenizer))
         for key in ("pad_token_id", "eos_token_id", "bos_token_id"):

@@ -273,6 +273,3 @@ def wrap_decoder(model: nn.Module) -> LayerwiseDecoder:
         raise ValueError(f"decoder family {family!r} is not supported; supported families: {', '.join(SUPPORTED_FAMILIES)}")
     return DECODERS[family](model)
 
-
-# Loading lives in its own module (checkpoint resolution, GGUF conversion); re-exported here.
-from ee_lightning.modeling.backbones.decoder_build import build_decoder  # noqa: E402,F401
