@@ -171,3 +171,17 @@ def test_teacher_forcing_and_the_real_deeper_states_reference():
         torch.testing.assert_close(real.cache.layers[layer].keys, reference.cache.layers[layer].keys, rtol=0, atol=1e-6)
     assert bool((real.kv_fills == 0).all()) and bool((real.exit_layers == 2).all())
     assert not torch.allclose(static.cache.layers[3].keys, reference.cache.layers[3].keys)
+
+
+def test_a_shared_prompt_cache_gives_the_same_generation_and_stays_unchanged():
+    from ee_lightning.inference.generate import prefill
+
+    _, decoder = tiny_lm("qwen2")
+    ids, mask = left_padded_prompts()
+    shared = prefill(decoder, ids, mask)
+    before = shared.layers[2].keys.clone()
+    for rule in (tr.Full(), tr.Static(2), tr.Oracle()):
+        plain = generate_with_exits(decoder, PlainExits(4), rule, ids, mask, 5)
+        reused = generate_with_exits(decoder, PlainExits(4), rule, ids, mask, 5, prompt_cache=shared)
+        assert torch.equal(plain.sequences, reused.sequences) and torch.equal(plain.exit_layers, reused.exit_layers)
+    assert torch.equal(shared.layers[2].keys, before) and shared.get_seq_length() == ids.shape[1] - 1

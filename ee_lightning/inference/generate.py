@@ -15,6 +15,7 @@ same cache, same logits processors, same EOS padding.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,17 @@ def _full_depth_tokens(decoder, hidden, ctx) -> torch.Tensor:
     return decoder.lm_head(decoder.final_norm(hidden[:, -1])).argmax(-1)
 
 
+@torch.no_grad()
+def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The cache of every prompt token but the last, at full depth (the last one starts generation)."""
+    cache = decoder.new_cache()
+    if input_ids.shape[1] > 1:
+        hidden, ctx = decoder.start(input_ids[:, :-1], attention_mask[:, :-1].long(), cache)
+        for index in range(decoder.num_layers):
+            hidden = decoder.step(index, hidden, ctx)
+    return cache
+
+
 def _as_list(ids):
     if ids is None:
         return []
@@ -93,7 +105,7 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
                         eos_token_id=None, pad_token_id=None, do_sample: bool = False, logits_processor=None,
                         policy=None, classifier=None, generator: torch.Generator | None = None,
                         propagate_kv: bool = True, force_tokens: torch.Tensor | None = None,
-                        output_logits: bool = False) -> GenerationResult:
+                        output_logits: bool = False, prompt_cache=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row from left-padded prompts, exiting per token by `rule`.
 
     eos_token_id: an id or a list; a row stops at its first EOS (later positions get
@@ -107,6 +119,8 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     force_tokens: [B, N] teacher forcing: these tokens are emitted and fed back whatever the
         exits predict (the exit decisions and logits are still computed), up to N steps.
     output_logits: keep every step's exit logits (before the processors) in `result.logits`.
+    prompt_cache: `prefill(decoder, input_ids, attention_mask)` computed once for these prompts
+        (copied, never changed): rules compared on the same prompts share the prompt pass.
     """
     if "policy" in rule.needs and policy is None:
         raise ValueError("this rule reads the exit policy: pass policy=")
@@ -119,13 +133,8 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     eos = _as_list(eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     batch, prompt_length = input_ids.shape
-    L = decoder.num_layers
-    cache = decoder.new_cache()
     mask = attention_mask.long()
-    if prompt_length > 1:
-        hidden, ctx = decoder.start(input_ids[:, :-1], mask[:, :-1], cache)
-        for index in range(L):
-            hidden = decoder.step(index, hidden, ctx)
+    cache = copy.deepcopy(prompt_cache) if prompt_cache is not None else prefill(decoder, input_ids, attention_mask)
 
     sequences, next_input = input_ids, input_ids[:, -1:]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
