@@ -185,3 +185,8 @@ def test_a_shared_prompt_cache_gives_the_same_generation_and_stays_unchanged():
         reused = generate_with_exits(decoder, PlainExits(4), rule, ids, mask, 5, prompt_cache=shared)
         assert torch.equal(plain.sequences, reused.sequences) and torch.equal(plain.exit_layers, reused.exit_layers)
     assert torch.equal(shared.layers[2].keys, before) and shared.get_seq_length() == ids.shape[1] - 1
+
+
+def test_policy_rule_is_strict_like_greedy_exit():
+    probs = torch.tensor([0.5, 0.51])
+    assert tr.Policy(0.5).decide(1, 2, {"policy": probs}).tolist() == [False, True]

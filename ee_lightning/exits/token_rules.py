@@ -80,9 +80,13 @@ class Classifier(_Threshold):
 
 
 class Policy(_Threshold):
-    """ConsistentEE: exit where the policy's exit probability reaches `threshold` (tau; 0.5 as trained)."""
+    """ConsistentEE: exit where the policy's exit probability exceeds `threshold` (tau; 0.5 as trained),
+    strictly, as the encoder side's `rl.greedy_exit`."""
 
     signal = "policy"
+
+    def decide(self, layer, n, signals):
+        return signals[self.signal] > self.threshold
 
 
 @dataclass(frozen=True)
