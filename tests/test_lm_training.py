@@ -205,6 +205,7 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
         cfg[stage].epochs = 1
     cfg.policy.k = 4
     cfg.policy.task_target = "full"
+    cfg.adapters.target = "full"
     run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)
     assert run.exits.exit_layers == [2, 4]
     for name in ("exit_states_train.pt", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt"):

@@ -276,7 +276,11 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
     if epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=float(_get(adapters_cfg, "lr", 1e-3)),
                                    weights=str(_get(adapters_cfg, "weights", "layer")))
-        loader = DataLoader(TokenStateDataset(cache["states"], targets=targets), batch_size=batch, shuffle=True)
+        # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
+        adapter_targets = hardness_targets(str(_get(adapters_cfg, "target", "reference")), targets,
+                                           cache["full_tokens"])
+        loader = DataLoader(TokenStateDataset(cache["states"], targets=adapter_targets), batch_size=batch,
+                            shuffle=True)
         trainer_factory("lm_adapters", epochs).fit(system, train_dataloaders=loader)
     exits.to(next(decoder.parameters()).device)
     atomic_torch_save(exits.state_dict(), out_dir / "lm_exits.pt")
