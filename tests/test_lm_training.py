@@ -17,7 +17,7 @@ from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
 from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.lm_stages import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
-                                             TokenStateDataset, train_lm_exits)
+                                             TokenStateDataset, per_exit_probs, train_lm_exits)
 from tests.conftest import CONF_DIR
 from tests.lm_fixtures import LlamaLayers, tiny_chat_tokenizer, tiny_llama
 
@@ -221,6 +221,8 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
         len(r) for r in dm.dataset("validation").response_ids)
     assert (tmp_path / "out" / "exit_states_validation.pt").is_file()
     assert len(held_out["classifier_acc"]) == 1 and 0.0 <= held_out["classifier_acc"][0] <= 1.0
+    assert torch.allclose(per_exit_probs(run.policy, run.cache["states"], chunk=3),
+                          per_exit_probs(run.policy, run.cache["states"]))
     mtime = (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns
     cfg.policy.epochs = cfg.classifier.epochs = cfg.adapters.epochs = 0
     again = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)

@@ -199,11 +199,22 @@ def _get(cfg, key: str, default):
 
 def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """Greedy exits (1..E) of cached tokens [N, E, H]: the first exit with p > tau, else the last."""
-    device = next(policy.parameters()).device
+    probs = per_exit_probs(policy, states)
+    return greedy_exit(probs, tau)
+
+
+def per_exit_probs(heads, states: torch.Tensor, layers: list[int] | None = None, chunk: int = 4096) -> torch.Tensor:
+    """[E', N] probabilities of a policy or classifier at `layers` (default: all its exits) over cached
+    states [N, E, H], in chunks of tokens (the whole cache may not fit on the device at once)."""
+    layers = heads.exit_layers if layers is None else layers
+    index = {layer: e for e, layer in enumerate(heads.exit_layers)}
+    device = next(heads.parameters()).device
+    out = []
     with torch.no_grad():
-        per_exit = _layers_first(states.to(device, torch.float32))
-        probs = torch.stack([policy.prob(layer, per_exit[e]) for e, layer in enumerate(policy.exit_layers)])
-    return greedy_exit(probs, tau).cpu()
+        for start in range(0, len(states), chunk):
+            per_exit = _layers_first(states[start:start + chunk].to(device, torch.float32))
+            out.append(torch.stack([heads.prob(layer, per_exit[index[layer]]) for layer in layers]).cpu())
+    return torch.cat(out, dim=1)
 
 
 def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5,
@@ -222,10 +233,7 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
         summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()
     if classifier is not None:
         labels = agrees_with_last(tables["tokens"])
-        with torch.no_grad():
-            per_exit = _layers_first(cache["states"].to(next(classifier.parameters()).device, torch.float32))
-            said = torch.stack([classifier.prob(layer, per_exit[e]) > 0.5
-                                for e, layer in enumerate(classifier.exit_layers[:-1])]).cpu()
+        said = per_exit_probs(classifier, cache["states"], classifier.exit_layers[:-1]) > 0.5
         summary["classifier_acc"] = (said == labels).float().mean(1).tolist()
     return summary
 
