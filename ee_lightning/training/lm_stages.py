@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
-from ee_lightning.exits.rl import epsilon_schedule, greedy_exit, reinforce_objective, step_statistics
+from ee_lightning.exits.rl import epsilon_schedule, exit_layers, reinforce_objective, step_statistics
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
@@ -199,8 +199,12 @@ def _get(cfg, key: str, default):
 
 def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """Greedy exits (1..E) of cached tokens [N, E, H]: the first exit with p > tau, else the last."""
-    probs = per_exit_probs(policy, states)
-    return greedy_exit(probs, tau)
+    return greedy_exits(per_exit_probs(policy, states), tau)
+
+
+def greedy_exits(probs: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """[E, N] exit probabilities -> [N] long: the first exit e with p_e > tau, else E (forced)."""
+    return exit_layers((probs > tau).unsqueeze(0))[0]
 
 
 def per_exit_probs(heads, states: torch.Tensor, layers: list[int] | None = None, chunk: int = 4096) -> torch.Tensor:
