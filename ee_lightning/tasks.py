@@ -10,6 +10,8 @@ from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 from torchmetrics.utilities import dim_zero_cat
 
+from ee_lightning.exits.signals import prediction
+
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 METRICS = ("acc", "f1", "mcc", "pearson_spearman")
@@ -38,6 +40,15 @@ class TaskSpec:
     @property
     def output_size(self) -> int:
         return 1 if self.is_regression else self.num_labels
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "label_names": list(self.label_names)}
+
+    @classmethod
+    def from_dict(cls, task: dict | "TaskSpec") -> "TaskSpec":
+        if isinstance(task, TaskSpec):
+            return task
+        return cls(**{**task, "label_names": tuple(task.get("label_names") or ())})
 
 
 class PearsonSpearmanMean(Metric):
@@ -80,7 +91,7 @@ def make_metric(task: TaskSpec, **metric_kwargs) -> Metric:
 
 def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
     """Head outputs [..., C] -> what a metric consumes: class ids, or the regression value."""
-    return logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+    return prediction(logits, task.is_regression)
 
 
 def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -90,8 +101,13 @@ def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, reduct
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
+def is_right(prediction: torch.Tensor, labels: torch.Tensor, is_regression: bool, tolerance: float = 0.5) -> torch.Tensor:
+    """Per row: the class is right, or the regression value is within `tolerance` of the label."""
+    if is_regression:
+        return (prediction.float() - labels.float()).abs() <= tolerance
+    return prediction == labels
+
+
 def is_correct(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, tolerance: float = 0.5) -> torch.Tensor:
-    """Per-instance bool: the class is right, or the regression value is within `tolerance`."""
-    if task.is_regression:
-        return (logits.squeeze(-1) - labels).abs() <= tolerance
-    return logits.argmax(-1) == labels
+    """Per-instance bool from head outputs [..., C]: see `is_right`."""
+    return is_right(predictions(task, logits), labels, task.is_regression, tolerance)

@@ -43,13 +43,8 @@ def policy_logits(model: EarlyExitModel, pooled: torch.Tensor, logits: torch.Ten
 def frozen_pass(model: EarlyExitModel, batch: dict):
     """Backbone and heads without gradients (they are frozen in the policy stage)."""
     with torch.no_grad():
-        hidden, bias = model.start(batch)
-        pooled, logits = [], []
-        for layer in range(model.num_layers):
-            hidden, pooled_l, logits_l = model.step(layer, hidden, bias, batch["attention_mask"])
-            pooled.append(pooled_l)
-            logits.append(logits_l)
-    return torch.stack(pooled), torch.stack(logits)
+        outputs = model(batch)
+    return outputs.pooled, outputs.logits
 
 
 def step_cached(model, optimizer, batch, labels, k, settings):
@@ -94,7 +89,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     backbone, tokenizer = build_backbone(OmegaConf.load(ROOT / "conf" / "backbone" / f"{args.backbone}.yaml"))
-    model = EarlyExitModel(backbone, ExitHeads(backbone.num_layers, backbone.hidden_size, 2), pooling="mean",
+    model = EarlyExitModel(backbone, ExitHeads(backbone.num_layers, backbone.hidden_size, 2, pooling="mean"),
                            policy=ExitPolicy(backbone.num_layers, backbone.hidden_size, 2)).eval()
     model.backbone.requires_grad_(False)
     model.heads.requires_grad_(False)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ee_lightning.results import RunResults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -65,11 +68,11 @@ def policy_sweep(study: str, preset: dict, seed: int, checkpoint: str, extra: li
                       term, alphas, f"task_name={study}", f"hydra.sweep.dir={sweep_dir}",
                       "report.latency.enabled=false", *QUIET, *extra])
         for results_file in sorted(sweep_dir.glob("*/results.json")):
-            results = json.loads(results_file.read_text())
+            results = RunResults.read(results_file.parent)
             overrides = (results_file.parent / ".hydra" / "overrides.yaml").read_text()
             jobs.append({"seed": seed, "depth_term": term.split("=")[1], "alpha": _alpha(overrides),
-                         "dir": str(results_file.parent), **results["methods"]["consistentee"],
-                         "full": results["methods"]["full"]["metric"]})
+                         "dir": str(results_file.parent), **dataclasses.asdict(results.methods["consistentee"]),
+                         "full": results.methods["full"].metric})
     return jobs
 
 

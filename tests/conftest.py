@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
+
+import ee_lightning.config  # noqa: F401  (registers the config schemas with Hydra before any compose)
 
 from ee_lightning.modeling.backbones import build_backbone
 from ee_lightning.modeling.heads import ExitHeads
@@ -16,7 +19,8 @@ from ee_lightning.modeling.exit_policy import ExitPolicy
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra"]
+TINY_BACKBONES = ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_distilbert", "tiny_electra", "tiny_mpnet",
+                  "tiny_deberta_v2", "tiny_xlm_roberta", "tiny_modernbert"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,10 +37,21 @@ def make_tiny_model(name: str = "tiny_bert", output_size: int = 2, with_policy: 
                     pooling: str = "cls", seed: int = 0, use_confidence: bool = False) -> tuple[EarlyExitModel, object]:
     torch.manual_seed(seed)
     backbone, tokenizer = build_backbone(backbone_cfg(name))
-    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, output_size, dropout=0.0)
+    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, output_size, dropout=0.0, pooling=pooling,
+                      first_token_pooler=backbone.first_token_pooler(), output_norm=backbone.output_norm())
     policy = (ExitPolicy(backbone.num_layers, backbone.hidden_size, output_size, use_confidence=use_confidence)
               if with_policy else None)
-    return EarlyExitModel(backbone, heads, pooling=pooling, policy=policy).eval(), tokenizer
+    return EarlyExitModel(backbone, heads, policy=policy).eval(), tokenizer
+
+
+def layer_states(backbone, batch: dict) -> list[torch.Tensor]:
+    """Every layer's hidden states (L tensors of [B, S, H]) through the step interface."""
+    hidden, ctx = backbone.start(batch)
+    states = []
+    for index in range(backbone.num_layers):
+        hidden = backbone.step(index, hidden, ctx)
+        states.append(hidden)
+    return states
 
 
 SENTENCES = [
@@ -63,7 +78,7 @@ def tiny_model():
 
 # --- composing and running ee-train in-process ------------------------------------------
 os.environ.setdefault("EE_CACHE_DIR", str(ROOT / ".cache"))
-DATA_OPTIONS = ["rotten_tomatoes", "bbc_news", "glue", "csv"]
+DATA_OPTIONS = ["rotten_tomatoes", "bbc_news", "glue", "csv", "hf"]
 
 
 def write_sentiment_files(folder: Path, n_train: int = 48, n_eval: int = 16) -> Path:
@@ -92,7 +107,27 @@ def data_overrides(option: str, tmp_path: Path) -> list[str]:
         folder = write_sentiment_files(tmp_path / "csvdata")
         return ["data=csv", f"data.train_file={folder / 'train.tsv'}", f"data.test_file={folder / 'test.tsv'}",
                 "data.text_column=sentence", "data.label_column=label"]
+    if option == "hf":
+        return ["data=hf", f"data.path={write_sentiment_dataset(tmp_path / 'hfdata')}", "data.text_column=sentence",
+                f"data.hf_cache_dir={tmp_path / 'hf_cache'}"]
     return [f"data={option}"]
+
+
+def write_sentiment_dataset(folder: Path) -> Path:
+    """The generated sentiment rows as a Hugging Face DatasetDict saved with save_to_disk."""
+    import csv
+
+    import datasets
+
+    files = write_sentiment_files(folder.with_name(folder.name + "_tsv"))
+    splits = {}
+    for split, name in (("train", "train.tsv"), ("validation", "dev.tsv"), ("test", "test.tsv")):
+        with open(files / name, newline="") as handle:
+            table = list(csv.DictReader(handle, delimiter="\t"))
+        splits[split] = datasets.Dataset.from_dict({"sentence": [r["sentence"] for r in table],
+                                                    "label": [int(r["label"]) for r in table]})
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return folder
 
 
 def compose_train(overrides: list[str], run_dir: Path, config_name: str = "train"):
@@ -110,3 +145,18 @@ def compose_train(overrides: list[str], run_dir: Path, config_name: str = "train
     HydraConfig.instance().set_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+class FailInStage(Callback):
+    """Fails the fit of one stage (`+callbacks.fail._target_=tests.conftest.FailInStage
+    +callbacks.fail.stage=policy`): a failure no config check can foresee, for the failure-path tests."""
+
+    def __init__(self, stage: str):
+        self.stage, self.bound = stage, None
+
+    def bind_stage(self, stage: str, run_dir) -> None:
+        self.bound = stage
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.bound == self.stage:
+            raise RuntimeError(f"deliberate failure in stage {self.stage}")

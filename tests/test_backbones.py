@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ee_lightning.modeling.backbones import BackboneError, LayerwiseBackbone, build_backbone, check_checkpoint
+from ee_lightning.modeling.heads import ExitHeads
 
-from conftest import CONF_DIR, SENTENCES, TINY_BACKBONES, backbone_cfg, make_batch
+from conftest import CONF_DIR, SENTENCES, TINY_BACKBONES, backbone_cfg, layer_states, make_batch
 
 ATOL = 1e-5
 # Families whose embeddings have a segment table with room for a second sentence.
@@ -40,11 +41,36 @@ def model_inputs(backbone: LayerwiseBackbone, batch: dict) -> dict:
     return kwargs
 
 
+def states(backbone: LayerwiseBackbone, input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids
+    return layer_states(backbone, batch)
+
+
+def pool(backbone: LayerwiseBackbone, hidden, attention_mask, mode: str = "cls") -> torch.Tensor:
+    """Pooling as the classification exit heads do it (through the backbone's pooler for cls)."""
+    heads = ExitHeads(1, backbone.hidden_size, 2, pooling=mode, first_token_pooler=backbone.first_token_pooler())
+    return heads.pool(hidden, attention_mask)
+
+
 def layerwise_and_reference(backbone: LayerwiseBackbone, batch: dict):
     with torch.no_grad():
-        mine = backbone(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        mine = states(backbone, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         out = backbone.model(**model_inputs(backbone, batch), output_hidden_states=True)
     return mine, out
+
+
+def library_view(backbone: LayerwiseBackbone, mine: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The layer-wise states as the library reports them: a pre-norm family (ModernBERT) reports its
+    last layer through its final norm."""
+    norm = backbone.output_norm()
+    return mine if norm is None else [*mine[:-1], norm(mine[-1])]
+
+
+def expected_attention(backbone: LayerwiseBackbone, requested: str) -> str:
+    """MPNet and DeBERTa-v2 have only eager attention in transformers: sdpa falls back to it."""
+    return requested if type(backbone.model)._supports_sdpa else "eager"
 
 
 def assert_states_match(mine, reference, atol: float = ATOL):
@@ -61,15 +87,15 @@ def assert_states_match(mine, reference, atol: float = ATOL):
 @pytest.mark.parametrize("name", TINY_BACKBONES)
 def test_layerwise_matches_library_padded(name, attn):
     backbone, tokenizer = build(name, attn_implementation=attn)
-    assert backbone.model.config._attn_implementation == attn
+    assert backbone.model.config._attn_implementation == expected_attention(backbone, attn)
     batch = make_batch(tokenizer, PADDED_TEXTS)
     mask = batch["attention_mask"]
     assert mask.sum(1).min() < mask.shape[1] // 4, "the batch should have heavily padded rows"
     mine, out = layerwise_and_reference(backbone, batch)
     assert len(mine) == backbone.num_layers
     assert all(state.shape == (*batch["input_ids"].shape, backbone.hidden_size) for state in mine)
-    assert_states_match(mine, out.hidden_states[1:])
-    assert torch.allclose(mine[-1], out.last_hidden_state, atol=ATOL)
+    assert_states_match(library_view(backbone, mine), out.hidden_states[1:])
+    assert torch.allclose(library_view(backbone, mine)[-1], out.last_hidden_state, atol=ATOL)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -82,20 +108,22 @@ def test_layerwise_matches_library_text_pairs(name, attn):
     assert_states_match(mine, out.hidden_states[1:])
     # The segment ids really reach the embeddings.
     with torch.no_grad():
-        no_types = backbone(batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["token_type_ids"]))
+        no_types = states(backbone, batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["token_type_ids"]))
     assert not torch.allclose(no_types[-1], mine[-1], atol=ATOL)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["tiny_roberta", "tiny_distilbert"])
+@pytest.mark.parametrize("name", ["tiny_roberta", "tiny_distilbert", "tiny_mpnet", "tiny_deberta_v2",
+                                  "tiny_xlm_roberta", "tiny_modernbert"])
 def test_text_pairs_without_segment_embeddings(name, attn):
-    """RoBERTa (one token type) and DistilBERT (none) get a pair batch from the BERT-style
-    tokenizer: its segment ids are ignored, as the model's own forward would treat them."""
+    """RoBERTa (one token type), DeBERTa-v3 (type_vocab_size 0) and DistilBERT, MPNet, ModernBERT (none)
+    get a pair batch from the BERT-style tokenizer: its segment ids are ignored, as the model's own
+    forward would treat them."""
     backbone, tokenizer = build(name, attn_implementation=attn)
     batch = make_batch(tokenizer, PADDED_TEXTS, SENTENCES[: len(PADDED_TEXTS)])
     assert not backbone.takes_token_types
     mine, out = layerwise_and_reference(backbone, batch)  # the reference gets no token_type_ids
-    assert_states_match(mine, out.hidden_states[1:])
+    assert_states_match(library_view(backbone, mine), out.hidden_states[1:])
     with torch.no_grad():
         embedded = backbone.embed(batch["input_ids"], batch["token_type_ids"])
     assert torch.equal(embedded, backbone.embed(batch["input_ids"]))
@@ -138,28 +166,28 @@ def test_albert_inner_groups():
 
 # --- 3. pooling ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_albert"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_albert", "tiny_mpnet", "tiny_xlm_roberta"])
 def test_cls_pooling_goes_through_the_pooler(name):
     backbone, tokenizer = build(name)
-    assert backbone.has_pooler
+    assert backbone.first_token_pooler() is not None
     batch = make_batch(tokenizer, PADDED_TEXTS)
     mine, out = layerwise_and_reference(backbone, batch)
     with torch.no_grad():
-        pooled = backbone.pool(mine[-1], batch["attention_mask"], "cls")
+        pooled = pool(backbone, mine[-1], batch["attention_mask"], "cls")
     assert out.pooler_output is not None
     assert pooled.shape == (len(PADDED_TEXTS), backbone.hidden_size)
     assert torch.allclose(pooled, out.pooler_output, atol=ATOL)
     assert not torch.allclose(pooled, mine[-1][:, 0], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_electra"])
+@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_electra", "tiny_deberta_v2"])
 def test_cls_pooling_is_first_token_without_pooler(name):
     backbone, tokenizer = build(name)
-    assert not backbone.has_pooler
+    assert backbone.first_token_pooler() is None
     batch = make_batch(tokenizer, PADDED_TEXTS)
     mine, _ = layerwise_and_reference(backbone, batch)
     for state in mine:
-        assert torch.equal(backbone.pool(state, batch["attention_mask"], "cls"), state[:, 0])
+        assert torch.equal(pool(backbone, state, batch["attention_mask"], "cls"), state[:, 0])
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
@@ -167,24 +195,23 @@ def test_mean_pooling_ignores_padding(name):
     backbone, tokenizer = build(name)
     batch = make_batch(tokenizer, PADDED_TEXTS)
     with torch.no_grad():
-        padded = backbone(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        padded = states(backbone, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
     for row, text in enumerate(PADDED_TEXTS):
         alone = make_batch(tokenizer, [text])
         assert alone["attention_mask"].all()
         with torch.no_grad():
-            states = backbone(alone["input_ids"], alone["attention_mask"], alone.get("token_type_ids"))
-        for layer, (state_padded, state_alone) in enumerate(zip(padded, states)):
-            mean_padded = backbone.pool(state_padded[row:row + 1], batch["attention_mask"][row:row + 1], "mean")
-            mean_alone = backbone.pool(state_alone, alone["attention_mask"], "mean")
+            unpadded = states(backbone, alone["input_ids"], alone["attention_mask"], alone.get("token_type_ids"))
+        for layer, (state_padded, state_alone) in enumerate(zip(padded, unpadded)):
+            mean_padded = pool(backbone, state_padded[row:row + 1], batch["attention_mask"][row:row + 1], "mean")
+            mean_alone = pool(backbone, state_alone, alone["attention_mask"], "mean")
             assert torch.allclose(mean_padded, mean_alone, atol=1e-4), (text, layer)
             assert torch.allclose(mean_alone, state_alone.mean(1), atol=1e-6)
 
 
 def test_unknown_pooling_mode():
-    backbone, tokenizer = build("tiny_bert")
-    batch = make_batch(tokenizer, PADDED_TEXTS)
-    with torch.no_grad(), pytest.raises(ValueError, match="cls.*mean"):
-        backbone.pool(backbone(batch["input_ids"], batch["attention_mask"])[-1], batch["attention_mask"], "max")
+    backbone, _ = build("tiny_bert")
+    with pytest.raises(ValueError, match="cls.*mean"):
+        pool(backbone, torch.zeros(1, 3, backbone.hidden_size), torch.ones(1, 3), "max")
 
 
 # --- 4. loading local checkpoints --------------------------------------------------------
@@ -196,6 +223,10 @@ CHECKPOINT_SIZES = {
     "tiny_albert": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
     "tiny_electra": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
     "tiny_distilbert": {"n_layers": 3, "dim": 48, "n_heads": 4},
+    "tiny_mpnet": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_deberta_v2": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_xlm_roberta": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
+    "tiny_modernbert": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4},
 }
 
 
@@ -214,7 +245,7 @@ def test_pretrained_path_loads_local_checkpoint(name, tmp_path):
         loaded, loaded_tokenizer = build_backbone(cfg)
         loaded.eval()
         assert type(loaded) is type(source)
-        assert loaded.family == family
+        assert loaded.config.model_type == family
         assert (loaded.num_layers, loaded.hidden_size) == (3, 48)
         source_state, loaded_state = source.model.state_dict(), loaded.model.state_dict()
         assert source_state.keys() == loaded_state.keys()
@@ -224,14 +255,14 @@ def test_pretrained_path_loads_local_checkpoint(name, tmp_path):
         batch = make_batch(loaded_tokenizer, PADDED_TEXTS, SENTENCES[: len(PADDED_TEXTS)])
         assert torch.equal(batch["input_ids"], make_batch(tokenizer, PADDED_TEXTS, SENTENCES[:4])["input_ids"])
         with torch.no_grad():
-            expected = source(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            got = loaded(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            assert torch.equal(loaded.pool(got[-1], batch["attention_mask"]),
-                               source.pool(expected[-1], batch["attention_mask"]))
+            expected = states(source, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            got = states(loaded, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            assert torch.equal(pool(loaded, got[-1], batch["attention_mask"]),
+                               pool(source, expected[-1], batch["attention_mask"]))
         for a, b in zip(expected, got):
             assert torch.equal(a, b)
         mine, out = layerwise_and_reference(loaded, batch)
-        assert_states_match(mine, out.hidden_states[1:])
+        assert_states_match(library_view(loaded, mine), out.hidden_states[1:])
 
 
 def test_family_mismatch_uses_the_checkpoint(tmp_path, caplog):

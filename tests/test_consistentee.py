@@ -12,9 +12,12 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.training import trainers
 from ee_lightning.inference.layer_cache import CachedLayerDataset
-from ee_lightning.exits.rl import greedy_exit
+from ee_lightning.exits.rules import policy_exits
+from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.policy import PolicySystem
+from tests.conftest import make_tiny_model
 from ee_lightning.app.train import train
+from ee_lightning.config import ConfigError
 from tests.conftest import compose_train, data_overrides
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]
@@ -42,12 +45,13 @@ def separable_cache(n: int = 256, layers: int = 4, hidden: int = 32, hard_from: 
 
 def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path):
     L.seed_everything(0)
-    cfg = compose_train(["backbone=tiny_bert", "method=consistentee", "method.policy.alpha=0.1",
-                         "method.policy.lr=1e-2", "method.policy.k=8", "method.policy.task_term=correct",
-                         "method.policy.depth_term=hardness", "data=glue", "data.task=sst2",
-                         "data.data_dir=unused"], tmp_path / "run")
+    cfg = compose_train(["method=consistentee", "method.policy.alpha=0.1", "method.policy.lr=1e-2",
+                         "method.policy.k=8", "method.policy.task_term=correct", "method.policy.depth_term=hardness"],
+                        tmp_path / "run")
     cache, memorized, easy = separable_cache()
-    system = PolicySystem(cfg, {"name": "generated", "kind": "classification", "num_labels": 2, "metric": "acc"})
+    model, _ = make_tiny_model("tiny_bert", output_size=2, with_policy=True)
+    task = TaskSpec("generated", "classification", 2, "acc")
+    system = PolicySystem(model, task, {}, rl=dict(cfg.method.policy), lr=cfg.method.policy.lr, tau=0.5, tolerance=0.5)
     loader = DataLoader(CachedLayerDataset(cache, memorized), batch_size=64, shuffle=True)
     trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
@@ -56,7 +60,7 @@ def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path)
     with torch.no_grad():
         policy = system.model.policy
         probs = torch.stack([policy(layer, cache["pooled"][layer], cache["logits"][layer]) for layer in range(4)])
-    exits = greedy_exit(probs, 0.5)
+    exits = policy_exits(probs, 0.5)
     at_exit = cache["logits"][exits - 1, torch.arange(len(exits))].argmax(-1)
     accuracy = (at_exit == cache["labels"]).float().mean()
     full_accuracy = (cache["logits"][-1].argmax(-1) == cache["labels"]).float().mean()
@@ -79,7 +83,7 @@ def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
         assert method["layer_saving"] == pytest.approx(1 - method["avg_exit_layer"] / 4)
         assert method["speedup"] == pytest.approx(4 / method["avg_exit_layer"])
     assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy", "joint"}
-    assert results["methods"]["full"]["metric"] == pytest.approx(written["full"], abs=1e-6)
+    assert results.methods["full"].metric == pytest.approx(written["full"], abs=1e-6)
     assert "wallclock_speedup_b1" in written["methods"]["consistentee"]["wallclock"]
     for name in ("pareto.csv", "pareto.md", "pareto.png"):
         assert (run / name).is_file()
@@ -136,7 +140,7 @@ def test_init_from_skips_stage_one_and_reuses_hardness(tmp_path):
     assert set(json.loads((second / "stages.json").read_text())) == {"policy"}
     assert os.stat(artefact).st_mtime_ns == stamp  # reused, not rewritten
     assert os.stat(outputs).st_mtime_ns == outputs_stamp
-    assert results["checkpoints"]["finetune"] == stage_one
+    assert results.checkpoints["finetune"] == stage_one
 
 
 @pytest.mark.slow
@@ -152,5 +156,5 @@ def test_init_from_of_another_backbone_is_refused(tmp_path):
 def test_init_from_missing_file_is_named(tmp_path):
     cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "init_from=/nowhere/stage1.ckpt"],
                         tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="init_from=/nowhere/stage1.ckpt"):
+    with pytest.raises(ConfigError, match="init_from=/nowhere/stage1.ckpt: the file does not exist"):
         train(cfg)

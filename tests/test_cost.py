@@ -20,17 +20,23 @@ class Scheduled(ExitRule):
     """Test rule: row i exits at TARGETS[i] (the state carries the targets, so it follows the rows)."""
 
     name: ClassVar[str] = "scheduled"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
     def init_state(self, batch_size, device=None):
         return {"target": torch.tensor(TARGETS[:batch_size], device=device)}
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
         return state["target"] <= layer, state
 
 
 @dataclass(frozen=True)
 class ScheduledWithPolicy(Scheduled):
-    needs_policy: ClassVar[bool] = True  # makes the runner evaluate the policy nets
+    needs: ClassVar[tuple[str, ...]] = ("prediction", "exit_prob")  # makes the runner evaluate the policy nets
+
+
+# Families with a per-batch (not per-row) part in every layer: the per-instance count is their batch-1 cost.
+PER_BATCH_COST = {"tiny_deberta_v2": "DeBERTa projects its relative position embeddings once per batch in every "
+                                     "layer (tests/test_encoder_families.py checks the gap)"}
 
 
 def counted(fn) -> float:
@@ -58,6 +64,8 @@ def equal_length_batch(rows: int = 8, width: int = 12) -> dict:
                          ids=["full", "static2", "mixed", "mixed+policy"])
 def test_count_agrees_with_flop_counter_over_a_runner_batch(tiny, rule):
     name, model, _, batch = tiny
+    if name in PER_BATCH_COST:
+        pytest.skip(PER_BATCH_COST[name])
     seq_len = batch["input_ids"].shape[1]
     runner = EarlyExitRunner(model)
     out = {}

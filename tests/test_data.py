@@ -611,7 +611,7 @@ def test_real_wheels_download(tok, tmp_path):
 def test_conf_data_options_build(tok, tmp_path):
     # aclsum and jsonl_generation are prompt -> response data for decoders (tests/test_generation_data.py)
     options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if p.stem not in ("aclsum", "jsonl_generation"))
-    assert options == ["bbc_news", "csv", "glue", "rotten_tomatoes"]
+    assert options == ["bbc_news", "csv", "glue", "hf", "rotten_tomatoes"]
     write_glue(tmp_path / "glue", "sst2")
     rt_wheel = fake_wheel(tmp_path / "rt.whl", {RT_MEMBER: fake_rotten_csv(300, 300, 5)})
     bbc_wheel = fake_wheel(tmp_path / "bbc.whl", fake_bbc_members())
@@ -621,6 +621,8 @@ def test_conf_data_options_build(tok, tmp_path):
         "bbc_news": {"source_path": str(bbc_wheel), "verify_checksum": False},
         "glue": {"data_dir": str(tmp_path / "glue")},
         "csv": {"train_file": str(train)},
+        "hf": {"path": "csv", "data_files": str(train), "validation_split": None, "test_split": None,
+               "hf_cache_dir": str(tmp_path / "hf_cache")},
     }
     for option in options:
         cfg = OmegaConf.load(CONF_DIR / "data" / f"{option}.yaml")
@@ -643,7 +645,7 @@ def test_conf_data_options_build(tok, tmp_path):
 
 def test_build_datamodule_errors(tok, tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
-    with pytest.raises(DataError, match=r"has no _target_.*bbc_news, csv, glue, rotten_tomatoes"):
+    with pytest.raises(DataError, match=r"has no _target_.*bbc_news, csv, glue, hf, rotten_tomatoes"):
         build_datamodule({"name": "mine", "max_length": 8}, tok)
     with pytest.raises(DataError, match=r"could not build ee_lightning\.data\.NoSuchModule.*rotten_tomatoes"):
         build_datamodule({"_target_": "ee_lightning.data.NoSuchModule", "name": "x"}, tok)

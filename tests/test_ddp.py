@@ -24,7 +24,7 @@ def test_ddp_two_cpu_processes_sync_metrics_over_the_whole_split(tmp_path):
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert len(results["layer_metrics"]) == 4
+    assert len(results.layer_metrics) == 4
     rows = list(csv.DictReader(open(run_dir / "csv" / "finetune" / "metrics.csv")))
     val_counts = [float(r["val/num_examples"]) for r in rows if r.get("val/num_examples")]
     assert val_counts and all(count == 21 for count in val_counts), val_counts

@@ -57,7 +57,7 @@ def test_checkpoint_of_another_backbone_or_task_is_refused(policy_checkpoint, tm
         evaluate(compose_train([f"ckpt_path={ckpt}", "+expect.backbone=minilm_l6"], tmp_path / "a", "eval"))
     other = tmp_path / "other.tsv"
     other.write_text("text\tlabel\n" + "".join(f"row {i}\t{i % 3}\n" for i in range(30)))
-    with pytest.raises(ValueError, match="trained on task sst2"):
+    with pytest.raises(ValueError, match="trained with task sst2"):
         evaluate(compose_train([f"ckpt_path={ckpt}", "+data._target_=ee_lightning.data.CsvDataModule",
                                 f"+data.train_file={other}", "+data.text_column=text", "+data.label_column=label",
                                 "+data.name=csv", "report.latency.enabled=false"], tmp_path / "b", "eval"))

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 from ee_lightning.data.generation import PromptResponseDataModule
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
-from ee_lightning.exits.rl import greedy_exit
 from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
 from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.lm_stages import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
-                                             TokenStateDataset, train_lm_exits)
+                                             TokenStateDataset, greedy_exits, per_exit_probs,
+                                             train_lm_exits)
 from tests.conftest import CONF_DIR
 from tests.lm_fixtures import LlamaLayers, tiny_chat_tokenizer, tiny_llama
 
@@ -46,6 +46,12 @@ def test_memorized_exit_per_token_hand_computed():
     assert agrees_with_last(tokens).tolist() == [[True, False, True, False], [True, True, False, False]]
     with pytest.raises(ValueError, match="hardness target"):
         hardness_targets("gold", targets, full)
+
+
+def test_greedy_exits_first_above_tau_else_last():
+    probs = torch.tensor([[0.2, 0.9, 0.6], [0.7, 0.1, 0.4], [0.0, 0.0, 0.0]])  # [E=3, N=3]
+    assert greedy_exits(probs).tolist() == [2, 1, 1]
+    assert greedy_exits(probs, tau=0.8).tolist() == [3, 1, 3]
 
 
 def test_exit_loss_weights():
@@ -140,7 +146,7 @@ def test_token_policy_learns_to_exit_easy_tokens_early(tmp_path):
     assert rows[-1]["reward"] > rows[0]["reward"]
     with torch.no_grad():
         probs = torch.stack([policy.prob(layer, states[:, layer - 1]) for layer in range(1, 5)])
-    exits = greedy_exit(probs)
+    exits = greedy_exits(probs)
     assert exits[easy].float().mean() < 1.5, exits[easy].float().mean()
     assert exits[~easy].float().mean() >= 2.9, exits[~easy].float().mean()
     accuracy = correct[torch.arange(len(exits)), exits - 1].float().mean()
@@ -205,6 +211,7 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
         cfg[stage].epochs = 1
     cfg.policy.k = 4
     cfg.policy.task_target = "full"
+    cfg.adapters.target = "full"
     run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)
     assert run.exits.exit_layers == [2, 4]
     for name in ("exit_states_train.pt", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt"):
@@ -220,6 +227,8 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
         len(r) for r in dm.dataset("validation").response_ids)
     assert (tmp_path / "out" / "exit_states_validation.pt").is_file()
     assert len(held_out["classifier_acc"]) == 1 and 0.0 <= held_out["classifier_acc"][0] <= 1.0
+    assert torch.allclose(per_exit_probs(run.policy, run.cache["states"], chunk=3),
+                          per_exit_probs(run.policy, run.cache["states"]))
     mtime = (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns
     cfg.policy.epochs = cfg.classifier.epochs = cfg.adapters.epochs = 0
     again = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)

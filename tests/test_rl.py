@@ -243,12 +243,14 @@ def test_epsilon_schedule():
 # --------------------------------------------------------------------------- inference and rollout
 
 
-def test_greedy_exit():
-    probs = torch.tensor([[0.6, 0.2, 0.1], [0.9, 0.7, 0.3], [0.1, 0.1, 0.9]])
-    assert rl.greedy_exit(probs, 0.5).tolist() == [1, 2, 3]
-    assert rl.greedy_exit(probs, 0.65).tolist() == [2, 2, 3]
-    assert rl.greedy_exit(probs, 0.95).tolist() == [3, 3, 3]
+def test_greedy_inference_is_the_policy_rule():
+    """Inference has one definition (the policy exit rule); it exits at the first p_l > tau."""
+    from ee_lightning.exits.rules import policy_exits
 
+    probs = torch.tensor([[0.6, 0.2, 0.1], [0.9, 0.7, 0.3], [0.1, 0.1, 0.9]])  # [L=3, B=3]
+    assert policy_exits(probs, 0.5).tolist() == [1, 2, 3]
+    assert policy_exits(probs, 0.65).tolist() == [2, 2, 3]
+    assert policy_exits(probs, 0.95).tolist() == [3, 3, 3]
 
 def test_rollout_composes_sampling_and_log_prob():
     logits = torch.tensor([[logit(0.2), 3.0], [0.0, -3.0], [1.0, 1.0]], requires_grad=True)

@@ -6,9 +6,14 @@ import torch
 
 from conftest import SENTENCES, TINY_BACKBONES, make_batch, make_tiny_model
 from ee_lightning.inference.runner import EarlyExitRunner
-from ee_lightning.exits.rules import RULES, build_rule, entropy, max_prob, predictions_at_exit, replay
+from ee_lightning.exits.rules import RULES, at_exit, build_rule, replay
+from ee_lightning.exits.signals import all_layer_signals, entropy, max_prob
 
 L = 4  # the tiny backbones' depth
+
+
+def signals_of(out, is_regression: bool = False) -> dict:
+    return all_layer_signals(out.logits, out.exit_probs, is_regression)
 
 
 @torch.no_grad()
@@ -58,7 +63,8 @@ def candidate_rules(name: str, out, labels, is_regression=False, min_gap=1e-2):
             return [build_rule(name, patience=p, tolerance=t) for p in (1, 2) for t in midpoints(moves, min_gap)]
         return [build_rule(name, patience=p) for p in (0, 1, 2, 3)]
     if name == "pcee":
-        return [build_rule(name, threshold=t, patience=p) for p in (1, 2) for t in midpoints(entropy(logits), min_gap)]
+        normalised = entropy(logits) / torch.log(torch.tensor(float(logits.shape[-1])))
+        return [build_rule(name, threshold=t, patience=p) for p in (1, 2) for t in midpoints(normalised, min_gap)]
     if name == "static":
         return [build_rule(name, k=k) for k in (1, 2, 3, 4)]
     if name == "policy":
@@ -72,7 +78,7 @@ def chosen_rules(name, out, labels, is_regression=False, min_gap=1e-2):
     candidates = candidate_rules(name, out, labels, is_regression, min_gap)
     if name in ("static", "full", "oracle"):
         return candidates
-    scored = [(spread(replay(r, out.logits, out.exit_probs, labels=labels, is_regression=is_regression)), i)
+    scored = [(spread(replay(r, signals_of(out, is_regression), labels=labels, is_regression=is_regression)), i)
               for i, r in enumerate(candidates)]
     return [candidates[max(scored)[1]]]
 
@@ -111,11 +117,11 @@ def test_runner_equals_replay(setup, name):
     runner = EarlyExitRunner(model)
     seen = set()
     for rule in chosen_rules(name, out, labels, min_gap=tol["min_gap"]):
-        expected = replay(rule, out.logits, out.exit_probs, labels=labels)
+        expected = replay(rule, signals_of(out), labels=labels)
         logits, exit_layers = runner.run(batch, rule, labels=labels)
         assert exit_layers.dtype == torch.long and exit_layers.shape == (8,)
         assert exit_layers.tolist() == expected.tolist(), (backbone, rule.describe())
-        torch.testing.assert_close(logits, predictions_at_exit(out.logits, expected), rtol=tol["rtol"], atol=tol["atol"])
+        torch.testing.assert_close(logits, at_exit(out.logits, expected), rtol=tol["rtol"], atol=tol["atol"])
         # the runner ran only the rows still active at each layer
         assert runner.active_per_layer == [int((expected >= layer).sum()) for layer in range(1, int(expected.max()) + 1)]
         seen.update(exit_layers.tolist())
@@ -130,7 +136,7 @@ def test_exits_spread_for_the_confidence_rules(setup):
     _, model, _, batch, out, tol = setup
     for name in ("entropy", "policy"):
         (rule,) = chosen_rules(name, out, None, min_gap=tol["min_gap"])
-        assert spread(replay(rule, out.logits, out.exit_probs))[0] >= 3, name
+        assert spread(replay(rule, signals_of(out)))[0] >= 3, name
 
 
 @pytest.mark.parametrize("name", ["pcee", "policy", "oracle"])  # stateful, policy-driven, label-driven
@@ -168,12 +174,12 @@ def test_regression_runner_equals_replay():
     runner = EarlyExitRunner(model)
     for name in ("patience", "static", "oracle", "full", "policy"):
         for rule in chosen_rules(name, out, labels, is_regression=True):
-            expected = replay(rule, out.logits, out.exit_probs, labels=labels, is_regression=True)
+            expected = replay(rule, signals_of(out, True), labels=labels, is_regression=True)
             logits, exit_layers = runner.run(batch, rule, labels=labels)  # regression inferred from 1 output
             assert exit_layers.tolist() == expected.tolist(), rule.describe()
             if name == "patience":
                 assert len(set(exit_layers.tolist())) >= 2, rule.describe()  # the tolerance knob matters
-            torch.testing.assert_close(logits, predictions_at_exit(out.logits, expected), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits, at_exit(out.logits, expected), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="regression"):
         runner.run(batch, build_rule("entropy"))
 
@@ -186,7 +192,7 @@ def test_runner_errors_and_conveniences(setup):
     with pytest.raises(ValueError, match=r"outside 1\.\.4"):
         runner.run(batch, build_rule("static", k=5))
     labelled = dict(batch, labels=oracle_labels(out))
-    assert runner.run(labelled, "oracle")[1].tolist() == replay(build_rule("oracle"), out.logits,
+    assert runner.run(labelled, "oracle")[1].tolist() == replay(build_rule("oracle"), signals_of(out),
                                                                 labels=labelled["labels"]).tolist()
     assert runner.run(batch, "full")[1].tolist() == [L] * 8
     no_policy, tokenizer = make_tiny_model("tiny_bert", output_size=3, with_policy=False)

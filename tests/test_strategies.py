@@ -9,15 +9,16 @@ import torch
 from ee_lightning.exits.rules import (
     GRID_KNOBS,
     RULES,
+    at_exit,
     build_rule,
     default_grid,
-    entropy,
     exit_summary,
-    predictions_at_exit,
+    policy_exits,
     replay,
     rule_from_grid,
     select_state,
 )
+from ee_lightning.exits.signals import all_layer_signals, entropy, layer_signals
 
 
 def dist(cls: int, p: float) -> list[float]:
@@ -42,7 +43,8 @@ def exits(name, logits=LOGITS, exit_probs=EXIT_PROBS, **kwargs):
     labels = kwargs.pop("labels", None)
     regression = kwargs.pop("is_regression", False)
     rule = build_rule(name, num_layers=logits.shape[0], **kwargs)
-    return replay(rule, logits, exit_probs, labels=labels, is_regression=regression).tolist()
+    signals = all_layer_signals(logits, exit_probs, regression)
+    return replay(rule, signals, labels=labels, is_regression=regression).tolist()
 
 
 def test_constructed_outputs_are_what_the_comments_say():
@@ -67,7 +69,7 @@ def test_maxprob(threshold, expected):
 
 
 @pytest.mark.parametrize("patience,expected", [
-    (0, [1, 1, 1]),
+    (0, [4, 4, 4]),  # PABEE's own meaning: patience 0 runs every layer
     (1, [2, 3, 2]),  # same prediction as the layer before
     (2, [3, 4, 4]),  # row 2 changes at layer 3, so its counter is only 1 at layer 4: forced
     (3, [4, 4, 4]),
@@ -87,19 +89,23 @@ def test_patience_regression_uses_tolerance(patience, expected):
                  is_regression=True) == [patience + 1] * 3
 
 
-def test_regression_is_inferred_from_one_output():
-    rule = build_rule("patience", patience=1, tolerance=0.1)
-    assert replay(rule, REG, is_regression=None).tolist() == [2, 4, 2]
-
-
+# PCEE's threshold is normalised entropy H / ln C; with C = 3 the entropies above become
+# .4 -> .991, .5 -> .947, .6 -> .865, .9 -> .359, .95 -> .212, .99 -> .057.
 @pytest.mark.parametrize("threshold,patience,expected", [
-    (0.3, 2, [4, 4, 2]),  # confident (H < .3): row0 F F T T, row1 F F F T, row2 T T F F
-    (0.5, 2, [3, 4, 2]),  # row0 F T T T
-    (0.5, 1, [2, 4, 1]),  # patience 1 is the entropy rule
+    (0.27, 2, [4, 4, 2]),  # confident (H/ln3 < .27): row0 F F T T, row1 F F F T, row2 T T F F
+    (0.45, 2, [3, 4, 2]),  # row0 F T T T
+    (0.45, 1, [2, 4, 1]),  # patience 1 is the entropy rule
     (2.0, 3, [3, 3, 3]),
 ])
 def test_pcee(threshold, patience, expected):
     assert exits("pcee", threshold=threshold, patience=patience) == expected
+
+
+def test_normalised_entropy_is_one_for_a_uniform_head_of_any_size():
+    for classes in (2, 3, 10):
+        signals = layer_signals(torch.zeros(4, classes), needs=("entropy", "entropy_normalized"))
+        assert signals["entropy"][0].item() == pytest.approx(math.log(classes))
+        assert signals["entropy_normalized"].tolist() == pytest.approx([1.0] * 4)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -126,9 +132,9 @@ def test_policy(tau, expected):
     assert exits("policy", tau=tau) == expected
 
 
-def test_predictions_at_exit_and_summary():
+def test_at_exit_and_summary():
     exit_layers = torch.tensor([3, 4, 1])
-    picked = predictions_at_exit(LOGITS, exit_layers)
+    picked = at_exit(LOGITS, exit_layers)
     assert picked.shape == (3, 3)
     for b, layer in enumerate(exit_layers.tolist()):
         assert torch.equal(picked[b], LOGITS[layer - 1, b])
@@ -146,9 +152,13 @@ def test_decide_is_row_wise_so_state_can_be_subset():
     rows = torch.tensor([0, 2])
     sub_state = select_state(state, rows)
     for layer in range(1, 4):
-        full_exit, full_state = rule.decide(layer, LOGITS[layer - 1], None, full_state)
-        sub_exit, sub_state = rule.decide(layer, LOGITS[layer - 1, rows], None, sub_state)
+        full_exit, full_state = rule.decide(layer, layer_signals(LOGITS[layer - 1]), full_state)
+        sub_exit, sub_state = rule.decide(layer, layer_signals(LOGITS[layer - 1, rows]), sub_state)
         assert torch.equal(sub_exit, full_exit[rows])
+
+
+def test_policy_exits_is_the_policy_rule():
+    assert policy_exits(EXIT_PROBS, 0.5).tolist() == exits("policy", tau=0.5) == [2, 4, 1]
 
 
 def test_default_grids_go_from_no_saving_to_full_saving():
@@ -159,7 +169,8 @@ def test_default_grids_go_from_no_saving_to_full_saving():
         grid = default_grid(name, 6, num_classes=3)
         assert grid, name
         labels = torch.randint(0, 3, (50,))
-        averages = [replay(rule_from_grid(name, value, num_layers=6), logits, probs, labels=labels).float().mean().item()
+        signals = all_layer_signals(logits, probs)
+        averages = [replay(rule_from_grid(name, value, num_layers=6), signals, labels=labels).float().mean().item()
                     for value in grid]
         if name in ("entropy", "maxprob", "static", "patience", "policy"):
             assert averages == sorted(averages, reverse=True), name  # monotone: later points save more
@@ -211,15 +222,15 @@ def test_bad_knobs(name, knobs, message):
 def test_static_beyond_the_model_fails_at_replay():
     rule = build_rule("static", k=5)  # no num_layers: checked when the depth is known
     with pytest.raises(ValueError, match=r"outside 1\.\.4"):
-        replay(rule, LOGITS)
+        replay(rule, all_layer_signals(LOGITS))
 
 
 def test_missing_inputs():
-    with pytest.raises(ValueError, match="needs exit_probs"):
-        replay(build_rule("policy"), LOGITS, None)
+    with pytest.raises(ValueError, match="needs the signal.*exit_prob.*a model with a policy"):
+        replay(build_rule("policy"), all_layer_signals(LOGITS))
     with pytest.raises(ValueError, match="needs labels"):
-        replay(build_rule("oracle"), LOGITS)
-    with pytest.raises(ValueError, match="regression"):
-        replay(build_rule("entropy"), REG, is_regression=True)
+        replay(build_rule("oracle"), all_layer_signals(LOGITS))
+    with pytest.raises(ValueError, match="needs the signal.*entropy.*a classification head"):
+        replay(build_rule("entropy"), all_layer_signals(REG, is_regression=True), is_regression=True)
     with pytest.raises(ValueError, match="does not match"):
         rule_from_grid("pcee", 0.3)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from ee_lightning.app.sweep import objective_value, sweep_return, write_summary
 from tests.conftest import ROOT, compose_train, write_sentiment_files
 
-RESULTS = {"metric_name": "acc", "full": 0.9, "objective": 0.85, "layer_metrics": [0.6, 0.9],
+BASE = {"task": "sst2", "metric_name": "acc", "num_layers": 2, "backbone": "tiny_bert", "data": "glue", "seed": 42}
+RESULTS = {**BASE, "full": 0.9, "objective": 0.85, "layer_metrics": [0.6, 0.9],
            "methods": {"consistentee": {"metric": 0.85, "layer_saving": 0.4, "avg_exit_layer": 1.2, "speedup": 1.67}}}
 
 
@@ -67,7 +68,8 @@ def test_summary_of_jobs_with_and_without_results(tmp_path):
     fake_job(sweep, 0, ["backbone=tiny_bert", "method.policy.alpha=0.01"], RESULTS)
     fake_job(sweep, 1, ["backbone=tiny_bert", "method.policy.alpha=0.05"], better)
     fake_job(sweep, 2, ["backbone=tiny_bert", "method.policy.alpha=0.1"], None)  # failed job
-    fake_job(sweep, 10, ["backbone=tiny_bert", "method.policy.alpha=0.2"], {"metric_name": "acc", "full": 0.8})
+    fake_job(sweep, 10, ["backbone=tiny_bert", "method.policy.alpha=0.2"],
+             {**BASE, "full": 0.8, "layer_metrics": [0.7, 0.8]})
     paths = write_summary(sweep)
     rows = list(csv.DictReader(open(paths["csv"], newline="")))
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
@@ -174,9 +176,10 @@ def test_a_failed_job_closes_its_wandb_run_and_the_next_job_gets_its_own(tmp_pat
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "EE_ROOT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", "-m", "method=consistentee", *tiny_args(tmp_path),
-                          "method.policy.sampler=nope,bernoulli", "logger=wandb", f"hydra.sweep.dir={sweep}"],
+                          "+callbacks.fail._target_=tests.conftest.FailInStage", "+callbacks.fail.stage=policy,none",
+                          "logger=wandb", f"hydra.sweep.dir={sweep}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "sampler 'nope'" in out.stderr
+    assert out.returncode != 0 and "deliberate failure in stage policy" in out.stderr
     failed = {run["job_type"]: run["exit_code"] for run in offline_runs(sweep / "0")}
     assert failed == {"finetune": 0, "policy": 1}  # the policy stage's run is closed, marked failed
     assert sorted(run["job_type"] for run in offline_runs(sweep / "1")) == [

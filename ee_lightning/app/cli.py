@@ -8,7 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+import ee_lightning.config  # noqa: F401  (registers the config schemas; misspelt keys get a suggestion)
+
+# ee_lightning/conf: the config tree inside the wheel; in a checkout, a link to the top-level conf/.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _quiet_defaults() -> None:
@@ -31,7 +34,7 @@ def train_main(cfg: DictConfig) -> float | list[float] | None:
     results = train(cfg)
     # The value a Hydra sweeper optimises: the last layer's metric, or the method's when there is one;
     # the values named by `optimized_metrics` when set (a list of floats for a multi-objective search).
-    return sweep_return(results, cfg.get("optimized_metrics"))
+    return sweep_return(results.to_dict(), cfg.get("optimized_metrics"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -1,4 +1,8 @@
-"""ee-eval: one checkpoint, one split, every exit rule at every knob -> pareto.csv / .md / .png."""
+"""ee-eval: one checkpoint, one split, every exit rule at every knob -> pareto.csv / .md / .png.
+
+The checkpoint alone is enough: it carries the model spec (backbone architecture, heads, policy,
+task and tokenizer), so the pretrained folder the run started from is not read.
+"""
 from __future__ import annotations
 
 import json
@@ -7,53 +11,44 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.config import validate_config
 from ee_lightning.data import build_datamodule
-from ee_lightning.inference.layer_cache import collect_layer_outputs
 from ee_lightning.evaluation.pareto import measure_latency, pareto_points, rule_grids, summary_rows, write_report
 from ee_lightning.exits.rules import build_rule
-from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
+from ee_lightning.inference.layer_cache import collect_signals
+from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts, model_from_spec
+from ee_lightning.training.systems.base import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def load_system(ckpt_path: str) -> EarlyExitSystem:
+def load_checkpoint_model(ckpt_path: str):
+    """(model in eval mode, tokenizer, task, spec) from an ee-train checkpoint alone."""
     checkpoint = read_checkpoint(ckpt_path)
-    hparams = checkpoint["hyper_parameters"]
-    system = EarlyExitSystem(hparams["cfg"], hparams["task"])
-    system.load_state_dict(checkpoint["state_dict"])
-    return system.eval()
+    spec = checkpoint[SPEC_KEY]
+    model, tokenizer, task = model_from_spec(spec)
+    load_parts(model, checkpoint["state_dict"], ("backbone", "heads", "policy"), f"ckpt_path={ckpt_path}")
+    return model.eval(), tokenizer, task, spec
 
 
-def check_expected(system: EarlyExitSystem, cfg: DictConfig, ckpt_path: str) -> None:
+def check_expected(spec: dict, cfg: DictConfig, ckpt_path: str) -> None:
     """`expect.backbone` / `expect.task`: refuse a checkpoint of another backbone or task."""
     expect = cfg.get("expect") or {}
-    found = {"backbone": system.cfg.backbone.get("name"), "task": system.task.name}
+    found = {"backbone": spec["backbone"].get("name"), "task": spec["task"]["name"]}
     for key, wanted in expect.items():
         if wanted is not None and found.get(key) != wanted:
             raise ValueError(f"{ckpt_path} holds {key}={found.get(key)!r}, but expect.{key}={wanted!r}; "
                              "pass the checkpoint of the run you mean")
 
 
-def check_same_task(system: EarlyExitSystem, task, ckpt_path: str) -> None:
-    """The data to evaluate on must be the task the checkpoint's heads were trained for."""
-    mine = (system.task.name, system.task.kind, system.task.output_size)
-    theirs = (task.name, task.kind, task.output_size)
-    if mine != theirs:
-        raise ValueError(f"{ckpt_path} was trained on task {mine[0]} ({mine[1]}, {mine[2]} outputs) but the data "
-                         f"given is task {theirs[0]} ({theirs[1]}, {theirs[2]} outputs); drop the data overrides "
-                         "or pass the checkpoint trained on this task")
-
-
-def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
+def run_report(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
                tau: float | None = None, title: str = "") -> dict:
-    """Replay every rule over `cache` (all-layer outputs of `split`), time the real runner at
+    """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
     ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
-    model = system.model.eval()
-    task = system.task
+    model = model.eval()
     rules = list(report_cfg.rules) if report_cfg.rules is not None else None
     grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
-    grids = rule_grids(rules, grids, model.num_layers, cache["logits"].shape[-1], task.is_regression)
+    grids = rule_grids(rules, grids, model.num_layers, task.output_size, task.is_regression)
     if tau is not None and "policy" in grids and tau not in grids["policy"]:
         grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
     points = pareto_points(model, task, cache, grids)
@@ -72,24 +67,25 @@ def run_report(system: EarlyExitSystem, cache: dict, datamodule, split: str, out
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    system = load_system(cfg.ckpt_path)
-    check_expected(system, cfg, cfg.ckpt_path)
-    data_cfg = system.cfg.data
+    validate_config(cfg)  # every problem of the config at once, before the checkpoint or data loads
+    model, tokenizer, task, spec = load_checkpoint_model(cfg.ckpt_path)
+    check_expected(spec, cfg, cfg.ckpt_path)
+    data_cfg = OmegaConf.create(spec["data"])
     if cfg.get("data"):
         # A data config with its own _target_ replaces the checkpoint's; otherwise it overrides keys of it.
         replaces = cfg.data.get("_target_") not in (None, data_cfg.get("_target_"))
         data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data)) if replaces else OmegaConf.merge(data_cfg, cfg.data)
     with open_dict(data_cfg):
         data_cfg.cache_dir = str(Path(cfg.paths.cache_dir) / "data")
-    datamodule = build_datamodule(data_cfg, load_tokenizer(system.cfg.backbone))
+    datamodule = build_datamodule(data_cfg, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    check_same_task(system, datamodule.task, cfg.ckpt_path)
+    check_same_model(spec, datamodule.task, cfg.ckpt_path)
     out_dir = Path(cfg.paths.output_dir)
-    tau = cfg.tau if cfg.get("tau") is not None else system.cfg.method.get("tau", 0.5)
-    title = f"{system.cfg.backbone.name} on {system.task.name} ({cfg.split})"
-    cache = collect_layer_outputs(system.model, datamodule.dataloader(cfg.split, by_length=True))
-    report = run_report(system, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
+    tau = cfg.tau if cfg.get("tau") is not None else spec["tau"]
+    title = f"{spec['backbone'].get('name')} on {task.name} ({cfg.split})"
+    cache = collect_signals(model, datamodule.dataloader(cfg.split, by_length=True), task.is_regression)
+    report = run_report(model, task, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
     (out_dir / "eval.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, **report},
                                                   indent=2, default=str))
     print(f"pareto files: {out_dir}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.evaluation.pareto import pareto_optimal
+from ee_lightning.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +137,17 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
     for job_dir in job_dirs(sweep_dir):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-        results_file = job_dir / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+        results = RunResults.read(job_dir)
         row = {"job": str(job_dir.relative_to(sweep_dir)), "status": "done" if results else "no results",
                "run_dir": str(job_dir), "overrides": overrides}
         if results:
-            consistentee = results.get("methods", {}).get("consistentee", {})
-            row.update(metric_name=results.get("metric_name"), full=results.get("full"),
-                       consistentee_metric=consistentee.get("metric"),
-                       consistentee_layer_saving=consistentee.get("layer_saving"),
-                       consistentee_avg_exit_layer=consistentee.get("avg_exit_layer"),
-                       consistentee_speedup=consistentee.get("speedup"),
-                       entropy_at_same_saving=consistentee.get("entropy_at_same_saving"))
+            row.update(metric_name=results.metric_name, full=results.full)
+            consistentee = results.methods.get("consistentee")
+            if consistentee:
+                row.update(consistentee_metric=consistentee.metric, consistentee_layer_saving=consistentee.layer_saving,
+                           consistentee_avg_exit_layer=consistentee.avg_exit_layer,
+                           consistentee_speedup=consistentee.speedup,
+                           entropy_at_same_saving=consistentee.entropy_at_same_saving)
         jobs.append(row)
     mark_swept(jobs)
     mark_pareto(jobs)

@@ -6,40 +6,47 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.config import validate_config
 from ee_lightning.data import build_datamodule
-from ee_lightning.training.stages import METHODS
-from ee_lightning.results import format_layer_table, write_results
+from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.modeling.saved import build_model
+from ee_lightning.results import RunResults, format_layer_table
+from ee_lightning.training.stages import METHODS, Run
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig) -> RunResults:
     if cfg.method.name == "consistentee_lm":  # decoder LMs: their own data, stages and report
         from ee_lightning.training.lm_pipeline import run_consistentee_lm
 
         return run_consistentee_lm(cfg)
+    validate_config(cfg)  # every problem of the config at once, before any data or model loads
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    datamodule = build_datamodule(cfg.data, load_tokenizer(cfg.backbone))
+    tokenizer = load_tokenizer(cfg.backbone)
+    datamodule = build_datamodule(cfg.data, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    _, results = METHODS[cfg.method.name](cfg, datamodule, run_dir)
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    model, spec = build_model(plain(cfg.backbone), plain(cfg.head), plain(cfg.policy), datamodule.task, tokenizer,
+                              data=plain(cfg.data), tau=cfg.method.get("tau"))
+    results = METHODS[cfg.method.name](Run(cfg, run_dir, datamodule, model, spec))
     report(run_dir, results)
     return results
 
 
 @rank_zero_only
-def report(run_dir: Path, results: dict) -> None:
-    path = write_results(run_dir, results)
-    print(format_layer_table(results["metric_name"], results["layer_metrics"], results.get("val_layer_metrics")))
-    for name, method in results.get("methods", {}).items():
-        versus = (f"; entropy at that saving {method['entropy_at_same_saving']:.4f}"
-                  if "entropy_at_same_saving" in method else "")
-        print(f"{name}: {results['metric_name']} {method['metric']:.4f} at {100 * method['layer_saving']:.1f}% "
-              f"layer saving (layer speed-up {method['speedup']:.2f}x){versus}")
+def report(run_dir: Path, results: RunResults) -> None:
+    path = results.write(run_dir)
+    print(format_layer_table(results.metric_name, results.layer_metrics, results.val_layer_metrics))
+    for name, method in results.methods.items():
+        versus = (f"; entropy at that saving {method.entropy_at_same_saving:.4f}"
+                  if method.entropy_at_same_saving is not None else "")
+        print(f"{name}: {results.metric_name} {method.metric:.4f} at {100 * method.layer_saving:.1f}% "
+              f"layer saving (layer speed-up {method.speedup:.2f}x){versus}")
     print(f"results: {path}")

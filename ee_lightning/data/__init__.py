@@ -7,9 +7,10 @@ from ee_lightning.data.bbc_news import BBCNewsDataModule
 from ee_lightning.data.csv_files import CsvDataModule
 from ee_lightning.data.factory import build_datamodule, data_options
 from ee_lightning.data.glue import GLUE_TASKS, GlueDataModule
+from ee_lightning.data.hf_datasets import HfDataModule
 from ee_lightning.data.rotten_tomatoes import RottenTomatoesDataModule
 
 __all__ = [
     "DataError", "Examples", "PadCollator", "TextDataModule", "TokenizedSplit", "BBCNewsDataModule", "CsvDataModule",
-    "GlueDataModule", "GLUE_TASKS", "RottenTomatoesDataModule", "build_datamodule", "data_options",
+    "GlueDataModule", "GLUE_TASKS", "HfDataModule", "RottenTomatoesDataModule", "build_datamodule", "data_options",
 ]

@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.data.base import DataError, TextDataModule
 
-CONF_DATA_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF_DATA_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def data_options() -> list[str]:

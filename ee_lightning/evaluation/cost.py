@@ -116,47 +116,41 @@ def measure_flops(model, seq_len: int) -> FlopBreakdown:
     seq_len = int(seq_len)
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
-    key = (seq_len, model.pooling, model.policy is not None)
+    key = (seq_len, model.heads.pooling, model.policy is not None)
     per_model = _CACHE.setdefault(model, {})
     if key in per_model:
         return per_model[key]
 
-    backbone = model.backbone
     device = next(model.parameters()).device
-    vocab = int(getattr(backbone.config, "vocab_size", 2))
-    mask = torch.ones((1, seq_len), dtype=torch.long, device=device)
+    vocab = int(getattr(model.backbone.config, "vocab_size", 2))
     batch = {
         "input_ids": torch.full((1, seq_len), min(5, vocab - 1), dtype=torch.long, device=device),
-        "attention_mask": mask,
+        "attention_mask": torch.ones((1, seq_len), dtype=torch.long, device=device),
         "token_type_ids": torch.zeros((1, seq_len), dtype=torch.long, device=device),
     }
+    parts: dict[str, list[float]] = {"layer": [], "pool": [], "head": [], "policy": []}
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), flop_counter() as counter:
+        # no_grad, not inference_mode: a module that reads a parameter as its input (DeBERTa's
+        # relative embeddings) cannot run under the counter in inference mode.
+        with torch.no_grad(), flop_counter() as counter:
             meter = _Meter(counter)
-            hidden, bias = model.start(batch)
+            hidden, ctx = model.start(batch)
             embeddings = meter()
-            layers, pools, heads, policy = [], [], [], []
             for index in range(model.num_layers):
-                hidden = backbone.layer(index, hidden, bias)
-                layers.append(meter())
-                pooled = backbone.pool(hidden, mask, model.pooling)
-                pools.append(meter())
-                logits = model.heads(index, pooled)
-                heads.append(meter())
-                if model.policy is not None:
-                    model.policy(index, pooled, logits)
-                    policy.append(meter())
+                # The model's own step, metered part by part.
+                hidden = model.step(index, hidden, ctx, with_policy=model.policy is not None,
+                                    observe=lambda part: parts[part].append(meter())).hidden
     finally:
         model.train(was_training)
     breakdown = FlopBreakdown(
         seq_len=seq_len,
         embeddings=embeddings,
-        layers=tuple(layers),
-        pool=pools[0],
-        heads=tuple(heads),
-        policy=tuple(policy) if model.policy is not None else None,
+        layers=tuple(parts["layer"]),
+        pool=parts["pool"][0],
+        heads=tuple(parts["head"]),
+        policy=tuple(parts["policy"]) if model.policy is not None else None,
     )
     per_model[key] = breakdown
     return breakdown

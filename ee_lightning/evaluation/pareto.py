@@ -1,6 +1,6 @@
 """The accuracy-versus-cost comparison of exit rules on one model: pareto.csv, pareto.md, pareto.png.
 
-Every rule is replayed over one cached all-layers pass (`replay.collect_layer_outputs`), at every
+Every rule is replayed over one cached all-layers pass (`inference.layer_cache.collect_signals`), at every
 point of its knob grid. Cost is reported three ways, each labelled: layers (average exit layer,
 layer saving, speed-up ratio), FLOPs per instance, and wall clock of the real batched runner.
 """
@@ -60,7 +60,7 @@ def rule_grids(rules, grids: dict | None, num_layers: int, num_classes: int,
 
 def pareto_points(model, task: TaskSpec, cache: dict, grids: dict[str, list]) -> list[dict]:
     """Every rule at every knob: metric, layer cost and FLOPs per instance (mean over the split)."""
-    num_layers = cache["logits"].shape[0]
+    num_layers = cache["prediction"].shape[0]
     seq_len = max(1, round(float(cache["lengths"].float().mean())))
     flops = measure_flops(model, seq_len)
     per_exit = {with_policy: flops.per_row(torch.arange(1, num_layers + 1), with_policy=with_policy)
@@ -208,7 +208,9 @@ def write_report(points: list[dict], out_dir: Path, metric_name: str, title: str
     write_csv(points, paths["csv"])
     heading = f"# {title}\n\n" if title else ""
     paths["md"].write_text(heading + "Pareto-optimal points (no other rule is as good on both metric and saving) "
-                           "are marked **yes**; the oracle is a bound and never marked.\n\n"
+                           "are marked **yes**; the oracle is a bound and never marked. Knob units: entropy "
+                           "threshold in nats; pcee threshold in normalised entropy (entropy / ln C, 0..1, as in "
+                           "PCEE-BERT); patience 0 would mean full depth (as in PABEE).\n\n"
                            + markdown_table(points, metric_name) + "\n")
     plot_pareto(points, paths["png"], metric_name, title)
     return paths

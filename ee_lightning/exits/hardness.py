@@ -7,17 +7,14 @@ stale table is detected and recomputed rather than silently reused.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ee_lightning.files import atomic_torch_save
+from ee_lightning.files import load_artefact, save_artefact
 from ee_lightning.tasks import TaskSpec, is_correct
 
 BUCKET_NAMES = ("easy", "medium", "hard")
@@ -115,20 +112,6 @@ def hardness_meta(checkpoint: str | os.PathLike, num_layers: int, task: TaskSpec
     }
 
 
-def _normalize_meta(meta: dict) -> Any:
-    """JSON round trip, so tuples/lists, dataclasses and key order compare equal after save/load."""
-    def default(obj):
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return dataclasses.asdict(obj)
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
-        if isinstance(obj, torch.Tensor):
-            return obj.tolist()
-        return str(obj)
-
-    return json.loads(json.dumps(meta, sort_keys=True, default=default))
-
-
 def save_hardness(path: str | os.PathLike, memorized: torch.Tensor, idx: torch.Tensor, meta: dict) -> None:
     """Write m (1..L) for the dataset rows `idx` with `meta`, atomically (temp file + rename)."""
     memorized = memorized.detach().long().flatten().cpu()
@@ -142,39 +125,20 @@ def save_hardness(path: str | os.PathLike, memorized: torch.Tensor, idx: torch.T
             raise ValueError("idx has duplicate rows")
         if memorized.min() < 1 or ("num_layers" in meta and memorized.max() > int(meta["num_layers"])):
             raise ValueError("memorized layers must lie in 1..num_layers")
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "meta_json": json.dumps(_normalize_meta(meta), sort_keys=True),
-        "idx": idx,
-        "memorized": memorized,
-    }
-    atomic_torch_save(payload, Path(path))
+    save_artefact(Path(path), {"idx": idx, "memorized": memorized}, {**meta, "format_version": FORMAT_VERSION})
 
 
 def load_hardness(path: str | os.PathLike, expected_meta: dict) -> torch.Tensor | None:
     """Lookup table [N] long with table[idx] = m, or None if missing, unreadable or stale.
 
-    N = max(meta["split_size"], max idx + 1).
-
-    Rows that were not saved hold MISSING (0). Stale = stored metadata != expected_meta (after a
-    JSON round trip), so the caller recomputes.
+    N = max(meta["split_size"], max idx + 1). Rows that were not saved hold MISSING (0).
     """
-    path = Path(path)
-    if not path.is_file():
+    saved = load_artefact(Path(path), {**expected_meta, "format_version": FORMAT_VERSION})
+    if saved is None:
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format_version") != FORMAT_VERSION:
-            return None
-        stored = json.loads(payload["meta_json"])
-        idx, memorized = payload["idx"].long(), payload["memorized"].long()
-    except (OSError, RuntimeError, EOFError, KeyError, AttributeError, ValueError, pickle.UnpicklingError):
-        return None
-    if stored != _normalize_meta(expected_meta):
-        return None
+    idx, memorized = saved["idx"].long(), saved["memorized"].long()
     # cover the whole split, so indexing with any row of it works (unsaved rows read MISSING)
-    split_size = stored.get("split_size") if isinstance(stored, dict) else None
-    size = max(int(idx.max()) + 1 if idx.numel() else 0, split_size if isinstance(split_size, int) else 0)
+    size = max(int(idx.max()) + 1 if idx.numel() else 0, int(expected_meta.get("split_size", 0)))
     table = torch.full((size,), MISSING, dtype=torch.long)
     table[idx] = memorized
     return table

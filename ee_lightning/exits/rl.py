@@ -201,12 +201,6 @@ def policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, entropy_bonus
 # --------------------------------------------------------------------------- inference and rollouts
 
 
-def greedy_exit(probs: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """Inference rule, [L, B] -> [B] long: first l with p_l > tau, else L (forced)."""
-    _check_layers_first(probs, "probs")
-    return exit_layers((probs > tau).unsqueeze(0))[0]
-
-
 def rollout(k: int, *, probs: torch.Tensor | None = None, logits: torch.Tensor | None = None,
             sampler: str = "bernoulli", eps: float = 0.0,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

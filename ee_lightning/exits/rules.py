@@ -1,15 +1,15 @@
-"""Exit rules as pure functions over per-layer outputs.
+"""Exit rules as pure functions over compact per-layer signals (see `ee_lightning.exits.signals`).
 
-Each rule is one small frozen dataclass with two methods:
+Each rule is one small frozen dataclass that names the signals it reads (`needs`) and has two methods:
 
 - ``init_state(batch_size, device)`` -> a dict of per-row tensors (dim 0 = row);
-- ``decide(layer, logits, exit_prob, state, labels=None, is_regression=False)``
-  -> ``(exit_now bool[B], new_state)``, for layer ``layer`` (1-based).
+- ``decide(layer, signals, state, labels=None, is_regression=False)`` -> ``(exit_now bool[B], new_state)``,
+  for layer ``layer`` (1-based), with ``signals`` a dict of [B] tensors.
 
 ``decide`` is row-wise: row i's answer depends only on row i's inputs and state. That one
 definition serves both uses:
 
-- replay (`replay`) loops ``decide`` over all-layer cached outputs of the whole batch
+- replay (`replay`) loops ``decide`` over all-layer cached signals of the whole split
   and records each row's first exit (forced at L);
 - the batched runner (`ee_lightning.inference.runner.EarlyExitRunner`) calls the same ``decide`` on
   the rows still running, with the state rows subset alongside (`select_state`).
@@ -21,11 +21,13 @@ Rules and knobs (see ``RULES``):
 ========  ===========================================================  =====================
 name      exits at the first layer l where                             knobs
 ========  ===========================================================  =====================
-entropy   entropy(softmax(logits_l)) < threshold (DeeBERT)             threshold
+entropy   entropy(softmax(logits_l)) < threshold, nats (DeeBERT)       threshold
 maxprob   max softmax(logits_l) >= threshold                           threshold
 patience  prediction unchanged for ``patience`` consecutive layers     patience, tolerance
-          (PABEE; regression: |y_l - y_{l-1}| < tolerance)
-pcee      ``patience`` consecutive layers with entropy < threshold     threshold, patience
+          (PABEE; regression: |y_l - y_{l-1}| < tolerance);
+          patience 0 never exits early, as in PABEE's own code
+pcee      ``patience`` consecutive layers with normalised entropy      threshold, patience
+          (entropy / ln C, in [0, 1], as in PCEE-BERT) < threshold
 static    l = k                                                        k
 oracle    head l is right (needs labels; regression: |y - label| <=    tolerance
           tolerance)
@@ -43,28 +45,14 @@ from typing import ClassVar
 
 import torch
 
+from ee_lightning.tasks import is_right
+
 State = dict[str, torch.Tensor]
-
-
-# --- helpers -----------------------------------------------------------------------------
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) over the last dim, computed in float32: [..., C] -> [...]."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def max_prob(logits: torch.Tensor) -> torch.Tensor:
-    """max softmax(logits) over the last dim, in float32: [..., C] -> [...]."""
-    return logits.float().softmax(-1).amax(-1)
 
 
 def select_state(state: State, index: torch.Tensor) -> State:
     """Keep rows `index` (a LongTensor of row positions) of every tensor in a rule state."""
     return {key: value.index_select(0, index) for key, value in state.items()}
-
-
-def _regression_value(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().squeeze(-1) if logits.dim() > 1 else logits.float()
 
 
 def _check_number(rule: str, knob: str, value, low=None, high=None, integer: bool = False):
@@ -85,14 +73,18 @@ class ExitRule:
     """Base class. Subclasses set `name` and implement `decide`."""
 
     name: ClassVar[str] = ""
-    needs_policy: ClassVar[bool] = False  # decide() reads exit_prob (the model's policy)
+    needs: ClassVar[tuple[str, ...]] = ()  # the signals decide() reads
     needs_labels: ClassVar[bool] = False  # decide() reads labels (oracle)
     classification_only: ClassVar[bool] = False  # meaningless for a regression head
+
+    @property
+    def needs_policy(self) -> bool:
+        return "exit_prob" in self.needs
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {}
 
-    def decide(self, layer: int, logits: torch.Tensor, exit_prob: torch.Tensor | None, state: State,
+    def decide(self, layer: int, signals: dict[str, torch.Tensor], state: State,
                labels: torch.Tensor | None = None, is_regression: bool = False) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
@@ -114,37 +106,41 @@ class ExitRule:
 class EntropyRule(ExitRule):
     threshold: float = 0.1
     name: ClassVar[str] = "entropy"
+    needs: ClassVar[tuple[str, ...]] = ("entropy",)
     classification_only: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_number(self.name, "threshold", self.threshold, low=0.0)
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        return entropy(logits) < self.threshold, state
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        return signals["entropy"] < self.threshold, state
 
 
 @dataclass(frozen=True)
 class MaxProbRule(ExitRule):
     threshold: float = 0.9
     name: ClassVar[str] = "maxprob"
+    needs: ClassVar[tuple[str, ...]] = ("max_prob",)
     classification_only: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_number(self.name, "threshold", self.threshold, low=0.0, high=1.0)
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        return max_prob(logits) >= self.threshold, state
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        return signals["max_prob"] >= self.threshold, state
 
 
 @dataclass(frozen=True)
 class PatienceRule(ExitRule):
     """PABEE. The counter is 0 at layer 1; at layer l > 1 it grows by one when the prediction
     equals layer l-1's (regression: moved less than `tolerance`) and resets to 0 otherwise.
-    Exit when counter >= patience (so patience 0 exits at layer 1)."""
+    Exit when counter == patience. Patience 0 runs every layer, as in PABEE's own code, so that
+    settings brought from PABEE mean what they meant there."""
 
     patience: int = 2
     tolerance: float = 0.1  # regression only
     name: ClassVar[str] = "patience"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
     def __post_init__(self):
         _check_number(self.name, "patience", self.patience, low=0, integer=True)
@@ -156,23 +152,26 @@ class PatienceRule(ExitRule):
             "previous": torch.zeros(batch_size, dtype=torch.float32, device=device),
         }
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        current = _regression_value(logits) if is_regression else logits.argmax(-1).float()
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        current = signals["prediction"].float()
         if layer == 1:
             count = torch.zeros_like(state["count"])
         else:
             same = ((current - state["previous"]).abs() < self.tolerance) if is_regression else current == state["previous"]
             count = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
-        return count >= self.patience, {"count": count, "previous": current}
+        exit_now = count >= self.patience if self.patience > 0 else torch.zeros_like(count, dtype=torch.bool)
+        return exit_now, {"count": count, "previous": current}
 
 
 @dataclass(frozen=True)
 class PceeRule(ExitRule):
-    """PCEE-BERT: exit once `patience` consecutive layers (ending at l) had entropy < threshold."""
+    """PCEE-BERT: exit once `patience` consecutive layers (ending at l) had an entropy below
+    `threshold`, in PCEE-BERT's normalised units: entropy / ln C, so 0..1 for any number of classes."""
 
     threshold: float = 0.1
     patience: int = 2
     name: ClassVar[str] = "pcee"
+    needs: ClassVar[tuple[str, ...]] = ("entropy_normalized",)
     classification_only: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -182,8 +181,8 @@ class PceeRule(ExitRule):
     def init_state(self, batch_size, device=None):
         return {"count": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        confident = entropy(logits) < self.threshold
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        confident = signals["entropy_normalized"] < self.threshold
         count = torch.where(confident, state["count"] + 1, torch.zeros_like(state["count"]))
         return count >= self.patience, {"count": count}
 
@@ -192,6 +191,7 @@ class PceeRule(ExitRule):
 class StaticRule(ExitRule):
     k: int = 1
     name: ClassVar[str] = "static"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
     def __post_init__(self):
         _check_number(self.name, "k", self.k, low=1, integer=True)
@@ -201,8 +201,9 @@ class StaticRule(ExitRule):
         if not 1 <= self.k <= num_layers:
             raise ValueError(f"rule 'static': k={self.k} is outside 1..{num_layers} (the model has {num_layers} layers)")
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        return torch.full((logits.shape[0],), layer >= self.k, dtype=torch.bool, device=logits.device), state
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        rows = signals["prediction"]
+        return torch.full(rows.shape, layer >= self.k, dtype=torch.bool, device=rows.device), state
 
 
 @dataclass(frozen=True)
@@ -211,25 +212,25 @@ class OracleRule(ExitRule):
 
     tolerance: float = 0.5  # regression: |y - label| <= tolerance counts as right
     name: ClassVar[str] = "oracle"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
     needs_labels: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_number(self.name, "tolerance", self.tolerance, low=0.0)
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
         if labels is None:
             raise ValueError("rule 'oracle' needs the labels")
-        if is_regression:
-            return (_regression_value(logits) - labels.float()).abs() <= self.tolerance, state
-        return logits.argmax(-1) == labels, state
+        return is_right(signals["prediction"], labels, is_regression, self.tolerance), state
 
 
 @dataclass(frozen=True)
 class FullRule(ExitRule):
     name: ClassVar[str] = "full"
+    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        return torch.zeros_like(signals["prediction"], dtype=torch.bool), state
 
 
 @dataclass(frozen=True)
@@ -238,15 +239,15 @@ class PolicyRule(ExitRule):
 
     tau: float = 0.5
     name: ClassVar[str] = "policy"
-    needs_policy: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ("exit_prob",)
 
     def __post_init__(self):
         _check_number(self.name, "tau", self.tau, low=0.0, high=1.0)
 
-    def decide(self, layer, logits, exit_prob, state, labels=None, is_regression=False):
-        if exit_prob is None:
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        if "exit_prob" not in signals:
             raise ValueError("rule 'policy' needs exit probabilities: the model has no policy (model.policy is None)")
-        return exit_prob > self.tau, state
+        return signals["exit_prob"] > self.tau, state
 
 
 RULES: dict[str, type[ExitRule]] = {
@@ -304,7 +305,7 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
 
     entropy: thresholds 0 .. ln(C) (41 points, the last just above ln C so everything exits at 1);
     maxprob: thresholds 1.0 .. 1/C; patience: L-1 .. 1; static: L .. 1; policy: tau 0.95 .. 0.05;
-    pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 thresholds;
+    pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 normalised-entropy thresholds;
     oracle / full: [None] (no knob).
     """
     if rule_name not in RULES:
@@ -325,50 +326,47 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
         return [round(0.95 - 0.05 * i, 2) for i in range(19)]
     if rule_name == "pcee":
         patiences = sorted({min(p, max(L - 1, 1)) for p in (3, 2, 1)}, reverse=True)
-        thresholds = [round(ln_c * f, 6) for f in (0.05, 0.1, 0.2, 0.4, 0.7, 1.001)]
+        thresholds = [0.05, 0.1, 0.2, 0.4, 0.7, 1.001]  # normalised entropy
         return [(p, t) for p in patiences for t in thresholds]
     return [None]
 
 
-# --- replay over cached outputs -----------------------------------------------------------
-def _infer_regression(logits: torch.Tensor, is_regression: bool | None) -> bool:
-    return bool(logits.shape[-1] == 1) if is_regression is None else bool(is_regression)
-
-
-def replay(rule: ExitRule, logits: torch.Tensor, exit_probs: torch.Tensor | None = None,
-           labels: torch.Tensor | None = None, is_regression: bool | None = None) -> torch.Tensor:
-    """Exit layers (LongTensor [B], values 1..L) of `rule` over cached all-layer outputs.
-
-    logits [L, B, C]; exit_probs [L, B] (for the policy rule); labels [B] (for oracle).
-    is_regression: None (default) infers it from the head's output size (C == 1 is regression).
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"replay wants logits [L, B, C], got shape {tuple(logits.shape)}")
-    L, B = logits.shape[:2]
-    regression = _infer_regression(logits, is_regression)
-    rule.check(L, regression)
-    if rule.needs_policy and exit_probs is None:
-        raise ValueError(f"rule {rule.name!r} needs exit_probs [L, B] (a model with a policy)")
+# --- replay over cached signals ----------------------------------------------------------
+def replay(rule: ExitRule, signals: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+           is_regression: bool = False) -> torch.Tensor:
+    """Exit layers (LongTensor [N], values 1..L) of `rule` over cached all-layer signals {name: [L, N]}
+    (`ee_lightning.inference.layer_cache`); labels [N] for the oracle."""
+    missing = [name for name in rule.needs if name not in signals]
+    if missing:
+        need = "a model with a policy" if "exit_prob" in missing else "a classification head"
+        raise ValueError(f"rule {rule.name!r} needs the signal(s) {missing}, which this cache lacks ({need})")
     if rule.needs_labels and labels is None:
         raise ValueError(f"rule {rule.name!r} needs labels")
-    state = rule.init_state(B, logits.device)
-    exit_layers = torch.full((B,), L, dtype=torch.long, device=logits.device)
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    L, N = signals[rule.needs[0] if rule.needs else "prediction"].shape
+    rule.check(L, is_regression)
+    device = signals[rule.needs[0] if rule.needs else "prediction"].device
+    state = rule.init_state(N, device)
+    exit_layers = torch.full((N,), L, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
     for index in range(L - 1):  # layer L is forced
-        prob = exit_probs[index] if exit_probs is not None else None
-        exit_now, state = rule.decide(index + 1, logits[index], prob, state, labels=labels, is_regression=regression)
-        first = exit_now & ~done
-        exit_layers[first] = index + 1
+        layer_signals = {name: signals[name][index] for name in rule.needs}
+        exit_now, state = rule.decide(index + 1, layer_signals, state, labels=labels, is_regression=is_regression)
+        exit_layers[exit_now & ~done] = index + 1
         done |= exit_now
         if bool(done.all()):
             break
     return exit_layers
 
 
-def predictions_at_exit(logits: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
-    """The head outputs where each row exits: logits [L, B, C], exit_layers [B] (1..L) -> [B, C]."""
-    rows = torch.arange(logits.shape[1], device=logits.device)
-    return logits[exit_layers.to(logits.device).long() - 1, rows]
+def policy_exits(exit_probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """ConsistentEE's exits (1..L) from exit probabilities [L, N]: the policy rule, replayed."""
+    return replay(PolicyRule(tau=tau), {"exit_prob": exit_probs})
+
+
+def at_exit(per_layer: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
+    """Each row's value at its exit: per_layer [L, N, ...], exit_layers [N] (1..L) -> [N, ...]."""
+    rows = torch.arange(per_layer.shape[1], device=per_layer.device)
+    return per_layer[exit_layers.to(per_layer.device).long() - 1, rows]
 
 
 def exit_summary(exit_layers: torch.Tensor, num_layers: int) -> dict[str, float]:

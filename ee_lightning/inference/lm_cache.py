@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ee_lightning.data.generation import IGNORE_INDEX
 from ee_lightning.files import atomic_torch_save
+from ee_lightning.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "f
     decoder.eval()
     parts = {"states": [], "targets": [], "full_tokens": [], "rows": [], "positions": []}
     bar = tqdm(loader, desc="caching exit states", unit="batch", dynamic_ncols=True,
-               disable=not sys.stderr.isatty() if progress is None else not progress)
+               disable=not progress_enabled() if progress is None else not progress)
     try:
         for batch in bar:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -118,7 +118,7 @@ def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bo
     ce_full = torch.empty(len(layers), len(targets))
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, desc="scoring exits", unit="chunk", dynamic_ncols=True,
-                      disable=not sys.stderr.isatty() if progress is None else not progress):
+                      disable=not progress_enabled() if progress is None else not progress):
         chunk = states[start:start + batch_size].to(device, torch.float32)
         target = targets[start:start + batch_size].to(device)
         full_target = full[start:start + batch_size].to(device)

@@ -12,6 +12,7 @@ callbacks (reward curve, exit histograms).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.evaluation.generation_eval import comparison_rows, evaluate_generation_rules, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
-from ee_lightning.results import write_results
+from ee_lightning.files import atomic_write_text
 from ee_lightning.training.lm_stages import train_lm_exits
 from ee_lightning.training.trainers import make_trainer
 
@@ -84,7 +85,9 @@ def run_consistentee_lm(cfg: DictConfig) -> dict:
         "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
         "report": {k: str(v) for k, v in paths.items()},
     }
-    path = write_results(run_dir, results)
+    # Decoder results have their own keys (points per rule and knob), not the encoders' RunResults.
+    path = run_dir / "results.json"
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     print(paths["md"].read_text())
     print(f"results: {path}")
     return results

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
-from ee_lightning.exits.rl import epsilon_schedule, greedy_exit, reinforce_objective, step_statistics
+from ee_lightning.exits.rl import epsilon_schedule, exit_layers, reinforce_objective, step_statistics
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
@@ -204,11 +204,26 @@ def _get(cfg, key: str, default):
 
 def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """Greedy exits (1..E) of cached tokens [N, E, H]: the first exit with p > tau, else the last."""
-    device = next(policy.parameters()).device
+    return greedy_exits(per_exit_probs(policy, states), tau)
+
+
+def greedy_exits(probs: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """[E, N] exit probabilities -> [N] long: the first exit e with p_e > tau, else E (forced)."""
+    return exit_layers((probs > tau).unsqueeze(0))[0]
+
+
+def per_exit_probs(heads, states: torch.Tensor, layers: list[int] | None = None, chunk: int = 4096) -> torch.Tensor:
+    """[E', N] probabilities of a policy or classifier at `layers` (default: all its exits) over cached
+    states [N, E, H], in chunks of tokens (the whole cache may not fit on the device at once)."""
+    layers = heads.exit_layers if layers is None else layers
+    index = {layer: e for e, layer in enumerate(heads.exit_layers)}
+    device = next(heads.parameters()).device
+    out = []
     with torch.no_grad():
-        per_exit = _layers_first(states.to(device, torch.float32))
-        probs = torch.stack([policy.prob(layer, per_exit[e]) for e, layer in enumerate(policy.exit_layers)])
-    return greedy_exit(probs, tau).cpu()
+        for start in range(0, len(states), chunk):
+            per_exit = _layers_first(states[start:start + chunk].to(device, torch.float32))
+            out.append(torch.stack([heads.prob(layer, per_exit[index[layer]]) for layer in layers]).cpu())
+    return torch.cat(out, dim=1)
 
 
 def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5,
@@ -227,10 +242,7 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
         summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()
     if classifier is not None:
         labels = agrees_with_last(tables["tokens"])
-        with torch.no_grad():
-            per_exit = _layers_first(cache["states"].to(next(classifier.parameters()).device, torch.float32))
-            said = torch.stack([classifier.prob(layer, per_exit[e]) > 0.5
-                                for e, layer in enumerate(classifier.exit_layers[:-1])]).cpu()
+        said = per_exit_probs(classifier, cache["states"], classifier.exit_layers[:-1]) > 0.5
         summary["classifier_acc"] = (said == labels).float().mean(1).tolist()
     return summary
 
@@ -281,7 +293,11 @@ def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factor
     if epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=float(_get(adapters_cfg, "lr", 1e-3)),
                                    weights=str(_get(adapters_cfg, "weights", "layer")))
-        loader = DataLoader(TokenStateDataset(cache["states"], targets=targets), batch_size=batch, shuffle=True)
+        # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
+        adapter_targets = hardness_targets(str(_get(adapters_cfg, "target", "reference")), targets,
+                                           cache["full_tokens"])
+        loader = DataLoader(TokenStateDataset(cache["states"], targets=adapter_targets), batch_size=batch,
+                            shuffle=True)
         trainer_factory("lm_adapters", epochs).fit(system, train_dataloaders=loader)
     exits.to(next(decoder.parameters()).device)
     atomic_torch_save(exits.state_dict(), out_dir / "lm_exits.pt")

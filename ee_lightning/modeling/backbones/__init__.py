@@ -1,4 +1,8 @@
-from ee_lightning.modeling.backbones.build import BackboneError, build_backbone, check_checkpoint, load_tokenizer
-from ee_lightning.modeling.backbones.layerwise import ADAPTERS, LayerwiseBackbone, additive_attention_mask
+from ee_lightning.modeling.backbones.build import (BackboneError, backbone_from_config, build_backbone, check_checkpoint,
+                                                  load_tokenizer)
+from ee_lightning.modeling.backbones.families import ADAPTERS, adapter_for
+from ee_lightning.modeling.backbones.layerwise import (EncoderContext, LayerwiseBackbone, additive_attention_mask,
+                                                       attention_bias)
 
-__all__ = ["ADAPTERS", "BackboneError", "LayerwiseBackbone", "additive_attention_mask", "build_backbone", "check_checkpoint", "load_tokenizer"]
+__all__ = ["ADAPTERS", "adapter_for", "BackboneError", "backbone_from_config", "EncoderContext", "LayerwiseBackbone", "additive_attention_mask",
+           "attention_bias", "build_backbone", "check_checkpoint", "load_tokenizer"]

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from ee_lightning.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def report_values(run_dir: Path) -> tuple[dict, dict]:
     import wandb
 
     values, summary = {}, {}
-    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
-    metric = results.get("metric_name", "metric")
+    results = RunResults.read(run_dir)
+    metric = results.metric_name if results else "metric"
     pareto_png = run_dir / "pareto.png"
     if pareto_png.is_file():
         values["report/pareto"] = wandb.Image(str(pareto_png), caption=f"{metric} versus layer saving (test)")
@@ -77,15 +78,17 @@ def report_values(run_dir: Path) -> tuple[dict, dict]:
             rows = list(csv.reader(handle))
         if len(rows) > 1:
             values["report/pareto_table"] = wandb.Table(columns=rows[0], data=rows[1:])
-    if results.get("layer_metrics"):
-        table = wandb.Table(columns=["layer", metric],
-                            data=[[layer, value] for layer, value in enumerate(results["layer_metrics"], 1)])
-        values["report/test_by_layer"] = wandb.plot.line(table, "layer", metric, title=f"test {metric} by exit layer")
-        summary["full"] = results.get("full")
-    consistentee = results.get("methods", {}).get("consistentee")
+    if results is None:
+        return values, summary
+    table = wandb.Table(columns=["layer", metric],
+                        data=[[layer, value] for layer, value in enumerate(results.layer_metrics, 1)])
+    values["report/test_by_layer"] = wandb.plot.line(table, "layer", metric, title=f"test {metric} by exit layer")
+    summary["full"] = results.full
+    consistentee = results.methods.get("consistentee")
     if consistentee:
-        summary.update({f"consistentee/{key}": consistentee[key] for key in HEADLINE if key in consistentee})
-        histogram = consistentee.get("exit_histogram")
+        summary.update({f"consistentee/{key}": getattr(consistentee, key) for key in HEADLINE
+                        if getattr(consistentee, key) is not None})
+        histogram = consistentee.exit_histogram
         if histogram:
             table = wandb.Table(columns=["layer", "count"], data=[[f"L{l}", c] for l, c in enumerate(histogram, 1)])
             values["report/consistentee_exits"] = wandb.plot.bar(table, "layer", "count",

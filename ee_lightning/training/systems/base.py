@@ -1,86 +1,60 @@
-"""What every stage shares: the early-exit model, the task, and per-layer evaluation."""
+"""What every stage shares: the early-exit model, the task, and per-layer evaluation.
+
+A stage system is handed the run's model (built once, see `ee_lightning.modeling.saved`), the task
+and its own arguments; it never reads the config tree. Its checkpoints carry the model spec, so
+`ee-eval` rebuilds the model from a checkpoint alone.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from ee_lightning.exits import hardness as hardness_lib
-from ee_lightning.modeling.backbones import build_backbone
-from ee_lightning.modeling.heads import ExitHeads
+from ee_lightning.exits.rules import at_exit, policy_exits
+from ee_lightning.exits.signals import all_layer_signals
 from ee_lightning.modeling.model import EarlyExitModel
-from ee_lightning.modeling.exit_policy import ExitPolicy
-from ee_lightning.exits.rl import greedy_exit
-from ee_lightning.exits.rules import predictions_at_exit
+from ee_lightning.modeling.saved import SPEC_KEY
 from ee_lightning.tasks import TaskSpec, make_metric, predictions
 
 
-def build_model(cfg: DictConfig, task: TaskSpec) -> EarlyExitModel:
-    """Backbone, heads and policy nets. Every stage builds the same modules, so a checkpoint
-    of any stage loads into any other (stage 1 simply leaves the policy untrained)."""
-    backbone, _ = build_backbone(cfg.backbone)
-    heads = ExitHeads(backbone.num_layers, backbone.hidden_size, task.output_size, dropout=cfg.head.dropout)
-    policy = ExitPolicy(backbone.num_layers, backbone.hidden_size, task.output_size,
-                        hidden=cfg.policy.hidden, use_confidence=cfg.policy.use_confidence,
-                        detach_state=cfg.policy.detach_state)
-    if cfg.head.pooling != "cls" and backbone.has_pooler:
-        # Mean pooling never reads the pooler; frozen, so DDP does not wait for its gradients.
-        backbone.model.pooler.requires_grad_(False)
-    return EarlyExitModel(backbone, heads, pooling=cfg.head.pooling, policy=policy)
-
-
 def read_checkpoint(path, key: str = "ckpt_path") -> dict:
-    """A checkpoint written by an ee-lightning stage: its state dict and, in its hyper-parameters, the
-    resolved config and task that rebuild the model. `key` names the setting in error messages."""
+    """A checkpoint written by an ee-lightning stage: its state dict and the model spec that rebuilds
+    the model. `key` names the setting in error messages."""
     path = Path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist; give the .ckpt of an ee-train run "
                                 "(its run directory's checkpoints/<stage>/last.ckpt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "cfg" not in hparams or "task" not in hparams:
-        raise ValueError(f"{path} is not an ee-lightning checkpoint (no cfg/task in its hyper-parameters)")
+    if SPEC_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not an ee-lightning checkpoint (it has no model spec); "
+                         "give a checkpoint written by ee-train")
     return checkpoint
 
 
-def task_from_dict(task: dict | TaskSpec) -> TaskSpec:
-    if isinstance(task, TaskSpec):
-        return task
-    task = dict(task)
-    task["label_names"] = tuple(task.get("label_names") or ())
-    return TaskSpec(**task)
-
-
 class EarlyExitSystem(L.LightningModule):
-    """Base LightningModule. Subclasses define training; evaluation logs every layer's metric.
-
-    The resolved config and the task travel in the checkpoint's hyper-parameters, so any
-    stage's checkpoint rebuilds its model with `load_from_checkpoint(path)` alone.
-    """
+    """Base LightningModule. Subclasses define training; evaluation logs every layer's metric and,
+    where the stage has a policy, what the policy achieves at inference (exit at the first p_l > tau)."""
 
     evaluates_policy = False
 
-    def __init__(self, cfg: dict | DictConfig, task: dict | TaskSpec):
+    def __init__(self, model: EarlyExitModel, task: TaskSpec, spec: dict, tau: float = 0.5,
+                 tolerance: float = 0.5):
         super().__init__()
-        cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
-        self.task = task_from_dict(task)
-        self.save_hyperparameters({
-            "cfg": OmegaConf.to_container(cfg, resolve=True),
-            "task": {**self.task.__dict__, "label_names": list(self.task.label_names)},
-        })
-        self.cfg = OmegaConf.create(self.hparams.cfg)
-        self.model = build_model(self.cfg, self.task)
+        self.model = model
+        self.task = task
+        self.spec = spec  # travels in every checkpoint (see on_save_checkpoint)
+        self.tau = tau
+        self.tolerance = tolerance  # regression: |prediction - label| <= tolerance counts as right
         # from_pretrained returns eval mode and Lightning keeps modules' modes: train() turns dropout on.
         self.model.train()
         num_layers = self.model.num_layers
         self.layer_metrics = nn.ModuleDict({
             split: nn.ModuleList(make_metric(self.task) for _ in range(num_layers)) for split in ("val", "test")
         })
-        # What the policy achieves at inference (exit at the first p_l > tau), once it is trained.
         self.policy_metrics = nn.ModuleDict({split: make_metric(self.task) for split in ("val", "test")})
         self.exit_layer_mean = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         # How many rows an evaluation saw, summed over processes: the whole split, once each.
@@ -88,6 +62,11 @@ class EarlyExitSystem(L.LightningModule):
         # The policy's greedy exits of the current evaluation, [3 buckets, L] counts per split (reset at each
         # evaluation's start; read by callbacks.ExitHistogram at its end).
         self.exit_counts: dict[str, torch.Tensor] = {}
+        # This process's rows of the last test pass, as signals: the cache the exit rules replay.
+        self.test_signals: list[dict[str, torch.Tensor]] = []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[SPEC_KEY] = self.spec
 
     @property
     def num_layers(self) -> int:
@@ -99,6 +78,8 @@ class EarlyExitSystem(L.LightningModule):
 
     def _evaluate(self, batch: dict, split: str) -> None:
         outputs = self.model(batch)
+        if split == "test":
+            self._keep_test_signals(batch, outputs)
         for index, metric in enumerate(self.layer_metrics[split]):
             metric.update(predictions(self.task, outputs.logits[index]), batch["labels"])
             self.log(self.metric_key(split, index + 1), metric, on_step=False, on_epoch=True,
@@ -108,11 +89,23 @@ class EarlyExitSystem(L.LightningModule):
         if self.evaluates_policy:
             self._evaluate_policy(batch, outputs, split)
 
+    def _keep_test_signals(self, batch: dict, outputs) -> None:
+        exit_probs = outputs.exit_probs if self.evaluates_policy else None
+        signals = all_layer_signals(outputs.logits, exit_probs, self.task.is_regression)
+        kept = {name: value.cpu() for name, value in signals.items()}
+        kept.update(labels=batch["labels"].cpu(), idx=batch["idx"].cpu(), lengths=batch["attention_mask"].sum(-1).cpu())
+        self.test_signals.append(kept)
+
+    def test_cache(self) -> dict[str, torch.Tensor]:
+        """The last test pass's signals, as `layer_cache.collect_signals` returns them (this process's rows)."""
+        per_row = ("labels", "idx", "lengths")
+        return {key: torch.cat([chunk[key] for chunk in self.test_signals], dim=0 if key in per_row else 1)
+                for key in self.test_signals[0]}
+
     def _evaluate_policy(self, batch: dict, outputs, split: str) -> None:
-        exits = greedy_exit(outputs.exit_probs, self.cfg.method.get("tau", 0.5))
-        at_exit = predictions_at_exit(outputs.logits, exits)
+        exits = policy_exits(outputs.exit_probs, self.tau)
         size = batch["labels"].shape[0]
-        self.policy_metrics[split].update(predictions(self.task, at_exit), batch["labels"])
+        self.policy_metrics[split].update(predictions(self.task, at_exit(outputs.logits, exits)), batch["labels"])
         self.exit_layer_mean[split].update(exits.float())
         self.log(f"{split}/policy_{self.task.metric}", self.policy_metrics[split], on_epoch=True, batch_size=size)
         self.log(f"{split}/avg_exit_layer", self.exit_layer_mean[split], on_epoch=True, batch_size=size)
@@ -120,8 +113,7 @@ class EarlyExitSystem(L.LightningModule):
 
     def _count_exits(self, split: str, exits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch's exits to `exit_counts[split]`, by the memorized-layer bucket of each row on this split."""
-        tolerance = self.cfg.method.get("hardness", {}).get("tolerance", 0.5)
-        correct = hardness_lib.correct_table(self.task, logits.detach(), labels, tolerance)
+        correct = hardness_lib.correct_table(self.task, logits.detach(), labels, self.tolerance)
         buckets = hardness_lib.hardness_buckets(hardness_lib.memorized_layer(correct), self.num_layers)
         counts = bucket_exit_counts(exits, buckets, self.num_layers)
         self.exit_counts[split] = counts + self.exit_counts[split] if split in self.exit_counts else counts
@@ -131,6 +123,7 @@ class EarlyExitSystem(L.LightningModule):
 
     def on_test_epoch_start(self):
         self.exit_counts.pop("test", None)
+        self.test_signals = []
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")

@@ -7,7 +7,7 @@ from ee_lightning.tasks import task_loss
 from ee_lightning.training.systems.base import EarlyExitSystem, linear_warmup_schedule
 
 
-def layer_weights(spec, num_layers: int) -> torch.Tensor:
+def layer_loss_weights(spec, num_layers: int) -> torch.Tensor:
     """`linear`: w_l = l (deeper layers weigh more, as PABEE); `uniform`; or an explicit list."""
     if spec == "linear":
         return torch.arange(1, num_layers + 1, dtype=torch.float)
@@ -28,13 +28,29 @@ def weighted_layer_loss(per_layer_losses: torch.Tensor, weights: torch.Tensor) -
     return (weights * per_layer_losses).sum() / weights.sum()
 
 
+def train_only(model, *parts: str) -> None:
+    """Gradients for `parts` of the model only; frozen parts leave DDP no unused parameters to wait for."""
+    model.requires_grad_(False)
+    for part in parts:
+        getattr(model, part).requires_grad_(True)
+    if model.heads.pooling != "cls" or model.heads.first_token_pooler is None:
+        pooler = getattr(model.backbone.model, "pooler", None)
+        if pooler is not None:  # mean pooling never reads it
+            pooler.requires_grad_(False)
+
+
 class FinetuneSystem(EarlyExitSystem):
-    def __init__(self, cfg, task):
-        super().__init__(cfg, task)
-        self.register_buffer("loss_weights", layer_weights(self.cfg.method.finetune.layer_weights, self.num_layers),
+    """Stage 1: backbone and every exit head, sum_l w_l * loss_l / sum_l w_l."""
+
+    def __init__(self, model, task, spec, *, lr: float, weight_decay: float, warmup_ratio: float,
+                 layer_weights="linear", tau: float = 0.5, tolerance: float = 0.5):
+        super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
+        self.save_hyperparameters({"stage": "finetune", "lr": lr, "weight_decay": weight_decay,
+                                   "warmup_ratio": warmup_ratio, "layer_weights": layer_weights})
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.register_buffer("loss_weights", layer_loss_weights(layer_weights, self.num_layers),
                              persistent=False)
-        # The policy is trained in a later stage; frozen here so DDP sees no unused parameters.
-        self.model.policy.requires_grad_(False)
+        train_only(self.model, "backbone", "heads")
 
     def training_step(self, batch, batch_idx):
         outputs = self.model(batch)
@@ -45,15 +61,14 @@ class FinetuneSystem(EarlyExitSystem):
         return loss
 
     def configure_optimizers(self):
-        opt_cfg = self.cfg.method.finetune
         decay, no_decay = [], []
         for param in self.model.parameters():
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt_cfg.lr,
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
         )
-        scheduler = linear_warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, opt_cfg.warmup_ratio)
+        scheduler = linear_warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, self.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -6,26 +6,30 @@ import torch
 
 from ee_lightning.exits.rl import gather_layer
 from ee_lightning.training.systems.base import EarlyExitSystem
-from ee_lightning.training.systems.policy import PolicyTrainingMixin, layer_losses_and_correct
+from ee_lightning.training.systems.finetune import train_only
+from ee_lightning.training.systems.policy import PolicyTrainingMixin, layer_losses_and_correct, rl_settings
 
 
 class JointSystem(PolicyTrainingMixin, EarlyExitSystem):
     evaluates_policy = True
 
-    def __init__(self, cfg, task):
-        super().__init__(cfg, task)
+    def __init__(self, model, task, spec, *, rl: dict, lr_model: float, lr_policy: float,
+                 memorized: torch.Tensor | None = None, tau: float = 0.5, tolerance: float = 0.5):
+        super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
         self.automatic_optimization = False
-        # Memorized layer per training row (by `idx`), filled from the hardness artefact.
-        self.register_buffer("memorized", torch.zeros(0, dtype=torch.long), persistent=False)
-
-    def set_memorized(self, table: torch.Tensor) -> None:
-        self.memorized = table.to(self.device)
+        self.rl = rl_settings(rl)
+        self.lr_model, self.lr_policy = lr_model, lr_policy
+        self.save_hyperparameters({"stage": "joint", "lr_model": lr_model, "lr_policy": lr_policy, "tau": tau,
+                                   **self.rl})
+        train_only(self.model, "backbone", "heads", "policy")
+        # Memorized layer per training row (by `idx`), from the hardness stage.
+        self.register_buffer("memorized", torch.zeros(0, dtype=torch.long) if memorized is None else memorized,
+                             persistent=False)
 
     def training_step(self, batch, batch_idx):
         model_opt, policy_opt = self.optimizers()
         outputs = self.model(batch)
-        losses, correct = layer_losses_and_correct(self.task, outputs.logits, batch["labels"],
-                                                   self.cfg.method.hardness.tolerance)
+        losses, correct = layer_losses_and_correct(self.task, outputs.logits, batch["labels"], self.tolerance)
         memorized = self.memorized[batch["idx"]] if self.memorized.numel() else None
         step = self.policy_step(outputs.exit_logits, losses, correct, memorized)
         consistent = gather_layer(losses, step.exits).mean()
@@ -38,7 +42,7 @@ class JointSystem(PolicyTrainingMixin, EarlyExitSystem):
         return consistent
 
     def configure_optimizers(self):
-        cfg = self.cfg.method.joint
-        model_params = [p for name, p in self.model.named_parameters() if not name.startswith("policy.")]
-        return (torch.optim.AdamW(model_params, lr=cfg.lr_model, weight_decay=0.01),
-                torch.optim.AdamW(self.model.policy.parameters(), lr=cfg.lr_policy, weight_decay=0.0))
+        model_params = [p for name, p in self.model.named_parameters()
+                        if not name.startswith("policy.") and p.requires_grad]
+        return (torch.optim.AdamW(model_params, lr=self.lr_model, weight_decay=0.01),
+                torch.optim.AdamW(self.model.policy.parameters(), lr=self.lr_policy, weight_decay=0.0))

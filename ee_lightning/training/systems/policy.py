@@ -1,6 +1,6 @@
 """Stage 3: train the exit policies with REINFORCE; backbone and heads frozen.
 
-The backbone ran once over the training set (see `replay.collect_layer_outputs`); each step
+The backbone ran once over the training set (see `inference.layer_cache.collect_states`); each step
 here reads cached pooled states and head logits, so K rollouts cost K Bernoulli draws.
 """
 from __future__ import annotations
@@ -12,6 +12,11 @@ import torch
 from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_statistics
 from ee_lightning.tasks import is_correct, task_loss
 from ee_lightning.training.systems.base import EarlyExitSystem
+from ee_lightning.training.systems.finetune import train_only
+
+# The REINFORCE settings (method.policy in the config), passed to `reinforce_objective`.
+RL_KEYS = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
+           "normalize_advantages", "entropy_bonus")
 
 
 def layer_losses_and_correct(task, logits: torch.Tensor, labels: torch.Tensor, tolerance: float):
@@ -22,15 +27,15 @@ def layer_losses_and_correct(task, logits: torch.Tensor, labels: torch.Tensor, t
 
 
 class PolicyTrainingMixin:
-    """The REINFORCE step shared by the policy stage and the joint stage."""
+    """The REINFORCE step shared by the policy stage and the joint stage. `self.rl` holds RL_KEYS."""
 
     def policy_step(self, exit_logits, losses, correct, memorized):
-        cfg = self.cfg.method.policy
-        eps = epsilon_schedule(self.global_step, cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps)
+        rl = self.rl
+        eps = epsilon_schedule(self.global_step, rl["eps_start"], rl["eps_end"], rl["eps_decay_steps"])
         step = reinforce_objective(
-            exit_logits, losses.detach(), correct, memorized, k=cfg.k, alpha=cfg.alpha, task_term=cfg.task_term,
-            depth_term=cfg.depth_term, sampler=cfg.sampler, eps=eps,
-            normalize_advantages=cfg.normalize_advantages, entropy_bonus=cfg.entropy_bonus,
+            exit_logits, losses.detach(), correct, memorized, k=rl["k"], alpha=rl["alpha"], task_term=rl["task_term"],
+            depth_term=rl["depth_term"], sampler=rl["sampler"], eps=eps,
+            normalize_advantages=rl["normalize_advantages"], entropy_bonus=rl["entropy_bonus"],
         )
         size = losses.shape[1]
         stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
@@ -41,13 +46,22 @@ class PolicyTrainingMixin:
         return step
 
 
+def rl_settings(settings: dict) -> dict:
+    missing = [key for key in RL_KEYS if key not in settings]
+    if missing:
+        raise ValueError(f"method.policy lacks {missing}")
+    return {key: settings[key] for key in RL_KEYS}
+
+
 class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
     evaluates_policy = True
 
-    def __init__(self, cfg, task):
-        super().__init__(cfg, task)
-        self.model.backbone.requires_grad_(False)
-        self.model.heads.requires_grad_(False)
+    def __init__(self, model, task, spec, *, rl: dict, lr: float, tau: float = 0.5, tolerance: float = 0.5):
+        super().__init__(model, task, spec, tau=tau, tolerance=tolerance)
+        self.rl = rl_settings(rl)
+        self.lr = lr
+        self.save_hyperparameters({"stage": "policy", "lr": lr, "tau": tau, **self.rl})
+        train_only(self.model, "policy")
         self.train()
 
     def train(self, mode: bool = True):
@@ -62,8 +76,8 @@ class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
         logits = batch["logits"].transpose(0, 1)  # [L, B, C]
         policy = self.model.policy
         exit_logits = torch.stack([policy.logit(layer, pooled[layer], logits[layer]) for layer in range(self.num_layers)])
-        losses, correct = layer_losses_and_correct(self.task, logits, batch["labels"], self.cfg.method.hardness.tolerance)
+        losses, correct = layer_losses_and_correct(self.task, logits, batch["labels"], self.tolerance)
         return self.policy_step(exit_logits, losses, correct, batch["memorized"]).loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.policy.parameters(), lr=self.cfg.method.policy.lr, weight_decay=0.0)
+        return torch.optim.AdamW(self.model.policy.parameters(), lr=self.lr, weight_decay=0.0)

@@ -1,0 +1,255 @@
+"""Typed schemas of our config groups, registered with Hydra's ConfigStore.
+
+Composition merges every yaml file into its schema, so a wrong type (`method.policy.k=abc`) or an
+unknown key (`method.polcy.k=3`, or a misspelt key in a yaml file) fails while Hydra composes the
+config, naming the key. Ranges and rules across fields are `validate.validate_config`'s job.
+
+Where the defaults live: a knob's value and the comment explaining it are in its yaml file under
+conf/ (the place a user reads and changes them), once. Fields every option sets in its yaml are
+`MISSING` here; a field has a default here only when the yaml files may leave it out (e.g.
+`BackboneConfig.kind`), so no value is written twice.
+
+How the schemas are attached:
+- the root configs (conf/train.yaml, conf/eval.yaml) start their defaults list with `train_schema` /
+  `eval_schema`, whose typed fields (backbone, head, policy, report) type every option of those groups;
+- `data` and `method` options differ in their keys: each option's yaml starts its own defaults list
+  with its schema (`defaults: [glue_schema, _self_]`), registered in that group. A new data option
+  or method registers its own schema here (`register_configs`) and names it the same way.
+- trainer, logger, callbacks, paths and hydra are third-party objects' arguments: untyped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# --- model -----------------------------------------------------------------------------------
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    family: str = MISSING
+    pretrained_path: Optional[str] = MISSING
+    tokenizer_path: Optional[str] = MISSING
+    attn_implementation: str = MISSING
+    architecture: Dict[str, Any] = MISSING
+    random_init_expected: bool = MISSING
+    kind: str = "encoder"  # encoder (bidirectional, classification heads) | decoder (causal LM)
+    dtype: str = "float32"  # decoders: the weights' dtype (float32 | bfloat16 | float16)
+
+
+@dataclass
+class HeadConfig:
+    pooling: str = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
+class PolicyNetConfig:
+    """The exit policy net (conf/policy), not the policy training stage (method.policy)."""
+
+    hidden: int = MISSING
+    use_confidence: bool = MISSING
+    detach_state: bool = MISSING
+
+
+# --- method stages ----------------------------------------------------------------------------
+@dataclass
+class FinetuneStage:
+    epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    layer_weights: Any = MISSING  # linear | uniform | a list of one weight per layer
+
+
+@dataclass
+class HardnessStage:
+    tolerance: float = MISSING
+    cache_train_outputs: bool = MISSING
+
+
+@dataclass
+class PolicyStage:
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    k: int = MISSING
+    alpha: float = MISSING
+    task_term: str = MISSING
+    depth_term: str = MISSING
+    sampler: str = MISSING
+    eps_start: float = MISSING
+    eps_end: float = MISSING
+    eps_decay_steps: int = MISSING
+    normalize_advantages: bool = MISSING
+    entropy_bonus: float = MISSING
+
+
+@dataclass
+class JointStage:
+    enabled: bool = MISSING
+    epochs: int = MISSING
+    lr_model: float = MISSING
+    lr_policy: float = MISSING
+
+
+@dataclass
+class FinetuneMethod:
+    name: str = MISSING
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+
+
+@dataclass
+class ConsistentEEMethod(FinetuneMethod):
+    tau: float = MISSING
+    hardness: HardnessStage = field(default_factory=HardnessStage)
+    policy: PolicyStage = field(default_factory=PolicyStage)
+    joint: JointStage = field(default_factory=JointStage)
+
+
+# --- report -----------------------------------------------------------------------------------
+@dataclass
+class LatencyConfig:
+    enabled: bool = MISSING
+    batch_sizes: List[int] = MISSING
+    num_examples: int = MISSING
+    repeats: int = MISSING
+    warmup: int = MISSING
+
+
+@dataclass
+class ReportConfig:
+    rules: Optional[List[str]] = MISSING
+    grids: Dict[str, List[Any]] = MISSING  # rule -> knob values (pcee: [patience, threshold] pairs)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+# --- data options (one schema each: their datamodules take different arguments) ---------------
+@dataclass
+class DataConfig:
+    """What every TextDataModule takes (ee_lightning/data/base.py)."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    max_length: Optional[int] = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    num_workers: int = MISSING
+    bucket_by_length: bool = MISSING
+    cache_dir: Optional[str] = MISSING
+    max_train_samples: Optional[int] = MISSING
+    max_eval_samples: Optional[int] = MISSING
+    split_seed: int = MISSING
+
+
+@dataclass
+class RottenTomatoesData(DataConfig):
+    source_path: Optional[str] = MISSING
+    verify_checksum: bool = MISSING
+    test_size: int = MISSING
+    validation_size: int = MISSING
+
+
+@dataclass
+class BBCNewsData(DataConfig):
+    source_path: Optional[str] = MISSING
+    verify_checksum: bool = MISSING
+    test_fraction: float = MISSING
+    validation_fraction: float = MISSING
+    stratify: bool = MISSING
+
+
+@dataclass
+class GlueData(DataConfig):
+    task: str = MISSING
+    data_dir: Optional[str] = MISSING
+    train_file: Optional[str] = MISSING
+    validation_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING
+    mnli_eval: str = MISSING
+    validation_fraction: float = MISSING
+    skip_malformed: bool = MISSING
+
+
+@dataclass
+class CsvData(DataConfig):
+    train_file: Optional[str] = MISSING
+    validation_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING
+    text_column: str = MISSING
+    text_pair_column: Optional[str] = MISSING
+    label_column: str = MISSING
+    task_kind: str = MISSING
+    label_names: Optional[List[Any]] = MISSING
+    num_labels: Optional[int] = MISSING
+    metric: Optional[str] = MISSING
+    validation_fraction: float = MISSING
+    test_fraction: float = MISSING
+    tsv_quote_none: bool = MISSING
+
+
+# --- roots ------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """conf/train.yaml (ee-train)."""
+
+    task_name: str = MISSING
+    seed: int = MISSING
+    init_from: Optional[str] = MISSING
+    optimized_metrics: Any = MISSING  # null | list of names (ee_lightning/app/sweep.py)
+    backbone: BackboneConfig = MISSING
+    head: HeadConfig = MISSING
+    policy: PolicyNetConfig = MISSING
+    report: Optional[ReportConfig] = None  # `~report`: no exit-rule report at the end of consistentee
+    data: Any = MISSING    # typed by the option's own schema (DATA_SCHEMAS)
+    method: Any = MISSING  # typed by the option's own schema (METHOD_SCHEMAS)
+    paths: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+
+
+@dataclass
+class ExpectConfig:
+    backbone: Optional[str] = MISSING
+    task: Optional[str] = MISSING
+
+
+@dataclass
+class EvalConfig:
+    """conf/eval.yaml (ee-eval)."""
+
+    task_name: str = MISSING
+    ckpt_path: str = MISSING
+    split: str = MISSING
+    tau: Optional[float] = MISSING
+    data: Dict[str, Any] = MISSING  # overrides of the checkpoint's data config: untyped here
+    expect: ExpectConfig = field(default_factory=ExpectConfig)
+    report: ReportConfig = MISSING
+    paths: Any = MISSING
+
+
+# Per-option schemas: conf/<group>/<option>.yaml names `<option>_schema` first in its defaults list.
+DATA_SCHEMAS: dict[str, type] = {
+    "rotten_tomatoes": RottenTomatoesData,
+    "bbc_news": BBCNewsData,
+    "glue": GlueData,
+    "csv": CsvData,
+}
+METHOD_SCHEMAS: dict[str, type] = {
+    "finetune": FinetuneMethod,
+    "consistentee": ConsistentEEMethod,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore; needed before composing conf/ (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    for group, schemas in (("data", DATA_SCHEMAS), ("method", METHOD_SCHEMAS)):
+        for option, schema in schemas.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)

@@ -1,0 +1,392 @@
+"""Checks of a composed config before any data or model loads.
+
+Composition (schema.py) already rejects unknown keys and wrong types. `validate_config` checks what a
+type cannot say: ranges (tau in (0, 1), lr > 0, ...), choices (pooling, task_term, ...), and rules
+across fields (k >= 2 with the mean baseline, a static exit within the backbone's depth, a rule that
+needs class probabilities on a regression task). It reports every problem of the config at once, each
+naming the key, the bad value and the fix, in one ConfigError.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from ee_lightning.config.schema import (DATA_SCHEMAS, METHOD_SCHEMAS, ConsistentEEMethod, CsvData, FinetuneMethod,
+                                        GlueData)
+
+POOLINGS = ("cls", "mean")
+BACKBONE_KINDS = ("encoder", "decoder")
+LAYER_WEIGHTS = ("linear", "uniform")
+SPLITS = ("train", "validation", "test")
+TASK_KINDS = ("classification", "regression")
+MNLI_EVAL = ("matched", "mismatched")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config tree (inside the wheel; a link in a checkout)
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, one per line; each names the key, the value and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"the config has {len(self.problems)} problem(s); nothing was loaded:\n{lines}")
+
+
+_MISSING = object()
+
+
+@dataclass
+class Checker:
+    """Collects problems; `depth` (backbone layers) and `regression` when the config tells them."""
+
+    problems: list[str] = field(default_factory=list)
+    depth: int | None = None
+    regression: bool | None = None
+
+    def add(self, key: str, value, fix: str) -> None:
+        self.problems.append(f"{key}={_show(value)}: {fix}")
+
+    def number(self, node, key: str, prefix: str, *, low=None, high=None, low_open=False, high_open=False,
+               integer=False, optional=False, why: str = "") -> None:
+        """`node[key]` is a number in the given range (bounds closed unless *_open)."""
+        value = _value(node, key)
+        if value is _MISSING or (optional and value is None):
+            return
+        name = f"{prefix}{key}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and math.isnan(value)) or (integer and not float(value).is_integer()):
+            self.add(name, value, f"must be {'an integer' if integer else 'a number'}{' or null' if optional else ''}")
+            return
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            span = (f"in {left}{low}, {high}{right}" if low is not None and high is not None
+                    else f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
+            self.add(name, value, f"must be {span}{'; ' + why if why else ''}")
+
+    def choice(self, node, key: str, prefix: str, choices, optional=False) -> None:
+        value = _value(node, key)
+        if value is _MISSING or (optional and value is None) or value in choices:
+            return
+        self.add(f"{prefix}{key}", value, f"must be one of {' | '.join(choices)}{_did_you_mean(value, choices)}")
+
+
+# ---------------------------------------------------------------------------------- entry points
+def validate_config(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem of an ee-train or ee-eval config; return if none."""
+    check = Checker()
+    for key in missing_keys(cfg):
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml")) if "." not in key else []
+        fix = (f"choose an option: {key}={' | '.join(options)}" if options
+               else f"set it in its yaml file or on the command line ({key}=VALUE)")
+        check.problems.append(f"{key} is missing (???): {fix}")
+    if "ckpt_path" in cfg:
+        check_eval(cfg, check)
+    else:
+        check_train(cfg, check)
+    if check.problems:
+        raise ConfigError(check.problems)
+
+
+def typed(cfg: DictConfig):
+    """The composed config as schema objects (`typed(cfg).method.policy.k` is an int of a PolicyStage),
+    or one group node as its schema object (`typed(cfg.method)`). Untyped groups stay dicts."""
+    if "hydra" in cfg:  # the compose API keeps Hydra's own node; hydra.main removes it
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return OmegaConf.to_object(cfg)
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """`???` values in our groups (not in Hydra's or the third-party nodes)."""
+    found = []
+    for key in cfg:
+        if key in ("hydra", "trainer", "logger", "callbacks", "paths"):
+            continue
+        found += _missing_in(cfg._get_node(key), str(key))
+    return found
+
+
+def _missing_in(node, path: str) -> list[str]:
+    """Walk nodes without resolving interpolations (paths need Hydra's runtime; they are not ours)."""
+    if node._is_missing():
+        return [path]
+    if isinstance(node, DictConfig) and not node._is_none():
+        return [m for k in node.keys() for m in _missing_in(node._get_node(k), f"{path}.{k}")]
+    return []
+
+
+# ---------------------------------------------------------------------------------- ee-train
+def check_train(cfg: DictConfig, check: Checker) -> None:
+    backbone, data, method = _value(cfg, "backbone"), _value(cfg, "data"), _value(cfg, "method")
+    decoder_method = method is not _MISSING and method.get("name") == "consistentee_lm"
+    if backbone is not _MISSING and (backbone.get("kind") == "decoder") != decoder_method:
+        fix = ("choose a decoder backbone (kind: decoder), e.g. backbone=smollm2_135m" if decoder_method else
+               "a decoder LM runs with method=consistentee_lm, e.g. experiment=aclsum_consistentee")
+        check.add("backbone", backbone.get("name"), f"method={method.get('name') if method is not _MISSING else '???'}: {fix}")
+        return
+    if decoder_method:
+        check_decoder_train(cfg, check)
+        return
+    if backbone is not _MISSING:
+        check_backbone(backbone, check)
+    if data is not _MISSING:
+        check_data(data, check)
+    if method is not _MISSING:
+        check_method(method, cfg, check)
+    if _value(cfg, "head") is not _MISSING:
+        check.choice(cfg.head, "pooling", "head.", POOLINGS)
+        check.number(cfg.head, "dropout", "head.", low=0.0, high=1.0, high_open=True)
+    if _value(cfg, "policy") is not _MISSING:
+        check.number(cfg.policy, "hidden", "policy.", low=1, integer=True)
+    if _value(cfg, "report") not in (_MISSING, None):
+        check_report(cfg.report, check)
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("max_epochs") is not None:
+        check.add("trainer.max_epochs", trainer.get("max_epochs"),
+                  "each stage's epochs are method.finetune.epochs, method.policy.epochs and method.joint.epochs; "
+                  "set those instead")
+
+
+def check_decoder_train(cfg: DictConfig, check: Checker) -> None:
+    """method=consistentee_lm (training/lm_pipeline.py) has its own data, stages and report; checked
+    here: weights shipped in a package are installed (a local checkpoint folder is checked on load)."""
+    path = _value(cfg.backbone, "pretrained_path")
+    if isinstance(path, str) and path.startswith("package:"):
+        from ee_lightning.modeling.backbones.decoder_build import DecoderError, package_gguf
+
+        try:
+            package_gguf(path.split(":", 1)[1])
+        except DecoderError as err:
+            check.add("backbone.pretrained_path", path, str(err))
+
+
+def check_backbone(backbone: DictConfig, check: Checker) -> None:
+    check.choice(backbone, "kind", "backbone.", BACKBONE_KINDS)
+    check.depth = backbone_depth(backbone, check)
+
+
+def backbone_depth(backbone: DictConfig, check: Checker | None = None) -> int | None:
+    """The backbone's number of layers when the config tells it: the checkpoint's config.json (read,
+    no weights loaded) for a pretrained_path, else `architecture`; None when neither says."""
+    path = _value(backbone, "pretrained_path")
+    if path not in (_MISSING, None):
+        from ee_lightning.modeling.backbones.build import resolve_path
+
+        try:
+            config_file = resolve_path(path) / "config.json"
+        except ValueError as err:  # BackboneError: a package: that is not installed
+            if check is not None:
+                check.add("backbone.pretrained_path", path, str(err))
+            return None
+        if not config_file.is_file():
+            if check is not None:
+                check.add("backbone.pretrained_path", path,
+                          f"{config_file} does not exist; point it at a local transformers checkpoint folder")
+            return None
+        return _layers(json.loads(config_file.read_text()))
+    architecture = _value(backbone, "architecture")
+    return _layers(architecture) if architecture not in (_MISSING, None) else None
+
+
+def _layers(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config.get(key))
+    return None
+
+
+def check_data(data: DictConfig, check: Checker) -> None:
+    schema = OmegaConf.get_type(data)
+    if schema not in DATA_SCHEMAS.values():
+        name = data.get("name", "?")
+        check.add("data", name, f"this data option has no schema: register one in ee_lightning/config/schema.py "
+                                f"(DATA_SCHEMAS) and name it first in its yaml file's defaults list")
+        return
+    p = "data."
+    for key in ("batch_size", "eval_batch_size"):
+        check.number(data, key, p, low=1, integer=True)
+    check.number(data, "max_length", p, low=1, integer=True, optional=True)
+    check.number(data, "num_workers", p, low=0, integer=True)
+    for key in ("max_train_samples", "max_eval_samples"):
+        check.number(data, key, p, low=1, integer=True, optional=True, why="or null for every row")
+    fractions = [key for key in ("validation_fraction", "test_fraction") if key in data]
+    for key in fractions:
+        check.number(data, key, p, low=0.0, high=1.0, high_open=True)
+    values = [_value(data, key) for key in fractions]
+    if len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and sum(values) >= 1:
+        check.add("data.validation_fraction + data.test_fraction", sum(values), "must be < 1 (train needs rows)")
+    for key in ("test_size", "validation_size"):
+        if key in data:
+            check.number(data, key, p, low=1, integer=True)
+    if "mnli_eval" in data:
+        check.choice(data, "mnli_eval", p, MNLI_EVAL)
+    if "task_kind" in data:
+        check.choice(data, "task_kind", p, TASK_KINDS)
+        if _value(data, "task_kind") in TASK_KINDS:
+            check.regression = _value(data, "task_kind") == "regression"
+    if schema is CsvData and not _value(data, "train_file"):
+        check.add("data.train_file", None, "the csv option needs a training file: data.train_file=PATH")
+    if schema is GlueData:
+        from ee_lightning.data.glue import GLUE_TASKS, glue_task
+
+        try:
+            check.regression = glue_task(_value(data, "task")).kind == "regression"
+        except ValueError:
+            check.choice(data, "task", p, list(GLUE_TASKS))
+
+
+def check_method(method: DictConfig, cfg: DictConfig, check: Checker) -> None:
+    schema = OmegaConf.get_type(method)
+    if schema not in METHOD_SCHEMAS.values():
+        check.add("method", method.get("name", "?") if isinstance(method, DictConfig) else method,
+                  f"choose method={' | '.join(METHOD_SCHEMAS)} (or an experiment=... that picks one)")
+        return
+    check.choice(method, "name", "method.", [n for n, s in METHOD_SCHEMAS.items() if s is schema])
+    if issubclass(schema, FinetuneMethod):
+        check_finetune(method.finetune, check)
+    if issubclass(schema, ConsistentEEMethod):
+        check.number(method, "tau", "method.", low=0.0, high=1.0, low_open=True, high_open=True,
+                     why="ConsistentEE exits at the first layer whose exit probability exceeds tau")
+        check.number(method.hardness, "tolerance", "method.hardness.", low=0.0)
+        check_policy_stage(method.policy, check)
+        joint = method.joint
+        if _value(joint, "enabled") is True:
+            check.number(joint, "epochs", "method.joint.", low=1, integer=True)
+            check.number(joint, "lr_model", "method.joint.", low=0.0, low_open=True)
+            check.number(joint, "lr_policy", "method.joint.", low=0.0, low_open=True)
+    init_from = _value(cfg, "init_from")
+    if init_from not in (_MISSING, None):
+        if not issubclass(schema, ConsistentEEMethod):
+            check.add("init_from", init_from, "a stage-1 checkpoint to start ConsistentEE from; method=finetune "
+                                              "would ignore it: drop init_from or use method=consistentee")
+        elif not Path(str(init_from)).is_file():
+            check.add("init_from", init_from, "the file does not exist; give the path of a stage-1 .ckpt file")
+
+
+def check_finetune(stage: DictConfig, check: Checker) -> None:
+    p = "method.finetune."
+    check.number(stage, "epochs", p, low=1, integer=True)
+    check.number(stage, "lr", p, low=0.0, low_open=True)
+    check.number(stage, "weight_decay", p, low=0.0)
+    check.number(stage, "warmup_ratio", p, low=0.0, high=1.0, high_open=True)
+    weights = _value(stage, "layer_weights")
+    if weights is _MISSING:
+        return
+    if isinstance(weights, str):
+        check.choice(stage, "layer_weights", p, LAYER_WEIGHTS)
+        return
+    numbers = list(weights) if isinstance(weights, (list, ListConfig)) else None
+    fix = f"give {'a list of ' + str(check.depth) if check.depth else 'a list of one per layer'} non-negative numbers " \
+          "(not all zero), or linear | uniform"
+    if numbers is None or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in numbers) \
+            or sum(numbers) <= 0:
+        check.add(p + "layer_weights", weights, fix)
+    elif check.depth is not None and len(numbers) != check.depth:
+        check.add(p + "layer_weights", weights, f"has {len(numbers)} weights but the backbone has {check.depth} "
+                                                 f"layers; {fix}")
+
+
+def check_policy_stage(stage: DictConfig, check: Checker) -> None:
+    from ee_lightning.exits.rl import DEPTH_TERMS, SAMPLERS, TASK_TERMS
+
+    p = "method.policy."
+    check.number(stage, "epochs", p, low=1, integer=True)
+    check.number(stage, "lr", p, low=0.0, low_open=True)
+    check.number(stage, "batch_size", p, low=1, integer=True)
+    check.number(stage, "k", p, low=2, integer=True,
+                 why="the baseline is the mean reward of the k rollouts, so with one rollout every advantage "
+                     "is 0 and the policy never learns")
+    check.number(stage, "alpha", p, low=0.0)
+    check.choice(stage, "task_term", p, TASK_TERMS)
+    check.choice(stage, "depth_term", p, DEPTH_TERMS)
+    check.choice(stage, "sampler", p, SAMPLERS)
+    check.number(stage, "eps_start", p, low=0.0, high=1.0)
+    check.number(stage, "eps_end", p, low=0.0, high=1.0)
+    check.number(stage, "eps_decay_steps", p, low=1, integer=True)
+    check.number(stage, "entropy_bonus", p, low=0.0)
+
+
+# ---------------------------------------------------------------------------------- report
+def check_report(report: DictConfig, check: Checker) -> None:
+    from ee_lightning.exits.rules import RULES, rule_from_grid
+
+    rules = _value(report, "rules")
+    chosen = None
+    if rules not in (_MISSING, None):
+        chosen = [str(r) for r in rules]
+        if not chosen:
+            check.add("report.rules", [], f"give at least one rule ({', '.join(RULES)}), or null for every rule "
+                                          "that applies to the task")
+        for name in chosen:
+            if name not in RULES:
+                check.add("report.rules", chosen, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}"
+                                                  f"{_did_you_mean(name, RULES)}")
+        needs_classes = [n for n in chosen if n in RULES and RULES[n].classification_only]
+        if check.regression and needs_classes:
+            check.add("report.rules", chosen, f"{needs_classes} need class probabilities, and this is a regression "
+                                              "task: drop them, or set report.rules=null for every rule that applies")
+    grids = _value(report, "grids")
+    for name, grid in (grids.items() if grids not in (_MISSING, None) else []):
+        key = f"report.grids.{name}"
+        if name not in RULES:
+            check.add(key, grid, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}{_did_you_mean(name, RULES)}")
+            continue
+        if chosen is not None and name not in chosen:
+            check.add(key, grid, f"{name!r} is not in report.rules={chosen}: add it there or drop this grid")
+        elif chosen is None and check.regression and RULES[name].classification_only:
+            check.add(key, grid, f"{name!r} needs class probabilities, and this is a regression task: drop this grid")
+        if len(grid) == 0:
+            check.add(key, [], "give at least one knob value, or drop it for the default grid")
+        for value in grid:
+            try:
+                rule_from_grid(name, OmegaConf.to_object(value) if isinstance(value, ListConfig) else value,
+                               num_layers=check.depth)
+            except ValueError as err:
+                check.add(key, list(grid), f"{err}")
+    latency = _value(report, "latency")
+    if latency not in (_MISSING, None):
+        p = "report.latency."
+        sizes = _value(latency, "batch_sizes")
+        if sizes is not _MISSING and (not sizes or any(not isinstance(b, int) or b < 1 for b in sizes)):
+            check.add(p + "batch_sizes", sizes, "give a non-empty list of batch sizes >= 1")
+        check.number(latency, "num_examples", p, low=1, integer=True)
+        check.number(latency, "repeats", p, low=1, integer=True)
+        check.number(latency, "warmup", p, low=0, integer=True)
+
+
+# ---------------------------------------------------------------------------------- ee-eval
+def check_eval(cfg: DictConfig, check: Checker) -> None:
+    check.choice(cfg, "split", "", SPLITS)
+    check.number(cfg, "tau", "", low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
+                 why="null: the tau the checkpoint was trained with")
+    if _value(cfg, "report") not in (_MISSING, None):
+        check_report(cfg.report, check)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _value(node, key: str):
+    """node[key], or _MISSING when it is absent or ??? (reported once, by missing_keys)."""
+    if not isinstance(node, DictConfig) or key not in node or OmegaConf.is_missing(node, key):
+        return _MISSING
+    return node[key]
+
+
+def _show(value) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    # As typed on the command line (key=value), quoted only where that would hide the value.
+    return repr(value) if isinstance(value, str) and (not value.strip() or value != value.strip()) else str(value)
+
+
+def _did_you_mean(value, choices) -> str:
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
