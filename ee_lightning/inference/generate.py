@@ -1,0 +1,237 @@
+"""Batched generation with per-token early exit and a KV cache.
+
+Each new token goes through the layers one at a time. At every exit layer a token-level rule
+(ee_lightning.exits.token_rules) decides, from the signals it needs, which tokens leave; a token
+that leaves at layer t takes its next-token logits from that exit, and its keys/values for the
+deeper layers t+1..L are filled from its exit state through each of those layers' input norm and
+K/V projections (CALM's state propagation; `LayerwiseDecoder.advance`). Every row stays in the
+cache for the whole generation: rows that exited early, or finished with EOS, still get K/V at
+every layer, so the cache is rectangular and no row is ever dropped.
+
+The prompt (all but its last token) runs at full depth; its last token is the input of the
+first generation step, so every generated token's state passes through the exit rule.
+With the `Full` rule this is exactly greedy/sampled `generate` of the same model: same layers,
+same cache, same logits processors, same EOS padding.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ee_lightning.exits.token_rules import margin, saturation
+
+
+class PlainExits:
+    """Exits without trained parts: the model's own final norm and LM head on the raw state of
+    every `exit_every`-th layer (and the last). The stand-in for trained LM exit heads, which
+    have the same two members."""
+
+    def __init__(self, num_layers: int, exit_every: int = 1):
+        self.exit_layers = sorted({*range(exit_every, num_layers + 1, exit_every), num_layers})
+
+    def logits(self, layer: int, hidden: torch.Tensor, decoder) -> torch.Tensor:
+        return decoder.lm_head(decoder.final_norm(hidden))
+
+
+@dataclass
+class GenerationResult:
+    """sequences [B, P + N] (prompt, then new tokens; pad after EOS). Per new token [B, N]
+    (0 for padding after a row finished): the exit layer (1..L), LM-head calls, K/V fills of
+    skipped layers, policy and classifier net calls."""
+
+    sequences: torch.Tensor
+    prompt_length: int
+    exit_layers: torch.Tensor
+    lm_head_calls: torch.Tensor
+    kv_fills: torch.Tensor
+    policy_calls: torch.Tensor
+    classifier_calls: torch.Tensor
+    cache: object = None  # the KV cache at the end (every row, every layer)
+    logits: torch.Tensor | None = None  # [B, N, V] each token's exit logits, with output_logits=True
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """True for generated tokens (EOS included), False for padding after EOS."""
+        return self.exit_layers > 0
+
+
+class _PeekCache:
+    """A cache view for a look-ahead pass: attention sees the cached K/V plus the new ones, and
+    nothing is stored (the oracle's full-depth token must not change the cache)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.cache.layers[layer_idx]
+        if not layer.is_initialized:
+            return key_states, value_states
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+def _full_depth_tokens(decoder, hidden, ctx) -> torch.Tensor:
+    """The full model's greedy token for every row, computed without touching the cache."""
+    peek = _PeekCache(ctx.cache)
+    for index in range(decoder.num_layers):
+        hidden = decoder.run_layer(index, hidden, ctx, peek)
+    return decoder.lm_head(decoder.final_norm(hidden[:, -1])).argmax(-1)
+
+
+@torch.no_grad()
+def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The cache of every prompt token but the last, at full depth (the last one starts generation)."""
+    cache = decoder.new_cache()
+    if input_ids.shape[1] > 1:
+        hidden, ctx = decoder.start(input_ids[:, :-1], attention_mask[:, :-1].long(), cache)
+        for index in range(decoder.num_layers):
+            hidden = decoder.step(index, hidden, ctx)
+    return cache
+
+
+def _as_list(ids):
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+@torch.no_grad()
+def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                        eos_token_id=None, pad_token_id=None, do_sample: bool = False, logits_processor=None,
+                        policy=None, classifier=None, generator: torch.Generator | None = None,
+                        propagate_kv: bool = True, force_tokens: torch.Tensor | None = None,
+                        output_logits: bool = False, prompt_cache=None) -> GenerationResult:
+    """Generate up to `max_new_tokens` per row from left-padded prompts, exiting per token by `rule`.
+
+    eos_token_id: an id or a list; a row stops at its first EOS (later positions get
+        `pad_token_id`, default the first EOS id); generation stops when every row has.
+    logits_processor: a transformers LogitsProcessorList (temperature, top-k/p, penalties...),
+        applied to the exit's logits before the greedy argmax or sampling.
+    generator: the torch.Generator for sampling (None: torch's global one, as `generate` uses).
+    propagate_kv: False makes exited tokens keep running the deeper layers for their K/V only
+        (their output token still comes from the exit): the "real deeper states" reference that
+        measures what state propagation changes.
+    force_tokens: [B, N] teacher forcing: these tokens are emitted and fed back whatever the
+        exits predict (the exit decisions and logits are still computed), up to N steps.
+    output_logits: keep every step's exit logits (before the processors) in `result.logits`.
+    prompt_cache: `prefill(decoder, input_ids, attention_mask)` computed once for these prompts
+        (copied, never changed): rules compared on the same prompts share the prompt pass.
+    """
+    if "policy" in rule.needs and policy is None:
+        raise ValueError("this rule reads the exit policy: pass policy=")
+    if "classifier" in rule.needs and classifier is None:
+        raise ValueError("this rule reads the exit classifier: pass classifier=")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be non-empty and LEFT-padded (every row's last column a real token)")
+    eos = _as_list(eos_token_id)
+    pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
+    batch, prompt_length = input_ids.shape
+    mask = attention_mask.long()
+    cache = copy.deepcopy(prompt_cache) if prompt_cache is not None else prefill(decoder, input_ids, attention_mask)
+
+    sequences, next_input = input_ids, input_ids[:, -1:]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    records = {key: [] for key in ("exit", "lm", "kv", "policy", "classifier")}
+    kept_logits = []
+    if force_tokens is not None:
+        max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
+    eos_ids = torch.tensor(eos, device=input_ids.device) if eos else None
+    for step in range(max_new_tokens):
+        hidden, ctx = decoder.start(next_input, mask, cache)
+        logits, counts = _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv)
+        scores = logits_processor(sequences, logits) if logits_processor is not None else logits
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(-1)
+        if force_tokens is not None:
+            next_tokens = force_tokens[:, step].to(next_tokens.device)
+        if output_logits:
+            kept_logits.append(logits)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+        for key, value in counts.items():
+            records[key].append(value.masked_fill(finished, 0))
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if eos_ids is not None:
+            finished = finished | torch.isin(next_tokens, eos_ids)
+        if bool(finished.all()):
+            break
+        next_input = next_tokens[:, None]
+
+    def stack(key):
+        return torch.stack(records[key], dim=1) if records[key] else torch.zeros(batch, 0, dtype=torch.long)
+
+    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"), cache,
+                            torch.stack(kept_logits, dim=1) if output_logits and kept_logits else None)
+
+
+def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv):
+    """One new token per row through the layers. Returns its logits [B, V] and per-row counts."""
+    batch, L = hidden.shape[0], decoder.num_layers
+    device = hidden.device
+    exit_set = set(exits.exit_layers)
+    running = ~finished            # rows still in the network (finished rows only fill K/V)
+    computing = running.clone()    # rows that run the layers (exited ones too without propagation)
+    logits = None
+    exit_at = torch.zeros(batch, dtype=torch.long, device=device)
+    lm_calls = torch.zeros(batch, dtype=torch.long, device=device)
+    policy_calls = torch.zeros_like(lm_calls)
+    classifier_calls = torch.zeros_like(lm_calls)
+    previous = hidden[:, -1].clone()  # the state at the previous exit (saturation)
+    full_tokens = _full_depth_tokens(decoder, hidden, ctx) if "oracle" in rule.needs else None
+    for index in range(L):
+        layer = index + 1
+        hidden = decoder.advance(index, hidden, ctx, computing if not propagate_kv else running)
+        if layer not in exit_set or not bool(running.any()):
+            continue
+        rows = running.nonzero().squeeze(1)
+        state = hidden[rows, -1]
+        exit_logits = None
+        if layer == L:
+            leave = torch.ones(rows.numel(), dtype=torch.bool, device=device)
+        else:
+            signals = {}
+            if "margin" in rule.needs or "oracle" in rule.needs:
+                exit_logits = exits.logits(layer, state, decoder)
+                lm_calls[rows] += 1
+                if "margin" in rule.needs:
+                    signals["margin"] = margin(torch.softmax(exit_logits.float(), dim=-1))
+                if "oracle" in rule.needs:
+                    signals["oracle"] = exit_logits.argmax(-1) == full_tokens[rows]
+            if "saturation" in rule.needs:
+                signals["saturation"] = saturation(state, previous[rows])
+            if "classifier" in rule.needs:
+                signals["classifier"] = torch.sigmoid(classifier.logit(layer, state).float())
+                classifier_calls[rows] += 1
+            if "policy" in rule.needs:
+                signals["policy"] = torch.sigmoid(policy.logit(layer, state).float())
+                policy_calls[rows] += 1
+            leave = rule.decide(layer, rows.numel(), signals).to(device)
+        previous[rows] = state
+        if not bool(leave.any()):
+            continue
+        out_rows = rows[leave]
+        if exit_logits is None:
+            out_logits = exits.logits(layer, state[leave], decoder)
+            lm_calls[out_rows] += 1
+        else:
+            out_logits = exit_logits[leave]
+        if logits is None:
+            logits = out_logits.new_zeros(batch, out_logits.shape[-1])
+        logits[out_rows] = out_logits
+        exit_at[out_rows] = layer
+        running[out_rows] = False
+    if logits is None:  # every row had finished: the caller pads them
+        logits = torch.zeros(batch, decoder.vocab_size, device=device)
+    kv_fills = (L - exit_at).masked_fill(exit_at == 0, 0) if propagate_kv else torch.zeros_like(exit_at)
+    counts = {"exit": exit_at, "lm": lm_calls, "kv": kv_fills, "policy": policy_calls, "classifier": classifier_calls}
+    return logits.float(), counts

@@ -1,0 +1,138 @@
+"""One teacher-forced pass of the frozen decoder over prompt + reference, kept on disk.
+
+For every response token (every position whose label is not -100) the cache holds the hidden
+state of each exit layer at the position that predicts it, its target (the reference token) and
+the full model's own next-token prediction there. The exits, the policy and CALM's classifier
+then train on these states without running the decoder again. The file carries the settings it
+was built with; a file built with other settings (or unreadable) is rebuilt, never half-written
+(atomic save).
+
+Layout (N tokens, E exits, H hidden): states [N, E, H] (stored dtype), targets [N], full_tokens [N],
+rows [N] (dataset row), positions [N] (token number within its response), exit_layers [E].
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ee_lightning.data.generation import IGNORE_INDEX
+from ee_lightning.files import atomic_torch_save
+from ee_lightning.progress import progress_enabled
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T - 1] bool: position t predicts a response token (label t + 1 is not -100)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def _device(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "float32",
+                        progress: bool | None = None) -> dict:
+    """Run `decoder(input_ids, attention_mask) -> L states [B, T, H]` over LM batches of `loader`.
+
+    `decoder` also gives final_norm and lm_head (for the full model's own token)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    num_layers = decoder.num_layers
+    if not exit_layers or any(not 1 <= layer <= num_layers for layer in exit_layers):
+        raise ValueError(f"exit layers {exit_layers} must lie in 1..{num_layers}")
+    device = _device(decoder)
+    was_training = decoder.training
+    decoder.eval()
+    parts = {"states": [], "targets": [], "full_tokens": [], "rows": [], "positions": []}
+    bar = tqdm(loader, desc="caching exit states", unit="batch", dynamic_ncols=True,
+               disable=not progress_enabled() if progress is None else not progress)
+    try:
+        for batch in bar:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)
+            states = decoder(ids, mask)
+            if len(states) != num_layers:
+                raise ValueError(f"the decoder gave {len(states)} layer states for {num_layers} layers")
+            keep = predicting_positions(labels)
+            parts["states"].append(torch.stack([states[layer - 1][:, :-1][keep] for layer in exit_layers], dim=1)
+                                   .to("cpu", DTYPES[dtype]))
+            parts["targets"].append(labels[:, 1:][keep].cpu())
+            last = states[-1][:, :-1][keep]
+            parts["full_tokens"].append(decoder.lm_head(decoder.final_norm(last)).argmax(-1).cpu())
+            parts["rows"].append(batch["idx"].to(device).unsqueeze(1).expand_as(keep)[keep].cpu())
+            parts["positions"].append((keep.long().cumsum(1) - 1)[keep].cpu())
+            bar.set_postfix(tokens=sum(len(t) for t in parts["targets"]))
+    finally:
+        bar.close()
+        decoder.train(was_training)
+    if not parts["targets"]:
+        raise ValueError("the loader gave no batches to cache")
+    cache = {key: torch.cat(values) for key, values in parts.items()}
+    cache["exit_layers"] = torch.tensor(exit_layers)
+    return cache
+
+
+def load_or_build(path: str | Path, meta: dict, build) -> dict:
+    """The cache at `path` if it was built with `meta`, else `build()` saved there atomically."""
+    path = Path(path)
+    meta_json = json.dumps(meta, sort_keys=True, default=str)
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("format_version") == FORMAT_VERSION and payload.get("meta_json") == meta_json:
+                log.info("exit-state cache %s reused (%d tokens)", path, len(payload["cache"]["targets"]))
+                return payload["cache"]
+            log.info("exit-state cache %s was built with other settings; rebuilding it", path)
+        except Exception as err:  # a truncated or foreign file (torch raises many kinds): rebuild it
+            log.warning("exit-state cache %s is unreadable (%s); rebuilding it", path, err)
+    cache = build()
+    atomic_torch_save({"format_version": FORMAT_VERSION, "meta_json": meta_json, "cache": cache}, path)
+    log.info("exit-state cache %s written (%d tokens, %d exits)", path, len(cache["targets"]),
+             len(cache["exit_layers"]))
+    return cache
+
+
+@torch.no_grad()
+def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bool | None = None) -> dict:
+    """Each exit's argmax token and cross-entropy per cached token: tokens [E, N], ce [E, N] against the
+    reference token, ce_full [E, N] against the full model's token (float32). One LM-head pass per exit
+    over the cache, in chunks (V-wide logits are big)."""
+    states, targets, full = cache["states"], cache["targets"], cache["full_tokens"]
+    layers = [int(x) for x in cache["exit_layers"]]
+    device = _device(decoder)
+    exits.to(device)
+    tokens = torch.empty(len(layers), len(targets), dtype=torch.long)
+    ce = torch.empty(len(layers), len(targets))
+    ce_full = torch.empty(len(layers), len(targets))
+    starts = range(0, len(targets), batch_size)
+    for start in tqdm(starts, desc="scoring exits", unit="chunk", dynamic_ncols=True,
+                      disable=not progress_enabled() if progress is None else not progress):
+        chunk = states[start:start + batch_size].to(device, torch.float32)
+        target = targets[start:start + batch_size].to(device)
+        full_target = full[start:start + batch_size].to(device)
+        rows = slice(start, start + len(target))
+        for e, layer in enumerate(layers):
+            log_probs = exits.logits(layer, chunk[:, e].to(_dtype(decoder)), decoder).float().log_softmax(-1)
+            tokens[e, rows] = log_probs.argmax(-1).cpu()
+            ce[e, rows] = -log_probs.gather(1, target[:, None]).squeeze(1).cpu()
+            ce_full[e, rows] = -log_probs.gather(1, full_target[:, None]).squeeze(1).cpu()
+    return {"tokens": tokens, "ce": ce, "ce_full": ce_full}
+
+
+def _dtype(module) -> torch.dtype:
+    try:
+        return next(module.parameters()).dtype
+    except (StopIteration, AttributeError):
+        return torch.float32

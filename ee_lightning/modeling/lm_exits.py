@@ -1,0 +1,120 @@
+"""Exits for decoder LMs: where a token may leave the network, and what decides that it does.
+
+* `LMExitHeads`: the exit at layer l predicts the next token with the model's own final norm and
+  (tied) LM head applied to h_l + adapter_l(h_l). The adapters are low-rank and zero-initialised,
+  so an untrained exit is the plain "final norm + LM head on an intermediate state"; the last
+  layer has none (its exit is the model itself).
+* `TokenExitPolicy`: ConsistentEE's policy, p_l = sigmoid(g_l(h_l)) per token, read from the hidden
+  state: the LM head (a [H, V] matmul) runs only where a token actually exits.
+* `ExitClassifier`: CALM's trained confidence measure, P(the exit's token equals the final token),
+  a linear probe of the hidden state per exit layer.
+
+Layers are 1-based. The decoder is anything with `final_norm(h)` and `lm_head(h)` (`ExitDecoder`).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+FORCED_LOGIT = 30.0  # sigmoid ~ 1: at the last layer every token exits, whatever a policy says
+
+
+class ExitDecoder(Protocol):
+    """What the exits need of a decoder: its final norm and its LM head."""
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def exit_layer_list(num_layers: int, exit_every: int = 1) -> list[int]:
+    """Every `exit_every`-th layer (1-based), always including the last: (5, 2) -> [2, 4, 5]."""
+    if num_layers < 1 or exit_every < 1:
+        raise ValueError(f"num_layers={num_layers} and exit_every={exit_every} must be >= 1")
+    layers = list(range(exit_every, num_layers + 1, exit_every))
+    if not layers or layers[-1] != num_layers:
+        layers.append(num_layers)
+    return layers
+
+
+def _check_exit(layer: int, exit_layers: list[int]) -> None:
+    if layer not in exit_layers:
+        raise ValueError(f"layer {layer} has no exit; exits are at layers {exit_layers}")
+
+
+class LowRankAdapter(nn.Module):
+    """h -> up(down(h)), rank r; `up` starts at zero so the adapter starts as the zero map."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(hidden))
+
+
+class LMExitHeads(nn.Module):
+    def __init__(self, num_layers: int, hidden_size: int, exit_every: int = 1, rank: int = 32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"adapter rank={rank} must be >= 1")
+        self.num_layers = int(num_layers)
+        self.exit_layers = exit_layer_list(self.num_layers, int(exit_every))
+        self.adapters = nn.ModuleDict({str(layer): LowRankAdapter(hidden_size, rank)
+                                       for layer in self.exit_layers if layer != self.num_layers})
+
+    def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """h + adapter_l(h) (h itself at the last layer)."""
+        _check_exit(layer, self.exit_layers)
+        if layer == self.num_layers:
+            return hidden
+        adapter = self.adapters[str(layer)]
+        return hidden + adapter(hidden.to(adapter.up.weight.dtype)).to(hidden.dtype)
+
+    def logits(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder) -> torch.Tensor:
+        """Next-token logits [..., V] of the exit at `layer` from its hidden state [..., H]."""
+        return decoder.lm_head(decoder.final_norm(self.adapt(layer, hidden)))
+
+
+class _PerExitHeads(nn.Module):
+    """One small net per exit layer below the last; the last layer's exit is forced."""
+
+    def __init__(self, num_layers: int, exit_layers: list[int] | None, make_head):
+        super().__init__()
+        self.num_layers = int(num_layers)
+        self.exit_layers = list(exit_layers) if exit_layers is not None else list(range(1, self.num_layers + 1))
+        if not self.exit_layers or self.exit_layers[-1] != self.num_layers or \
+                any(not 1 <= a < b for a, b in zip(self.exit_layers, self.exit_layers[1:])):
+            raise ValueError(f"exit_layers={self.exit_layers} must increase and end at num_layers={self.num_layers}")
+        self.heads = nn.ModuleDict({str(layer): make_head() for layer in self.exit_layers[:-1]})
+
+    def logit(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [...] logit; FORCED_LOGIT at the last layer."""
+        _check_exit(layer, self.exit_layers)
+        if layer == self.num_layers:
+            return hidden.new_full(hidden.shape[:-1], FORCED_LOGIT, dtype=torch.float32)
+        head = self.heads[str(layer)]
+        first = next(head.parameters())
+        return head(hidden.to(first.dtype)).squeeze(-1).float()
+
+    def prob(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(layer, hidden))
+
+
+class TokenExitPolicy(_PerExitHeads):
+    """p_l = sigmoid(Linear(H, hidden) -> GELU -> Linear(hidden, 1) of h_l), per exit layer."""
+
+    def __init__(self, num_layers: int, hidden_size: int, hidden: int = 32, exit_layers: list[int] | None = None):
+        super().__init__(num_layers, exit_layers, lambda: nn.Sequential(
+            nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1)))
+
+
+class ExitClassifier(_PerExitHeads):
+    """CALM's learned measure: sigmoid(Linear(H, 1) of h_l) = P(exit token == final token), per exit layer."""
+
+    def __init__(self, num_layers: int, hidden_size: int, exit_layers: list[int] | None = None):
+        super().__init__(num_layers, exit_layers, lambda: nn.Linear(hidden_size, 1))

@@ -1,0 +1,93 @@
+"""method=consistentee_lm: ConsistentEE for a decoder LM, every stage, then every exit rule through
+real generation.
+
+  1. the frozen decoder's exit states are cached once (teacher-forced on the train references);
+  2. stage 1: the exits' low-rank adapters (weighted LM loss over exits);
+  3. per-token memorized layer, then the per-token REINFORCE policy; CALM's exit classifier;
+  4. every rule at every knob generates on the held-out prompts (evaluation/generation_eval.py):
+     ROUGE, agreement with the full model, exit layers, FLOPs, tokens per second;
+  5. pareto.csv/md/png and results.json in the run directory.
+Stages 1-3 are `training.lm_stages.train_lm_exits`; their Trainers carry the configured loggers and
+callbacks (reward curve, exit histograms).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ee_lightning.evaluation.generation_eval import comparison_rows, evaluate_generation_rules, write_generation_report
+from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.files import atomic_write_text
+from ee_lightning.training.lm_stages import train_lm_exits
+from ee_lightning.training.trainers import make_trainer
+
+log = logging.getLogger(__name__)
+
+
+def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int | None) -> tuple[list[dict], list[str]]:
+    batches, references, seen = [], [], 0
+    for batch in datamodule.generation_dataloader(split, batch_size=batch_size):
+        if max_prompts is not None and seen >= max_prompts:
+            break
+        if max_prompts is not None and seen + len(batch["references"]) > max_prompts:
+            keep = max_prompts - seen
+            batch = {k: v[:keep] for k, v in batch.items()}
+            # a cut batch may start with a padding column on every row: drop it
+            while not bool(batch["attention_mask"][:, 0].any()):
+                batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
+        batches.append(batch)
+        references += list(batch["references"])
+        seen += len(batch["references"])
+    return batches, references
+
+
+def run_consistentee_lm(cfg: DictConfig) -> dict:
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.backbone.get("kind") != "decoder":
+        raise ValueError(f"method=consistentee_lm needs a decoder backbone (kind: decoder, e.g. backbone=smollm2_135m), "
+                         f"got backbone={cfg.backbone.get('name')}")
+    decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
+    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+    decoder.to(device)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    method = cfg.method
+    trained = train_lm_exits(decoder, datamodule, method.lm_exits, run_dir,
+                             trainer_factory=lambda stage, epochs: make_trainer(cfg, stage, run_dir, max_epochs=epochs),
+                             identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
+    trained_at = time.time()
+    gen = method.generation
+    batches, references = generation_batches(datamodule, gen.split, int(gen.batch_size), gen.get("max_prompts"))
+    batches = [{**b, "input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)} for b in batches]
+    modules = [m for m in (trained.exits, trained.policy, trained.classifier) if m is not None]
+    for module in modules:
+        module.to(device).eval()
+    grids = OmegaConf.to_container(gen.rules, resolve=True)
+    points, extras = evaluate_generation_rules(decoder, tokenizer, trained.exits, batches, references, grids,
+                                               int(gen.max_new_tokens), trained.policy, trained.classifier)
+    title = f"{cfg.backbone.name} on {datamodule.name} ({gen.split}, {len(references)} prompts)"
+    paths = write_generation_report(points, extras, run_dir, title)
+    results = {
+        "method": method.name, "backbone": cfg.backbone.name, "data": datamodule.name, "num_layers": decoder.num_layers,
+        "exit_layers": trained.exits.exit_layers, "split": gen.split, "prompts": len(references),
+        "max_new_tokens": int(gen.max_new_tokens), "metric_name": "rougeL", "points": points,
+        "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
+        "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
+        "report": {k: str(v) for k, v in paths.items()},
+    }
+    # Decoder results have their own keys (points per rule and knob), not the encoders' RunResults.
+    path = run_dir / "results.json"
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    print(paths["md"].read_text())
+    print(f"results: {path}")
+    return results

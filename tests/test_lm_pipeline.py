@@ -1,0 +1,54 @@
+"""method=consistentee_lm end to end on a tiny decoder, and the experiment configs compose."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_train
+
+
+def test_cpu_and_gpu_experiments_compose(tmp_path):
+    cfg = compose_train(["experiment=aclsum_consistentee"], tmp_path / "cpu")
+    assert cfg.method.name == "consistentee_lm" and cfg.backbone.name == "smollm2_135m" and cfg.backbone.kind == "decoder"
+    assert cfg.data.name == "aclsum" and cfg.method.lm_exits.exit_every == 3
+    assert cfg.method.generation.max_new_tokens <= 32 and cfg.method.generation.rules.policy
+    gpu = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llama"], tmp_path / "gpu")
+    assert gpu.backbone.name == "llama_3_8b" and gpu.backbone.pretrained_path == "/models/llama"
+    assert gpu.trainer.accelerator == "gpu" and gpu.backbone.dtype == "bfloat16" and gpu.method.lm_exits.exit_every == 4
+
+
+def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
+    from ee_lightning.app.train import train
+
+    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_bert"], tmp_path)
+    with pytest.raises(ValueError, match="needs a decoder backbone"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
+    from ee_lightning.app.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
+                         "data.max_train_samples=8", "data.max_eval_samples=4", "data.max_prompt_length=64",
+                         "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
+                         "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
+                         "method.generation.rules.static=null", "method.generation.rules.policy=[0.5]",
+                         "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
+                         "method.generation.rules.classifier=[0.5]"], run_dir)
+    results = train(cfg)
+    saved = json.loads((run_dir / "results.json").read_text())
+    rules = [p["rule"] for p in saved["points"]]
+    assert rules == ["full", "policy", "softmax_margin", "saturation", "classifier", "static", "static", "static", "oracle"]
+    full = saved["points"][0]
+    assert full["rougeL_vs_full"] == 1.0 and full["token_agreement"] == 1.0 and full["avg_exit_layer"] == 4.0
+    assert all(sum(p["exit_histogram"]) == p["tokens"] for p in saved["points"])
+    assert [p["value"] for p in saved["points"] if p["rule"] == "static"] == [1, 2, 3]
+    assert all(p["flops_saving"] > 0 for p in saved["points"] if p["rule"] == "static")
+    assert saved["transformers_generate"]["tokens_per_s"] > 0 and results["prompts"] == 4
+    for name in ("pareto.csv", "pareto.md", "pareto.png", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt",
+                 "reward_curve.csv"):
+        assert (run_dir / name).is_file(), name
+    assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
