@@ -65,10 +65,78 @@ class RunResults:
         return path
 
     @classmethod
-    def read(cls, run_dir: Path) -> "RunResults | None":
-        """The results a run directory holds, or None when it has none (a job that did not finish)."""
+    def read(cls, run_dir: Path) -> "RunResults | LMRunResults | None":
+        """The results a run directory holds (of either method kind), or None when it has none (a job
+        that did not finish)."""
         path = Path(run_dir) / RESULTS_FILE
-        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else None
+        if not path.is_file():
+            return None
+        values = json.loads(path.read_text())
+        return (LMRunResults if values.get("method") == LMRunResults.METHOD else cls).from_dict(values)
+
+
+@dataclass
+class LMRunResults:
+    """method=consistentee_lm: every token exit rule at every knob, through real generation.
+    `points` holds one row per rule and knob (metric = ROUGE-L against the reference, rougeL_vs_full,
+    token agreement, avg_exit_layer, layer_saving, speedup, flops, tokens_per_s, exit_histogram ...)."""
+
+    METHOD = "consistentee_lm"
+
+    method: str
+    backbone: str
+    data: str
+    num_layers: int
+    exit_layers: list[int]  # the layers with an exit (1-based)
+    split: str
+    prompts: int
+    max_new_tokens: int
+    metric_name: str
+    points: list[dict]
+    consistentee_vs_calm: list[dict]  # each policy point beside every CALM measure at the same saving
+    training_summary: dict
+    transformers_generate: dict  # the library's own generate on the same prompts (tokens/s)
+    prefill_seconds: float
+    examples: dict  # the first test output of each rule
+    reference_example: str
+    flops_full_depth_per_token: float
+    seconds: dict
+    report: dict  # pareto file paths
+
+    @property
+    def full(self) -> float:
+        return next(p["metric"] for p in self.points if p["rule"] == "full")
+
+    @property
+    def methods(self) -> dict[str, MethodResult]:
+        """The full model, and ConsistentEE at the policy's middle knob, in the encoders' terms."""
+        def method(point: dict) -> MethodResult:
+            return MethodResult(metric=point["metric"], avg_exit_layer=point["avg_exit_layer"],
+                                layer_saving=point["layer_saving"], speedup=point["speedup"],
+                                exit_histogram=point.get("exit_histogram", []),
+                                tau=point["value"] if point["rule"] == "policy" else None)
+
+        policy = [p for p in self.points if p["rule"] == "policy"]
+        out = {"full": method(next(p for p in self.points if p["rule"] == "full"))}
+        if policy:
+            out["consistentee"] = method(policy[len(policy) // 2])
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LMRunResults":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"LM results have unknown fields {unknown}; fields: {sorted(known)}")
+        return cls(**values)
+
+    def write(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / RESULTS_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
 
 
 def format_layer_table(metric_name: str, layer_metrics: list[float], val_metrics: list[float] | None = None) -> str:

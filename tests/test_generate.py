@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
-from tiny_decoders import EOS, PAD, left_padded_prompts, tiny_lm
+from tiny_decoders import PAD, left_padded_prompts, tiny_lm
 from ee_lightning.exits import token_rules as tr
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 

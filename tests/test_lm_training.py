@@ -6,6 +6,8 @@ import json
 import lightning as L
 import pytest
 import torch
+
+from ee_lightning.exits.rules import policy_exits
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -16,7 +18,7 @@ from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
 from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.lm_stages import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
-                                             TokenStateDataset, greedy_exits, per_exit_probs,
+                                             TokenStateDataset, per_exit_probs,
                                              train_lm_exits)
 from tests.conftest import CONF_DIR
 from tests.lm_fixtures import LlamaLayers, tiny_chat_tokenizer, tiny_llama
@@ -48,10 +50,10 @@ def test_memorized_exit_per_token_hand_computed():
         hardness_targets("gold", targets, full)
 
 
-def test_greedy_exits_first_above_tau_else_last():
+def test_policy_exits_over_exits_first_above_tau_else_last():
     probs = torch.tensor([[0.2, 0.9, 0.6], [0.7, 0.1, 0.4], [0.0, 0.0, 0.0]])  # [E=3, N=3]
-    assert greedy_exits(probs).tolist() == [2, 1, 1]
-    assert greedy_exits(probs, tau=0.8).tolist() == [3, 1, 3]
+    assert policy_exits(probs, 0.5).tolist() == [2, 1, 1]
+    assert policy_exits(probs, 0.8).tolist() == [3, 1, 3]
 
 
 def test_exit_loss_weights():
@@ -146,7 +148,7 @@ def test_token_policy_learns_to_exit_easy_tokens_early(tmp_path):
     assert rows[-1]["reward"] > rows[0]["reward"]
     with torch.no_grad():
         probs = torch.stack([policy.prob(layer, states[:, layer - 1]) for layer in range(1, 5)])
-    exits = greedy_exits(probs)
+    exits = policy_exits(probs, 0.5)
     assert exits[easy].float().mean() < 1.5, exits[easy].float().mean()
     assert exits[~easy].float().mean() >= 2.9, exits[~easy].float().mean()
     accuracy = correct[torch.arange(len(exits)), exits - 1].float().mean()

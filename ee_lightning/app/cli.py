@@ -32,8 +32,6 @@ def train_main(cfg: DictConfig) -> float | list[float] | None:
 
     _log_once()
     results = train(cfg)
-    if isinstance(results, dict):  # method=consistentee_lm: its outcome is pareto.* and results.json, not a sweep value
-        return None
     # The value a Hydra sweeper optimises: the last layer's metric, or the method's when there is one;
     # the values named by `optimized_metrics` when set (a list of floats for a multi-objective search).
     return sweep_return(results.to_dict(), cfg.get("optimized_metrics"))

@@ -13,18 +13,18 @@ from ee_lightning.data import build_datamodule
 from ee_lightning.files import check_writable
 from ee_lightning.modeling.backbones import load_tokenizer
 from ee_lightning.modeling.saved import build_model
-from ee_lightning.results import RunResults, format_layer_table
+from ee_lightning.results import LMRunResults, RunResults, format_layer_table
 from ee_lightning.training.stages import METHODS, Run
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> RunResults:
+def train(cfg: DictConfig) -> RunResults | LMRunResults:
+    validate_config(cfg)  # every problem of the config at once, before any data or model loads
     if cfg.method.name == "consistentee_lm":  # decoder LMs: their own data, stages and report
         from ee_lightning.training.lm_pipeline import run_consistentee_lm
 
         return run_consistentee_lm(cfg)
-    validate_config(cfg)  # every problem of the config at once, before any data or model loads
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not a method; choose one of {sorted(METHODS)}")
     L.seed_everything(cfg.seed, workers=True)

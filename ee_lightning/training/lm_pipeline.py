@@ -12,7 +12,6 @@ callbacks (reward curve, exit histograms).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ee_lightning.evaluation.generation_eval import comparison_rows, evaluate_generation_rules, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
-from ee_lightning.files import atomic_write_text
+from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_stages import train_lm_exits
 from ee_lightning.training.trainers import make_trainer
 
@@ -48,7 +47,7 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
     return batches, references
 
 
-def run_consistentee_lm(cfg: DictConfig) -> dict:
+def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
@@ -77,17 +76,15 @@ def run_consistentee_lm(cfg: DictConfig) -> dict:
                                                int(gen.max_new_tokens), trained.policy, trained.classifier)
     title = f"{cfg.backbone.name} on {datamodule.name} ({gen.split}, {len(references)} prompts)"
     paths = write_generation_report(points, extras, run_dir, title)
-    results = {
+    results = LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": datamodule.name, "num_layers": decoder.num_layers,
         "exit_layers": trained.exits.exit_layers, "split": gen.split, "prompts": len(references),
         "max_new_tokens": int(gen.max_new_tokens), "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
         "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
         "report": {k: str(v) for k, v in paths.items()},
-    }
-    # Decoder results have their own keys (points per rule and knob), not the encoders' RunResults.
-    path = run_dir / "results.json"
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    })
+    path = results.write(run_dir)
     print(paths["md"].read_text())
     print(f"results: {path}")
     return results

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
-from ee_lightning.exits.rl import epsilon_schedule, exit_layers, reinforce_objective, step_statistics
+from ee_lightning.exits.rules import policy_exits
+from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_statistics
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
@@ -202,14 +203,9 @@ def _get(cfg, key: str, default):
     return default if value is None else value
 
 
-def policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """Greedy exits (1..E) of cached tokens [N, E, H]: the first exit with p > tau, else the last."""
-    return greedy_exits(per_exit_probs(policy, states), tau)
-
-
-def greedy_exits(probs: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """[E, N] exit probabilities -> [N] long: the first exit e with p_e > tau, else E (forced)."""
-    return exit_layers((probs > tau).unsqueeze(0))[0]
+def cached_policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float) -> torch.Tensor:
+    """Greedy exits (1..E) of cached tokens [N, E, H]: the policy rule (first exit with p > tau, else the last)."""
+    return policy_exits(per_exit_probs(policy, states), tau)
 
 
 def per_exit_probs(heads, states: torch.Tensor, layers: list[int] | None = None, chunk: int = 4096) -> torch.Tensor:
@@ -236,7 +232,7 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
     summary = {"tokens": len(cache["targets"]), "token_acc": correct.float().mean(1).tolist(),
                "agreement_with_full": agree.float().mean(1).tolist()}
     if policy is not None:
-        at = (policy_exits(policy, cache["states"], tau) - 1).unsqueeze(0)
+        at = (cached_policy_exits(policy, cache["states"], tau) - 1).unsqueeze(0)
         summary["policy_mean_exit"] = (at + 1).float().mean().item()
         summary["policy_token_acc"] = correct.gather(0, at).float().mean().item()
         summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()

@@ -109,9 +109,10 @@ def report_values(run_dir: Path) -> tuple[dict, dict]:
             values["report/pareto_table"] = wandb.Table(columns=rows[0], data=rows[1:])
     if results is None:
         return values, summary
-    table = wandb.Table(columns=["layer", metric],
-                        data=[[layer, value] for layer, value in enumerate(results.layer_metrics, 1)])
-    values["report/test_by_layer"] = wandb.plot.line(table, "layer", metric, title=f"test {metric} by exit layer")
+    if isinstance(results, RunResults):  # a decoder run has no per-layer test metric: its exits are rules' points
+        table = wandb.Table(columns=["layer", metric],
+                            data=[[layer, value] for layer, value in enumerate(results.layer_metrics, 1)])
+        values["report/test_by_layer"] = wandb.plot.line(table, "layer", metric, title=f"test {metric} by exit layer")
     summary["full"] = results.full
     consistentee = results.methods.get("consistentee")
     if consistentee:
