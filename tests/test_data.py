@@ -646,7 +646,7 @@ def test_conf_data_options_build(tok, tmp_path):
 
 def test_build_datamodule_errors(tok, tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
-    with pytest.raises(DataError, match=r"has no _target_.*bbc_news, csv, glue, hf, rotten_tomatoes"):
+    with pytest.raises(DataError, match=r"has no _target_.*aclsum, bbc_news, csv, glue, hf, jsonl_generation, rotten_tomatoes"):
         build_datamodule({"name": "mine", "max_length": 8}, tok)
     with pytest.raises(DataError, match=r"could not build ee_lightning\.data\.NoSuchModule.*rotten_tomatoes"):
         build_datamodule({"_target_": "ee_lightning.data.NoSuchModule", "name": "x"}, tok)

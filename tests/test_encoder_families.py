@@ -247,7 +247,7 @@ def test_saved_checkpoint_runs_consistentee_on_real_data(name, tmp_path):
     assert written["num_layers"] == 3  # read from the checkpoint, not the base config's 12
     assert set(json.loads((run / "stages.json").read_text())) == {"finetune", "policy"}
     assert set(written["methods"]) >= {"consistentee", "full"}
-    assert 0.0 <= results["methods"]["consistentee"]["metric"] <= 1.0
+    assert 0.0 <= results.methods["consistentee"].metric <= 1.0
     # ee-eval rebuilds the model from the checkpoint alone (no pretrained folder), with the checkpoint's tokenizer
     from ee_lightning.app.evaluate_checkpoint import evaluate
 
