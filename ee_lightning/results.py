@@ -26,8 +26,29 @@ class MethodResult:
     wallclock: dict | None = None  # measured runner latency against the plain model
 
 
+class ResultsFile:
+    """What both results schemas share: a dict form, a checked reading of one, an atomic write."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def checked(cls, values: dict) -> dict:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{RESULTS_FILE} has fields unknown to {cls.__name__}: {unknown}; fields: {sorted(known)}")
+        return values
+
+    def write(self, run_dir: Path) -> Path:
+        """Write atomically, so an interrupted run never leaves half a file."""
+        path = Path(run_dir) / RESULTS_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
 @dataclass
-class RunResults:
+class RunResults(ResultsFile):
     task: str
     metric_name: str
     num_layers: int
@@ -46,23 +67,10 @@ class RunResults:
     seconds: dict[str, float | None] = field(default_factory=dict)
     objective: float | None = None  # what a sweeper optimises by default
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, values: dict) -> "RunResults":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"results have unknown fields {unknown}; fields: {sorted(known)}")
         methods = {name: MethodResult(**method) for name, method in (values.get("methods") or {}).items()}
-        return cls(**{**values, "methods": methods})
-
-    def write(self, run_dir: Path) -> Path:
-        """Write atomically, so an interrupted run never leaves half a file."""
-        path = Path(run_dir) / RESULTS_FILE
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return cls(**{**cls.checked(values), "methods": methods})
 
     @classmethod
     def read(cls, run_dir: Path) -> "RunResults | LMRunResults | None":
@@ -76,7 +84,7 @@ class RunResults:
 
 
 @dataclass
-class LMRunResults:
+class LMRunResults(ResultsFile):
     """method=consistentee_lm: every token exit rule at every knob, through real generation.
     `points` holds one row per rule and knob (metric = ROUGE-L against the reference, rougeL_vs_full,
     token agreement, avg_exit_layer, layer_saving, speedup, flops, tokens_per_s, exit_histogram ...)."""
@@ -122,21 +130,9 @@ class LMRunResults:
             out["consistentee"] = method(policy[len(policy) // 2])
         return out
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, values: dict) -> "LMRunResults":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"LM results have unknown fields {unknown}; fields: {sorted(known)}")
-        return cls(**values)
-
-    def write(self, run_dir: Path) -> Path:
-        path = Path(run_dir) / RESULTS_FILE
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return cls(**cls.checked(values))
 
 
 def format_layer_table(metric_name: str, layer_metrics: list[float], val_metrics: list[float] | None = None) -> str:
