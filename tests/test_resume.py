@@ -5,6 +5,7 @@ The end-to-end test kills a real `python -m ee_lightning.app.cli` process; the u
 pieces (the loader's position, the random states, atomic checkpoint writes)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -175,3 +176,31 @@ def test_sigkill_at_several_points_of_both_stages_resumes_to_the_same_results(tm
     runs = wandb_run_ids(run_dir)
     assert runs.count(ids["finetune"]) == 3 and runs.count(ids["policy"]) == 2, (ids, runs)
     assert len(set(runs)) == len(ids) == 4
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_joint_stage_with_the_epsilon_greedy_sampler_resumes_to_the_same_results(tmp_path):
+    """The joint stage (manual optimization, two optimizers) and the authors' sampler, whose epsilon
+    decays with the global step: killed mid-stage, rerun, the same numbers as a run never stopped."""
+    joint = ["method.joint.enabled=true", "method.joint.epochs=2", "method.policy.sampler=epsilon_greedy",
+             "method.policy.eps_decay_steps=10"]
+    reference = tmp_path / "uninterrupted"
+    run_to_end(tiny_run(tmp_path, reference)[:-1] + joint + [f"hydra.run.dir={reference}"], tmp_path)
+
+    run_dir = tmp_path / "killed"
+    command = tiny_run(tmp_path, run_dir)[:-1] + joint + [f"hydra.run.dir={run_dir}"]
+    killed = run_and_kill(command, tmp_path, run_dir, "joint", 3)
+    reference_steps = torch.load(reference / "checkpoints" / "joint" / "last.ckpt", weights_only=False)["global_step"]
+    assert killed < reference_steps, (killed, reference_steps)  # killed before the stage's end
+    run_to_end(command, tmp_path)
+
+    assert metrics(run_dir) == metrics(reference)
+    ours = torch.load(run_dir / "checkpoints" / "joint" / "last.ckpt", weights_only=False)["state_dict"]
+    theirs = torch.load(reference / "checkpoints" / "joint" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # Resumed, not restarted: the steps the killed process had written up to its checkpoint (reward_curve.csv
+    # appends one row per step) are not trained, nor written, a second time.
+    with open(run_dir / "reward_curve.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row["stage"] == "joint"]
+    assert [step for step in steps if step <= killed] == sorted({step for step in steps if step <= killed}), steps
+    assert min(steps) <= killed, steps  # the killed process had written its first steps
