@@ -101,14 +101,37 @@ def test_a_nan_reward_stops_the_step_before_its_update(tmp_path):
     """The reward check on its own (a reward of NaN, e.g. from a NaN task loss with task_term=ce)."""
     from types import SimpleNamespace
 
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     from ee_lightning.training.faults import NumericalGuard
 
     guard = NumericalGuard()
     guard.bind_stage("policy", tmp_path)
-    trainer = SimpleNamespace(global_step=7, current_epoch=1)
+    trainer = SimpleNamespace(global_step=7, current_epoch=1, strategy=SingleDeviceStrategy("cpu"))
     guard.on_train_batch_start(trainer, None, {"idx": torch.tensor([3, 9])}, 2)
     module = SimpleNamespace(last_policy_step=SimpleNamespace(parts=SimpleNamespace(
         reward=torch.tensor([[0.5, math.nan]]))))
     with pytest.raises(NumericalFault, match=r"policy reward: stage policy, global step 7, epoch 1, batch 2, "
                                              r"row ids \(idx\) \[3, 9\]"):
+        guard.on_before_backward(trainer, module, torch.tensor(0.3))
+
+
+def test_a_fault_on_another_process_stops_this_one_too(tmp_path):
+    """Under DDP the decision is collective: a process whose own step is finite still stops when another
+    process's step is not, instead of waiting for gradients that never come."""
+    from types import SimpleNamespace
+
+    from ee_lightning.training.faults import NumericalGuard
+
+    class OtherProcessFaulted:
+        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+            assert all is False  # "any process": the OR of the decisions
+            return True
+
+    guard = NumericalGuard()
+    guard.bind_stage("finetune", tmp_path)
+    trainer = SimpleNamespace(global_step=4, current_epoch=0, strategy=OtherProcessFaulted())
+    guard.on_train_batch_start(trainer, None, {"idx": torch.tensor([1, 2])}, 0)
+    module = SimpleNamespace(last_policy_step=None)
+    with pytest.raises(NumericalFault, match="another process's step: stage finetune, global step 4"):
         guard.on_before_backward(trainer, module, torch.tensor(0.3))

@@ -104,6 +104,10 @@ class NumericalGuard(Callback):
         step = getattr(pl_module, "last_policy_step", None)
         parts = getattr(step, "parts", None)
         self._fault = self._fault or non_finite({"loss": loss, "policy reward": getattr(parts, "reward", None)})
+        # Under DDP every process must take the same decision: one that stopped (or skipped) alone
+        # would leave the others waiting for its gradients. (One process: the local decision.)
+        if trainer.strategy.reduce_boolean_decision(self._fault is not None, all=False) and self._fault is None:
+            self._fault = "another process's step"
         if self._fault is not None and not self.skip_anomalies:
             raise NumericalFault(self.stop_message(trainer))
 
