@@ -255,7 +255,7 @@ def run_consistentee(run: Run) -> RunResults:
         started = time.perf_counter()
         title = f"{cfg.backbone.name} on {task.name} (test)"
         report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
-                            title=title)
+                               title=title)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
         latency = next((p for p in report["points"] if "latency_b1_ms" in p), None)
         if latency:
