@@ -455,7 +455,7 @@ class TextDataModule(L.LightningDataModule):
         # resumed fit's extra passes (sanity check) leave dropout's stream as the uninterrupted fit had it.
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                    "generator": torch.Generator().manual_seed(self.split_seed)}
-        # A training loader resumes mid-epoch (training.resume): its order is a function of the epoch.
+        # A training loader resumes mid-epoch (data.resumable): its order is a function of the epoch.
         loader = ResumableLoader if shuffle else DataLoader
         if by_length and sampler is None:
             batches = LengthGroupedBatches(dataset.lengths(), batch_size, shuffle, seed=self.split_seed)

@@ -81,7 +81,7 @@ class Classifier(_Threshold):
 
 class Policy(_Threshold):
     """ConsistentEE: exit where the policy's exit probability exceeds `threshold` (tau; 0.5 as trained),
-    strictly, as the encoder side's `rl.greedy_exit`."""
+    strictly, as the encoder side's `exits.rules.PolicyRule`."""
 
     signal = "policy"
 
