@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import MISSING as NO_DEFAULT, fields
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from ee_lightning.config import ConfigError, typed, validate_config
-from ee_lightning.config.schema import (ACLSumData, ConsistentEELMMethod, GenerationRules, LMExitsConfig, LoRAStage,
+from ee_lightning.config.schema import (ACLSumData, ConsistentEELMMethod, GenerationRules, LMExitsConfig,
                                         PromptResponseData, TokenPolicyStage)
 from ee_lightning.config.validate import lm_exits_config
 from tests.conftest import CONF_DIR, compose_train
@@ -64,7 +63,7 @@ def test_decoder_experiments_and_data_are_typed(tmp_path):
     method = typed(cfg.method)
     assert method.lm_exits.exit_every == 3 and method.lm_exits.policy.tau == 0.5  # experiment, then lm_exits yaml
     assert method.generation.rules.static == [9, 15, 21, 27] and method.generation.rules.policy == [0.3, 0.5, 0.7]
-    assert method.lm_exits.lora == LoRAStage() and method.lm_exits.lora.enabled is False  # the schema's defaults
+    assert method.lm_exits.lora.enabled is False and method.lm_exits.lora.target_modules == ["q_proj", "v_proj"]
     gpu = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llm"], tmp_path / "gpu")
     validate_config(gpu)
     assert gpu.method.lm_exits.cache.dtype == "bfloat16" and gpu.method.lm_exits.rank == 64
@@ -74,17 +73,10 @@ def test_decoder_experiments_and_data_are_typed(tmp_path):
 
 
 def test_the_lora_node_takes_its_keys(tmp_path):
-    cfg = compose_train([*LM, "method.lm_exits.lora.enabled=true", "method.lm_exits.lora.rank=4",
+    cfg = compose_train([*LM, "method.lm_exits.lora.rank=4",
                          "method.lm_exits.lora.target_modules=[q_proj,k_proj,v_proj]"], tmp_path / "run")
     validate_config(cfg)
     assert typed(cfg.method).lm_exits.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
-
-
-def test_schema_defaults_are_not_repeated_in_the_lm_exits_yaml():
-    """The lora stage's values live in its schema; the yaml file may change them, never restate them."""
-    lora = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml").get("lora") or {}
-    defaults = {f.name: (f.default if f.default is not NO_DEFAULT else f.default_factory()) for f in fields(LoRAStage)}
-    assert not {k for k, v in defaults.items() if k in lora and lora[k] == v}
 
 
 # --- unknown keys and wrong types fail at compose, naming the key -------------------------------
@@ -150,10 +142,6 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["method.lm_exits.adapters.epochs=-1"], "method.lm_exits.adapters.epochs=-1: must be >= 0; 0 skips the stage"),
     (["method.lm_exits.classifier.lr=0"], "method.lm_exits.classifier.lr=0.0: must be > 0"),
     (["method.lm_exits.policy.batch_size=0"], "method.lm_exits.policy.batch_size=0: must be >= 1"),
-    (["method.lm_exits.lora.enabled=true", "method.lm_exits.lora.dropout=1.0"],
-     "method.lm_exits.lora.dropout=1.0: must be in [0.0, 1.0)"),
-    (["method.lm_exits.lora.enabled=true", "method.lm_exits.lora.target_modules=[]"],
-     "method.lm_exits.lora.target_modules=[]: name the decoder's modules to adapt"),
     (["method.generation.max_new_tokens=0"], "method.generation.max_new_tokens=0: must be >= 1"),
     (["method.generation.batch_size=0"], "method.generation.batch_size=0: must be >= 1"),
     (["method.generation.max_prompts=0"], "method.generation.max_prompts=0: must be >= 1; or null for every prompt"),

@@ -151,17 +151,16 @@ class LMClassifierStage:
 
 @dataclass
 class LoRAStage:
-    """LoRA on the decoder's own layers (off by default). The values are here, not in
-    conf/lm_exits/default.yaml: the stage is optional, so the yaml file may leave the node out."""
+    """LoRA on the decoder's own layers before the cached stages (off by default)."""
 
-    enabled: bool = False
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    epochs: int = 1
-    lr: float = 2.0e-4
-    batch_size: int = 4
+    enabled: bool = MISSING
+    rank: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: List[str] = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
 
 
 @dataclass

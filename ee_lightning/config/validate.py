@@ -270,18 +270,6 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(policy, "eps_end", q, low=0.0, high=1.0)
     check.number(policy, "eps_decay_steps", q, low=1, integer=True)
     check.number(policy, "entropy_bonus", q, low=0.0)
-    lora = _value(node, "lora")
-    if lora not in (_MISSING, None) and _value(lora, "enabled") is True:
-        q = f"{p}lora."
-        check.number(lora, "rank", q, low=1, integer=True)
-        check.number(lora, "alpha", q, low=0, low_open=True)
-        check.number(lora, "dropout", q, low=0.0, high=1.0, high_open=True)
-        check.number(lora, "epochs", q, low=1, integer=True, why="or lora.enabled=false")
-        check.number(lora, "lr", q, low=0.0, low_open=True)
-        check.number(lora, "batch_size", q, low=1, integer=True)
-        if _value(lora, "target_modules") in (_MISSING, None) or len(lora.target_modules) == 0:
-            check.add(q + "target_modules", _value(lora, "target_modules"),
-                      "name the decoder's modules to adapt, e.g. [q_proj, v_proj]")
 
 
 # Threshold rules: the range their signal lives in (saturation is a cosine).
