@@ -9,6 +9,7 @@ naming the key, the bad value and the fix, in one ConfigError.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -167,6 +168,32 @@ def check_decoder_train(cfg: DictConfig, check: Checker) -> None:
             package_gguf(path.split(":", 1)[1])
         except DecoderError as err:
             check.add("backbone.pretrained_path", path, str(err))
+    lm_exits = _value(cfg.method, "lm_exits")
+    if isinstance(lm_exits, DictConfig):
+        check_lora(lm_exits.get("lora"), check)
+
+
+def check_lora(lora, check: Checker) -> None:
+    """method.lm_exits.lora, when enabled: ranges, a list of target names, and peft installed (whether
+    the names exist in the backbone is known once it is built: training/lm_lora.py checks that)."""
+    if not isinstance(lora, DictConfig) or not lora.get("enabled"):
+        return
+    prefix = "method.lm_exits.lora."
+    check.number(lora, "rank", prefix, low=1, integer=True)
+    check.number(lora, "alpha", prefix, low=0, low_open=True)
+    check.number(lora, "dropout", prefix, low=0.0, high=1.0, high_open=True)
+    check.number(lora, "epochs", prefix, low=1, integer=True, why="set enabled=false to skip LoRA")
+    check.number(lora, "lr", prefix, low=0, low_open=True)
+    check.number(lora, "batch_size", prefix, low=1, integer=True)
+    targets = _value(lora, "target_modules")
+    if not isinstance(targets, ListConfig) or not targets or not all(isinstance(t, str) for t in targets):
+        check.add(f"{prefix}target_modules", targets, "must be a non-empty list of Linear module names inside the "
+                  "layers, e.g. [q_proj, v_proj] (Llama / Qwen / Mistral) or [c_attn] (GPT-2)")
+    if importlib.util.find_spec("peft") is None:
+        from ee_lightning.training.lm_lora import PEFT_REQUIREMENT
+
+        check.add(f"{prefix}enabled", True, f"needs peft, which is not installed: run `pip install {PEFT_REQUIREMENT}` "
+                  "(or `pip install -e '.[lora]'`), or set it to false")
 
 
 def check_backbone(backbone: DictConfig, check: Checker) -> None:
