@@ -58,8 +58,9 @@ class LoraSettings:
 
     @classmethod
     def from_config(cls, node) -> "LoraSettings":
-        """From a config node or mapping; keys it leaves out take the defaults above."""
-        values = {key: node.get(key) for key in cls.__dataclass_fields__ if node.get(key) is not None}
+        """From a config node, a mapping or a schema object; keys it leaves out take the defaults above."""
+        get = node.get if hasattr(node, "get") else lambda key: getattr(node, key, None)
+        values = {key: get(key) for key in cls.__dataclass_fields__ if get(key) is not None}
         if "target_modules" in values:
             targets = values["target_modules"]
             values["target_modules"] = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
