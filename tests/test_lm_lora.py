@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ee_lightning.config.schema import LoRAStage
 from ee_lightning.exits import token_rules as tr
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
-from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, LoraExitSystem, LoraSettings, attach_lora,
-                                           merge_lora, projection_names, require_peft, train_backbone_lora)
+from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, LoraExitSystem, attach_lora, merge_lora,
+                                           projection_names, require_peft)
 from ee_lightning.training.lm_stages import train_lm_exits
 from tests.conftest import CONF_DIR, compose_train
 from tests.lm_fixtures import tiny_llama
 from tests.test_lm_training import jsonl_datamodule, quiet_trainer
 from tiny_decoders import tiny_lm
 
-SETTINGS = LoraSettings(enabled=True, rank=4, alpha=8, target_modules=("q_proj", "v_proj"), epochs=1, lr=1e-2,
-                        batch_size=4)
+
+def lora_settings(**changes) -> LoRAStage:
+    """conf/lm_exits/default.yaml's lora node (its values live there only), with `changes`."""
+    node = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml").lora
+    return replace(LoRAStage(**OmegaConf.to_container(node)), **changes)
+
+
+SETTINGS = lora_settings(enabled=True, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], epochs=1, lr=1e-2,
+                         batch_size=4)
 
 
 def tiny_decoder(dm, seed=0):
@@ -99,14 +107,14 @@ def test_target_modules_that_name_no_layer_projection_are_refused_with_the_names
     assert projection_names(decoder) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     with pytest.raises(LoraError, match=r"names no Linear module.*\['qproj'\].*down_proj, gate_proj, k_proj, o_proj, "
                                         r"q_proj, up_proj, v_proj"):
-        attach_lora(decoder, LoraSettings(target_modules=("q_proj", "qproj")))
+        attach_lora(decoder, lora_settings(target_modules=["q_proj", "qproj"]))
     with pytest.raises(LoraError, match="lm_head"):  # the LM head is not one of the layers' projections
-        attach_lora(decoder, LoraSettings(target_modules=("lm_head",)))
+        attach_lora(decoder, lora_settings(target_modules=["lm_head"]))
     with pytest.raises(LoraError, match="is empty"):
-        attach_lora(decoder, LoraSettings(target_modules=()))
+        attach_lora(decoder, lora_settings(target_modules=[]))
     _, gpt2 = tiny_lm("gpt2")  # GPT-2's projections are transformers' Conv1D
     assert projection_names(gpt2) == ["c_attn", "c_fc", "c_proj"]
-    attach_lora(gpt2, LoraSettings(target_modules=("c_attn",)))
+    attach_lora(gpt2, lora_settings(target_modules=["c_attn"]))
     assert any("lora_A" in n for n, _ in gpt2.named_parameters())
 
 
@@ -120,7 +128,7 @@ def lm_exits_cfg(lora: bool):
     cfg = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
     cfg.exit_every, cfg.rank, cfg.evaluate_split = 2, 4, None
     cfg.adapters.epochs, cfg.policy.epochs, cfg.classifier.epochs = 1, 0, 0
-    cfg.lora = {**asdict(SETTINGS), "target_modules": list(SETTINGS.target_modules), "enabled": lora, "epochs": 2}
+    cfg.lora = {**asdict(SETTINGS), "enabled": lora, "epochs": 2}
     return cfg
 
 
@@ -190,8 +198,8 @@ def test_consistentee_lm_with_lora_runs_every_stage_on_a_tiny_decoder(tmp_path):
                          "method.lm_exits.lora.enabled=true", "method.lm_exits.lora.epochs=2",
                          "method.lm_exits.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
-                         "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=false",
-                         "method.generation.rules.saturation=false", "method.generation.rules.classifier=[0.5]"],
+                         "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=null",
+                         "method.generation.rules.saturation=null", "method.generation.rules.classifier=[0.5]"],
                         run_dir)
     results = train(cfg)
     lora = results.training_summary["lora"]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ee_lightning.config.schema import LoRAStage
 from ee_lightning.exits.lm_targets import exit_loss_weights
 from ee_lightning.files import load_artefact, save_artefact
 from ee_lightning.inference.lm_cache import predicting_positions
@@ -41,30 +42,6 @@ ARTEFACT = "lora_backbone.pt"
 
 class LoraError(ValueError):
     """A LoRA setting this backbone or environment cannot serve; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """`method.lm_exits.lora` (conf/lm_exits/default.yaml says what each key is for)."""
-
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    epochs: int = 1
-    lr: float = 2e-4
-    batch_size: int = 4
-
-    @classmethod
-    def from_config(cls, node) -> "LoraSettings":
-        """From a config node, a mapping or a schema object; keys it leaves out take the defaults above."""
-        get = node.get if hasattr(node, "get") else lambda key: getattr(node, key, None)
-        values = {key: get(key) for key in cls.__dataclass_fields__ if get(key) is not None}
-        if "target_modules" in values:
-            targets = values["target_modules"]
-            values["target_modules"] = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
-        return cls(**values)
 
 
 def require_peft():
@@ -102,7 +79,7 @@ def check_targets(decoder, targets) -> None:
                         f"these Linear modules (name them in target_modules): {', '.join(names)}")
 
 
-def attach_lora(decoder, settings: LoraSettings):
+def attach_lora(decoder, settings: LoRAStage):
     """Inject peft LoRA layers into `decoder.model` in place (the step interface then runs them);
     the base weights are frozen, only the LoRA weights train. Returns the PeftModel (for its state
     dict and the merge)."""
@@ -231,7 +208,7 @@ class LoraOutcome:
         return asdict(self)
 
 
-def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoraSettings, out_dir: str | Path,
+def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoRAStage, out_dir: str | Path,
                         trainer_factory, identity: dict | None = None, exits_lr: float = 1e-3,
                         weights: str = "layer") -> LoraOutcome:
     """LoRA + `exits` trained on the train split (or loaded from out_dir/lora_backbone.pt when saved

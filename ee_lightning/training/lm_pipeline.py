@@ -12,6 +12,7 @@ callbacks (reward curve, exit histograms).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ee_lightning.config import typed
+from ee_lightning.config.schema import ConsistentEELMMethod
 from ee_lightning.evaluation.generation_eval import comparison_rows, evaluate_generation_rules, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.results import LMRunResults
@@ -60,26 +63,26 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
     decoder.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
-    method = cfg.method
+    method: ConsistentEELMMethod = typed(cfg.method)  # validated by ee-train before anything loaded
     trained = train_lm_exits(decoder, datamodule, method.lm_exits, run_dir,
                              trainer_factory=lambda stage, epochs: make_trainer(cfg, stage, run_dir, max_epochs=epochs),
                              identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
     trained_at = time.time()
     gen = method.generation
-    batches, references = generation_batches(datamodule, gen.split, int(gen.batch_size), gen.get("max_prompts"))
+    batches, references = generation_batches(datamodule, gen.split, gen.batch_size, gen.max_prompts)
     batches = [{**b, "input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)} for b in batches]
     modules = [m for m in (trained.exits, trained.policy, trained.classifier) if m is not None]
     for module in modules:
         module.to(device).eval()
-    grids = OmegaConf.to_container(gen.rules, resolve=True)
+    grids = dataclasses.asdict(gen.rules)
     points, extras = evaluate_generation_rules(decoder, tokenizer, trained.exits, batches, references, grids,
-                                               int(gen.max_new_tokens), trained.policy, trained.classifier)
+                                               gen.max_new_tokens, trained.policy, trained.classifier)
     title = f"{cfg.backbone.name} on {datamodule.name} ({gen.split}, {len(references)} prompts)"
     paths = write_generation_report(points, extras, run_dir, title)
     results = LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": datamodule.name, "num_layers": decoder.num_layers,
         "exit_layers": trained.exits.exit_layers, "split": gen.split, "prompts": len(references),
-        "max_new_tokens": int(gen.max_new_tokens), "metric_name": "rougeL", "points": points,
+        "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
         "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
         "report": {k: str(v) for k, v in paths.items()},
