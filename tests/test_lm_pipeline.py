@@ -16,6 +16,7 @@ def test_cpu_and_gpu_experiments_compose(tmp_path):
     gpu = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llama"], tmp_path / "gpu")
     assert gpu.backbone.name == "llama_3_8b" and gpu.backbone.pretrained_path == "/models/llama"
     assert gpu.trainer.accelerator == "gpu" and gpu.backbone.dtype == "bfloat16" and gpu.method.lm_exits.exit_every == 4
+    assert gpu.method.lm_exits.lora.enabled and not cfg.method.lm_exits.lora.enabled  # LoRA on the GPU run only
 
 
 def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):

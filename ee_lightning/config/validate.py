@@ -9,6 +9,7 @@ naming the key, the bad value and the fix, in one ConfigError.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -270,6 +271,29 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(policy, "eps_end", q, low=0.0, high=1.0)
     check.number(policy, "eps_decay_steps", q, low=1, integer=True)
     check.number(policy, "entropy_bonus", q, low=0.0)
+    check_lora(_value(node, "lora"), check, f"{p}lora.")
+
+
+def check_lora(lora, check: Checker, p: str = "method.lm_exits.lora.") -> None:
+    """The `lora` node, when enabled: ranges, a list of target names, and peft installed (whether the
+    names exist in the backbone is known once it is built: training/lm_lora.py checks that)."""
+    if not isinstance(lora, DictConfig) or not lora.get("enabled"):
+        return
+    check.number(lora, "rank", p, low=1, integer=True)
+    check.number(lora, "alpha", p, low=0, low_open=True)
+    check.number(lora, "dropout", p, low=0.0, high=1.0, high_open=True)
+    check.number(lora, "epochs", p, low=1, integer=True, why="set enabled=false to skip LoRA")
+    check.number(lora, "lr", p, low=0, low_open=True)
+    check.number(lora, "batch_size", p, low=1, integer=True)
+    targets = _value(lora, "target_modules")
+    if not isinstance(targets, ListConfig) or not targets or not all(isinstance(t, str) for t in targets):
+        check.add(f"{p}target_modules", targets, "must be a non-empty list of Linear module names inside the "
+                  "layers, e.g. [q_proj, v_proj] (Llama / Qwen / Mistral) or [c_attn] (GPT-2)")
+    if importlib.util.find_spec("peft") is None:
+        from ee_lightning.training.lm_lora import PEFT_REQUIREMENT
+
+        check.add(f"{p}enabled", True, f"needs peft, which is not installed: run `pip install {PEFT_REQUIREMENT}` "
+                  "(or `pip install -e '.[lora]'`), or set it to false")
 
 
 # Threshold rules: the range their signal lives in (saturation is a cosine).
