@@ -160,6 +160,8 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
      "data.validation_fraction + data.test_fraction=1.1: must be < 1"),
     (["data=glue", "data.task=sst3"], "data.task=sst3: must be one of"),
     (["report.rules=[policy,entropyy]"], "'entropyy' is not a rule; valid rules: entropy"),
+    (["report.rules=[policy,saturation]"], "'saturation' reads signals that only generation computes (a decoder's "
+                                           "method.generation.rules); valid rules here: entropy"),
     (["backbone=tiny_bert", "+report.grids.static=[2,9]"], "report.grids.static=[2, 9]: rule 'static': k=9 is outside 1..4"),
     (["+report.grids.maxprob=[1.5]"], "report.grids.maxprob=[1.5]: rule 'maxprob': knob threshold=1.5 must be <= 1.0"),
     (["report.rules=[policy]", "+report.grids.entropy=[0.1]"], "'entropy' is not in report.rules=['policy']"),

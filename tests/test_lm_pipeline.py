@@ -26,6 +26,25 @@ def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
         train(cfg)
 
 
+def test_generation_rule_points_come_from_the_one_rule_set():
+    from ee_lightning.evaluation.generation_eval import RULE_ORDER, rule_points_grid
+    from ee_lightning.exits.rules import RULES, PatienceRule, StaticRule
+
+    assert set(RULE_ORDER) == set(RULES)
+    grids = {"oracle": True, "static": None, "patience": None, "policy": [0.5], "classifier": [0.5],
+             "softmax_margin": [0.2, 0.8], "saturation": False}
+    points = rule_points_grid(grids, [3, 6, 9, 12], has_policy=True, has_classifier=False)
+    assert [(name, value) for name, value, _ in points] == [
+        ("full", None), ("policy", 0.5), ("softmax_margin", 0.2), ("softmax_margin", 0.8),
+        ("patience", 3), ("patience", 2), ("patience", 1),  # patience counts exits: 4 exits -> 3..1
+        ("static", 3), ("static", 6), ("static", 9), ("oracle", None)]  # no classifier trained: left out
+    assert points[-2][2] == StaticRule(k=9) and points[4][2] == PatienceRule(patience=3)
+    with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, softmax_margin"):
+        rule_points_grid({"margin": [0.5]}, [3, 6], has_policy=True, has_classifier=True)
+    with pytest.raises(ValueError, match=r"k=7 is outside 1\.\.6"):
+        rule_points_grid({"static": [7]}, [3, 6], has_policy=True, has_classifier=True)
+
+
 @pytest.mark.slow
 def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     from ee_lightning.app.train import train

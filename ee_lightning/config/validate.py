@@ -316,29 +316,37 @@ def check_policy_stage(stage: DictConfig, check: Checker) -> None:
 
 
 # ---------------------------------------------------------------------------------- report
+def _not_an_encoder_rule(name: str, valid) -> str:
+    from ee_lightning.exits.rules import RULES
+
+    if name in RULES:
+        return (f"{name!r} reads signals that only generation computes (a decoder's method.generation.rules); "
+                f"valid rules here: {', '.join(valid)}")
+    return f"{name!r} is not a rule; valid rules: {', '.join(valid)}{_did_you_mean(name, valid)}"
+
+
 def check_report(report: DictConfig, check: Checker) -> None:
-    from ee_lightning.exits.rules import RULES, rule_from_grid
+    from ee_lightning.exits.rules import ENCODER_RULES, RULES, rule_from_grid
 
     rules = _value(report, "rules")
     chosen = None
     if rules not in (_MISSING, None):
         chosen = [str(r) for r in rules]
         if not chosen:
-            check.add("report.rules", [], f"give at least one rule ({', '.join(RULES)}), or null for every rule "
+            check.add("report.rules", [], f"give at least one rule ({', '.join(ENCODER_RULES)}), or null for every rule "
                                           "that applies to the task")
         for name in chosen:
-            if name not in RULES:
-                check.add("report.rules", chosen, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}"
-                                                  f"{_did_you_mean(name, RULES)}")
-        needs_classes = [n for n in chosen if n in RULES and RULES[n].classification_only]
+            if name not in ENCODER_RULES:
+                check.add("report.rules", chosen, _not_an_encoder_rule(name, ENCODER_RULES))
+        needs_classes = [n for n in chosen if n in ENCODER_RULES and RULES[n].classification_only]
         if check.regression and needs_classes:
             check.add("report.rules", chosen, f"{needs_classes} need class probabilities, and this is a regression "
                                               "task: drop them, or set report.rules=null for every rule that applies")
     grids = _value(report, "grids")
     for name, grid in (grids.items() if grids not in (_MISSING, None) else []):
         key = f"report.grids.{name}"
-        if name not in RULES:
-            check.add(key, grid, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}{_did_you_mean(name, RULES)}")
+        if name not in ENCODER_RULES:
+            check.add(key, grid, _not_an_encoder_rule(name, ENCODER_RULES))
             continue
         if chosen is not None and name not in chosen:
             check.add(key, grid, f"{name!r} is not in report.rules={chosen}: add it there or drop this grid")

@@ -1,4 +1,4 @@
-"""Every token exit rule at every knob, through real early-exit generation on held-out prompts.
+"""Every exit rule at every knob, through real early-exit generation on held-out prompts.
 
 One point per (rule, knob): generate greedily for every prompt of the split with that rule, then
 score the text and count the cost:
@@ -26,29 +26,38 @@ from tqdm import tqdm
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
 from ee_lightning.evaluation.pareto import mark_pareto
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
-from ee_lightning.exits import token_rules as tr
+from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
 from ee_lightning.inference.generate import generate_with_exits, prefill
 
 log = logging.getLogger(__name__)
 
-RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "static", "oracle")
+# The report's order; every rule of `exits.rules` runs in generation.
+RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "entropy", "maxprob", "patience", "pcee",
+              "static", "oracle")
 
 
-def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool) -> list:
-    """(name, rule) for every rule at every knob in `grids` (name -> list of knobs); `static` knobs
-    null = every exit layer below the last. Rules whose module was not trained are left out."""
-    rules = [("full", tr.Full())]
+def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool,
+                     vocab_size: int = 2) -> list:
+    """(name, knob value, rule) for every rule at every knob in `grids` (name -> a list of knob values;
+    null or true: the rule's default grid, for `static` every exit layer below the last, for a rule
+    without knobs (oracle) its one point; false: left out). `full` always comes first. Rules whose
+    module was not trained are left out."""
+    unknown = sorted(set(grids) - set(RULES))
+    if unknown:
+        raise ValueError(f"method.generation.rules has unknown rule(s) {unknown}; rules: {', '.join(RULE_ORDER)}")
+    num_layers = exit_layers[-1]
+    points = [("full", None, FullRule())]
     for name in RULE_ORDER[1:]:
         if name not in grids or grids[name] is False:
             continue
         if (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
             continue
-        if name == "oracle":
-            rules.append(("oracle", tr.Oracle()))
-            continue
-        knobs = grids[name] if grids[name] is not None else (exit_layers[:-1] if name == "static" else [])
-        rules.extend((name, tr.make_rule(name, knob)) for knob in knobs)
-    return rules
+        values = grids[name]
+        if values is None or values is True:
+            # patience counts decisions, and a rule decides at exit layers only: its default counts exits
+            values = exit_layers[:-1] if name == "static" else default_grid(name, len(exit_layers), vocab_size)
+        points.extend((name, value, rule_from_grid(name, value, num_layers)) for value in values)
+    return points
 
 
 def _texts(tokenizer, sequences: list[list[int]]) -> list[str]:
@@ -96,9 +105,9 @@ def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, gr
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     L = decoder.num_layers
     flops = measure_generation_flops(decoder, exits, policy, classifier)
-    rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None)
+    rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None, decoder.vocab_size)
     # warm-up: the first pass pays one-off allocation costs that would bias the full model's speed
-    generate_split(decoder, exits, tr.Full(), batches[:1], 2, eos, pad)
+    generate_split(decoder, exits, FullRule(), batches[:1], 2, eos, pad)
     # The prompts' pass is the same for every rule: run once per batch and shared (copied) by all.
     prefill_seconds = 0.0
     batches = list(batches)
@@ -107,7 +116,7 @@ def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, gr
         batches[i] = {**batch, "prompt_cache": cache}
         prefill_seconds += spent
     full, points, examples = None, [], {}
-    for name, rule in tqdm(rules, desc="generation rules", disable=not sys.stderr.isatty()):
+    for name, value, rule in tqdm(rules, desc="generation rules", disable=not sys.stderr.isatty()):
         run = generate_split(decoder, exits, rule, batches, max_new_tokens, eos, pad, policy, classifier, flops)
         texts = _texts(tokenizer, run["tokens"])
         if full is None:
@@ -119,7 +128,7 @@ def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, gr
         tokens_per_s = run["generated"] / run["seconds"] if run["seconds"] else float("nan")
         with_prompts = run["generated"] / (run["seconds"] + prefill_seconds)
         point = {
-            "rule": name, "knob": tr.knob_name(name), "value": rule.knob,
+            "rule": name, "knob": ",".join(GRID_KNOBS[name]) or None, "value": value,
             "metric": rouge["rougeL"], **rouge, "rougeL_vs_full": rouge_f1(texts, full["texts"])["rougeL"],
             "token_agreement": agree["mean"], "token_agreement_micro": agree["micro"],
             "avg_exit_layer": avg, "layer_saving": 1 - avg / L, "speedup": L / avg,
@@ -130,7 +139,7 @@ def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, gr
         }
         points.append(point)
         examples.setdefault(name, texts[0])
-        log.info("%s %s: rougeL %.4f, avg exit %.2f, %.1f tok/s", name, rule.knob, point["metric"], avg, tokens_per_s)
+        log.info("%s %s: rougeL %.4f, avg exit %.2f, %.1f tok/s", name, value, point["metric"], avg, tokens_per_s)
     mark_pareto(points)
     library = transformers_generate_speed(decoder, batches, max_new_tokens, eos, pad)
     for point in points:
