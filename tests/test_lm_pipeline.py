@@ -27,7 +27,7 @@ def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
 
 
 def test_generation_rule_points_come_from_the_one_rule_set():
-    from ee_lightning.evaluation.generation_eval import RULE_ORDER, rule_points_grid
+    from ee_lightning.evaluation.generation_eval import RULE_ORDER, policy_at, rule_points_grid
     from ee_lightning.exits.rules import RULES, PatienceRule, StaticRule
 
     assert set(RULE_ORDER) == set(RULES)
@@ -39,6 +39,10 @@ def test_generation_rule_points_come_from_the_one_rule_set():
         ("patience", 3), ("patience", 2), ("patience", 1),  # patience counts exits: 4 exits -> 3..1
         ("static", 3), ("static", 6), ("static", 9), ("oracle", None)]  # no classifier trained: left out
     assert points[-2][2] == StaticRule(k=9) and points[4][2] == PatienceRule(patience=3)
+    # the trained tau is always one of the policy's points: the exit-histogram callback receives its exits
+    with_tau = rule_points_grid({"policy": [0.3, 0.5]}, [3, 6], has_policy=True, has_classifier=False, tau=0.6)
+    assert [value for _, value, _ in with_tau] == [None, 0.3, 0.5, 0.6] and policy_at(with_tau, 0.6) == 3
+    assert policy_at(with_tau, 0.7) is None
     with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, softmax_margin"):
         rule_points_grid({"margin": [0.5]}, [3, 6], has_policy=True, has_classifier=True)
     with pytest.raises(ValueError, match=r"k=7 is outside 1\.\.6"):
@@ -77,3 +81,12 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                  "reward_curve.csv"):
         assert (run_dir / name).is_file(), name
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
+    # the generation's policy exits at the trained tau went through the exit-histogram callback
+    lines = [json.loads(line) for line in (run_dir / "exit_histograms.jsonl").read_text().splitlines()]
+    (generated,) = [line for line in lines if line["stage"] == "lm_generation"]
+    (policy,) = [p for p in saved["points"] if p["rule"] == "policy" and p["value"] == 0.5]  # lm_exits.policy.tau
+    assert generated["split"] == "test" and generated["buckets"] == {} and generated["exit_layers"] == [1, 2, 3, 4]
+    assert sum(generated["counts"]) == policy["tokens"] > 0 and generated["counts"] == policy["exit_histogram"]
+    assert any(line["stage"] == "lm_policy" and line["split"] == "train" for line in lines)  # sampled exits
+    header = (run_dir / "csv" / "lm_generation" / "metrics.csv").read_text().splitlines()[0]
+    assert "test/exit/frac_L1" in header
