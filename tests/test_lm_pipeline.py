@@ -54,7 +54,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     from ee_lightning.app.train import train
 
     run_dir = tmp_path / "run"
-    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
+    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=many",  # wandb offline
                          "data.max_train_samples=8", "data.max_eval_samples=4", "data.max_prompt_length=64",
                          "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
@@ -90,3 +90,9 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert any(line["stage"] == "lm_policy" and line["split"] == "train" for line in lines)  # sampled exits
     header = (run_dir / "csv" / "lm_generation" / "metrics.csv").read_text().splitlines()[0]
     assert "test/exit/frac_L1" in header
+    # each stage its own wandb run; the generation's has the histogram
+    ids = json.loads((run_dir / "wandb_ids.json").read_text())
+    assert set(ids) == {"lm_adapters", "lm_policy", "lm_classifier", "lm_generation"}
+    runs = {path.name.rsplit("-", 1)[1]: path for path in (run_dir / "wandb").glob("offline-run-*")}
+    assert set(runs) == set(ids.values())
+    assert b"test/exit/hist" in (runs[ids["lm_generation"]] / f"run-{ids['lm_generation']}.wandb").read_bytes()

@@ -65,8 +65,18 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     decoder.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     method = cfg.method
+    opened: list[L.Trainer] = []
+
+    def stage_trainer(stage: str, **overrides) -> L.Trainer:
+        """The stage's Trainer from the run's config; the previous stage's wandb run is closed first, so
+        that each stage logs to its own run (a WandbLogger joins whichever run is still open)."""
+        for trainer in opened:
+            finish_loggers(trainer)
+        opened[:] = [make_trainer(cfg, stage, run_dir, **overrides)]
+        return opened[0]
+
     trained = train_lm_exits(decoder, datamodule, method.lm_exits, run_dir,
-                             trainer_factory=lambda stage, epochs: make_trainer(cfg, stage, run_dir, max_epochs=epochs),
+                             trainer_factory=lambda stage, epochs: stage_trainer(stage, max_epochs=epochs),
                              identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
     trained_at = time.time()
     gen = method.generation
@@ -81,7 +91,7 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     system = GenerationEvalSystem(decoder, tokenizer, trained.exits, rules, int(gen.max_new_tokens), trained.policy,
                                   trained.classifier, tau=tau)
     # One device, the model's own dtypes (no autocast): the measured generation is the one reported.
-    trainer = make_trainer(cfg, "lm_generation", run_dir, devices=1, strategy="auto", precision="32-true")
+    trainer = stage_trainer("lm_generation", devices=1, strategy="auto", precision="32-true")
     trainer.test(system, dataloaders=DataLoader(batches, batch_size=None))  # the batches as they are
     finish_loggers(trainer)
     points, extras = system.report()
