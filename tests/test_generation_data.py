@@ -151,6 +151,8 @@ def test_conf_generation_options_instantiate(tmp_path):
     tokenizer = tiny_chat_tokenizer([f"w{i} b" for i in range(10)])
     for option, extra in (("aclsum", {}), ("jsonl_generation", {"train_file": str(path)})):
         cfg = OmegaConf.load(CONF_DIR / "data" / f"{option}.yaml")
+        assert cfg.defaults[0] == f"{option}_schema"  # Hydra's defaults list (the schema), not an argument
+        del cfg["defaults"]
         assert cfg.name == option
         dm = instantiate(cfg, tokenizer=tokenizer, _convert_="all", **extra)
         dm.setup()

@@ -31,13 +31,14 @@ def test_generation_rule_points_come_from_the_one_rule_set():
     from ee_lightning.exits.rules import RULES, PatienceRule, StaticRule
 
     assert set(RULE_ORDER) == set(RULES)
-    grids = {"oracle": True, "static": None, "patience": None, "policy": [0.5], "classifier": [0.5],
-             "softmax_margin": [0.2, 0.8], "saturation": False}
+    grids = {"oracle": True, "static": None, "patience": True, "policy": [0.5], "classifier": [0.5],
+             "softmax_margin": [0.2, 0.8], "saturation": None, "entropy": []}  # null and [] leave a rule out
     points = rule_points_grid(grids, [3, 6, 9, 12], has_policy=True, has_classifier=False)
     assert [(name, value) for name, value, _ in points] == [
         ("full", None), ("policy", 0.5), ("softmax_margin", 0.2), ("softmax_margin", 0.8),
-        ("patience", 3), ("patience", 2), ("patience", 1),  # patience counts exits: 4 exits -> 3..1
+        ("patience", 3), ("patience", 2), ("patience", 1),  # true: the default grid, counting exits (4: 3..1)
         ("static", 3), ("static", 6), ("static", 9), ("oracle", None)]  # no classifier trained: left out
+    assert [v for _, v, _ in rule_points_grid({"static": [], "oracle": False}, [3, 6], True, True)] == [None]
     assert points[-2][2] == StaticRule(k=9) and points[4][2] == PatienceRule(patience=3)
     # the trained tau is always one of the policy's points: the exit-histogram callback receives its exits
     with_tau = rule_points_grid({"policy": [0.3, 0.5]}, [3, 6], has_policy=True, has_classifier=False, tau=0.6)

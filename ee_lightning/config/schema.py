@@ -14,7 +14,9 @@ How the schemas are attached:
   `eval_schema`, whose typed fields (backbone, head, policy, report) type every option of those groups;
 - `data` and `method` options differ in their keys: each option's yaml starts its own defaults list
   with its schema (`defaults: [glue_schema, _self_]`), registered in that group. A new data option
-  or method registers its own schema here (`register_configs`) and names it the same way.
+  or method registers its own schema here (`register_configs`) and names it the same way. The decoder
+  side's options (method=consistentee_lm, data=aclsum | jsonl_generation) are registered the same way;
+  conf/lm_exits/default.yaml merges into `method.lm_exits`, typed by the method's schema.
 - trainer, logger, callbacks, paths and hydra are third-party objects' arguments: untyped.
 """
 from __future__ import annotations
@@ -108,6 +110,101 @@ class ConsistentEEMethod(FinetuneMethod):
     hardness: HardnessStage = field(default_factory=HardnessStage)
     policy: PolicyStage = field(default_factory=PolicyStage)
     joint: JointStage = field(default_factory=JointStage)
+
+
+# --- the decoder method (method=consistentee_lm): exits trained on cached states, then generation ----
+@dataclass
+class LMCacheConfig:
+    dtype: str = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class LMAdapterStage:
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    weights: str = MISSING
+    target: str = MISSING
+
+
+@dataclass
+class LMHardnessConfig:
+    target: str = MISSING
+
+
+@dataclass
+class TokenPolicyStage(PolicyStage):
+    """method.policy's knobs (TokenPolicySystem takes them all) plus the token policy's own."""
+
+    hidden: int = MISSING
+    task_target: str = MISSING
+    tau: float = MISSING
+
+
+@dataclass
+class LMClassifierStage:
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class LoRAStage:
+    """LoRA on the decoder's own layers before the cached stages (off by default)."""
+
+    enabled: bool = MISSING
+    rank: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: List[str] = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class LMExitsConfig:
+    """conf/lm_exits/default.yaml, as `method.lm_exits` (training/lm_stages.py)."""
+
+    exit_every: int = MISSING
+    rank: int = MISSING
+    evaluate_split: Optional[str] = MISSING
+    cache: LMCacheConfig = field(default_factory=LMCacheConfig)
+    adapters: LMAdapterStage = field(default_factory=LMAdapterStage)
+    hardness: LMHardnessConfig = field(default_factory=LMHardnessConfig)
+    policy: TokenPolicyStage = field(default_factory=TokenPolicyStage)
+    classifier: LMClassifierStage = field(default_factory=LMClassifierStage)
+    lora: LoRAStage = field(default_factory=LoRAStage)
+
+
+@dataclass
+class GenerationRules:
+    """Knob grids of the token exit rules. null (or []) leaves a threshold rule out; static: null is
+    every exit layer below the last, [] none; oracle: false leaves it out."""
+
+    policy: Optional[List[float]] = MISSING
+    softmax_margin: Optional[List[float]] = MISSING
+    saturation: Optional[List[float]] = MISSING
+    classifier: Optional[List[float]] = MISSING
+    static: Optional[List[int]] = MISSING
+    oracle: bool = MISSING
+
+
+@dataclass
+class GenerationConfig:
+    split: str = MISSING
+    max_prompts: Optional[int] = MISSING
+    batch_size: int = MISSING
+    max_new_tokens: int = MISSING
+    rules: GenerationRules = field(default_factory=GenerationRules)
+
+
+@dataclass
+class ConsistentEELMMethod:
+    name: str = MISSING
+    lm_exits: LMExitsConfig = field(default_factory=LMExitsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -209,6 +306,43 @@ class HfData(ColumnsData):
     test_split: Optional[str] = MISSING
 
 
+# --- generation data (method=consistentee_lm; ee_lightning/data/generation.py) ----------------------
+@dataclass
+class GenerationData:
+    """What every GenerationDataModule takes."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    system_prompt: Optional[str] = MISSING
+    max_prompt_length: int = MISSING
+    max_response_length: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    num_workers: int = MISSING
+    max_train_samples: Optional[int] = MISSING
+    max_eval_samples: Optional[int] = MISSING
+    split_seed: int = MISSING
+
+
+@dataclass
+class ACLSumData(GenerationData):
+    aclsum_dir: Optional[str] = MISSING
+    aspects: List[str] = MISSING
+    prompt_template: str = MISSING
+
+
+@dataclass
+class PromptResponseData(GenerationData):
+    train_file: Optional[str] = MISSING
+    validation_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING
+    prompt_field: str = MISSING
+    response_field: str = MISSING
+    input_field: Optional[str] = MISSING
+    validation_fraction: float = MISSING
+    test_fraction: float = MISSING
+
+
 # --- roots ------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -251,6 +385,8 @@ class EvalConfig:
 
 
 # Per-option schemas: conf/<group>/<option>.yaml names `<option>_schema` first in its defaults list.
+# Encoder data (classification / regression) and the decoder's generation data are kept apart: each
+# method takes one kind.
 DATA_SCHEMAS: dict[str, type] = {
     "rotten_tomatoes": RottenTomatoesData,
     "bbc_news": BBCNewsData,
@@ -258,10 +394,16 @@ DATA_SCHEMAS: dict[str, type] = {
     "csv": CsvData,
     "hf": HfData,
 }
+GENERATION_DATA_SCHEMAS: dict[str, type] = {
+    "aclsum": ACLSumData,
+    "jsonl_generation": PromptResponseData,
+}
 METHOD_SCHEMAS: dict[str, type] = {
     "finetune": FinetuneMethod,
     "consistentee": ConsistentEEMethod,
+    "consistentee_lm": ConsistentEELMMethod,
 }
+DECODER_METHODS = ("consistentee_lm",)
 
 
 def register_configs() -> None:
@@ -269,6 +411,6 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
-    for group, schemas in (("data", DATA_SCHEMAS), ("method", METHOD_SCHEMAS)):
+    for group, schemas in (("data", DATA_SCHEMAS), ("data", GENERATION_DATA_SCHEMAS), ("method", METHOD_SCHEMAS)):
         for option, schema in schemas.items():
             store.store(group=group, name=f"{option}_schema", node=schema)

@@ -16,13 +16,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ee_lightning.config.schema import (DATA_SCHEMAS, METHOD_SCHEMAS, ConsistentEEMethod, CsvData, FinetuneMethod,
-                                        GlueData)
+from ee_lightning.config.schema import (DATA_SCHEMAS, DECODER_METHODS, GENERATION_DATA_SCHEMAS, METHOD_SCHEMAS,
+                                        ACLSumData, ConsistentEEMethod, CsvData, FinetuneMethod, GlueData,
+                                        LMExitsConfig, PromptResponseData)
 
 POOLINGS = ("cls", "mean")
 BACKBONE_KINDS = ("encoder", "decoder")
 LAYER_WEIGHTS = ("linear", "uniform")
 SPLITS = ("train", "validation", "test")
+TOKEN_TARGETS = ("reference", "full")  # an exit's token is scored against the reference or the full model's token
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+DECODER_DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_WEIGHTS = ("layer", "uniform")
 TASK_KINDS = ("classification", "regression")
 MNLI_EVAL = ("matched", "mismatched")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config tree (inside the wheel; a link in a checkout)
@@ -105,6 +110,20 @@ def typed(cfg: DictConfig):
     return OmegaConf.to_object(cfg)
 
 
+def lm_exits_config(node) -> LMExitsConfig:
+    """An `lm_exits` node as its schema object, checked: the composed `method.lm_exits`, or a dict /
+    DictConfig holding every key (e.g. conf/lm_exits/default.yaml, loaded and changed). An unknown key
+    or a wrong type raises OmegaConf's error naming it; missing keys and bad values one ConfigError."""
+    merged = OmegaConf.merge(OmegaConf.structured(LMExitsConfig), node)
+    check = Checker()
+    for key in _missing_in(merged, "lm_exits"):
+        check.problems.append(f"{key} is missing (???): set it (conf/lm_exits/default.yaml has every key)")
+    check_lm_exits(merged, check, "lm_exits.")
+    if check.problems:
+        raise ConfigError(check.problems)
+    return OmegaConf.to_object(merged)
+
+
 def missing_keys(cfg: DictConfig) -> list[str]:
     """`???` values in our groups (not in Hydra's or the third-party nodes)."""
     found = []
@@ -127,18 +146,26 @@ def _missing_in(node, path: str) -> list[str]:
 # ---------------------------------------------------------------------------------- ee-train
 def check_train(cfg: DictConfig, check: Checker) -> None:
     backbone, data, method = _value(cfg, "backbone"), _value(cfg, "data"), _value(cfg, "method")
-    decoder_method = method is not _MISSING and method.get("name") == "consistentee_lm"
-    if backbone is not _MISSING and (backbone.get("kind") == "decoder") != decoder_method:
+    decoder_method = method is not _MISSING and method.get("name") in DECODER_METHODS
+    method_name = method.get("name") if method is not _MISSING else "???"
+    decoder_backbone = backbone is not _MISSING and backbone.get("kind") == "decoder"
+    if backbone is not _MISSING and decoder_backbone != decoder_method:
         fix = ("choose a decoder backbone (kind: decoder), e.g. backbone=smollm2_135m" if decoder_method else
                "a decoder LM runs with method=consistentee_lm, e.g. experiment=aclsum_consistentee")
-        check.add("backbone", backbone.get("name"), f"method={method.get('name') if method is not _MISSING else '???'}: {fix}")
-        return
+        check.add("backbone", backbone.get("name"), f"method={method_name}: {fix}")
+    generation_data = data is not _MISSING and OmegaConf.get_type(data) in GENERATION_DATA_SCHEMAS.values()
+    if data is not _MISSING and method is not _MISSING and generation_data != decoder_method:
+        fix = (f"choose generation data: data={' | '.join(GENERATION_DATA_SCHEMAS)}" if decoder_method else
+               f"{data.get('name')} is prompt -> response data for method=consistentee_lm; choose "
+               f"data={' | '.join(DATA_SCHEMAS)}")
+        check.add("data", data.get("name"), f"method={method_name}: {fix}")
     if decoder_method:
-        check_decoder_train(cfg, check)
+        check_decoder_train(cfg, check, backbone if decoder_backbone else _MISSING,
+                            data if generation_data else _MISSING)
         return
-    if backbone is not _MISSING:
+    if backbone is not _MISSING and not decoder_backbone:
         check_backbone(backbone, check)
-    if data is not _MISSING:
+    if data is not _MISSING and not generation_data:
         check_data(data, check)
     if method is not _MISSING:
         check_method(method, cfg, check)
@@ -156,10 +183,23 @@ def check_train(cfg: DictConfig, check: Checker) -> None:
                   "set those instead")
 
 
-def check_decoder_train(cfg: DictConfig, check: Checker) -> None:
-    """method=consistentee_lm (training/lm_pipeline.py) has its own data, stages and report; checked
-    here: weights shipped in a package are installed (a local checkpoint folder is checked on load)."""
-    path = _value(cfg.backbone, "pretrained_path")
+# ---------------------------------------------------------------------------------- decoders
+def check_decoder_train(cfg: DictConfig, check: Checker, backbone, data) -> None:
+    """method=consistentee_lm (training/lm_pipeline.py): the decoder backbone (when it is one), the
+    generation data (when it is such), the exits' stages and the generation grids. What depends on the
+    number of layers (exit_every below it) is checked when the model loads (modeling/lm_exits.py)."""
+    if backbone is not _MISSING:
+        check_decoder_backbone(backbone, check)
+    if data is not _MISSING:
+        check_generation_data(data, check)
+    method = cfg.method
+    check_lm_exits(method.lm_exits, check, "method.lm_exits.")
+    check_generation(method.generation, check)
+
+
+def check_decoder_backbone(backbone: DictConfig, check: Checker) -> None:
+    check.choice(backbone, "dtype", "backbone.", DECODER_DTYPES)
+    path = _value(backbone, "pretrained_path")
     if isinstance(path, str) and path.startswith("package:"):
         from ee_lightning.modeling.backbones.decoder_build import DecoderError, package_gguf
 
@@ -167,6 +207,91 @@ def check_decoder_train(cfg: DictConfig, check: Checker) -> None:
             package_gguf(path.split(":", 1)[1])
         except DecoderError as err:
             check.add("backbone.pretrained_path", path, str(err))
+    if path is None:  # random weights: the family builds the model (a checkpoint's own config says it)
+        from ee_lightning.modeling.backbones.decoders import SUPPORTED_FAMILIES
+
+        check.choice(backbone, "family", "backbone.", SUPPORTED_FAMILIES)
+
+
+def check_generation_data(data: DictConfig, check: Checker) -> None:
+    p = "data."
+    for key in ("batch_size", "eval_batch_size", "max_prompt_length", "max_response_length"):
+        check.number(data, key, p, low=1, integer=True)
+    check.number(data, "num_workers", p, low=0, integer=True)
+    for key in ("max_train_samples", "max_eval_samples"):
+        check.number(data, key, p, low=1, integer=True, optional=True, why="or null for every row")
+    schema = OmegaConf.get_type(data)
+    if schema is ACLSumData:
+        from ee_lightning.data.generation import ACLSUM_ASPECTS
+
+        aspects = _value(data, "aspects")
+        unknown = [a for a in (aspects if aspects not in (_MISSING, None) else []) if a not in ACLSUM_ASPECTS]
+        if unknown or aspects in (None, []):
+            check.add(p + "aspects", aspects, f"choose one or more of {list(ACLSUM_ASPECTS)}")
+    if schema is PromptResponseData:
+        if not _value(data, "train_file"):
+            check.add(p + "train_file", None, "the jsonl_generation option needs a file of prompt -> response rows: "
+                                              "data.train_file=PATH (.jsonl or .json)")
+        for key in ("validation_fraction", "test_fraction"):
+            check.number(data, key, p, low=0.0, high=1.0, high_open=True)
+
+
+def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
+    """The `lm_exits` node (conf/lm_exits/default.yaml); `p` its key's prefix (method.lm_exits.)."""
+    from ee_lightning.exits.rl import DEPTH_TERMS, SAMPLERS, TASK_TERMS
+
+    check.number(node, "exit_every", p, low=1, integer=True)
+    check.number(node, "rank", p, low=1, integer=True)
+    check.choice(node, "evaluate_split", p, SPLITS, optional=True)
+    check.choice(node.cache, "dtype", f"{p}cache.", CACHE_DTYPES)
+    check.number(node.cache, "batch_size", f"{p}cache.", low=1, integer=True)
+    adapters = node.adapters
+    check.choice(adapters, "weights", f"{p}adapters.", ADAPTER_WEIGHTS)
+    check.choice(adapters, "target", f"{p}adapters.", TOKEN_TARGETS)
+    check.choice(node.hardness, "target", f"{p}hardness.", TOKEN_TARGETS)
+    for stage in ("adapters", "policy", "classifier"):  # epochs=0 skips a stage
+        q = f"{p}{stage}."
+        check.number(node[stage], "epochs", q, low=0, integer=True, why="0 skips the stage")
+        check.number(node[stage], "lr", q, low=0.0, low_open=True)
+        check.number(node[stage], "batch_size", q, low=1, integer=True)
+    policy, q = node.policy, f"{p}policy."
+    check.number(policy, "k", q, low=2, integer=True,
+                 why="the baseline is the mean reward of the k rollouts, so with one rollout every advantage "
+                     "is 0 and the policy never learns")
+    check.number(policy, "alpha", q, low=0.0)
+    check.number(policy, "hidden", q, low=1, integer=True)
+    check.number(policy, "tau", q, low=0.0, high=1.0, low_open=True, high_open=True,
+                 why="the greedy exit is the first exit whose exit probability exceeds tau")
+    check.choice(policy, "task_term", q, TASK_TERMS)
+    check.choice(policy, "task_target", q, TOKEN_TARGETS)
+    check.choice(policy, "depth_term", q, DEPTH_TERMS)
+    check.choice(policy, "sampler", q, SAMPLERS)
+    check.number(policy, "eps_start", q, low=0.0, high=1.0)
+    check.number(policy, "eps_end", q, low=0.0, high=1.0)
+    check.number(policy, "eps_decay_steps", q, low=1, integer=True)
+    check.number(policy, "entropy_bonus", q, low=0.0)
+
+
+def check_generation(node: DictConfig, check: Checker) -> None:
+    from ee_lightning.exits.rules import rule_from_grid
+
+    p = "method.generation."
+    check.choice(node, "split", p, SPLITS)
+    check.number(node, "max_prompts", p, low=1, integer=True, optional=True, why="or null for every prompt")
+    check.number(node, "batch_size", p, low=1, integer=True)
+    check.number(node, "max_new_tokens", p, low=1, integer=True)
+    # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
+    # static layers >= 1; within the depth once the model is loaded).
+    rules, q = node.rules, f"{p}rules."
+    for name in ("policy", "softmax_margin", "saturation", "classifier", "static"):
+        grid = _value(rules, name)
+        for value in (grid if grid not in (_MISSING, None) else []):
+            try:
+                rule_from_grid(name, value)
+            except ValueError as err:
+                hint = "; null: every exit layer below the last" if name == "static" else ""
+                check.add(q + name, list(grid), f"{err}{hint}")
+                break
 
 
 def check_backbone(backbone: DictConfig, check: Checker) -> None:

@@ -39,25 +39,27 @@ RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "e
 
 def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool,
                      vocab_size: int = 2, tau: float | None = None) -> list:
-    """(name, knob value, rule) for every rule at every knob in `grids` (name -> a list of knob values;
-    null or true: the rule's default grid, for `static` every exit layer below the last, for a rule
-    without knobs (oracle) its one point; false: left out). `full` always comes first. Rules whose
-    module was not trained are left out. `tau`, the policy's trained threshold, is always one of the
-    policy's points when the policy is evaluated."""
+    """(name, knob value, rule) for every rule at every knob in `grids` (name -> a list of knob values,
+    as `method.generation.rules`: a missing name, null, [] or false leave a rule out, but `static: null`
+    is every exit layer below the last; true is the rule's default grid, the oracle's one point).
+    `full` always comes first. Rules whose module was not trained are left out. `tau`, the policy's
+    trained threshold, is always one of the policy's points when the policy is evaluated."""
     unknown = sorted(set(grids) - set(RULES))
     if unknown:
         raise ValueError(f"method.generation.rules has unknown rule(s) {unknown}; rules: {', '.join(RULE_ORDER)}")
     num_layers = exit_layers[-1]
     points = [("full", None, FullRule())]
     for name in RULE_ORDER[1:]:
-        if name not in grids or grids[name] is False:
-            continue
-        if (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
+        if name not in grids:
             continue
         values = grids[name]
-        if values is None or values is True:
+        if name == "static" and values is None:
+            values = exit_layers[:-1]
+        elif values is True:
             # patience counts decisions, and a rule decides at exit layers only: its default counts exits
             values = exit_layers[:-1] if name == "static" else default_grid(name, len(exit_layers), vocab_size)
+        if not values or (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
+            continue
         if name == "policy" and tau is not None and tau not in values:
             values = [*values, tau]
         points.extend((name, value, rule_from_grid(name, value, num_layers)) for value in values)

@@ -14,6 +14,7 @@ policy's exits at its trained tau).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ee_lightning.config import typed
+from ee_lightning.config.schema import ConsistentEELMMethod
 from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.results import LMRunResults
@@ -64,7 +67,7 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
     decoder.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
-    method = cfg.method
+    method: ConsistentEELMMethod = typed(cfg.method)  # validated by ee-train before anything loaded
     opened: list[L.Trainer] = []
 
     def stage_trainer(stage: str, **overrides) -> L.Trainer:
@@ -80,15 +83,14 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
                              identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
     trained_at = time.time()
     gen = method.generation
-    batches, _ = generation_batches(datamodule, gen.split, int(gen.batch_size), gen.get("max_prompts"))
+    batches, _ = generation_batches(datamodule, gen.split, gen.batch_size, gen.max_prompts)
     modules = [m for m in (trained.exits, trained.policy, trained.classifier) if m is not None]
     for module in modules:
         module.to(device).eval()
-    grids = OmegaConf.to_container(gen.rules, resolve=True)
-    tau = float(OmegaConf.select(method, "lm_exits.policy.tau", default=0.5))  # the policy's trained threshold
-    rules = rule_points_grid(grids, trained.exits.exit_layers, trained.policy is not None,
+    tau = method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
+    rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
                              trained.classifier is not None, decoder.vocab_size, tau=tau)
-    system = GenerationEvalSystem(decoder, tokenizer, trained.exits, rules, int(gen.max_new_tokens), trained.policy,
+    system = GenerationEvalSystem(decoder, tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
                                   trained.classifier, tau=tau)
     # One device, the model's own dtypes (no autocast): the measured generation is the one reported.
     trainer = stage_trainer("lm_generation", devices=1, strategy="auto", precision="32-true")
@@ -101,7 +103,7 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     results = LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": datamodule.name, "num_layers": decoder.num_layers,
         "exit_layers": trained.exits.exit_layers, "split": gen.split, "prompts": len(references),
-        "max_new_tokens": int(gen.max_new_tokens), "metric_name": "rougeL", "points": points,
+        "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
         "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
         "report": {k: str(v) for k, v in paths.items()},

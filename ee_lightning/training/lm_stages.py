@@ -30,6 +30,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ee_lightning.config.schema import LMCacheConfig, LMExitsConfig
+from ee_lightning.config.validate import lm_exits_config
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
@@ -198,11 +200,6 @@ def default_trainer(stage: str, max_epochs: int) -> L.Trainer:
                      enable_progress_bar=sys.stderr.isatty(), accelerator="auto", devices=1)
 
 
-def _get(cfg, key: str, default):
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None else value
-
-
 def cached_policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float) -> torch.Tensor:
     """Greedy exits (1..E) of cached tokens [N, E, H]: the policy rule (first exit with p > tau, else the last)."""
     return policy_exits(per_exit_probs(policy, states), tau)
@@ -247,93 +244,92 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
-def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg, out_dir: Path,
+def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg: LMCacheConfig, out_dir: Path,
                  identity: dict | None) -> dict:
     """The exit-state cache of one split, built once and reused while its settings hold."""
     dataset = datamodule.dataset(split)
-    dtype = str(_get(cache_cfg, "dtype", "float32"))
+    dtype = cache_cfg.dtype
     meta = {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
             "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
             "rows": _digest([dataset.prompt_ids, dataset.response_ids]), "exit_layers": exit_layers,
             "dtype": dtype}
-    loader = datamodule.dataloader(split, "train", batch_size=int(_get(cache_cfg, "batch_size", 8)))
+    loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
     return load_or_build(out_dir / f"exit_states_{split}.pt", meta,
                          lambda: collect_exit_states(decoder, loader, exit_layers, dtype=dtype))
 
 
-def train_lm_exits(decoder, datamodule, cfg, out_dir: str | Path, trainer_factory=default_trainer,
+# TokenPolicySystem's knobs, read from method.lm_exits.policy.
+REINFORCE_KEYS = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
+                  "normalize_advantages", "entropy_bonus", "lr")
+
+
+def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str | Path, trainer_factory=default_trainer,
                    identity: dict | None = None) -> LMExitRun:
     """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary.
 
     `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
-    `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the `lm_exits` config node
-    (conf/lm_exits/default.yaml); `trainer_factory(stage, max_epochs)` makes each stage's Trainer;
-    `identity` (e.g. the model name) goes into the caches' keys, so another model rebuilds them.
-    Writes exit_states_<split>.pt (caches), lm_exits.pt, token_policy.pt, exit_classifier.pt in out_dir.
-    The summary has the train split's numbers and, under "evaluation", those of `cfg.evaluate_split`.
+    `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the `lm_exits` config: the composed
+    `method.lm_exits`, an `LMExitsConfig`, or a dict / DictConfig with every key (conf/lm_exits/default.yaml),
+    typed and checked here (`config.validate.lm_exits_config`); `trainer_factory(stage, max_epochs)` makes
+    each stage's Trainer; `identity` (e.g. the model name) goes into the caches' keys, so another model
+    rebuilds them. Writes exit_states_<split>.pt (caches), lm_exits.pt, token_policy.pt, exit_classifier.pt
+    in out_dir. The summary has the train split's numbers and, under "evaluation", those of
+    `cfg.evaluate_split`.
     """
     out_dir = Path(out_dir)
-    adapters_cfg, policy_cfg = cfg.get("adapters", {}), cfg.get("policy", {})
-    classifier_cfg, cache_cfg = cfg.get("classifier", {}), cfg.get("cache", {})
+    cfg = lm_exits_config(cfg)
     num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
-    exits = LMExitHeads(num_layers, hidden_size, exit_every=int(_get(cfg, "exit_every", 1)),
-                        rank=int(_get(cfg, "rank", 32)))
+    exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank)
     datamodule.setup()
-    cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cache_cfg, out_dir, identity)
+    cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cfg.cache, out_dir, identity)
     targets = cache["targets"]
-    batch = int(_get(adapters_cfg, "batch_size", 64))
+    batch = cfg.adapters.batch_size
     untrained = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
     summary: dict = {"exit_layers": exits.exit_layers, "untrained": untrained}
 
-    epochs = int(_get(adapters_cfg, "epochs", 2))
-    if epochs > 0:
-        system = ExitAdapterSystem(exits, decoder, lr=float(_get(adapters_cfg, "lr", 1e-3)),
-                                   weights=str(_get(adapters_cfg, "weights", "layer")))
+    adapters = cfg.adapters
+    if adapters.epochs > 0:
+        system = ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights)
         # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
-        adapter_targets = hardness_targets(str(_get(adapters_cfg, "target", "reference")), targets,
-                                           cache["full_tokens"])
+        adapter_targets = hardness_targets(adapters.target, targets, cache["full_tokens"])
         loader = DataLoader(TokenStateDataset(cache["states"], targets=adapter_targets), batch_size=batch,
                             shuffle=True)
-        trainer_factory("lm_adapters", epochs).fit(system, train_dataloaders=loader)
+        trainer_factory("lm_adapters", adapters.epochs).fit(system, train_dataloaders=loader)
     exits.to(next(decoder.parameters()).device)
     atomic_torch_save(exits.state_dict(), out_dir / "lm_exits.pt")
 
     tables = exit_tables(cache, exits, decoder, batch_size=batch)
-    hardness_target = str(_get(cfg.get("hardness", {}), "target", "reference"))
-    memorized = token_memorized_exit(tables["tokens"], hardness_targets(hardness_target, targets,
+    memorized = token_memorized_exit(tables["tokens"], hardness_targets(cfg.hardness.target, targets,
                                                                         cache["full_tokens"]))
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
 
-    policy, tau = None, float(_get(policy_cfg, "tau", 0.5))
-    if int(_get(policy_cfg, "epochs", 2)) > 0:
-        policy = TokenExitPolicy(num_layers, hidden_size, hidden=int(_get(policy_cfg, "hidden", 32)),
-                                 exit_layers=exits.exit_layers)
-        keys = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
-                "normalize_advantages", "entropy_bonus", "lr")
-        system = TokenPolicySystem(policy, **{key: policy_cfg[key] for key in keys if key in policy_cfg})
+    policy, policy_cfg = None, cfg.policy
+    if policy_cfg.epochs > 0:
+        policy = TokenExitPolicy(num_layers, hidden_size, hidden=policy_cfg.hidden, exit_layers=exits.exit_layers)
+        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS})
         # the task term scores an exit's token against the reference or the full model's own token
-        task_target = str(_get(policy_cfg, "task_target", "reference"))
-        correct = exit_correct(tables["tokens"], hardness_targets(task_target, targets, cache["full_tokens"]))
-        ce = tables["ce" if task_target == "reference" else "ce_full"]
+        correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, targets,
+                                                                  cache["full_tokens"]))
+        ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
         data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
-        loader = DataLoader(data, batch_size=int(_get(policy_cfg, "batch_size", 256)), shuffle=True)
-        trainer_factory("lm_policy", int(_get(policy_cfg, "epochs", 2))).fit(system, train_dataloaders=loader)
+        loader = DataLoader(data, batch_size=policy_cfg.batch_size, shuffle=True)
+        trainer_factory("lm_policy", policy_cfg.epochs).fit(system, train_dataloaders=loader)
         atomic_torch_save(policy.state_dict(), out_dir / "token_policy.pt")
-    summary["train"] = exit_summary(cache, tables, policy, tau)
+    summary["train"] = exit_summary(cache, tables, policy, policy_cfg.tau)
 
-    classifier = None
-    if int(_get(classifier_cfg, "epochs", 2)) > 0 and len(exits.exit_layers) > 1:
+    classifier, classifier_cfg = None, cfg.classifier
+    if classifier_cfg.epochs > 0 and len(exits.exit_layers) > 1:
         classifier = ExitClassifier(num_layers, hidden_size, exit_layers=exits.exit_layers)
-        system = ExitClassifierSystem(classifier, lr=float(_get(classifier_cfg, "lr", 1e-3)))
+        system = ExitClassifierSystem(classifier, lr=classifier_cfg.lr)
         data = TokenStateDataset(cache["states"], agree=agrees_with_last(tables["tokens"]).T)
-        loader = DataLoader(data, batch_size=int(_get(classifier_cfg, "batch_size", 256)), shuffle=True)
-        trainer_factory("lm_classifier", int(_get(classifier_cfg, "epochs", 2))).fit(system, train_dataloaders=loader)
+        loader = DataLoader(data, batch_size=classifier_cfg.batch_size, shuffle=True)
+        trainer_factory("lm_classifier", classifier_cfg.epochs).fit(system, train_dataloaders=loader)
         atomic_torch_save(classifier.state_dict(), out_dir / "exit_classifier.pt")
 
-    split = cfg.get("evaluate_split", "validation")
+    split = cfg.evaluate_split
     if split:
-        held_out = _split_cache(decoder, datamodule, str(split), exits.exit_layers, cache_cfg, out_dir, identity)
-        summary["evaluation"] = {"split": str(split), **exit_summary(
-            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, tau, classifier)}
+        held_out = _split_cache(decoder, datamodule, split, exits.exit_layers, cfg.cache, out_dir, identity)
+        summary["evaluation"] = {"split": split, **exit_summary(
+            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, policy_cfg.tau, classifier)}
     log.info("lm exits trained: %s", summary)
     return LMExitRun(exits, policy, classifier, cache, tables, memorized, summary)
