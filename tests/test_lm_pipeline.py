@@ -16,6 +16,7 @@ def test_cpu_and_gpu_experiments_compose(tmp_path):
     gpu = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llama"], tmp_path / "gpu")
     assert gpu.backbone.name == "llama_3_8b" and gpu.backbone.pretrained_path == "/models/llama"
     assert gpu.trainer.accelerator == "gpu" and gpu.backbone.dtype == "bfloat16" and gpu.method.lm_exits.exit_every == 4
+    assert gpu.method.lm_exits.lora.enabled and not cfg.method.lm_exits.lora.enabled  # LoRA on the GPU run only
 
 
 def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
@@ -46,7 +47,7 @@ def test_generation_rule_points_come_from_the_one_rule_set():
     assert policy_at(with_tau, 0.7) is None
     with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, softmax_margin"):
         rule_points_grid({"margin": [0.5]}, [3, 6], has_policy=True, has_classifier=True)
-    with pytest.raises(ValueError, match=r"k=7 is outside 1\.\.6"):
+    with pytest.raises(ValueError, match=r"method.generation.rules.static=\[7\]: rule 'static': k=7 is outside 1\.\.6"):
         rule_points_grid({"static": [7]}, [3, 6], has_policy=True, has_classifier=True)
 
 

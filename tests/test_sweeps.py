@@ -208,3 +208,19 @@ def test_optuna_study_continues_in_its_storage(tmp_path):
     study = optuna.load_study(study_name="test_study", storage=storage)
     assert len(study.trials) == 4
     assert "4 trials in all" in (tmp_path / "second" / "sweep.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_multirun_started_anywhere_writes_under_its_launch_directory(tmp_path):
+    # No EE_ROOT: the sweep directory is resolved before Hydra sets its runtime config, so the
+    # launch-directory root must not depend on `${hydra:runtime.cwd}`.
+    env = {key: value for key, value in os.environ.items() if key != "EE_ROOT"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ee_lightning.app.cli", "-m", *tiny_args(tmp_path), "debug=fdr",
+                          "seed=1,2", "logger=csv"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs").glob("*/multiruns/*"))
+    assert len(sweeps) == 1, sweeps
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1"]
+    assert (sweeps[0] / "sweep.csv").is_file()

@@ -9,6 +9,7 @@ naming the key, the bad value and the fix, in one ConfigError.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -194,7 +195,11 @@ def check_decoder_train(cfg: DictConfig, check: Checker, backbone, data) -> None
         check_generation_data(data, check)
     method = cfg.method
     check_lm_exits(method.lm_exits, check, "method.lm_exits.")
-    check_generation(method.generation, check)
+    # random weights: the depth is in the config (a checkpoint's is checked when it loads)
+    architecture = _value(backbone, "architecture") if backbone is not _MISSING else _MISSING
+    depth = (_layers(architecture) if architecture not in (_MISSING, None) and _value(backbone, "pretrained_path") is None
+             else None)
+    check_generation(method.generation, check, depth)
 
 
 def check_decoder_backbone(backbone: DictConfig, check: Checker) -> None:
@@ -270,9 +275,32 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(policy, "eps_end", q, low=0.0, high=1.0)
     check.number(policy, "eps_decay_steps", q, low=1, integer=True)
     check.number(policy, "entropy_bonus", q, low=0.0)
+    check_lora(_value(node, "lora"), check, f"{p}lora.")
 
 
-def check_generation(node: DictConfig, check: Checker) -> None:
+def check_lora(lora, check: Checker, p: str = "method.lm_exits.lora.") -> None:
+    """The `lora` node, when enabled: ranges, a list of target names, and peft installed (whether the
+    names exist in the backbone is known once it is built: training/lm_lora.py checks that)."""
+    if not isinstance(lora, DictConfig) or not lora.get("enabled"):
+        return
+    check.number(lora, "rank", p, low=1, integer=True)
+    check.number(lora, "alpha", p, low=0, low_open=True)
+    check.number(lora, "dropout", p, low=0.0, high=1.0, high_open=True)
+    check.number(lora, "epochs", p, low=1, integer=True, why="set enabled=false to skip LoRA")
+    check.number(lora, "lr", p, low=0, low_open=True)
+    check.number(lora, "batch_size", p, low=1, integer=True)
+    targets = _value(lora, "target_modules")
+    if not isinstance(targets, ListConfig) or not targets or not all(isinstance(t, str) for t in targets):
+        check.add(f"{p}target_modules", targets, "must be a non-empty list of Linear module names inside the "
+                  "layers, e.g. [q_proj, v_proj] (Llama / Qwen / Mistral) or [c_attn] (GPT-2)")
+    if importlib.util.find_spec("peft") is None:
+        from ee_lightning.training.lm_lora import PEFT_REQUIREMENT
+
+        check.add(f"{p}enabled", True, f"needs peft, which is not installed: run `pip install {PEFT_REQUIREMENT}` "
+                  "(or `pip install -e '.[lora]'`), or set it to false")
+
+
+def check_generation(node: DictConfig, check: Checker, depth: int | None = None) -> None:
     from ee_lightning.exits.rules import rule_from_grid
 
     p = "method.generation."
@@ -281,13 +309,13 @@ def check_generation(node: DictConfig, check: Checker) -> None:
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
     # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
-    # static layers >= 1; within the depth once the model is loaded).
+    # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."
     for name in ("policy", "softmax_margin", "saturation", "classifier", "static"):
         grid = _value(rules, name)
         for value in (grid if grid not in (_MISSING, None) else []):
             try:
-                rule_from_grid(name, value)
+                rule_from_grid(name, value, num_layers=depth)
             except ValueError as err:
                 hint = "; null: every exit layer below the last" if name == "static" else ""
                 check.add(q + name, list(grid), f"{err}{hint}")
@@ -323,7 +351,7 @@ def backbone_depth(backbone: DictConfig, check: Checker | None = None) -> int | 
 
 
 def _layers(config) -> int | None:
-    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+    for key in ("num_hidden_layers", "n_layers", "n_layer", "num_layers"):  # n_layer: GPT-2
         if isinstance(config.get(key), int):
             return int(config.get(key))
     return None

@@ -62,7 +62,11 @@ def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_
             continue
         if name == "policy" and tau is not None and tau not in values:
             values = [*values, tau]
-        points.extend((name, value, rule_from_grid(name, value, num_layers)) for value in values)
+        for value in values:
+            try:
+                points.append((name, value, rule_from_grid(name, value, num_layers)))
+            except ValueError as err:
+                raise ValueError(f"method.generation.rules.{name}={list(values)}: {err}") from None
     return points
 
 

@@ -1,7 +1,8 @@
 """Training a decoder LM's exits on cached frozen states: adapters, the per-token policy, CALM's classifier.
 
-The decoder stays frozen throughout. One teacher-forced pass caches every exit layer's hidden state
-for the response tokens (`inference.lm_cache`); then three Lightning stages train on the cache:
+The decoder stays frozen throughout (unless `lora.enabled`: then LoRA on its layers trains with the
+exits first and is merged in, training/lm_lora.py). One teacher-forced pass caches every exit layer's
+hidden state for the response tokens (`inference.lm_cache`); then three Lightning stages train on the cache:
 
 1. adapters (`ExitAdapterSystem`): each exit's LM loss on the reference token, weighted over exits
    (w_l proportional to l by default, as the encoder side's stage 1);
@@ -40,6 +41,7 @@ from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_st
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
+from ee_lightning.training.lm_lora import train_backbone_lora
 
 log = logging.getLogger(__name__)
 
@@ -273,19 +275,31 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str 
     typed and checked here (`config.validate.lm_exits_config`); `trainer_factory(stage, max_epochs)` makes
     each stage's Trainer; `identity` (e.g. the model name) goes into the caches' keys, so another model
     rebuilds them. Writes exit_states_<split>.pt (caches), lm_exits.pt, token_policy.pt, exit_classifier.pt
-    in out_dir. The summary has the train split's numbers and, under "evaluation", those of
-    `cfg.evaluate_split`.
+    in out_dir. With `cfg.lora.enabled` the backbone first gets LoRA trained with the exits and merged in
+    (training/lm_lora.py, lora_backbone.pt); the cached stages then run on the adapted backbone.
+    The summary has the train split's numbers and, under "evaluation", those of `cfg.evaluate_split`.
     """
     out_dir = Path(out_dir)
     cfg = lm_exits_config(cfg)
     num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
     exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank)
     datamodule.setup()
+    lora_outcome = None
+    if cfg.lora.enabled:
+        # stage 1 on the backbone itself: LoRA + these exits' adapters, merged before anything is cached;
+        # the caches' identity then names the adapted weights
+        lora_outcome = train_backbone_lora(decoder, exits, datamodule, cfg.lora, out_dir, trainer_factory, identity,
+                                           exits_lr=cfg.adapters.lr, weights=cfg.adapters.weights)
+        identity = {**(identity or {}), "lora": lora_outcome.digest}
     cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cfg.cache, out_dir, identity)
     targets = cache["targets"]
     batch = cfg.adapters.batch_size
-    untrained = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
-    summary: dict = {"exit_layers": exits.exit_layers, "untrained": untrained}
+    before = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
+    summary: dict = {"exit_layers": exits.exit_layers}
+    if lora_outcome is None:
+        summary["untrained"] = before
+    else:
+        summary.update(lora=lora_outcome.summary(), after_lora=before)
 
     adapters = cfg.adapters
     if adapters.epochs > 0:
