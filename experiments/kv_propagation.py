@@ -29,13 +29,15 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ee_lightning.exits import token_rules as tr
+from ee_lightning.exits.rules import ExitRule, FullRule, OracleRule, row_state
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
@@ -53,19 +55,26 @@ PROMPTS = [
 ]
 
 
-class CoinExit:
+@dataclass(frozen=True)
+class CoinExit(ExitRule):
     """Exit at `layer` with probability `p` (seeded draws), else run to the last layer."""
 
-    needs = frozenset()
+    layer: int = 1
+    p: float = 0.5
+    seed: int = 0
+    name: ClassVar[str] = "coin"
 
-    def __init__(self, layer: int, p: float, seed: int):
-        self.layer, self.p = layer, p
-        self.generator = torch.Generator().manual_seed(seed)
+    def __post_init__(self):  # the draws' generator: state outside the knobs (a frozen dataclass)
+        object.__setattr__(self, "_generator", torch.Generator().manual_seed(self.seed))
 
-    def decide(self, layer, n, signals):
+    def init_state(self, batch_size, device=None):
+        return row_state(batch_size, device)
+
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        rows = state["rows"]
         if layer != self.layer:
-            return torch.zeros(n, dtype=torch.bool)
-        return torch.rand(n, generator=self.generator) < self.p
+            return torch.zeros_like(rows), state
+        return torch.rand(rows.shape, generator=self._generator).to(rows.device) < self.p, state
 
 
 def teacher_forced(decoder, exits, ids, mask, reference, layer, p, seed):
@@ -115,7 +124,7 @@ def main(argv=None):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     exits = PlainExits(decoder.num_layers)
     eos = tokenizer.eos_token_id
-    full = generate_with_exits(decoder, exits, tr.Full(), ids, mask, args.new, eos_token_id=eos, pad_token_id=eos)
+    full = generate_with_exits(decoder, exits, FullRule(), ids, mask, args.new, eos_token_id=eos, pad_token_id=eos)
     reference = full.new_tokens
 
     forced = []
@@ -125,7 +134,7 @@ def main(argv=None):
 
     free = {}
     for propagate in (True, False):
-        free[propagate] = generate_with_exits(decoder, exits, tr.Oracle(), ids, mask, args.new, eos_token_id=eos,
+        free[propagate] = generate_with_exits(decoder, exits, OracleRule(), ids, mask, args.new, eos_token_id=eos,
                                               pad_token_id=eos, propagate_kv=propagate)
     width = min(out.new_tokens.shape[1] for out in (*free.values(), full))
     both = full.token_mask[:, :width]

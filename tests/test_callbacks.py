@@ -38,6 +38,32 @@ def test_callback_state_round_trips():
     assert again.history == curves.history
 
 
+def test_unbucketed_evaluation_counts_give_the_overall_histogram_only(tmp_path):
+    """A system whose evaluated rows have no memorized layer (generated tokens) keeps one row of counts."""
+    import lightning as L
+
+    class Unbucketed(L.LightningModule):
+        evaluates_policy, exit_buckets, num_layers, exit_layers = True, False, 3, [2, 4, 6]
+
+        def __init__(self):
+            super().__init__()
+            self.exit_counts = {}
+
+        def test_step(self, batch, batch_idx):
+            counts = torch.bincount(batch - 1, minlength=3)
+            self.exit_counts["test"] = counts + self.exit_counts["test"] if "test" in self.exit_counts else counts
+
+    histogram = ExitHistogram(wandb_charts=False)
+    histogram.bind_stage("lm_generation", tmp_path)
+    trainer = L.Trainer(logger=False, callbacks=[histogram], enable_progress_bar=False, enable_model_summary=False)
+    batches = [torch.tensor([1, 1, 3]), torch.tensor([2, 1])]  # exit indices 1..3
+    metrics = trainer.test(Unbucketed(), dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))[0]
+    (line,) = [json.loads(text) for text in (tmp_path / "exit_histograms.jsonl").read_text().splitlines()]
+    assert line["stage"] == "lm_generation" and line["split"] == "test" and line["counts"] == [3, 1, 1]
+    assert line["buckets"] == {} and line["exit_layers"] == [2, 4, 6] and line["num_layers"] == 3
+    assert metrics["test/exit/frac_L1"] == pytest.approx(0.6)
+
+
 def test_finish_open_wandb_run_marks_a_failed_job(tmp_path):
     import wandb
 

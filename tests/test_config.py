@@ -54,8 +54,10 @@ def test_every_option_of_every_group_composes_and_validates(group, option, tmp_p
         overrides = ["experiment=aclsum_consistentee", *overrides]
     if group == "backbone" and OmegaConf.load(CONF_DIR / "backbone" / f"{option}.yaml").get("kind") == "decoder":
         # decoder LMs run with their own method; a GPU config needs its checkpoint folder named
+        # (the tiny ones have 4 layers: the experiment's static exit layers 9..27 are SmolLM2's)
         overrides = ["experiment=aclsum_consistentee", *overrides, "backbone.pretrained_path=/models/llm"] \
-            if option == "llama_3_8b" else ["experiment=aclsum_consistentee", *overrides]
+            if option == "llama_3_8b" else ["experiment=aclsum_consistentee", *overrides,
+                                            "method.generation.rules.static=null"]
     if group == "hydra/launcher":
         overrides.append("hparams_search=consistentee_optuna")
     tiny = [] if "experiment=aclsum_consistentee" in overrides else ["backbone=tiny_bert"]
@@ -160,6 +162,8 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
      "data.validation_fraction + data.test_fraction=1.1: must be < 1"),
     (["data=glue", "data.task=sst3"], "data.task=sst3: must be one of"),
     (["report.rules=[policy,entropyy]"], "'entropyy' is not a rule; valid rules: entropy"),
+    (["report.rules=[policy,saturation]"], "'saturation' reads signals that only generation computes (a decoder's "
+                                           "method.generation.rules); valid rules here: entropy"),
     (["backbone=tiny_bert", "+report.grids.static=[2,9]"], "report.grids.static=[2, 9]: rule 'static': k=9 is outside 1..4"),
     (["+report.grids.maxprob=[1.5]"], "report.grids.maxprob=[1.5]: rule 'maxprob': knob threshold=1.5 must be <= 1.0"),
     (["report.rules=[policy]", "+report.grids.entropy=[0.1]"], "'entropy' is not in report.rules=['policy']"),

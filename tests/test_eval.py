@@ -8,6 +8,7 @@ import pytest
 
 from ee_lightning.app.evaluate_checkpoint import evaluate
 from ee_lightning.evaluation.pareto import ALL_RULES, mark_pareto, rule_grids
+from ee_lightning.exits.rules import ENCODER_RULES
 from ee_lightning.app.train import train
 from tests.conftest import compose_train, data_overrides
 
@@ -47,6 +48,9 @@ def test_eval_writes_every_rule_with_latency(policy_checkpoint, tmp_path):
 def test_unknown_rule_and_empty_grid_are_refused():
     with pytest.raises(ValueError, match="unknown exit rule.*valid rules"):
         rule_grids(["entropy", "fastest"], {}, 4, 2)
+    with pytest.raises(ValueError, match=r"exit rule\(s\) \['saturation'\] read signals that only generation computes"):
+        rule_grids(["saturation"], {}, 4, 2)
+    assert set(ALL_RULES) == set(ENCODER_RULES)  # the report compares every rule an encoder can run
     with pytest.raises(ValueError, match="grids.entropy is empty"):
         rule_grids(["entropy"], {"entropy": []}, 4, 2)
 

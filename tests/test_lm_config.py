@@ -47,6 +47,8 @@ def jsonl_file(tmp_path):
 @pytest.mark.parametrize("backbone", DECODER_BACKBONES)
 def test_every_decoder_backbone_composes_and_validates_with_the_lm_method(backbone, tmp_path):
     extra = ["backbone.pretrained_path=/models/llm"] if backbone == "llama_3_8b" else []
+    if backbone.startswith("tiny_"):  # 4 layers: the experiment's static layers (9..27) are SmolLM2's
+        extra.append("method.generation.rules.static=null")
     cfg = compose_train([*LM, f"backbone={backbone}", *extra], tmp_path / "run")
     validate_config(cfg)
     assert cfg.backbone.kind == "decoder"
@@ -146,14 +148,18 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["method.generation.batch_size=0"], "method.generation.batch_size=0: must be >= 1"),
     (["method.generation.max_prompts=0"], "method.generation.max_prompts=0: must be >= 1; or null for every prompt"),
     (["method.generation.split=dev"], "method.generation.split=dev: must be one of train | validation | test"),
-    (["method.generation.rules.static=[0,3]"], "method.generation.rules.static=[0, 3]: static exit layers are layer "
-                                               "numbers >= 1"),
+    (["method.generation.rules.static=[0,3]"], "method.generation.rules.static=[0, 3]: rule 'static': knob k=0 must "
+                                               "be >= 1; null: every exit layer below the last"),
     (["method.generation.rules.softmax_margin=[0.5,1.2]"],
-     "method.generation.rules.softmax_margin=[0.5, 1.2]: thresholds must be in [0.0, 1.0]"),
-    (["method.generation.rules.classifier=[-0.1]"], "method.generation.rules.classifier=[-0.1]: thresholds must be in "
-                                                    "[0.0, 1.0]"),
-    (["method.generation.rules.saturation=[-1.5]"], "method.generation.rules.saturation=[-1.5]: thresholds must be in "
-                                                    "[-1.0, 1.0]"),
+     "method.generation.rules.softmax_margin=[0.5, 1.2]: rule 'softmax_margin': knob threshold=1.2 must be <= 1.0"),
+    (["method.generation.rules.classifier=[-0.1]"], "method.generation.rules.classifier=[-0.1]: rule 'classifier': "
+                                                    "knob threshold=-0.1 must be >= 0.0"),
+    (["method.generation.rules.saturation=[-1.5]"], "method.generation.rules.saturation=[-1.5]: rule 'saturation': "
+                                                    "knob threshold=-1.5 must be >= -1.0"),
+    (["method.generation.rules.policy=[1.5]"], "method.generation.rules.policy=[1.5]: rule 'policy': knob tau=1.5 "
+                                               "must be <= 1.0"),
+    (["backbone=tiny_llama"], "method.generation.rules.static=[9, 15, 21, 27]: rule 'static': k=9 is outside 1..4 "
+                              "(the model has 4 layers)"),
     (["backbone=tiny_llama", "backbone.dtype=int8"], "backbone.dtype=int8: must be one of float32 | bfloat16 | float16"),
     (["backbone=tiny_llama", "backbone.family=bert"], "backbone.family=bert: must be one of llama | qwen2 | qwen3"),
     (["data.max_prompt_length=0"], "data.max_prompt_length=0: must be >= 1"),
@@ -216,7 +222,8 @@ def test_the_lm_method_fails_before_loading_anything(tmp_path, monkeypatch):
         with pytest.raises(ConfigError):
             train_module.train(compose_train(bad, tmp_path / "bad"))
     with pytest.raises(Loaded):  # a valid config gets as far as loading the decoder
-        train_module.train(compose_train([*LM, "backbone=tiny_llama"], tmp_path / "ok"))
+        train_module.train(compose_train([*LM, "backbone=tiny_llama", "method.generation.rules.static=null"],
+                                         tmp_path / "ok"))
 
 
 # --- train_lm_exits' own config: typed and checked -------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ee_lightning.config.schema import LoRAStage
-from ee_lightning.exits import token_rules as tr
+from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
@@ -96,7 +96,7 @@ def test_lora_trains_with_the_exits_only_lora_and_adapters_move_and_the_merge_le
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                              eos_token_id=eos, pad_token_id=dm.pad_id)
-        out = generate_with_exits(decoder, PlainExits(4), tr.Full(), ids, mask, 8, eos_token_id=eos,
+        out = generate_with_exits(decoder, PlainExits(4), FullRule(), ids, mask, 8, eos_token_id=eos,
                                   pad_token_id=dm.pad_id)
     assert torch.equal(out.sequences, ref)
     assert bool((out.kv_fills == 0).all())
@@ -182,8 +182,8 @@ def test_lora_settings_are_validated_before_anything_loads(tmp_path):
     assert "method.lm_exits.lora.rank=0: must be >= 1" in text
     assert "method.lm_exits.lora.epochs=0: must be >= 1; set enabled=false to skip LoRA" in text
     assert "method.lm_exits.lora.target_modules=[]: must be a non-empty list" in text
-    ok = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "method.lm_exits.lora.enabled=true"],
-                       tmp_path / "ok")
+    ok = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "method.lm_exits.lora.enabled=true",
+                        "method.generation.rules.static=null"], tmp_path / "ok")  # 4 layers: not SmolLM2's 9..27
     validate_config(ok)
 
 
@@ -198,7 +198,8 @@ def test_consistentee_lm_with_lora_runs_every_stage_on_a_tiny_decoder(tmp_path):
                          "method.lm_exits.lora.enabled=true", "method.lm_exits.lora.epochs=2",
                          "method.lm_exits.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
-                         "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=null",
+                         "method.generation.rules.static=null", "method.generation.rules.policy=[0.5]",
+                         "method.generation.rules.softmax_margin=null",
                          "method.generation.rules.saturation=null", "method.generation.rules.classifier=[0.5]"],
                         run_dir)
     results = train(cfg)

@@ -27,12 +27,36 @@ def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
         train(cfg)
 
 
+def test_generation_rule_points_come_from_the_one_rule_set():
+    from ee_lightning.evaluation.generation_eval import RULE_ORDER, policy_at, rule_points_grid
+    from ee_lightning.exits.rules import RULES, PatienceRule, StaticRule
+
+    assert set(RULE_ORDER) == set(RULES)
+    grids = {"oracle": True, "static": None, "patience": True, "policy": [0.5], "classifier": [0.5],
+             "softmax_margin": [0.2, 0.8], "saturation": None, "entropy": []}  # null and [] leave a rule out
+    points = rule_points_grid(grids, [3, 6, 9, 12], has_policy=True, has_classifier=False)
+    assert [(name, value) for name, value, _ in points] == [
+        ("full", None), ("policy", 0.5), ("softmax_margin", 0.2), ("softmax_margin", 0.8),
+        ("patience", 3), ("patience", 2), ("patience", 1),  # true: the default grid, counting exits (4: 3..1)
+        ("static", 3), ("static", 6), ("static", 9), ("oracle", None)]  # no classifier trained: left out
+    assert [v for _, v, _ in rule_points_grid({"static": [], "oracle": False}, [3, 6], True, True)] == [None]
+    assert points[-2][2] == StaticRule(k=9) and points[4][2] == PatienceRule(patience=3)
+    # the trained tau is always one of the policy's points: the exit-histogram callback receives its exits
+    with_tau = rule_points_grid({"policy": [0.3, 0.5]}, [3, 6], has_policy=True, has_classifier=False, tau=0.6)
+    assert [value for _, value, _ in with_tau] == [None, 0.3, 0.5, 0.6] and policy_at(with_tau, 0.6) == 3
+    assert policy_at(with_tau, 0.7) is None
+    with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, softmax_margin"):
+        rule_points_grid({"margin": [0.5]}, [3, 6], has_policy=True, has_classifier=True)
+    with pytest.raises(ValueError, match=r"method.generation.rules.static=\[7\]: rule 'static': k=7 is outside 1\.\.6"):
+        rule_points_grid({"static": [7]}, [3, 6], has_policy=True, has_classifier=True)
+
+
 @pytest.mark.slow
 def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     from ee_lightning.app.train import train
 
     run_dir = tmp_path / "run"
-    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
+    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=many",  # wandb offline
                          "data.max_train_samples=8", "data.max_eval_samples=4", "data.max_prompt_length=64",
                          "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
@@ -59,3 +83,18 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                  "reward_curve.csv"):
         assert (run_dir / name).is_file(), name
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
+    # the generation's policy exits at the trained tau went through the exit-histogram callback
+    lines = [json.loads(line) for line in (run_dir / "exit_histograms.jsonl").read_text().splitlines()]
+    (generated,) = [line for line in lines if line["stage"] == "lm_generation"]
+    (policy,) = [p for p in saved["points"] if p["rule"] == "policy" and p["value"] == 0.5]  # lm_exits.policy.tau
+    assert generated["split"] == "test" and generated["buckets"] == {} and generated["exit_layers"] == [1, 2, 3, 4]
+    assert sum(generated["counts"]) == policy["tokens"] > 0 and generated["counts"] == policy["exit_histogram"]
+    assert any(line["stage"] == "lm_policy" and line["split"] == "train" for line in lines)  # sampled exits
+    header = (run_dir / "csv" / "lm_generation" / "metrics.csv").read_text().splitlines()[0]
+    assert "test/exit/frac_L1" in header
+    # each stage its own wandb run; the generation's has the histogram
+    ids = json.loads((run_dir / "wandb_ids.json").read_text())
+    assert set(ids) == {"lm_adapters", "lm_policy", "lm_classifier", "lm_generation"}
+    runs = {path.name.rsplit("-", 1)[1]: path for path in (run_dir / "wandb").glob("offline-run-*")}
+    assert set(runs) == set(ids.values())
+    assert b"test/exit/hist" in (runs[ids["lm_generation"]] / f"run-{ids['lm_generation']}.wandb").read_bytes()

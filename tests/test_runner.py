@@ -6,8 +6,8 @@ import torch
 
 from conftest import SENTENCES, TINY_BACKBONES, make_batch, make_tiny_model
 from ee_lightning.inference.runner import EarlyExitRunner
-from ee_lightning.exits.rules import RULES, at_exit, build_rule, replay
-from ee_lightning.exits.signals import all_layer_signals, entropy, max_prob
+from ee_lightning.exits.rules import ENCODER_RULES, at_exit, build_rule, replay
+from ee_lightning.exits.signals import all_layer_signals, entropy, margin, max_prob
 
 L = 4  # the tiny backbones' depth
 
@@ -57,6 +57,8 @@ def candidate_rules(name: str, out, labels, is_regression=False, min_gap=1e-2):
         return [build_rule(name, threshold=t) for t in midpoints(entropy(logits), min_gap)]
     if name == "maxprob":
         return [build_rule(name, threshold=t) for t in midpoints(max_prob(logits), min_gap)]
+    if name == "softmax_margin":
+        return [build_rule(name, threshold=t) for t in midpoints(margin(logits), min_gap)]
     if name == "patience":
         if is_regression:
             moves = (out.logits[1:-1] - out.logits[:-2]).abs()
@@ -110,7 +112,7 @@ def setup(request):
     return f"{name}-{pooling}", model, tokenizer, batch, out, TOLERANCE[pooling]
 
 
-@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("name", list(ENCODER_RULES))
 def test_runner_equals_replay(setup, name):
     backbone, model, _, batch, out, tol = setup
     labels = oracle_labels(out)
@@ -198,6 +200,9 @@ def test_runner_errors_and_conveniences(setup):
     no_policy, tokenizer = make_tiny_model("tiny_bert", output_size=3, with_policy=False)
     with pytest.raises(ValueError, match="no policy"):
         EarlyExitRunner(no_policy).run(make_batch(tokenizer), build_rule("policy"))
+    with pytest.raises(ValueError, match=r"'classifier' reads the signal\(s\) \['classifier_prob'\], not computed by an "
+                                         r"encoder's exits \(it is computed in generation only\)"):
+        runner.run(batch, build_rule("classifier"))
 
 
 def test_runner_does_not_track_gradients(setup):

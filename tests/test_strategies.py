@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ee_lightning.exits.rules import (
+    ENCODER_RULES,
     GRID_KNOBS,
     RULES,
     at_exit,
@@ -18,7 +19,7 @@ from ee_lightning.exits.rules import (
     rule_from_grid,
     select_state,
 )
-from ee_lightning.exits.signals import all_layer_signals, entropy, layer_signals
+from ee_lightning.exits.signals import all_layer_signals, entropy, layer_signals, margin, saturation
 
 
 def dist(cls: int, p: float) -> list[float]:
@@ -132,6 +133,57 @@ def test_policy(tau, expected):
     assert exits("policy", tau=tau) == expected
 
 
+# softmax margin of dist(cls, p) = p - (1 - p) / 2: .4 -> .1, .5 -> .25, .6 -> .4, .9 -> .85, .95 -> .925, .99 -> .985
+@pytest.mark.parametrize("threshold,expected", [(0.8, [2, 4, 1]), (0.3, [2, 3, 1]), (0.95, [3, 4, 1]), (1.0, [4, 4, 4]),
+                                                (0.0, [1, 1, 1])])
+def test_softmax_margin(threshold, expected):
+    assert exits("softmax_margin", threshold=threshold) == expected
+
+
+def test_margin_and_saturation_by_hand():
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    assert margin(probs.log()).tolist() == pytest.approx([0.2, 0.7])  # 0.5 - 0.3, 0.8 - 0.1
+    assert layer_signals(probs.log(), needs=("margin",))["margin"].tolist() == pytest.approx([0.2, 0.7])
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]])
+    previous = torch.tensor([[2.0, 0.0], [1.0, -1.0], [4.0, 3.0]])
+    assert saturation(hidden, previous).tolist() == pytest.approx([1.0, 0.0, 24 / 25])  # (12 + 12) / (5 * 5)
+
+
+# Signals only generation computes, as [L=4, B=3] tables.
+SATURATION = torch.tensor([[.5, .99, .2], [.97, .99, .3], [.99, .2, .3], [.1, .1, .1]])
+CLASSIFIER_PROB = torch.tensor([[.1, .8, .3], [.6, .8, .3], [.9, .1, .3], [.2, .2, .2]])
+
+
+@pytest.mark.parametrize("name,signal,threshold,expected", [
+    ("saturation", "saturation", 0.98, [3, 1, 4]), ("saturation", "saturation", 0.96, [2, 1, 4]),
+    ("saturation", "saturation", -1.0, [1, 1, 1]),
+    ("classifier", "classifier_prob", 0.8, [3, 1, 4]), ("classifier", "classifier_prob", 0.5, [2, 1, 4]),
+])
+def test_generation_measures_replayed(name, signal, threshold, expected):
+    table = SATURATION if signal == "saturation" else CLASSIFIER_PROB
+    assert replay(build_rule(name, threshold=threshold), {signal: table}).tolist() == expected
+
+
+def test_rules_without_signals_follow_their_rows_and_policy_is_strict():
+    static, full = build_rule("static", k=3), build_rule("full")
+    state = static.init_state(3)
+    assert static.needs == () and full.needs == ()
+    assert static.decide(2, {}, state)[0].tolist() == [False] * 3 and static.decide(3, {}, state)[0].tolist() == [True] * 3
+    assert static.decide(3, {}, select_state(state, torch.tensor([0, 2])))[0].tolist() == [True, True]
+    assert full.decide(3, {}, full.init_state(2))[0].tolist() == [False, False]
+    assert build_rule("policy", tau=0.5).decide(1, {"exit_prob": torch.tensor([0.5, 0.51])}, {})[0].tolist() == [False, True]
+
+
+def test_patience_first_decision_need_not_be_layer_1():
+    """Generation decides at exit layers only (e.g. 3, 6, ...): the first decision has no predecessor,
+    whatever the prediction (token 0 included)."""
+    rule = build_rule("patience", patience=1)
+    exit_now, state = rule.decide(3, {"prediction": torch.tensor([0, 7])}, rule.init_state(2))
+    assert exit_now.tolist() == [False, False] and state["count"].tolist() == [0, 0]
+    exit_now, state = rule.decide(6, {"prediction": torch.tensor([0, 5])}, state)
+    assert exit_now.tolist() == [True, False]
+
+
 def test_at_exit_and_summary():
     exit_layers = torch.tensor([3, 4, 1])
     picked = at_exit(LOGITS, exit_layers)
@@ -169,12 +221,13 @@ def test_default_grids_go_from_no_saving_to_full_saving():
         grid = default_grid(name, 6, num_classes=3)
         assert grid, name
         labels = torch.randint(0, 3, (50,))
-        signals = all_layer_signals(logits, probs)
+        signals = {**all_layer_signals(logits, probs), "saturation": torch.rand(6, 50) * 2 - 1,
+                   "classifier_prob": torch.rand(6, 50)}
         averages = [replay(rule_from_grid(name, value, num_layers=6), signals, labels=labels).float().mean().item()
                     for value in grid]
-        if name in ("entropy", "maxprob", "static", "patience", "policy"):
+        if name in ("entropy", "maxprob", "softmax_margin", "saturation", "classifier", "static", "patience", "policy"):
             assert averages == sorted(averages, reverse=True), name  # monotone: later points save more
-        if name in ("entropy", "maxprob", "static"):
+        if name in ("entropy", "maxprob", "softmax_margin", "saturation", "classifier", "static"):
             assert averages[0] == 6 and averages[-1] == 1, name
         if name == "pcee":
             assert all(isinstance(v, tuple) and len(v) == 2 for v in grid)
@@ -185,6 +238,7 @@ def test_default_grids_go_from_no_saving_to_full_saving():
     assert default_grid("static", 4) == [4, 3, 2, 1]
     assert default_grid("entropy", 4, num_classes=3)[-1] > math.log(3)
     assert set(GRID_KNOBS) == set(RULES)
+    assert set(ENCODER_RULES) == set(RULES) - {"saturation", "classifier"}
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -213,6 +267,9 @@ def test_unknown_knob_lists_the_valid_ones():
     ("entropy", {"threshold": "low"}, "must be a number"),
     ("maxprob", {"threshold": 1.5}, "threshold=1.5 must be <= 1"),
     ("policy", {"tau": 2.0}, "tau=2.0 must be <= 1"),
+    ("softmax_margin", {"threshold": 1.5}, "threshold=1.5 must be <= 1"),
+    ("saturation", {"threshold": -1.5}, "threshold=-1.5 must be >= -1"),
+    ("classifier", {"threshold": -0.1}, "threshold=-0.1 must be >= 0"),
 ])
 def test_bad_knobs(name, knobs, message):
     with pytest.raises(ValueError, match=message):
@@ -234,3 +291,6 @@ def test_missing_inputs():
         replay(build_rule("entropy"), all_layer_signals(REG, is_regression=True), is_regression=True)
     with pytest.raises(ValueError, match="does not match"):
         rule_from_grid("pcee", 0.3)
+    with pytest.raises(ValueError, match=r"'saturation'.*not computed by an encoder's exits \(it is computed in "
+                                         r"generation only\); rules that run there: entropy"):
+        replay(build_rule("saturation"), all_layer_signals(LOGITS))

@@ -195,7 +195,11 @@ def check_decoder_train(cfg: DictConfig, check: Checker, backbone, data) -> None
         check_generation_data(data, check)
     method = cfg.method
     check_lm_exits(method.lm_exits, check, "method.lm_exits.")
-    check_generation(method.generation, check)
+    # random weights: the depth is in the config (a checkpoint's is checked when it loads)
+    architecture = _value(backbone, "architecture") if backbone is not _MISSING else _MISSING
+    depth = (_layers(architecture) if architecture not in (_MISSING, None) and _value(backbone, "pretrained_path") is None
+             else None)
+    check_generation(method.generation, check, depth)
 
 
 def check_decoder_backbone(backbone: DictConfig, check: Checker) -> None:
@@ -296,26 +300,26 @@ def check_lora(lora, check: Checker, p: str = "method.lm_exits.lora.") -> None:
                   "(or `pip install -e '.[lora]'`), or set it to false")
 
 
-# Threshold rules: the range their signal lives in (saturation is a cosine).
-GENERATION_THRESHOLDS = {"policy": (0.0, 1.0), "softmax_margin": (0.0, 1.0), "saturation": (-1.0, 1.0),
-                         "classifier": (0.0, 1.0)}
+def check_generation(node: DictConfig, check: Checker, depth: int | None = None) -> None:
+    from ee_lightning.exits.rules import rule_from_grid
 
-
-def check_generation(node: DictConfig, check: Checker) -> None:
     p = "method.generation."
     check.choice(node, "split", p, SPLITS)
     check.number(node, "max_prompts", p, low=1, integer=True, optional=True, why="or null for every prompt")
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
+    # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
+    # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."
-    for name, (low, high) in GENERATION_THRESHOLDS.items():
+    for name in ("policy", "softmax_margin", "saturation", "classifier", "static"):
         grid = _value(rules, name)
-        if grid not in (_MISSING, None) and any(not low <= v <= high for v in grid):
-            check.add(q + name, grid, f"thresholds must be in [{low}, {high}]")
-    static = _value(rules, "static")
-    if static not in (_MISSING, None) and any(k < 1 for k in static):
-        check.add(q + "static", static, "static exit layers are layer numbers >= 1; null: every exit layer below "
-                                        "the last")
+        for value in (grid if grid not in (_MISSING, None) else []):
+            try:
+                rule_from_grid(name, value, num_layers=depth)
+            except ValueError as err:
+                hint = "; null: every exit layer below the last" if name == "static" else ""
+                check.add(q + name, list(grid), f"{err}{hint}")
+                break
 
 
 def check_backbone(backbone: DictConfig, check: Checker) -> None:
@@ -347,7 +351,7 @@ def backbone_depth(backbone: DictConfig, check: Checker | None = None) -> int | 
 
 
 def _layers(config) -> int | None:
-    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+    for key in ("num_hidden_layers", "n_layers", "n_layer", "num_layers"):  # n_layer: GPT-2
         if isinstance(config.get(key), int):
             return int(config.get(key))
     return None
@@ -465,29 +469,37 @@ def check_policy_stage(stage: DictConfig, check: Checker) -> None:
 
 
 # ---------------------------------------------------------------------------------- report
+def _not_an_encoder_rule(name: str, valid) -> str:
+    from ee_lightning.exits.rules import RULES
+
+    if name in RULES:
+        return (f"{name!r} reads signals that only generation computes (a decoder's method.generation.rules); "
+                f"valid rules here: {', '.join(valid)}")
+    return f"{name!r} is not a rule; valid rules: {', '.join(valid)}{_did_you_mean(name, valid)}"
+
+
 def check_report(report: DictConfig, check: Checker) -> None:
-    from ee_lightning.exits.rules import RULES, rule_from_grid
+    from ee_lightning.exits.rules import ENCODER_RULES, RULES, rule_from_grid
 
     rules = _value(report, "rules")
     chosen = None
     if rules not in (_MISSING, None):
         chosen = [str(r) for r in rules]
         if not chosen:
-            check.add("report.rules", [], f"give at least one rule ({', '.join(RULES)}), or null for every rule "
+            check.add("report.rules", [], f"give at least one rule ({', '.join(ENCODER_RULES)}), or null for every rule "
                                           "that applies to the task")
         for name in chosen:
-            if name not in RULES:
-                check.add("report.rules", chosen, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}"
-                                                  f"{_did_you_mean(name, RULES)}")
-        needs_classes = [n for n in chosen if n in RULES and RULES[n].classification_only]
+            if name not in ENCODER_RULES:
+                check.add("report.rules", chosen, _not_an_encoder_rule(name, ENCODER_RULES))
+        needs_classes = [n for n in chosen if n in ENCODER_RULES and RULES[n].classification_only]
         if check.regression and needs_classes:
             check.add("report.rules", chosen, f"{needs_classes} need class probabilities, and this is a regression "
                                               "task: drop them, or set report.rules=null for every rule that applies")
     grids = _value(report, "grids")
     for name, grid in (grids.items() if grids not in (_MISSING, None) else []):
         key = f"report.grids.{name}"
-        if name not in RULES:
-            check.add(key, grid, f"{name!r} is not a rule; valid rules: {', '.join(RULES)}{_did_you_mean(name, RULES)}")
+        if name not in ENCODER_RULES:
+            check.add(key, grid, _not_an_encoder_rule(name, ENCODER_RULES))
             continue
         if chosen is not None and name not in chosen:
             check.add(key, grid, f"{name!r} is not in report.rules={chosen}: add it there or drop this grid")

@@ -5,8 +5,9 @@ FlopCounterMode plus the CPU fused-attention formula). Per generated token that 
 with a context of S tokens (its real prompt and the tokens before it):
     sum_{l<=t} layer_l(S)              the layers it ran (attention over S keys)
   + (L - t) * kv_fill                  K/V of every skipped layer (input norm + K/V projections)
-  + lm_calls * exit_head               every LM-head call the rule made (a softmax-margin rule
-                                       pays one per exit evaluated; every rule one at its exit)
+  + lm_calls * exit_head               every LM-head call the rule made (a rule that reads the
+                                       exit's softmax, e.g. softmax_margin or the oracle, pays one
+                                       per exit evaluated; every rule one at its exit)
   + policy_calls * policy + classifier_calls * classifier
 layer_l(S) is measured for one new token at two context lengths and interpolated: a layer's
 FLOPs for one token are exactly affine in S (projections and MLP constant, attention linear).

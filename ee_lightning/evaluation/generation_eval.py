@@ -1,4 +1,4 @@
-"""Every token exit rule at every knob, through real early-exit generation on held-out prompts.
+"""Every exit rule at every knob, through real early-exit generation on held-out prompts.
 
 One point per (rule, knob): generate greedily for every prompt of the split with that rule, then
 score the text and count the cost:
@@ -14,101 +14,113 @@ score the text and count the cost:
     speedup_vs_generate tokens per second with the prompts' pass included, over transformers' own
                         `generate` (greedy, prompts included) on the same prompts, same process
 The oracle needs the full model's token at every step: a bound, never a competitor.
+The pass itself is a Lightning test (`training.systems.generation.GenerationEvalSystem`): each
+test step generates one prompt batch under every point (`generate_batch`); `score_points` then
+scores the merged runs.
 """
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
-from tqdm import tqdm
 
-from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
+from ee_lightning.evaluation.generation_cost import timed
 from ee_lightning.evaluation.pareto import mark_pareto
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
-from ee_lightning.exits import token_rules as tr
-from ee_lightning.inference.generate import generate_with_exits, prefill
+from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
+from ee_lightning.inference.generate import generate_with_exits
 
 log = logging.getLogger(__name__)
 
-RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "static", "oracle")
+# The report's order; every rule of `exits.rules` runs in generation.
+RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "entropy", "maxprob", "patience", "pcee",
+              "static", "oracle")
 
 
-def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool) -> list:
-    """(name, rule) for every rule at every knob in `grids` (name -> list of knobs); `static` knobs
-    null = every exit layer below the last. Rules whose module was not trained are left out."""
-    rules = [("full", tr.Full())]
+def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool,
+                     vocab_size: int = 2, tau: float | None = None) -> list:
+    """(name, knob value, rule) for every rule at every knob in `grids` (name -> a list of knob values,
+    as `method.generation.rules`: a missing name, null, [] or false leave a rule out, but `static: null`
+    is every exit layer below the last; true is the rule's default grid, the oracle's one point).
+    `full` always comes first. Rules whose module was not trained are left out. `tau`, the policy's
+    trained threshold, is always one of the policy's points when the policy is evaluated."""
+    unknown = sorted(set(grids) - set(RULES))
+    if unknown:
+        raise ValueError(f"method.generation.rules has unknown rule(s) {unknown}; rules: {', '.join(RULE_ORDER)}")
+    num_layers = exit_layers[-1]
+    points = [("full", None, FullRule())]
     for name in RULE_ORDER[1:]:
-        if name not in grids or grids[name] is False:
+        if name not in grids:
             continue
-        if (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
+        values = grids[name]
+        if name == "static" and values is None:
+            values = exit_layers[:-1]
+        elif values is True:
+            # patience counts decisions, and a rule decides at exit layers only: its default counts exits
+            values = exit_layers[:-1] if name == "static" else default_grid(name, len(exit_layers), vocab_size)
+        if not values or (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
             continue
-        if name == "oracle":
-            rules.append(("oracle", tr.Oracle()))
-            continue
-        knobs = grids[name] if grids[name] is not None else (exit_layers[:-1] if name == "static" else [])
-        rules.extend((name, tr.make_rule(name, knob)) for knob in knobs)
-    return rules
+        if name == "policy" and tau is not None and tau not in values:
+            values = [*values, tau]
+        for value in values:
+            try:
+                points.append((name, value, rule_from_grid(name, value, num_layers)))
+            except ValueError as err:
+                raise ValueError(f"method.generation.rules.{name}={list(values)}: {err}") from None
+    return points
+
+
+def policy_at(rules: list, tau: float) -> int | None:
+    """The position of the policy's point at `tau` in `rules` (`rule_points_grid`), None without one."""
+    return next((i for i, (name, value, _) in enumerate(rules) if name == "policy" and value == tau), None)
 
 
 def _texts(tokenizer, sequences: list[list[int]]) -> list[str]:
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sequences]
 
 
-def generate_split(decoder, exits, rule, batches, max_new_tokens, eos, pad, policy=None, classifier=None, flops=None):
-    """One pass over `batches` with `rule`: trimmed token lists, exit layers and costs of every generated token."""
-    tokens, layers, token_flops, full_flops, seconds, count = [], [], [], [], 0.0, 0
-    for batch in batches:
-        out, spent = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
-                           max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
-                           prompt_cache=batch.get("prompt_cache"))
-        seconds += spent
-        mask = out.token_mask
-        count += int(mask.sum())
-        tokens += [trim_generation(row.tolist(), eos) for row in out.new_tokens]
-        layers.append(out.exit_layers[mask])
-        if flops is not None:
-            token_flops.append(flops.per_token(out, batch["attention_mask"])[mask.cpu()])
-            full_flops.append(flops.full_depth_per_token(out, batch["attention_mask"])[mask.cpu()])
-    result = {"tokens": tokens, "exit_layers": torch.cat(layers), "seconds": seconds, "generated": count}
+def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,
+                   flops=None) -> dict:
+    """One prompt batch with `rule`: trimmed token lists, exit layers and costs of every generated token,
+    the decoding's wall seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass."""
+    out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
+                         max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
+                         prompt_cache=batch.get("prompt_cache"))
+    mask = out.token_mask
+    run = {"tokens": [trim_generation(row.tolist(), eos) for row in out.new_tokens],
+           "exit_layers": out.exit_layers[mask].cpu(), "seconds": seconds, "generated": int(mask.sum())}
     if flops is not None:
-        result["flops"], result["full_flops"] = torch.cat(token_flops), torch.cat(full_flops)
-    return result
+        run["flops"] = flops.per_token(out, batch["attention_mask"])[mask.cpu()]
+        run["full_flops"] = flops.full_depth_per_token(out, batch["attention_mask"])[mask.cpu()]
+    return run
 
 
-def transformers_generate_speed(decoder, batches, max_new_tokens, eos, pad) -> dict:
-    """Tokens per second of the library's own greedy `generate` on the same prompts."""
-    seconds, count = 0.0, 0
-    for batch in batches:
-        out, spent = timed(decoder.model.generate, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        seconds += spent
-        new = out[:, batch["input_ids"].shape[1]:]
-        count += sum(len(trim_generation(row.tolist(), eos)) + int(eos in row.tolist()) for row in new)
-    return {"seconds": seconds, "generated": count, "tokens_per_s": count / seconds if seconds else float("nan")}
+def merge_runs(runs: list[dict]) -> dict:
+    """One rule's batches (`generate_batch`), in order, as one run over the split."""
+    merged = {"tokens": [tokens for run in runs for tokens in run["tokens"]],
+              "seconds": sum(run["seconds"] for run in runs), "generated": sum(run["generated"] for run in runs)}
+    for key in ("exit_layers", "flops", "full_flops"):
+        if key in runs[0]:
+            merged[key] = torch.cat([run[key] for run in runs])
+    return merged
 
 
-@torch.no_grad()
-def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, grids, max_new_tokens,
-                              policy=None, classifier=None) -> tuple[list[dict], dict]:
-    """Points (one per rule and knob) and extras (the library's generate speed, example outputs)."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    L = decoder.num_layers
-    flops = measure_generation_flops(decoder, exits, policy, classifier)
-    rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None)
-    # warm-up: the first pass pays one-off allocation costs that would bias the full model's speed
-    generate_split(decoder, exits, tr.Full(), batches[:1], 2, eos, pad)
-    # The prompts' pass is the same for every rule: run once per batch and shared (copied) by all.
-    prefill_seconds = 0.0
-    batches = list(batches)
-    for i, batch in enumerate(batches):
-        cache, spent = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
-        batches[i] = {**batch, "prompt_cache": cache}
-        prefill_seconds += spent
+def library_generate(decoder, batch, max_new_tokens, eos, pad) -> tuple[float, int]:
+    """(wall seconds, generated tokens) of the library's own greedy `generate` on one prompt batch."""
+    out, seconds = timed(decoder.model.generate, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return seconds, sum(len(trim_generation(row.tolist(), eos)) + int(eos in row.tolist()) for row in new)
+
+
+def score_points(rules: list, runs: list[dict], tokenizer, references: list[str], num_layers: int,
+                 prefill_seconds: float, library: dict) -> tuple[list[dict], dict]:
+    """Points (one per rule and knob; `runs` in the order of `rules`, `full` first) and extras (the
+    library's generate speed, example outputs). library: {"seconds", "generated"} of `library_generate`."""
+    L = num_layers
+    library = {**library, "tokens_per_s": library["generated"] / library["seconds"] if library["seconds"] else float("nan")}
     full, points, examples = None, [], {}
-    for name, rule in tqdm(rules, desc="generation rules", disable=not sys.stderr.isatty()):
-        run = generate_split(decoder, exits, rule, batches, max_new_tokens, eos, pad, policy, classifier, flops)
+    for (name, value, _), run in zip(rules, runs):
         texts = _texts(tokenizer, run["tokens"])
         if full is None:
             full = {**run, "texts": texts}
@@ -119,24 +131,22 @@ def evaluate_generation_rules(decoder, tokenizer, exits, batches, references, gr
         tokens_per_s = run["generated"] / run["seconds"] if run["seconds"] else float("nan")
         with_prompts = run["generated"] / (run["seconds"] + prefill_seconds)
         point = {
-            "rule": name, "knob": tr.knob_name(name), "value": rule.knob,
+            "rule": name, "knob": ",".join(GRID_KNOBS[name]) or None, "value": value,
             "metric": rouge["rougeL"], **rouge, "rougeL_vs_full": rouge_f1(texts, full["texts"])["rougeL"],
             "token_agreement": agree["mean"], "token_agreement_micro": agree["micro"],
             "avg_exit_layer": avg, "layer_saving": 1 - avg / L, "speedup": L / avg,
             "flops": flops_per_token, "flops_saving": 1 - flops_per_token / float(run["full_flops"].mean()),
             "tokens": run["generated"], "tokens_per_s": tokens_per_s, "tokens_per_s_with_prompt": with_prompts,
             "speedup_vs_full": tokens_per_s / (full["generated"] / full["seconds"]),
+            "speedup_vs_generate": with_prompts / library["tokens_per_s"],
             "exit_histogram": torch.bincount(run["exit_layers"], minlength=L + 1)[1:].tolist(),
         }
         points.append(point)
         examples.setdefault(name, texts[0])
-        log.info("%s %s: rougeL %.4f, avg exit %.2f, %.1f tok/s", name, rule.knob, point["metric"], avg, tokens_per_s)
+        log.info("%s %s: rougeL %.4f, avg exit %.2f, %.1f tok/s", name, value, point["metric"], avg, tokens_per_s)
     mark_pareto(points)
-    library = transformers_generate_speed(decoder, batches, max_new_tokens, eos, pad)
-    for point in points:
-        point["speedup_vs_generate"] = point["tokens_per_s_with_prompt"] / library["tokens_per_s"]
-    extras = {"transformers_generate": library, "prefill_seconds": prefill_seconds, "examples": examples, "reference_example": references[0],
-              "flops_full_depth_per_token": float(full["full_flops"].mean())}
+    extras = {"transformers_generate": library, "prefill_seconds": prefill_seconds, "examples": examples,
+              "reference_example": references[0], "flops_full_depth_per_token": float(full["full_flops"].mean())}
     return points, extras
 
 

@@ -19,12 +19,12 @@ from omegaconf import OmegaConf
 from ee_lightning.evaluation.cost import measure_flops
 from ee_lightning.evaluation.rule_points import evaluate_rule
 from ee_lightning.inference.runner import EarlyExitRunner
-from ee_lightning.exits.rules import build_rule, GRID_KNOBS, RULES, default_grid, rule_from_grid
+from ee_lightning.exits.rules import build_rule, ENCODER_RULES, GRID_KNOBS, RULES, default_grid, rule_from_grid
 from ee_lightning.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-ALL_RULES = ("policy", "entropy", "maxprob", "patience", "pcee", "static", "oracle", "full")
+ALL_RULES = ("policy", "entropy", "maxprob", "softmax_margin", "patience", "pcee", "static", "oracle", "full")
 COLUMNS = ("rule", "knob", "value", "metric", "avg_exit_layer", "layer_saving", "speedup", "flops", "pareto")
 LATENCY_COLUMNS = ("latency_b1_ms", "latency_b32_ms", "wallclock_speedup_b1", "wallclock_speedup_b32")
 
@@ -40,9 +40,12 @@ def rule_grids(rules, grids: dict | None, num_layers: int, num_classes: int,
     rules=None: every rule that applies to the task."""
     grids = dict(grids or {})
     rules = applicable_rules(is_regression) if rules is None else list(rules)
-    unknown = [name for name in rules + list(grids) if name not in RULES]
+    unknown = [name for name in rules + list(grids) if name not in ENCODER_RULES]
     if unknown:
-        raise ValueError(f"unknown exit rule(s) {unknown}; valid rules: {', '.join(RULES)}")
+        generation_only = [name for name in unknown if name in RULES]
+        what = (f"exit rule(s) {generation_only} read signals that only generation computes" if generation_only
+                else f"unknown exit rule(s) {unknown}")
+        raise ValueError(f"{what}; valid rules: {', '.join(ENCODER_RULES)}")
     if not rules:
         raise ValueError("no rules to compare: set rules=[policy,entropy,...]")
     if is_regression:

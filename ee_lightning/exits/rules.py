@@ -1,4 +1,5 @@
-"""Exit rules as pure functions over compact per-layer signals (see `ee_lightning.exits.signals`).
+"""Exit rules as pure functions over compact per-layer signals (see `ee_lightning.exits.signals`):
+the one rule set of the encoders' classification and of the decoders' per-token generation.
 
 Each rule is one small frozen dataclass that names the signals it reads (`needs`) and has two methods:
 
@@ -15,27 +16,39 @@ definition serves both uses:
   the rows still running, with the state rows subset alongside (`select_state`).
 
 So the runner and replay cannot drift apart: they evaluate the same function on the same rows.
+Generation (`ee_lightning.inference.generate`) calls the same ``decide`` at every exit layer on
+the new tokens still running, with the state subset the same way: there a "row" is one new
+token, `prediction` is the exit's greedy token and the oracle's labels are the full model's
+tokens. Rules that read no signal (static, full) take their row count from their state
+(`row_state`), so they cost no head call.
 
 Rules and knobs (see ``RULES``):
 
-========  ===========================================================  =====================
-name      exits at the first layer l where                             knobs
-========  ===========================================================  =====================
-entropy   entropy(softmax(logits_l)) < threshold, nats (DeeBERT)       threshold
-maxprob   max softmax(logits_l) >= threshold                           threshold
-patience  prediction unchanged for ``patience`` consecutive layers     patience, tolerance
-          (PABEE; regression: |y_l - y_{l-1}| < tolerance);
-          patience 0 never exits early, as in PABEE's own code
-pcee      ``patience`` consecutive layers with normalised entropy      threshold, patience
-          (entropy / ln C, in [0, 1], as in PCEE-BERT) < threshold
-static    l = k                                                        k
-oracle    head l is right (needs labels; regression: |y - label| <=    tolerance
-          tolerance)
-full      never before L                                               none
-policy    exit_prob_l > tau (ConsistentEE)                             tau
-========  ===========================================================  =====================
+==============  ===========================================================  ===================
+name            exits at the first layer l where                             knobs
+==============  ===========================================================  ===================
+entropy         entropy(softmax(logits_l)) < threshold, nats (DeeBERT)       threshold
+maxprob         max softmax(logits_l) >= threshold                           threshold
+softmax_margin  top-1 minus top-2 softmax probability >= threshold (CALM's   threshold
+                softmax measure)
+patience        prediction unchanged for ``patience`` consecutive layers     patience, tolerance
+                (PABEE; regression: |y_l - y_{l-1}| < tolerance);
+                patience 0 never exits early, as in PABEE's own code
+pcee            ``patience`` consecutive layers with normalised entropy      threshold, patience
+                (entropy / ln C, in [0, 1], as in PCEE-BERT) < threshold
+static          l = k                                                        k
+oracle          head l is right (needs labels; regression: |y - label| <=    tolerance
+                tolerance)
+full            never before L                                               none
+policy          exit_prob_l > tau (ConsistentEE)                             tau
+saturation      cosine(h_l, h at the previous exit) >= threshold (CALM's     threshold
+                hidden-state saturation; generation only)
+classifier      CALM's trained classifier's probability >= threshold         threshold
+                (generation only)
+==============  ===========================================================  ===================
 
-Every rule is forced to exit at the last layer L.
+Every rule is forced to exit at the last layer L. `ENCODER_RULES` are those an encoder's exits
+can run (their signals are `signals.SIGNALS`); generation runs every rule.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ from typing import ClassVar
 
 import torch
 
+from ee_lightning.exits.signals import GENERATION_SIGNALS, SIGNALS
 from ee_lightning.tasks import is_right
 
 State = dict[str, torch.Tensor]
@@ -53,6 +67,12 @@ State = dict[str, torch.Tensor]
 def select_state(state: State, index: torch.Tensor) -> State:
     """Keep rows `index` (a LongTensor of row positions) of every tensor in a rule state."""
     return {key: value.index_select(0, index) for key, value in state.items()}
+
+
+def row_state(batch_size: int, device: torch.device | str | None = None) -> State:
+    """The state of a rule that reads no signal: one entry per row, so that it follows the running
+    rows (`select_state`) and gives the rule its row count."""
+    return {"rows": torch.zeros(batch_size, dtype=torch.bool, device=device)}
 
 
 def _check_number(rule: str, knob: str, value, low=None, high=None, integer: bool = False):
@@ -132,9 +152,10 @@ class MaxProbRule(ExitRule):
 
 @dataclass(frozen=True)
 class PatienceRule(ExitRule):
-    """PABEE. The counter is 0 at layer 1; at layer l > 1 it grows by one when the prediction
-    equals layer l-1's (regression: moved less than `tolerance`) and resets to 0 otherwise.
-    Exit when counter == patience. Patience 0 runs every layer, as in PABEE's own code, so that
+    """PABEE. The counter is 0 at the first layer decided on; at each later one it grows by one
+    when the prediction equals the previous one's (regression: moved less than `tolerance`) and
+    resets to 0 otherwise. Exit when counter == patience. The previous prediction starts as NaN,
+    which equals nothing: generation's first decision is at its first exit layer, not layer 1. Patience 0 runs every layer, as in PABEE's own code, so that
     settings brought from PABEE mean what they meant there."""
 
     patience: int = 2
@@ -149,16 +170,14 @@ class PatienceRule(ExitRule):
     def init_state(self, batch_size, device=None):
         return {
             "count": torch.zeros(batch_size, dtype=torch.long, device=device),
-            "previous": torch.zeros(batch_size, dtype=torch.float32, device=device),
+            # float32 holds class ids and token ids exactly (up to 2**24)
+            "previous": torch.full((batch_size,), float("nan"), dtype=torch.float32, device=device),
         }
 
     def decide(self, layer, signals, state, labels=None, is_regression=False):
         current = signals["prediction"].float()
-        if layer == 1:
-            count = torch.zeros_like(state["count"])
-        else:
-            same = ((current - state["previous"]).abs() < self.tolerance) if is_regression else current == state["previous"]
-            count = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
+        same = ((current - state["previous"]).abs() < self.tolerance) if is_regression else current == state["previous"]
+        count = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
         exit_now = count >= self.patience if self.patience > 0 else torch.zeros_like(count, dtype=torch.bool)
         return exit_now, {"count": count, "previous": current}
 
@@ -191,7 +210,6 @@ class PceeRule(ExitRule):
 class StaticRule(ExitRule):
     k: int = 1
     name: ClassVar[str] = "static"
-    needs: ClassVar[tuple[str, ...]] = ("prediction",)
 
     def __post_init__(self):
         _check_number(self.name, "k", self.k, low=1, integer=True)
@@ -201,14 +219,17 @@ class StaticRule(ExitRule):
         if not 1 <= self.k <= num_layers:
             raise ValueError(f"rule 'static': k={self.k} is outside 1..{num_layers} (the model has {num_layers} layers)")
 
+    def init_state(self, batch_size, device=None):
+        return row_state(batch_size, device)
+
     def decide(self, layer, signals, state, labels=None, is_regression=False):
-        rows = signals["prediction"]
-        return torch.full(rows.shape, layer >= self.k, dtype=torch.bool, device=rows.device), state
+        return torch.full_like(state["rows"], layer >= self.k), state
 
 
 @dataclass(frozen=True)
 class OracleRule(ExitRule):
-    """First layer whose head is right (else L): the bound on savings with these heads."""
+    """First layer whose head is right (else L): the bound on savings with these heads. In
+    generation the labels are the full model's tokens: the first exit that gives its token."""
 
     tolerance: float = 0.5  # regression: |y - label| <= tolerance counts as right
     name: ClassVar[str] = "oracle"
@@ -227,10 +248,12 @@ class OracleRule(ExitRule):
 @dataclass(frozen=True)
 class FullRule(ExitRule):
     name: ClassVar[str] = "full"
-    needs: ClassVar[tuple[str, ...]] = ("prediction",)
+
+    def init_state(self, batch_size, device=None):
+        return row_state(batch_size, device)
 
     def decide(self, layer, signals, state, labels=None, is_regression=False):
-        return torch.zeros_like(signals["prediction"], dtype=torch.bool), state
+        return torch.zeros_like(state["rows"]), state
 
 
 @dataclass(frozen=True)
@@ -250,10 +273,66 @@ class PolicyRule(ExitRule):
         return signals["exit_prob"] > self.tau, state
 
 
+@dataclass(frozen=True)
+class _ThresholdRule(ExitRule):
+    """Exit where the rule's one signal reaches `threshold` (>=), a value within [low, high]."""
+
+    threshold: float = 0.9
+    low: ClassVar[float] = 0.0
+    high: ClassVar[float] = 1.0
+
+    def __post_init__(self):
+        _check_number(self.name, "threshold", self.threshold, low=self.low, high=self.high)
+
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        return signals[self.needs[0]] >= self.threshold, state
+
+
+@dataclass(frozen=True)
+class SoftmaxMarginRule(_ThresholdRule):
+    """CALM's softmax measure: top-1 minus top-2 probability of the exit's softmax (for a decoder an
+    LM-head call at every exit evaluated)."""
+
+    name: ClassVar[str] = "softmax_margin"
+    needs: ClassVar[tuple[str, ...]] = ("margin",)
+    classification_only: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class SaturationRule(_ThresholdRule):
+    """CALM's hidden-state saturation: cosine of this exit's state with the previous exit's (the
+    first exit compares with the token's embedding)."""
+
+    name: ClassVar[str] = "saturation"
+    needs: ClassVar[tuple[str, ...]] = ("saturation",)
+    low: ClassVar[float] = -1.0
+
+
+@dataclass(frozen=True)
+class ClassifierRule(_ThresholdRule):
+    """CALM's trained measure: the classifier's P(this exit's token equals the last exit's)."""
+
+    name: ClassVar[str] = "classifier"
+    needs: ClassVar[tuple[str, ...]] = ("classifier_prob",)
+
+
 RULES: dict[str, type[ExitRule]] = {
     cls.name: cls
-    for cls in (EntropyRule, MaxProbRule, PatienceRule, PceeRule, StaticRule, OracleRule, FullRule, PolicyRule)
+    for cls in (EntropyRule, MaxProbRule, PatienceRule, PceeRule, StaticRule, OracleRule, FullRule, PolicyRule,
+                SoftmaxMarginRule, SaturationRule, ClassifierRule)
 }
+# The rules an encoder's exits can run: those that read only the signals its heads give.
+ENCODER_RULES: tuple[str, ...] = tuple(name for name, cls in RULES.items() if set(cls.needs) <= set(SIGNALS))
+
+
+def require_signals(rule: ExitRule, available: tuple[str, ...], where: str) -> None:
+    """Raise if `rule` reads a signal that `where` (e.g. "the batched runner") does not compute."""
+    missing = [name for name in rule.needs if name not in available]
+    if missing:
+        runs = [name for name, cls in RULES.items() if set(cls.needs) <= set(available)]
+        only = " (it is computed in generation only)" if set(missing) <= set(GENERATION_SIGNALS) else ""
+        raise ValueError(f"rule {rule.name!r} reads the signal(s) {missing}, not computed by {where}{only}; "
+                         f"rules that run there: {', '.join(runs)}")
 
 # Which knobs a point of `default_grid(name, ...)` sets, in order.
 GRID_KNOBS: dict[str, tuple[str, ...]] = {
@@ -265,6 +344,9 @@ GRID_KNOBS: dict[str, tuple[str, ...]] = {
     "oracle": (),
     "full": (),
     "policy": ("tau",),
+    "softmax_margin": ("threshold",),
+    "saturation": ("threshold",),
+    "classifier": ("threshold",),
 }
 
 
@@ -304,7 +386,8 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
     """Knob values for a sweep, ordered from (about) no saving to maximal saving.
 
     entropy: thresholds 0 .. ln(C) (41 points, the last just above ln C so everything exits at 1);
-    maxprob: thresholds 1.0 .. 1/C; patience: L-1 .. 1; static: L .. 1; policy: tau 0.95 .. 0.05;
+    maxprob: thresholds 1.0 .. 1/C; softmax_margin, classifier: thresholds 1.0 .. 0.0 (21 points);
+    saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1; policy: tau 0.95 .. 0.05;
     pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 normalised-entropy thresholds;
     oracle / full: [None] (no knob).
     """
@@ -318,6 +401,10 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
         return [round(ln_c * i / 40, 6) for i in range(40)] + [round(ln_c * 1.001, 6)]
     if rule_name == "maxprob":
         return [round(1.0 - (1.0 - 1.0 / C) * i / 20, 6) for i in range(21)]
+    if rule_name in ("softmax_margin", "classifier"):
+        return [round(1.0 - i / 20, 6) for i in range(21)]
+    if rule_name == "saturation":
+        return [1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5, -1.0]
     if rule_name == "patience":
         return list(range(max(L - 1, 1), 0, -1))
     if rule_name == "static":
@@ -338,13 +425,16 @@ def replay(rule: ExitRule, signals: dict[str, torch.Tensor], labels: torch.Tenso
     (`ee_lightning.inference.layer_cache`); labels [N] for the oracle."""
     missing = [name for name in rule.needs if name not in signals]
     if missing:
+        if not set(missing) <= set(SIGNALS):
+            require_signals(rule, SIGNALS, "an encoder's exits")
         need = "a model with a policy" if "exit_prob" in missing else "a classification head"
         raise ValueError(f"rule {rule.name!r} needs the signal(s) {missing}, which this cache lacks ({need})")
     if rule.needs_labels and labels is None:
         raise ValueError(f"rule {rule.name!r} needs labels")
-    L, N = signals[rule.needs[0] if rule.needs else "prediction"].shape
+    any_signal = signals[rule.needs[0] if rule.needs else "prediction"]  # [L, N]: the depth and the rows
+    L, N = any_signal.shape
     rule.check(L, is_regression)
-    device = signals[rule.needs[0] if rule.needs else "prediction"].device
+    device = any_signal.device
     state = rule.init_state(N, device)
     exit_layers = torch.full((N,), L, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)

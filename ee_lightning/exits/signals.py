@@ -1,18 +1,29 @@
 """Compact per-layer signals: what exit rules decide on.
 
-A rule never sees a head's full output. Each layer's head output is reduced once, for the rows
-still running, to a few numbers per row; the replay cache stores these [L, N] signals (not
-[L, N, C] logits), and the batched runner computes only those its rule asks for.
+A rule never sees a head's full output. Each exit's output is reduced once, for the rows (or
+generated tokens) still running, to a few numbers per row; the replay cache stores these [L, N]
+signals (not [L, N, C] logits), and the batched runner and the generation driver compute only
+those their rule asks for (`ExitRule.needs`).
 
-=================== ============================================================
-signal              meaning (per row, at one layer)
-=================== ============================================================
-prediction          class id (int64), or the regression value (float32)
-max_prob            max softmax probability
-entropy             entropy of the softmax, nats
-entropy_normalized  entropy / ln C, in [0, 1] (PCEE-BERT's units)
-exit_prob           the policy net's exit probability sigmoid(g_l)
-=================== ============================================================
+=================== ============================================================ =============
+signal              meaning (per row, at one exit)                               computed by
+=================== ============================================================ =============
+prediction          class id or greedy token (int64), or the regression value    every driver
+                    (float32)
+max_prob            max softmax probability                                      every driver
+entropy             entropy of the softmax, nats                                 every driver
+entropy_normalized  entropy / ln C, in [0, 1] (PCEE-BERT's units)                every driver
+margin              top-1 minus top-2 softmax probability (CALM's softmax        every driver
+                    measure)
+exit_prob           the policy net's exit probability sigmoid(g_l)               every driver
+saturation          cosine of this exit's hidden state with the previous         generation
+                    exit's (CALM's hidden-state saturation)
+classifier_prob     CALM's trained classifier: P(this exit's token equals the    generation
+                    last exit's)
+=================== ============================================================ =============
+
+The first five come from an exit's logits (`layer_signals`): for a decoder that is an LM-head
+call, which is why the generation driver computes them only for a rule that reads them.
 """
 from __future__ import annotations
 
@@ -20,8 +31,10 @@ import math
 
 import torch
 
-CLASS_SIGNALS = ("max_prob", "entropy", "entropy_normalized")
-SIGNALS = ("prediction", *CLASS_SIGNALS, "exit_prob")
+CLASS_SIGNALS = ("max_prob", "entropy", "entropy_normalized", "margin")
+LOGIT_SIGNALS = ("prediction", *CLASS_SIGNALS)  # computed from an exit's logits
+SIGNALS = (*LOGIT_SIGNALS, "exit_prob")  # what an encoder's exits give (runner, replay cache)
+GENERATION_SIGNALS = (*SIGNALS, "saturation", "classifier_prob")  # what the generation driver gives
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -33,6 +46,17 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
     """max softmax(logits) over the last dim, in float32: [..., C] -> [...]."""
     return logits.float().softmax(-1).amax(-1)
+
+
+def margin(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 of softmax(logits) over the last dim (C >= 2), in float32: [..., C] -> [...]."""
+    top = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two hidden states, in float32: [..., H], [..., H] -> [...]."""
+    return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
 
 
 def prediction(logits: torch.Tensor, is_regression: bool) -> torch.Tensor:
@@ -52,6 +76,8 @@ def layer_signals(logits: torch.Tensor, exit_prob: torch.Tensor | None = None, i
     if not is_regression:
         if "max_prob" in needs:
             out["max_prob"] = max_prob(logits)
+        if "margin" in needs:
+            out["margin"] = margin(logits)
         if "entropy" in needs or "entropy_normalized" in needs:
             ent = entropy(logits)
             if "entropy" in needs:

@@ -1,7 +1,10 @@
 """Batched generation with per-token early exit and a KV cache.
 
-Each new token goes through the layers one at a time. At every exit layer a token-level rule
-(ee_lightning.exits.token_rules) decides, from the signals it needs, which tokens leave; a token
+Each new token goes through the layers one at a time. At every exit layer an exit rule
+(ee_lightning.exits.rules, the same rules as the encoders' runner and replay) decides, from the
+signals it needs, which of the tokens still running leave; the driver computes only those
+signals, so a rule that reads no softmax (policy, saturation, classifier, static) makes no
+LM-head call before its exit. A rule's state follows the running tokens as in the runner. A token
 that leaves at layer t takes its next-token logits from that exit, and its keys/values for the
 deeper layers t+1..L are filled from its exit state through each of those layers' input norm and
 K/V projections (CALM's state propagation; `LayerwiseDecoder.advance`). Every row stays in the
@@ -10,7 +13,7 @@ every layer, so the cache is rectangular and no row is ever dropped.
 
 The prompt (all but its last token) runs at full depth; its last token is the input of the
 first generation step, so every generated token's state passes through the exit rule.
-With the `Full` rule this is exactly greedy/sampled `generate` of the same model: same layers,
+With the `full` rule this is exactly greedy/sampled `generate` of the same model: same layers,
 same cache, same logits processors, same EOS padding.
 """
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ee_lightning.exits.token_rules import margin, saturation
+from ee_lightning.exits.rules import require_signals, select_state
+from ee_lightning.exits.signals import GENERATION_SIGNALS, LOGIT_SIGNALS, layer_signals, saturation
 
 
 class PlainExits:
@@ -106,7 +110,9 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
                         policy=None, classifier=None, generator: torch.Generator | None = None,
                         propagate_kv: bool = True, force_tokens: torch.Tensor | None = None,
                         output_logits: bool = False, prompt_cache=None) -> GenerationResult:
-    """Generate up to `max_new_tokens` per row from left-padded prompts, exiting per token by `rule`.
+    """Generate up to `max_new_tokens` per row from left-padded prompts, exiting per token by `rule`
+    (an `exits.rules.ExitRule`: its `prediction` signal is an exit's greedy token, the oracle's labels
+    the full model's token, `exit_prob` the token policy's and `classifier_prob` CALM's classifier's).
 
     eos_token_id: an id or a list; a row stops at its first EOS (later positions get
         `pad_token_id`, default the first EOS id); generation stops when every row has.
@@ -122,10 +128,12 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     prompt_cache: `prefill(decoder, input_ids, attention_mask)` computed once for these prompts
         (copied, never changed): rules compared on the same prompts share the prompt pass.
     """
-    if "policy" in rule.needs and policy is None:
-        raise ValueError("this rule reads the exit policy: pass policy=")
-    if "classifier" in rule.needs and classifier is None:
-        raise ValueError("this rule reads the exit classifier: pass classifier=")
+    require_signals(rule, GENERATION_SIGNALS, "generation")
+    rule.check(decoder.num_layers)
+    if "exit_prob" in rule.needs and policy is None:
+        raise ValueError(f"rule {rule.name!r} reads the token exit policy: pass policy=")
+    if "classifier_prob" in rule.needs and classifier is None:
+        raise ValueError(f"rule {rule.name!r} reads CALM's exit classifier: pass classifier=")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
@@ -187,41 +195,43 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
     policy_calls = torch.zeros_like(lm_calls)
     classifier_calls = torch.zeros_like(lm_calls)
     previous = hidden[:, -1].clone()  # the state at the previous exit (saturation)
-    full_tokens = _full_depth_tokens(decoder, hidden, ctx) if "oracle" in rule.needs else None
+    full_tokens = _full_depth_tokens(decoder, hidden, ctx) if rule.needs_labels else None
+    logit_needs = [name for name in rule.needs if name in LOGIT_SIGNALS]
+    state = rule.init_state(int(running.sum()), device)  # rows of `state` = running rows, in order
     for index in range(L):
         layer = index + 1
         hidden = decoder.advance(index, hidden, ctx, computing if not propagate_kv else running)
         if layer not in exit_set or not bool(running.any()):
             continue
         rows = running.nonzero().squeeze(1)
-        state = hidden[rows, -1]
+        out = hidden[rows, -1]
         exit_logits = None
         if layer == L:
             leave = torch.ones(rows.numel(), dtype=torch.bool, device=device)
         else:
             signals = {}
-            if "margin" in rule.needs or "oracle" in rule.needs:
-                exit_logits = exits.logits(layer, state, decoder)
+            if logit_needs:
+                exit_logits = exits.logits(layer, out, decoder)
                 lm_calls[rows] += 1
-                if "margin" in rule.needs:
-                    signals["margin"] = margin(torch.softmax(exit_logits.float(), dim=-1))
-                if "oracle" in rule.needs:
-                    signals["oracle"] = exit_logits.argmax(-1) == full_tokens[rows]
+                signals.update(layer_signals(exit_logits, needs=logit_needs))
             if "saturation" in rule.needs:
-                signals["saturation"] = saturation(state, previous[rows])
-            if "classifier" in rule.needs:
-                signals["classifier"] = torch.sigmoid(classifier.logit(layer, state).float())
+                signals["saturation"] = saturation(out, previous[rows])
+            if "classifier_prob" in rule.needs:
+                signals["classifier_prob"] = torch.sigmoid(classifier.logit(layer, out).float())
                 classifier_calls[rows] += 1
-            if "policy" in rule.needs:
-                signals["policy"] = torch.sigmoid(policy.logit(layer, state).float())
+            if "exit_prob" in rule.needs:
+                signals["exit_prob"] = torch.sigmoid(policy.logit(layer, out).float())
                 policy_calls[rows] += 1
-            leave = rule.decide(layer, rows.numel(), signals).to(device)
-        previous[rows] = state
+            labels = full_tokens[rows] if full_tokens is not None else None
+            leave, state = rule.decide(layer, signals, state, labels=labels)
+            leave = leave.to(device)
+            state = select_state(state, (~leave).nonzero().squeeze(1))
+        previous[rows] = out
         if not bool(leave.any()):
             continue
         out_rows = rows[leave]
         if exit_logits is None:
-            out_logits = exits.logits(layer, state[leave], decoder)
+            out_logits = exits.logits(layer, out[leave], decoder)
             lm_calls[out_rows] += 1
         else:
             out_logits = exit_logits[leave]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ee_lightning.exits.rules import ExitRule, build_rule, select_state
-from ee_lightning.exits.signals import layer_signals
+from ee_lightning.exits.rules import ExitRule, build_rule, require_signals, select_state
+from ee_lightning.exits.signals import SIGNALS, layer_signals
 from ee_lightning.modeling.model import EarlyExitModel
 
 
@@ -45,6 +45,7 @@ class EarlyExitRunner:
         output_size = model.heads.output_size
         regression = output_size == 1 if is_regression is None else bool(is_regression)
         rule.check(L, regression)  # knobs against the depth and the task, before any work
+        require_signals(rule, SIGNALS, "an encoder's exits")
         if labels is None and rule.needs_labels:
             labels = batch.get("labels")
             if labels is None:

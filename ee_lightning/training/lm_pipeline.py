@@ -7,8 +7,10 @@ real generation.
   4. every rule at every knob generates on the held-out prompts (evaluation/generation_eval.py):
      ROUGE, agreement with the full model, exit layers, FLOPs, tokens per second;
   5. pareto.csv/md/png and results.json in the run directory.
-Stages 1-3 are `training.lm_stages.train_lm_exits`; their Trainers carry the configured loggers and
-callbacks (reward curve, exit histograms).
+Stages 1-3 are `training.lm_stages.train_lm_exits`; step 4 is a Lightning test of
+`training.systems.generation.GenerationEvalSystem` (stage `lm_generation`). Every stage's Trainer
+carries the configured loggers and callbacks (reward curve, exit histograms: in generation, the
+policy's exits at its trained tau).
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from ee_lightning.config import typed
 from ee_lightning.config.schema import ConsistentEELMMethod
-from ee_lightning.evaluation.generation_eval import comparison_rows, evaluate_generation_rules, write_generation_report
+from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_stages import train_lm_exits
-from ee_lightning.training.trainers import make_trainer
+from ee_lightning.training.systems.generation import GenerationEvalSystem
+from ee_lightning.training.trainers import finish_loggers, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +68,36 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     decoder.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     method: ConsistentEELMMethod = typed(cfg.method)  # validated by ee-train before anything loaded
+    opened: list[L.Trainer] = []
+
+    def stage_trainer(stage: str, **overrides) -> L.Trainer:
+        """The stage's Trainer from the run's config; the previous stage's wandb run is closed first, so
+        that each stage logs to its own run (a WandbLogger joins whichever run is still open)."""
+        for trainer in opened:
+            finish_loggers(trainer)
+        opened[:] = [make_trainer(cfg, stage, run_dir, **overrides)]
+        return opened[0]
+
     trained = train_lm_exits(decoder, datamodule, method.lm_exits, run_dir,
-                             trainer_factory=lambda stage, epochs: make_trainer(cfg, stage, run_dir, max_epochs=epochs),
+                             trainer_factory=lambda stage, epochs: stage_trainer(stage, max_epochs=epochs),
                              identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
     trained_at = time.time()
     gen = method.generation
-    batches, references = generation_batches(datamodule, gen.split, gen.batch_size, gen.max_prompts)
-    batches = [{**b, "input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)} for b in batches]
+    batches, _ = generation_batches(datamodule, gen.split, gen.batch_size, gen.max_prompts)
     modules = [m for m in (trained.exits, trained.policy, trained.classifier) if m is not None]
     for module in modules:
         module.to(device).eval()
-    grids = dataclasses.asdict(gen.rules)
-    points, extras = evaluate_generation_rules(decoder, tokenizer, trained.exits, batches, references, grids,
-                                               gen.max_new_tokens, trained.policy, trained.classifier)
+    tau = method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
+    rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
+                             trained.classifier is not None, decoder.vocab_size, tau=tau)
+    system = GenerationEvalSystem(decoder, tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
+                                  trained.classifier, tau=tau)
+    # One device, the model's own dtypes (no autocast): the measured generation is the one reported.
+    trainer = stage_trainer("lm_generation", devices=1, strategy="auto", precision="32-true")
+    trainer.test(system, dataloaders=DataLoader(batches, batch_size=None))  # the batches as they are
+    finish_loggers(trainer)
+    points, extras = system.report()
+    references = system.references  # the prompts tested (trainer.limit_test_batches may cut the split)
     title = f"{cfg.backbone.name} on {datamodule.name} ({gen.split}, {len(references)} prompts)"
     paths = write_generation_report(points, extras, run_dir, title)
     results = LMRunResults(**{

@@ -8,7 +8,11 @@ greedy exits at tau (accumulated by the system in `exit_counts`) are logged as
   - one JSON line in `<run dir>/exit_histograms.jsonl` (stage, split, epoch, step, counts, buckets).
 During policy training the exits sampled by the K rollouts are counted the same way and logged
 once per epoch as split `train`, bucketed by the training rows' memorized layers.
-On an evaluation split, the bucket of a row comes from its own memorized layer on that split.
+On an evaluation split, the bucket of a row comes from its own memorized layer on that split. A
+system whose evaluated rows have no memorized layer (generated tokens: `exit_buckets = False`)
+keeps one row of counts [L] and gets the overall histogram only (`"buckets": {}` in the JSON
+line). A system with `exit_layers` (a decoder's exits) numbers its bins by exit, 1..E, and its
+JSON line names the layers of its exits.
 """
 from __future__ import annotations
 
@@ -43,11 +47,13 @@ class ExitHistogram(StageCallback):
         if not getattr(pl_module, "evaluates_policy", False):
             return
         num_layers = pl_module.num_layers
-        buckets = pl_module.exit_counts.get(split)
-        if buckets is None:  # no batch on this process: still take part in the reduction
-            buckets = torch.zeros(3, num_layers, dtype=torch.long, device=pl_module.device)
-        buckets = _sum_over_processes(trainer, buckets.to(pl_module.device))
-        self._emit(trainer, pl_module, split, buckets.sum(0), buckets)
+        bucketed = getattr(pl_module, "exit_buckets", True)  # [3 buckets, L] counts, else one row [L]
+        counts = pl_module.exit_counts.get(split)
+        if counts is None:  # no batch on this process: still take part in the reduction
+            counts = torch.zeros((3, num_layers) if bucketed else (num_layers,), dtype=torch.long,
+                                 device=pl_module.device)
+        counts = _sum_over_processes(trainer, counts.to(pl_module.device))
+        self._emit(trainer, pl_module, split, counts.sum(0) if bucketed else counts, counts if bucketed else None)
 
     # --- training -----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -72,7 +78,9 @@ class ExitHistogram(StageCallback):
         self._train_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.train or not hasattr(pl_module, "policy_step"):
+        # Systems that train a policy, known the same way on every process: the encoders' policy and joint
+        # stages (policy_step) and the decoders' token policy (last_policy_step, set from its start).
+        if not self.train or not (hasattr(pl_module, "policy_step") or hasattr(pl_module, "last_policy_step")):
             return
         num_layers = pl_module.num_layers
         # Every process reduces both tensors (zeros where it has none), so the collectives match.
@@ -118,6 +126,7 @@ class ExitHistogram(StageCallback):
             "stage": self.stage_name(trainer), "split": split, "epoch": trainer.current_epoch,
             "step": trainer.global_step, "num_layers": num_layers, "counts": total.tolist(),
             "buckets": {name: counts.tolist() for name, counts in per_bucket.items()},
+            **({"exit_layers": list(pl_module.exit_layers)} if hasattr(pl_module, "exit_layers") else {}),
         })
         if self.wandb_charts:
             log_to_wandb(trainer, wandb_exit_charts(split, total, per_bucket, self.stage_name(trainer)))

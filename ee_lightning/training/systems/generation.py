@@ -1,0 +1,116 @@
+"""The decoders' evaluation as a Lightning test: every exit rule through real generation.
+
+`trainer.test(GenerationEvalSystem(...), dataloaders=prompt_batches)` generates each prompt batch
+under every rule point (`evaluation.generation_eval.generate_batch`) in one test step, after the
+prompts' pass, which all points share. `report` then scores the whole split (ROUGE, agreement,
+FLOPs, tokens per second).
+
+Because it runs inside a Trainer of the run's config, the configured loggers and callbacks see
+it: the policy's exits at its trained tau are counted in `exit_counts["test"]`, which
+`callbacks.ExitHistogram` logs at the test's end (scalars `test/exit/frac_L<e>`, wandb charts, a
+line of `exit_histograms.jsonl`), one bin per exit (`num_layers` = the number of exits). The
+histogram has no memorized-exit buckets (`exit_buckets = False`): a generated token's memorized
+exit needs every exit's greedy token, which the policy rule never computes (it calls the LM head
+only where a token exits), and computing them would change the cost being measured.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
+from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, policy_at,
+                                                     score_points)
+from ee_lightning.exits.rules import FullRule
+from ee_lightning.inference.generate import prefill
+
+
+class _Held:
+    """Holds the decoder outside the module tree: Lightning neither moves, saves nor switches it."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+
+class GenerationEvalSystem(L.LightningModule):
+    """Test only. rules: `generation_eval.rule_points_grid(...)`, `full` first; tau: the policy's
+    trained threshold, whose exits the exit-histogram callback receives (one of `rules`)."""
+
+    evaluates_policy = True  # callbacks.ExitHistogram emits `exit_counts` at the test's end
+    exit_buckets = False     # one row of counts over the exits, no memorized-exit buckets (see the module)
+
+    def __init__(self, decoder, tokenizer, exits, rules: list, max_new_tokens: int, policy=None, classifier=None,
+                 tau: float | None = None):
+        super().__init__()
+        self._held = _Held(decoder)
+        self.tokenizer = tokenizer
+        self.exits, self.policy, self.classifier = exits, policy, classifier
+        self.rules, self.max_new_tokens = list(rules), int(max_new_tokens)
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.tau_index = policy_at(self.rules, tau) if policy is not None and tau is not None else None
+        self.flops = None
+        self.exit_counts: dict[str, torch.Tensor] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.runs: list[list[dict]] = [[] for _ in self.rules]  # per rule point, its batches' runs
+        self.prefill_seconds = 0.0
+        self.library = {"seconds": 0.0, "generated": 0}
+        self.references: list[str] = []  # of the prompts tested, in order
+
+    @property
+    def decoder(self):
+        return self._held.decoder
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.exits.exit_layers)
+
+    @property
+    def num_layers(self) -> int:
+        """The number of exits E: the exit histogram has a bin per exit, as the policy stage's."""
+        return len(self.exit_layers)
+
+    def on_test_start(self) -> None:
+        self.flops = measure_generation_flops(self.decoder, self.exits, self.policy, self.classifier)
+
+    def on_test_epoch_start(self) -> None:
+        self.exit_counts.pop("test", None)
+        self._reset()
+
+    def test_step(self, batch, batch_idx):
+        decoder, exits = self.decoder, self.exits
+        self.references.extend(batch["references"])
+        if batch_idx == 0:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
+            generate_batch(decoder, exits, FullRule(), batch, 2, self.eos, self.pad)
+        # The prompts' pass is the same for every rule: run once and shared (copied) by all.
+        cache, seconds = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
+        self.prefill_seconds += seconds
+        batch = {**batch, "prompt_cache": cache}
+        for index, (_, _, rule) in enumerate(self.rules):
+            run = generate_batch(decoder, exits, rule, batch, self.max_new_tokens, self.eos, self.pad, self.policy,
+                                 self.classifier, self.flops)
+            self.runs[index].append(run)
+            if index == self.tau_index:
+                self._count_exits(run["exit_layers"])
+        seconds, generated = library_generate(decoder, batch, self.max_new_tokens, self.eos, self.pad)
+        self.library["seconds"] += seconds
+        self.library["generated"] += generated
+
+    def _count_exits(self, exit_layers: torch.Tensor) -> None:
+        """Add generated tokens' exit layers to `exit_counts["test"]`, one bin per exit (1..E)."""
+        exit_index = torch.zeros(self.exit_layers[-1] + 1, dtype=torch.long)
+        exit_index[self.exit_layers] = torch.arange(1, self.num_layers + 1)
+        counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_layers).to(self.device)
+        self.exit_counts["test"] = counts + self.exit_counts["test"] if "test" in self.exit_counts else counts
+
+    def report(self) -> tuple[list[dict], dict]:
+        """The points and extras of the last test (`generation_eval.score_points`) against the
+        references of the prompts it saw."""
+        if not self.references:
+            raise ValueError("no prompt was generated: the test saw no batch (an empty generation split, or "
+                             "trainer.limit_test_batches=0)")
+        runs = [merge_runs(batches) for batches in self.runs]
+        return score_points(self.rules, runs, self.tokenizer, self.references, self.decoder.num_layers,
+                            self.prefill_seconds, self.library)
