@@ -53,6 +53,17 @@ def test_policy_and_classifier_shapes_and_forced_last_layer():
     assert policy.logit(2, hidden).shape == (3, 5) and classifier.logit(4, hidden).shape == (3, 5)
     assert torch.equal(policy.logit(6, hidden), torch.full((3, 5), FORCED_LOGIT))
     assert set(policy.heads) == {"2", "4"} and set(classifier.heads) == {"2", "4"}
-    assert len(policy.heads["2"]) == 3  # Linear, GELU, Linear
+    assert len(policy.heads["2"]) == 4  # LayerNorm, Linear, GELU, Linear
+
+
+def test_policy_and_classifier_read_the_residual_stream_on_one_scale():
+    # A decoder's residual norm grows with depth (SmolLM2: ~80 at layer 3, ~800 at layer 30); read raw,
+    # deep states saturate the sigmoid and the policy gets no gradient.
+    torch.manual_seed(0)
+    policy = TokenExitPolicy(6, 8, hidden=4, exit_layers=[2, 4, 6])
+    classifier = ExitClassifier(6, 8, exit_layers=[2, 4, 6])
+    hidden = torch.randn(3, 5, 8)
+    for heads in (policy, classifier):
+        assert torch.allclose(heads.logit(4, 100 * hidden), heads.logit(4, hidden), atol=1e-4)
     with pytest.raises(ValueError, match="must increase and end"):
         TokenExitPolicy(6, 8, exit_layers=[2, 4])

@@ -106,15 +106,22 @@ class _PerExitHeads(nn.Module):
 
 
 class TokenExitPolicy(_PerExitHeads):
-    """p_l = sigmoid(Linear(H, hidden) -> GELU -> Linear(hidden, 1) of h_l), per exit layer."""
+    """p_l = sigmoid(LayerNorm -> Linear(H, hidden) -> GELU -> Linear(hidden, 1) of h_l), per exit layer.
+
+    A decoder's residual stream is not normalised and its norm grows with depth (SmolLM2: about 80
+    at layer 3, 800 at layer 30): read raw, it saturates the sigmoid from the first step, and a
+    saturated policy gets no REINFORCE gradient (it collapsed to exiting every token at the first
+    exit in some seeds). The LayerNorm puts every exit's input on one scale."""
 
     def __init__(self, num_layers: int, hidden_size: int, hidden: int = 32, exit_layers: list[int] | None = None):
         super().__init__(num_layers, exit_layers, lambda: nn.Sequential(
-            nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1)))
+            nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1)))
 
 
 class ExitClassifier(_PerExitHeads):
-    """CALM's learned measure: sigmoid(Linear(H, 1) of h_l) = P(exit token == final token), per exit layer."""
+    """CALM's learned measure: sigmoid(Linear(H, 1) of LayerNorm(h_l)) = P(exit token == final token),
+    per exit layer (normalised for the policy's reason)."""
 
     def __init__(self, num_layers: int, hidden_size: int, exit_layers: list[int] | None = None):
-        super().__init__(num_layers, exit_layers, lambda: nn.Linear(hidden_size, 1))
+        super().__init__(num_layers, exit_layers, lambda: nn.Sequential(nn.LayerNorm(hidden_size),
+                                                                        nn.Linear(hidden_size, 1)))
