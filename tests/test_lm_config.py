@@ -64,7 +64,7 @@ def test_decoder_experiments_and_data_are_typed(tmp_path):
     assert OmegaConf.get_type(cfg.data) is ACLSumData
     method = typed(cfg.method)
     assert method.lm_exits.exit_every == 3 and method.lm_exits.policy.tau == 0.5  # experiment, then lm_exits yaml
-    assert method.generation.rules.static == [9, 15, 21, 27] and method.generation.rules.policy == [0.3, 0.5, 0.7]
+    assert method.generation.rules.static == [15, 21, 24, 27] and method.generation.rules.policy == [0.1, 0.3, 0.5, 0.7]
     assert method.lm_exits.lora.enabled is False and method.lm_exits.lora.target_modules == ["q_proj", "v_proj"]
     gpu = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llm"], tmp_path / "gpu")
     validate_config(gpu)
@@ -158,7 +158,7 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
                                                     "knob threshold=-1.5 must be >= -1.0"),
     (["method.generation.rules.policy=[1.5]"], "method.generation.rules.policy=[1.5]: rule 'policy': knob tau=1.5 "
                                                "must be <= 1.0"),
-    (["backbone=tiny_llama"], "method.generation.rules.static=[9, 15, 21, 27]: rule 'static': k=9 is outside 1..4 "
+    (["backbone=tiny_llama"], "method.generation.rules.static=[15, 21, 24, 27]: rule 'static': k=15 is outside 1..4 "
                               "(the model has 4 layers)"),
     (["backbone=tiny_llama", "backbone.dtype=int8"], "backbone.dtype=int8: must be one of float32 | bfloat16 | float16"),
     (["backbone=tiny_llama", "backbone.family=bert"], "backbone.family=bert: must be one of llama | qwen2 | qwen3"),

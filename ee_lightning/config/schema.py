@@ -226,20 +226,26 @@ class ReportConfig:
 
 # --- data options (one schema each: their datamodules take different arguments) ---------------
 @dataclass
-class DataConfig:
-    """What every TextDataModule takes (ee_lightning/data/base.py)."""
+class LoaderConfig:
+    """What every datamodule takes, for classification and for generation alike."""
 
     _target_: str = MISSING
     name: str = MISSING
-    max_length: Optional[int] = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
     num_workers: int = MISSING
-    bucket_by_length: bool = MISSING
-    cache_dir: Optional[str] = MISSING
     max_train_samples: Optional[int] = MISSING
     max_eval_samples: Optional[int] = MISSING
     split_seed: int = MISSING
+
+
+@dataclass
+class DataConfig(LoaderConfig):
+    """What every TextDataModule takes (ee_lightning/data/base.py)."""
+
+    max_length: Optional[int] = MISSING
+    bucket_by_length: bool = MISSING
+    cache_dir: Optional[str] = MISSING
 
 
 @dataclass
@@ -308,20 +314,12 @@ class HfData(ColumnsData):
 
 # --- generation data (method=consistentee_lm; ee_lightning/data/generation.py) ----------------------
 @dataclass
-class GenerationData:
+class GenerationData(LoaderConfig):
     """What every GenerationDataModule takes."""
 
-    _target_: str = MISSING
-    name: str = MISSING
     system_prompt: Optional[str] = MISSING
     max_prompt_length: int = MISSING
     max_response_length: int = MISSING
-    batch_size: int = MISSING
-    eval_batch_size: int = MISSING
-    num_workers: int = MISSING
-    max_train_samples: Optional[int] = MISSING
-    max_eval_samples: Optional[int] = MISSING
-    split_seed: int = MISSING
 
 
 @dataclass

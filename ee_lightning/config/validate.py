@@ -243,8 +243,6 @@ def check_generation_data(data: DictConfig, check: Checker) -> None:
 
 def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     """The `lm_exits` node (conf/lm_exits/default.yaml); `p` its key's prefix (method.lm_exits.)."""
-    from ee_lightning.exits.rl import DEPTH_TERMS, SAMPLERS, TASK_TERMS
-
     check.number(node, "exit_every", p, low=1, integer=True)
     check.number(node, "rank", p, low=1, integer=True)
     check.choice(node, "evaluate_split", p, SPLITS, optional=True)
@@ -260,21 +258,11 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
         check.number(node[stage], "lr", q, low=0.0, low_open=True)
         check.number(node[stage], "batch_size", q, low=1, integer=True)
     policy, q = node.policy, f"{p}policy."
-    check.number(policy, "k", q, low=2, integer=True,
-                 why="the baseline is the mean reward of the k rollouts, so with one rollout every advantage "
-                     "is 0 and the policy never learns")
-    check.number(policy, "alpha", q, low=0.0)
+    check_reinforce(policy, check, q)
     check.number(policy, "hidden", q, low=1, integer=True)
     check.number(policy, "tau", q, low=0.0, high=1.0, low_open=True, high_open=True,
                  why="the greedy exit is the first exit whose exit probability exceeds tau")
-    check.choice(policy, "task_term", q, TASK_TERMS)
     check.choice(policy, "task_target", q, TOKEN_TARGETS)
-    check.choice(policy, "depth_term", q, DEPTH_TERMS)
-    check.choice(policy, "sampler", q, SAMPLERS)
-    check.number(policy, "eps_start", q, low=0.0, high=1.0)
-    check.number(policy, "eps_end", q, low=0.0, high=1.0)
-    check.number(policy, "eps_decay_steps", q, low=1, integer=True)
-    check.number(policy, "entropy_bonus", q, low=0.0)
     check_lora(_value(node, "lora"), check, f"{p}lora.")
 
 
@@ -448,13 +436,10 @@ def check_finetune(stage: DictConfig, check: Checker) -> None:
                                                  f"layers; {fix}")
 
 
-def check_policy_stage(stage: DictConfig, check: Checker) -> None:
+def check_reinforce(stage: DictConfig, check: Checker, p: str) -> None:
+    """The REINFORCE settings an encoder's and a decoder's policy stage share (exits.rl)."""
     from ee_lightning.exits.rl import DEPTH_TERMS, SAMPLERS, TASK_TERMS
 
-    p = "method.policy."
-    check.number(stage, "epochs", p, low=1, integer=True)
-    check.number(stage, "lr", p, low=0.0, low_open=True)
-    check.number(stage, "batch_size", p, low=1, integer=True)
     check.number(stage, "k", p, low=2, integer=True,
                  why="the baseline is the mean reward of the k rollouts, so with one rollout every advantage "
                      "is 0 and the policy never learns")
@@ -466,6 +451,14 @@ def check_policy_stage(stage: DictConfig, check: Checker) -> None:
     check.number(stage, "eps_end", p, low=0.0, high=1.0)
     check.number(stage, "eps_decay_steps", p, low=1, integer=True)
     check.number(stage, "entropy_bonus", p, low=0.0)
+
+
+def check_policy_stage(stage: DictConfig, check: Checker) -> None:
+    p = "method.policy."
+    check.number(stage, "epochs", p, low=1, integer=True)
+    check.number(stage, "lr", p, low=0.0, low_open=True)
+    check.number(stage, "batch_size", p, low=1, integer=True)
+    check_reinforce(stage, check, p)
 
 
 # ---------------------------------------------------------------------------------- report
