@@ -110,6 +110,7 @@ class LMRunResults(ResultsFile):
     flops_full_depth_per_token: float
     seconds: dict
     report: dict  # pareto file paths
+    policy_tau: float | None = None  # the policy's trained threshold (method.lm_exits.policy.tau)
 
     @property
     def full(self) -> float:
@@ -117,7 +118,7 @@ class LMRunResults(ResultsFile):
 
     @property
     def methods(self) -> dict[str, MethodResult]:
-        """The full model, and ConsistentEE at the policy's middle knob, in the encoders' terms."""
+        """The full model, and ConsistentEE at its trained tau (else its middle knob), in the encoders' terms."""
         def method(point: dict) -> MethodResult:
             return MethodResult(metric=point["metric"], avg_exit_layer=point["avg_exit_layer"],
                                 layer_saving=point["layer_saving"], speedup=point["speedup"],
@@ -127,7 +128,8 @@ class LMRunResults(ResultsFile):
         policy = [p for p in self.points if p["rule"] == "policy"]
         out = {"full": method(next(p for p in self.points if p["rule"] == "full"))}
         if policy:
-            out["consistentee"] = method(policy[len(policy) // 2])
+            at_tau = [p for p in policy if self.policy_tau is not None and p["value"] == self.policy_tau]
+            out["consistentee"] = method(at_tau[0] if at_tau else policy[len(policy) // 2])
         return out
 
     @classmethod

@@ -60,13 +60,14 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                          "data.max_train_samples=8", "data.max_eval_samples=4", "data.max_prompt_length=64",
                          "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
-                         "method.generation.rules.static=null", "method.generation.rules.policy=[0.5]",
+                         "method.generation.rules.static=null", "method.generation.rules.policy=[0.3,0.4,0.5]",
                          "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
                          "method.generation.rules.classifier=[0.5]"], run_dir)
     results = train(cfg)
     saved = json.loads((run_dir / "results.json").read_text())
     rules = [p["rule"] for p in saved["points"]]
-    assert rules == ["full", "policy", "softmax_margin", "saturation", "classifier", "static", "static", "static", "oracle"]
+    assert rules == ["full", "policy", "policy", "policy", "softmax_margin", "saturation", "classifier", "static", "static",
+                     "static", "oracle"]
     full = saved["points"][0]
     assert full["rougeL_vs_full"] == 1.0 and full["token_agreement"] == 1.0 and full["avg_exit_layer"] == 4.0
     assert all(sum(p["exit_histogram"]) == p["tokens"] for p in saved["points"])
@@ -78,6 +79,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
 
     read = RunResults.read(run_dir)
     assert isinstance(read, LMRunResults) and read.full == full["metric"]
+    # ConsistentEE is the policy at its trained tau (0.5), not the grid's middle point
     assert read.methods["consistentee"].tau == 0.5 and read.methods["full"].layer_saving == 0.0
     for name in ("pareto.csv", "pareto.md", "pareto.png", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt",
                  "reward_curve.csv"):
@@ -98,3 +100,33 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     runs = {path.name.rsplit("-", 1)[1]: path for path in (run_dir / "wandb").glob("offline-run-*")}
     assert set(runs) == set(ids.values())
     assert b"test/exit/hist" in (runs[ids["lm_generation"]] / f"run-{ids['lm_generation']}.wandb").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_decoder_build_that_draws_random_numbers_leaves_the_stages_unchanged(tmp_path, monkeypatch):
+    # Converting the packaged GGUF builds a random model once (a first run draws, later ones load):
+    # the stages must draw the same numbers either way.
+    import torch
+
+    from ee_lightning.app.train import train
+    from ee_lightning.training import lm_pipeline
+
+    def run(name: str) -> dict:
+        cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
+                             "data.max_train_samples=8", "data.max_eval_samples=2", "data.max_prompt_length=64",
+                             "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
+                             "method.lm_exits.classifier.epochs=0", "method.generation.max_prompts=2",
+                             "method.generation.max_new_tokens=2", "method.generation.rules.static=null",
+                             "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=null",
+                             "method.generation.rules.saturation=null", "method.generation.rules.classifier=null"],
+                            tmp_path / name)
+        train(cfg)
+        return {file: torch.load(tmp_path / name / file) for file in ("lm_exits.pt", "token_policy.pt")}
+
+    plain = run("plain")
+    build = lm_pipeline.build_decoder
+    monkeypatch.setattr(lm_pipeline, "build_decoder", lambda *a, **k: (build(*a, **k), torch.rand(1000))[0])
+    drawing = run("drawing")
+    for file, weights in plain.items():
+        assert weights.keys() == drawing[file].keys()
+        assert all(torch.equal(weights[key], drawing[file][key]) for key in weights), file

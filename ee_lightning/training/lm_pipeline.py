@@ -56,13 +56,15 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
 
 def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     started = time.time()
-    L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.backbone.get("kind") != "decoder":
         raise ValueError(f"method=consistentee_lm needs a decoder backbone (kind: decoder, e.g. backbone=smollm2_135m), "
                          f"got backbone={cfg.backbone.get('name')}")
     decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
+    # Seeded after the build: converting the packaged GGUF builds a randomly initialised model once,
+    # and that draw must not change what the stages draw (a first run would differ from later ones).
+    L.seed_everything(cfg.seed, workers=True)
     wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
     device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
     decoder.to(device)
@@ -106,7 +108,7 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
         "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
         "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
-        "report": {k: str(v) for k, v in paths.items()},
+        "report": {k: str(v) for k, v in paths.items()}, "policy_tau": tau if trained.policy is not None else None,
     })
     path = results.write(run_dir)
     print(paths["md"].read_text())
