@@ -5,7 +5,7 @@ One stage-1 fine-tuning per seed (`ee-train method=finetune`), then one Hydra mu
 whose jobs share that checkpoint through `init_from`, so each job only trains the policy:
 
     python experiments/reward_study.py rotten_tomatoes          # study 1 (about 25 minutes on 2 CPU cores)
-    python experiments/reward_study.py sst2 --seeds 1 2 3       # study 2: ../shared/data/glue/SST-2, 8,000 sentences
+    python experiments/reward_study.py sst2 --seeds 1 2 3       # study 2: $GLUE_DIR/SST-2 (GLUE's own files), 8,000 sentences
     python experiments/reward_study.py bbc_news                 # study 3: 5 classes, long articles
 
 Writes experiments/results/<study>.md (tables), <study>.png (curves) and <study>.json (every point).
@@ -17,6 +17,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,8 +32,7 @@ RESULTS = ROOT / "experiments" / "results"
 PRESETS = {
     "rotten_tomatoes": {"data": ["data=rotten_tomatoes"], "finetune": ["method.finetune.epochs=2"]},
     # dev.tsv (6,735 rows) is the validation split: 1,000 of them are plenty to watch training.
-    "sst2": {"data": ["data=glue", "data.task=sst2", f"data.data_dir={ROOT.parent / 'shared' / 'data' / 'glue' / 'SST-2'}",
-                      "data.max_train_samples=8000", "data.max_eval_samples=1000"],
+    "sst2": {"data": ["data=glue", "data.task=sst2", "data.max_train_samples=8000", "data.max_eval_samples=1000"],
              "finetune": []},
     "bbc_news": {"data": ["data=bbc_news"], "finetune": ["method.finetune.epochs=3", "method.finetune.lr=1e-4"]},
 }
@@ -162,10 +162,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "studies"))
     parser.add_argument("--stage1", help="reuse this stage-1 checkpoint (one seed), e.g. make train's")
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+                        help="sst2: the folder holding GLUE's SST-2/ (default: $GLUE_DIR)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.extra = extra
+    if args.study == "sst2":
+        if not args.glue_dir or not (Path(args.glue_dir) / "SST-2").is_dir():
+            parser.error(f"sst2 needs GLUE's SST-2 folder: pass --glue-dir DIR (or set GLUE_DIR) with DIR/SST-2/"
+                         f"{{train,dev,test}}.tsv; got {args.glue_dir!r}")
+        args.extra = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}", *args.extra]
     started = time.perf_counter()
     out = Path(args.out) / args.study
     jobs, curves = [], {}
