@@ -130,3 +130,18 @@ def test_a_decoder_build_that_draws_random_numbers_leaves_the_stages_unchanged(t
     for file, weights in plain.items():
         assert weights.keys() == drawing[file].keys()
         assert all(torch.equal(weights[key], drawing[file][key]) for key in weights), file
+
+
+def test_a_static_layer_past_the_model_fails_before_any_training(tmp_path, monkeypatch):
+    # The depth of a `pretrained_path` decoder is known only once it is built: the grid is checked
+    # then, before the stages train (validation before loading covers configs that state the depth).
+    from ee_lightning.training import lm_pipeline
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(lm_pipeline, "train_lm_exits", must_not_train)
+    cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
+                         "method.generation.rules.static=[3,9]"], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"method.generation.rules.static=\[3, 9\]: rule 'static': k=9 is outside 1..4"):
+        lm_pipeline.run_consistentee_lm(cfg)

@@ -29,6 +29,7 @@ from ee_lightning.config import typed
 from ee_lightning.config.schema import ConsistentEELMMethod
 from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.lm_exits import exit_layer_list
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_stages import train_lm_exits
 from ee_lightning.training.systems.generation import GenerationEvalSystem
@@ -70,6 +71,10 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     decoder.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     method: ConsistentEELMMethod = typed(cfg.method)  # validated by ee-train before anything loaded
+    # The rule grid against this model's depth now, not after training (a static layer past the
+    # last one would otherwise fail only when generation starts).
+    rule_points_grid(dataclasses.asdict(method.generation.rules),
+                     exit_layer_list(decoder.num_layers, method.lm_exits.exit_every), True, True, decoder.vocab_size)
     opened: list[L.Trainer] = []
 
     def stage_trainer(stage: str, **overrides) -> L.Trainer:
