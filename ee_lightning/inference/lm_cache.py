@@ -12,6 +12,7 @@ rows [N] (dataset row), positions [N] (token number within its response), exit_l
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -82,6 +83,17 @@ def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "f
     cache = {key: torch.cat(values) for key, values in parts.items()}
     cache["exit_layers"] = torch.tensor(exit_layers)
     return cache
+
+
+def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:
+    """What states computed from `decoder` on a split of `datamodule` depend on: the model (its
+    `identity`, e.g. name and weights' digest, and shape) and the split's exact token rows. The
+    keys of the saved caches and of the LoRA stage's weights start from it."""
+    dataset = datamodule.dataset(split)
+    rows = json.dumps([dataset.prompt_ids, dataset.response_ids]).encode()
+    return {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
+            "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
+            "rows": hashlib.sha256(rows).hexdigest()}
 
 
 def load_or_build(path: str | Path, meta: dict, build) -> dict:

@@ -18,7 +18,6 @@ digest of those weights, so a cache of the un-adapted backbone is never reused.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +30,9 @@ from torch.nn import functional as F
 from ee_lightning.config.schema import LoRAStage
 from ee_lightning.exits.lm_targets import exit_loss_weights
 from ee_lightning.files import load_artefact, save_artefact
-from ee_lightning.inference.lm_cache import predicting_positions
+from ee_lightning.inference.lm_cache import predicting_positions, source_meta
 from ee_lightning.modeling.lm_exits import LMExitHeads
+from ee_lightning.training.held import Held
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,6 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class _Unregistered:
-    """Holds the decoder outside the LightningModule's module tree: Lightning's teardown moves the
-    module tree to the CPU, which must not happen to a multi-GB backbone; its LoRA weights are
-    handed to the optimizer and the checkpoint explicitly."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-
 class LoraExitSystem(L.LightningModule):
     """Stage 1 with LoRA: loss = sum_l w_l CE_l over every exit (the last included), from live passes.
 
@@ -145,7 +136,7 @@ class LoraExitSystem(L.LightningModule):
         if not lora_parameters:
             raise ValueError("no LoRA parameters to train: attach_lora(decoder, settings) first")
         self.exits = exits
-        self._held = _Unregistered(decoder)
+        self._held = Held(decoder)  # its LoRA weights go to the optimizer and the checkpoint explicitly
         self.lora_parameters = lora_parameters
         self.lr, self.exits_lr = lr, exits_lr
         self.register_buffer("weights", exit_loss_weights(exits.exit_layers, weights), persistent=False)
@@ -154,7 +145,7 @@ class LoraExitSystem(L.LightningModule):
 
     @property
     def decoder(self):
-        return self._held.decoder
+        return self._held.model
 
     def exit_losses(self, batch) -> torch.Tensor:
         """[E] cross-entropy of each exit on the batch's response tokens."""
@@ -218,11 +209,7 @@ def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoRAS
         raise LoraError(f"method.lm_exits.lora.epochs={settings.epochs}: must be >= 1 when LoRA is enabled")
     peft_model = attach_lora(decoder, settings)
     lora_parameters = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    dataset = datamodule.dataset("train")
-    meta = {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
-            "hidden_size": decoder.hidden_size, "dtype": str(next(decoder.parameters()).dtype),
-            "data": datamodule.name, "split": "train",
-            "rows": hashlib.sha256(json.dumps([dataset.prompt_ids, dataset.response_ids]).encode()).hexdigest(),
+    meta = {**source_meta(decoder, datamodule, "train", identity), "dtype": str(next(decoder.parameters()).dtype),
             "exits": {name: list(value.shape) for name, value in exits.state_dict().items()},  # exit layers, rank
             "exit_layers": exits.exit_layers, "lora": asdict(settings), "exits_lr": exits_lr, "weights": weights}
     path = Path(out_dir) / ARTEFACT

@@ -19,8 +19,6 @@ so rollouts cost Bernoulli draws, not LM-head calls.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -39,8 +37,9 @@ from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_
 from ee_lightning.exits.rules import policy_exits
 from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_statistics
 from ee_lightning.files import atomic_torch_save
-from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build
+from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build, source_meta
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
+from ee_lightning.training.held import Held
 from ee_lightning.training.lm_lora import train_backbone_lora
 
 log = logging.getLogger(__name__)
@@ -67,14 +66,6 @@ def _layers_first(batch_states: torch.Tensor) -> torch.Tensor:
     return batch_states.transpose(0, 1)
 
 
-class _FrozenDecoder:
-    """Holds the decoder outside the module tree: frozen, not this stage's parameters, not in its checkpoint."""
-
-    def __init__(self, decoder):
-        decoder.requires_grad_(False)
-        self.decoder = decoder
-
-
 class ExitAdapterSystem(L.LightningModule):
     """Stage 1: the exits' adapters learn the next token; loss = sum_l w_l CE_l over exits with an adapter."""
 
@@ -82,7 +73,8 @@ class ExitAdapterSystem(L.LightningModule):
                  weight_decay: float = 0.0):
         super().__init__()
         self.exits = exits
-        self._frozen = _FrozenDecoder(decoder)
+        decoder.requires_grad_(False)  # frozen: not this stage's parameters, not in its checkpoint
+        self._decoder = Held(decoder)
         self.trained = [layer for layer in exits.exit_layers if layer != exits.num_layers]
         if not self.trained:
             raise ValueError("only the last layer has an exit: there is no adapter to train (lower exit_every)")
@@ -90,7 +82,7 @@ class ExitAdapterSystem(L.LightningModule):
         self.register_buffer("weights", exit_loss_weights(self.trained, weights), persistent=False)
 
     def exit_logits(self, states: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        decoder = self._frozen.decoder
+        decoder = self._decoder.model
         dtype = next(decoder.parameters()).dtype
         index = {layer: e for e, layer in enumerate(self.exits.exit_layers)}
         return [self.exits.logits(layer, states[:, index[layer]].to(dtype), decoder).float() for layer in layers]
@@ -242,19 +234,11 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
     return summary
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
-
-
 def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg: LMCacheConfig, out_dir: Path,
                  identity: dict | None) -> dict:
     """The exit-state cache of one split, built once and reused while its settings hold."""
-    dataset = datamodule.dataset(split)
     dtype = cache_cfg.dtype
-    meta = {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
-            "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
-            "rows": _digest([dataset.prompt_ids, dataset.response_ids]), "exit_layers": exit_layers,
-            "dtype": dtype}
+    meta = {**source_meta(decoder, datamodule, split, identity), "exit_layers": exit_layers, "dtype": dtype}
     loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
     return load_or_build(out_dir / f"exit_states_{split}.pt", meta,
                          lambda: collect_exit_states(decoder, loader, exit_layers, dtype=dtype))

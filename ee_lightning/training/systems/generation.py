@@ -23,13 +23,7 @@ from ee_lightning.evaluation.generation_eval import (generate_batch, library_gen
                                                      score_points)
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
-
-
-class _Held:
-    """Holds the decoder outside the module tree: Lightning neither moves, saves nor switches it."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
+from ee_lightning.training.held import Held
 
 
 class GenerationEvalSystem(L.LightningModule):
@@ -42,7 +36,7 @@ class GenerationEvalSystem(L.LightningModule):
     def __init__(self, decoder, tokenizer, exits, rules: list, max_new_tokens: int, policy=None, classifier=None,
                  tau: float | None = None):
         super().__init__()
-        self._held = _Held(decoder)
+        self._held = Held(decoder)  # Lightning neither moves, saves nor switches it
         self.tokenizer = tokenizer
         self.exits, self.policy, self.classifier = exits, policy, classifier
         self.rules, self.max_new_tokens = list(rules), int(max_new_tokens)
@@ -61,7 +55,7 @@ class GenerationEvalSystem(L.LightningModule):
 
     @property
     def decoder(self):
-        return self._held.decoder
+        return self._held.model
 
     @property
     def exit_layers(self) -> list[int]:
