@@ -9,6 +9,11 @@ was built with; a file built with other settings (or unreadable) is rebuilt, nev
 
 Layout (N tokens, E exits, H hidden): states [N, E, H] (stored dtype), targets [N], full_tokens [N],
 rows [N] (dataset row), positions [N] (token number within its response), exit_layers [E].
+
+For distilling the exits (`exits.distill`) the same pass can keep every position of the text, the
+prompt's included (`positions="all"`: positions [N] is then the position in the sequence and
+response [N] marks the response tokens), and the full model's top-k next tokens (`top_k`:
+top_ids [N, k] and top_logp [N, k], log-probs normalised over the whole vocabulary).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ee_lightning.data.generation import IGNORE_INDEX
+from ee_lightning.exits.distill import teacher_topk
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.progress import progress_enabled
 
@@ -30,9 +36,17 @@ FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+POSITIONS = ("response", "all")
+
+
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] labels -> [B, T - 1] bool: position t predicts a response token (label t + 1 is not -100)."""
     return labels[:, 1:] != IGNORE_INDEX
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] right-padded mask -> [B, T - 1] bool: position t predicts a real token (t + 1 is not padding)."""
+    return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
 
 
 def _device(module) -> torch.device:
@@ -44,12 +58,16 @@ def _device(module) -> torch.device:
 
 @torch.no_grad()
 def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "float32",
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, positions: str = "response", top_k: int | None = None) -> dict:
     """Run `decoder(input_ids, attention_mask) -> L states [B, T, H]` over LM batches of `loader`.
 
-    `decoder` also gives final_norm and lm_head (for the full model's own token)."""
+    `decoder` also gives final_norm and lm_head (for the full model's own token). positions: the
+    response tokens ("response") or every position that predicts a token of the text ("all");
+    top_k: also keep the full model's k most likely next tokens (distillation targets)."""
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    if positions not in POSITIONS:
+        raise ValueError(f"cache positions {positions!r}: use one of {POSITIONS}")
     num_layers = decoder.num_layers
     if not exit_layers or any(not 1 <= layer <= num_layers for layer in exit_layers):
         raise ValueError(f"exit layers {exit_layers} must lie in 1..{num_layers}")
@@ -57,6 +75,10 @@ def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "f
     was_training = decoder.training
     decoder.eval()
     parts = {"states": [], "targets": [], "full_tokens": [], "rows": [], "positions": []}
+    if positions == "all":
+        parts["response"] = []
+    if top_k:
+        parts.update(top_ids=[], top_logp=[])
     bar = tqdm(loader, desc="caching exit states", unit="batch", dynamic_ncols=True,
                disable=not progress_enabled() if progress is None else not progress)
     try:
@@ -66,14 +88,24 @@ def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "f
             states = decoder(ids, mask)
             if len(states) != num_layers:
                 raise ValueError(f"the decoder gave {len(states)} layer states for {num_layers} layers")
-            keep = predicting_positions(labels)
+            response = predicting_positions(labels)
+            keep = response if positions == "response" else text_positions(mask)
             parts["states"].append(torch.stack([states[layer - 1][:, :-1][keep] for layer in exit_layers], dim=1)
                                    .to("cpu", DTYPES[dtype]))
-            parts["targets"].append(labels[:, 1:][keep].cpu())
+            parts["targets"].append(ids[:, 1:][keep].cpu())
             last = states[-1][:, :-1][keep]
-            parts["full_tokens"].append(decoder.lm_head(decoder.final_norm(last)).argmax(-1).cpu())
+            full_logits = decoder.lm_head(decoder.final_norm(last))
+            parts["full_tokens"].append(full_logits.argmax(-1).cpu())
+            if top_k:
+                top_ids, top_logp = teacher_topk(full_logits, top_k)
+                parts["top_ids"].append(top_ids.cpu())
+                parts["top_logp"].append(top_logp.cpu())
             parts["rows"].append(batch["idx"].to(device).unsqueeze(1).expand_as(keep)[keep].cpu())
-            parts["positions"].append((keep.long().cumsum(1) - 1)[keep].cpu())
+            if positions == "response":
+                parts["positions"].append((keep.long().cumsum(1) - 1)[keep].cpu())
+            else:
+                parts["positions"].append(torch.arange(keep.shape[1], device=device).expand_as(keep)[keep].cpu())
+                parts["response"].append(response[keep].cpu())
             bar.set_postfix(tokens=sum(len(t) for t in parts["targets"]))
     finally:
         bar.close()
@@ -83,6 +115,22 @@ def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "f
     cache = {key: torch.cat(values) for key, values in parts.items()}
     cache["exit_layers"] = torch.tensor(exit_layers)
     return cache
+
+
+def response_only(cache: dict) -> dict:
+    """A cache of every position (`positions="all"`) cut to its response tokens, numbered within each
+    response as a `positions="response"` cache numbers them; a response cache is returned as it is."""
+    if "response" not in cache:
+        return cache
+    keep = cache["response"]
+    per_token = {key: value[keep] for key, value in cache.items() if key not in ("exit_layers", "response")}
+    rows = per_token["rows"]
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    index = torch.arange(len(rows))
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
+    per_token["positions"] = index - first
+    return {**per_token, "exit_layers": cache["exit_layers"]}
 
 
 def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:

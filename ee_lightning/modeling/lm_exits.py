@@ -3,7 +3,8 @@
 * `LMExitHeads`: the exit at layer l predicts the next token with the model's own final norm and
   (tied) LM head applied to h_l + adapter_l(h_l). The adapters are low-rank and zero-initialised,
   so an untrained exit is the plain "final norm + LM head on an intermediate state"; the last
-  layer has none (its exit is the model itself).
+  layer has none (its exit is the model itself). `adapter="block"` puts a stronger adapter there
+  instead (`BlockAdapter`: the backbone's own norm and MLP, copied from the next layer, output zeroed).
 * `TokenExitPolicy`: ConsistentEE's policy, p_l = sigmoid(g_l(h_l)) per token, read from the hidden
   state: the LM head (a [H, V] matmul) runs only where a token actually exits.
 * `ExitClassifier`: CALM's trained confidence measure, P(the exit's token equals the final token),
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 FORCED_LOGIT = 30.0  # sigmoid ~ 1: at the last layer every token exits, whatever a policy says
 
@@ -57,15 +61,54 @@ class LowRankAdapter(nn.Module):
         return self.up(self.down(hidden))
 
 
+class BlockAdapter(nn.Module):
+    """h -> mlp(norm(h)), with the backbone's own norm and MLP modules: the feed-forward half of a
+    decoder layer (Kangaroo's adapter is a whole layer; its attention half would need a K/V cache of
+    its own at every exit, paid by every token that passes the exit, exiting or not). Copied from the
+    backbone's layer right after the exit (the layer the exit skips first), with the MLP's output
+    projection zeroed, so the adapter starts as the zero map."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        norm = getattr(layer, "post_attention_layernorm", None) or getattr(layer, "ln_2", None)
+        if norm is None or not hasattr(layer, "mlp"):
+            raise ValueError(f"{type(layer).__name__} has no (post_attention_layernorm | ln_2) and mlp; "
+                             "use adapter: lowrank for this backbone")
+        self.norm, self.mlp = copy.deepcopy(norm), copy.deepcopy(layer.mlp)
+        self.requires_grad_(True)
+        output = [m for m in self.mlp.modules() if getattr(m, "weight", None) is not None][-1]
+        nn.init.zeros_(output.weight)
+        if getattr(output, "bias", None) is not None:
+            nn.init.zeros_(output.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(hidden))
+
+
+ADAPTERS = ("lowrank", "block")
+
+
 class LMExitHeads(nn.Module):
-    def __init__(self, num_layers: int, hidden_size: int, exit_every: int = 1, rank: int = 32):
+    """layers: the backbone's decoder layers, needed by `adapter="block"` (it copies them)."""
+
+    def __init__(self, num_layers: int, hidden_size: int, exit_every: int = 1, rank: int = 32,
+                 adapter: str = "lowrank", layers: nn.ModuleList | None = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank={rank} must be >= 1")
+        if adapter not in ADAPTERS:
+            raise ValueError(f"adapter {adapter!r}: use one of {ADAPTERS}")
+        if adapter == "block" and (layers is None or len(layers) != num_layers):
+            raise ValueError("adapter='block' copies the backbone's layers: pass layers=decoder.layers()")
         self.num_layers = int(num_layers)
+        self.adapter_kind = adapter
         self.exit_layers = exit_layer_list(self.num_layers, int(exit_every))
-        self.adapters = nn.ModuleDict({str(layer): LowRankAdapter(hidden_size, rank)
-                                       for layer in self.exit_layers if layer != self.num_layers})
+
+        def make(layer: int) -> nn.Module:  # layer l's exit skips layer l + 1 (index l) first
+            return LowRankAdapter(hidden_size, rank) if adapter == "lowrank" else BlockAdapter(layers[layer])
+
+        self.adapters = nn.ModuleDict({str(layer): make(layer) for layer in self.exit_layers
+                                       if layer != self.num_layers})
 
     def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """h + adapter_l(h) (h itself at the last layer)."""
@@ -73,11 +116,23 @@ class LMExitHeads(nn.Module):
         if layer == self.num_layers:
             return hidden
         adapter = self.adapters[str(layer)]
-        return hidden + adapter(hidden.to(adapter.up.weight.dtype)).to(hidden.dtype)
+        dtype = next(adapter.parameters()).dtype
+        return hidden + adapter(hidden.to(dtype)).to(hidden.dtype)
 
-    def logits(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder) -> torch.Tensor:
-        """Next-token logits [..., V] of the exit at `layer` from its hidden state [..., H]."""
-        return decoder.lm_head(decoder.final_norm(self.adapt(layer, hidden)))
+    def logits(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder,
+               vocabulary: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [..., V] of the exit at `layer` from its hidden state [..., H]; with a
+        `vocabulary` (sorted token ids [V']) only those tokens' logits [..., V'] (`head_logits`)."""
+        normed = decoder.final_norm(self.adapt(layer, hidden))
+        return decoder.lm_head(normed) if vocabulary is None else head_logits(decoder, normed, vocabulary)
+
+
+def head_logits(decoder, normed: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits of the tokens in `vocabulary` only: [..., H] -> [..., V'] (a V'-row slice
+    of its weight: the head costs V'/V of the full one)."""
+    head = decoder.model.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias[vocabulary]
+    return F.linear(normed, head.weight[vocabulary], bias)
 
 
 class _PerExitHeads(nn.Module):
