@@ -139,3 +139,34 @@ def test_distillation_lowers_every_exits_loss_to_the_teacher(tmp_path, adapter, 
     with pytest.raises(ValueError, match="no teacher targets"):
         distill_exits(exits, decoder, {k: v for k, v in cache.items() if k not in ("top_ids", "top_logp")},
                       quiet_trainer())
+
+
+# --------------------------------------------------------------------------- in the stages
+
+
+def test_train_lm_exits_distills_then_trains_the_policy_on_the_response_tokens(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ee_lightning.modeling.backbones.decoders import wrap_decoder
+    from ee_lightning.training.lm_stages import train_lm_exits
+    from tests.conftest import CONF_DIR
+
+    L.seed_everything(0)
+    dm = jsonl_datamodule(tmp_path)
+    decoder = wrap_decoder(tiny_llama(num_layers=4, hidden=16, vocab=len(dm.tokenizer), init_std=0.5))
+    cfg = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
+    cfg.exit_every, cfg.adapter = 2, "block"
+    cfg.adapters.update(objective="distill", top_k=3, vocabulary="full", epochs=2)
+    cfg.policy.update(epochs=1, k=4, task_target="full")
+    cfg.classifier.epochs = 0
+    run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=lambda stage, epochs: quiet_trainer(epochs))
+    split = dm.dataset("train")
+    distilled = run.summary["distillation"]
+    assert distilled["positions"] == sum(len(p) + len(r) - 1 for p, r in zip(split.prompt_ids, split.response_ids))
+    assert distilled["top_k"] == 3 and distilled["vocabulary_size"] == len(dm.tokenizer)
+    # the policy and the summaries read the response tokens only
+    assert run.summary["train"]["tokens"] == len(run.cache["targets"]) == sum(len(r) for r in split.response_ids)
+    assert "response" not in run.cache and run.policy is not None
+    assert any(p.abs().sum() > 0 for p in run.exits.adapters["2"].mlp.down_proj.parameters())  # it trained
+    with pytest.raises(ValueError, match="adapters.objective"):
+        train_lm_exits(decoder, dm, OmegaConf.merge(cfg, {"adapters": {"objective": "kl"}}), tmp_path / "bad")

@@ -126,6 +126,9 @@ class LMAdapterStage:
     batch_size: int = MISSING
     weights: str = MISSING
     target: str = MISSING
+    objective: str = MISSING
+    top_k: int = MISSING
+    vocabulary: str = MISSING
 
 
 @dataclass
@@ -169,6 +172,7 @@ class LMExitsConfig:
 
     exit_every: int = MISSING
     rank: int = MISSING
+    adapter: str = MISSING
     evaluate_split: Optional[str] = MISSING
     cache: LMCacheConfig = field(default_factory=LMCacheConfig)
     adapters: LMAdapterStage = field(default_factory=LMAdapterStage)

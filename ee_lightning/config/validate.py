@@ -29,6 +29,9 @@ TOKEN_TARGETS = ("reference", "full")  # an exit's token is scored against the r
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DECODER_DTYPES = ("float32", "bfloat16", "float16")
 ADAPTER_WEIGHTS = ("layer", "uniform")
+ADAPTER_KINDS = ("lowrank", "block")  # modeling.lm_exits.ADAPTERS
+ADAPTER_OBJECTIVES = ("ce", "distill")
+DISTILL_VOCABULARIES = ("restricted", "full")  # exits.distill.VOCABULARIES
 TASK_KINDS = ("classification", "regression")
 MNLI_EVAL = ("matched", "mismatched")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config tree (inside the wheel; a link in a checkout)
@@ -245,12 +248,16 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     """The `lm_exits` node (conf/lm_exits/default.yaml); `p` its key's prefix (method.lm_exits.)."""
     check.number(node, "exit_every", p, low=1, integer=True)
     check.number(node, "rank", p, low=1, integer=True)
+    check.choice(node, "adapter", p, ADAPTER_KINDS)
     check.choice(node, "evaluate_split", p, SPLITS, optional=True)
     check.choice(node.cache, "dtype", f"{p}cache.", CACHE_DTYPES)
     check.number(node.cache, "batch_size", f"{p}cache.", low=1, integer=True)
     adapters = node.adapters
     check.choice(adapters, "weights", f"{p}adapters.", ADAPTER_WEIGHTS)
     check.choice(adapters, "target", f"{p}adapters.", TOKEN_TARGETS)
+    check.choice(adapters, "objective", f"{p}adapters.", ADAPTER_OBJECTIVES)
+    check.number(adapters, "top_k", f"{p}adapters.", low=1, integer=True, why="the teacher's tokens kept per position")
+    check.choice(adapters, "vocabulary", f"{p}adapters.", DISTILL_VOCABULARIES)
     check.choice(node.hardness, "target", f"{p}hardness.", TOKEN_TARGETS)
     for stage in ("adapters", "policy", "classifier"):  # epochs=0 skips a stage
         q = f"{p}{stage}."

@@ -76,6 +76,7 @@ class BlockAdapter(nn.Module):
                              "use adapter: lowrank for this backbone")
         self.norm, self.mlp = copy.deepcopy(norm), copy.deepcopy(layer.mlp)
         self.requires_grad_(True)
+        self.train()  # copied from a model in eval mode
         output = [m for m in self.mlp.modules() if getattr(m, "weight", None) is not None][-1]
         nn.init.zeros_(output.weight)
         if getattr(output, "bias", None) is not None:

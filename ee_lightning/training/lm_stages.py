@@ -37,9 +37,10 @@ from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_
 from ee_lightning.exits.rules import policy_exits
 from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_statistics
 from ee_lightning.files import atomic_torch_save
-from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build, source_meta
+from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build, response_only, source_meta
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.held import Held
+from ee_lightning.training.lm_distill import distill_exits
 from ee_lightning.training.lm_lora import train_backbone_lora
 
 log = logging.getLogger(__name__)
@@ -235,13 +236,17 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
 
 
 def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg: LMCacheConfig, out_dir: Path,
-                 identity: dict | None) -> dict:
-    """The exit-state cache of one split, built once and reused while its settings hold."""
+                 identity: dict | None, top_k: int | None = None) -> dict:
+    """The exit-state cache of one split, built once and reused while its settings hold. With `top_k`
+    (distillation) it holds every position of the text and the full model's top-k next tokens."""
     dtype = cache_cfg.dtype
     meta = {**source_meta(decoder, datamodule, split, identity), "exit_layers": exit_layers, "dtype": dtype}
+    positions = "response"
+    if top_k:
+        positions, meta = "all", {**meta, "positions": "all", "top_k": top_k}
     loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
-    return load_or_build(out_dir / f"exit_states_{split}.pt", meta,
-                         lambda: collect_exit_states(decoder, loader, exit_layers, dtype=dtype))
+    return load_or_build(out_dir / f"exit_states_{split}.pt", meta, lambda: collect_exit_states(
+        decoder, loader, exit_layers, dtype=dtype, positions=positions, top_k=top_k))
 
 
 # TokenPolicySystem's knobs, read from method.lm_exits.policy.
@@ -266,7 +271,8 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str 
     out_dir = Path(out_dir)
     cfg = lm_exits_config(cfg)
     num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
-    exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank)
+    exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank, adapter=cfg.adapter,
+                        layers=decoder.layers() if cfg.adapter == "block" else None)
     datamodule.setup()
     lora_outcome = None
     if cfg.lora.enabled:
@@ -275,7 +281,13 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str 
         lora_outcome = train_backbone_lora(decoder, exits, datamodule, cfg.lora, out_dir, trainer_factory, identity,
                                            exits_lr=cfg.adapters.lr, weights=cfg.adapters.weights)
         identity = {**(identity or {}), "lora": lora_outcome.digest}
-    cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cfg.cache, out_dir, identity)
+    # --- distillation (adapters.objective=distill): one pass caches every position of the text with the
+    # full model's top-k; the later stages read its response tokens, as they read a response cache
+    distilling = cfg.adapters.objective == "distill"
+    text_cache = _split_cache(decoder, datamodule, "train", exits.exit_layers, cfg.cache, out_dir, identity,
+                              top_k=cfg.adapters.top_k if distilling else None)
+    cache = response_only(text_cache)
+    # ---
     targets = cache["targets"]
     batch = cfg.adapters.batch_size
     before = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
@@ -286,7 +298,11 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str 
         summary.update(lora=lora_outcome.summary(), after_lora=before)
 
     adapters = cfg.adapters
-    if adapters.epochs > 0:
+    if adapters.epochs > 0 and distilling:
+        summary["distillation"] = distill_exits(exits, decoder, text_cache, trainer_factory("lm_adapters", adapters.epochs),
+                                                vocabulary=adapters.vocabulary, lr=adapters.lr,
+                                                batch_size=adapters.batch_size, weights=adapters.weights)
+    elif adapters.epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights)
         # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
         adapter_targets = hardness_targets(adapters.target, targets, cache["full_tokens"])
