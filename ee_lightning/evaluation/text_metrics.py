@@ -20,6 +20,13 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def rouge_f1(predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 over aligned (prediction, reference) pairs: {"rouge1": .., "rouge2": .., "rougeL": ..}."""
+    per_pair = rouge_per_pair(predictions, references, use_stemmer)
+    return {name: sum(values) / len(values) for name, values in per_pair.items()}
+
+
+def rouge_per_pair(predictions: Sequence[str], references: Sequence[str],
+                   use_stemmer: bool = True) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 of every aligned (prediction, reference) pair: {"rouge1": [..], ...}."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -27,13 +34,33 @@ def rouge_f1(predictions: Sequence[str], references: Sequence[str], use_stemmer:
     if not predictions:
         raise ValueError("no predictions to score")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    out = {name: [] for name in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references):
         # the package's signature is score(target, prediction)
         scores = scorer.score(reference, prediction)
         for name in ROUGE_TYPES:
-            totals[name] += scores[name].fmeasure
-    return {name: total / len(predictions) for name, total in totals.items()}
+            out[name].append(scores[name].fmeasure)
+    return out
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-item scores and its percentile bootstrap interval: the items
+    are resampled with replacement `resamples` times (seeded), and low / high are the (1 - level) / 2
+    and (1 + level) / 2 quantiles of the resampled means."""
+    import torch
+
+    if len(values) == 0:
+        raise ValueError("no scores to bootstrap")
+    if not 0.0 < level < 1.0 or resamples < 1:
+        raise ValueError(f"level={level} must lie in (0, 1) and resamples={resamples} be >= 1")
+    data = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(data), (resamples, len(data)), generator=generator)
+    means = data[picks].mean(1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return float(data.mean()), low, high
 
 
 def trim_generation(ids: Sequence[int], eos_token_id: int | None = None) -> list[int]:
