@@ -1,0 +1,219 @@
+"""Benchmark: every exit rule at every knob, through real generation on many ACLSum test prompts.
+
+It reads the trained exits, token policy and CALM classifier of a finished
+`ee-train experiment=aclsum_consistentee` run (its run directory: `.hydra/config.yaml`,
+`lm_exits.pt`, `token_policy.pt`, `exit_classifier.pt`) and generates greedily for the first
+`--prompts` test prompts, `--new` new tokens each, under every rule point of the run's grid
+(`method.generation.rules`, or `--grid` from a yaml file). Per point:
+
+- ROUGE-1/2/L against the reference and ROUGE-L against the full model's own output, each the mean
+  over prompts with a seeded percentile bootstrap 95% interval (`text_metrics.bootstrap_interval`);
+- token agreement with the full output; average exit layer and layer saving;
+- FLOPs per token (layers run, K/V fill of skipped layers, every LM-head / policy / classifier
+  call) and the same in layer-equivalents (FLOPs over one layer's average; full depth is L plus
+  the LM head's share, about 8 layers for SmolLM2);
+- tokens/s at batch `--batch` over every prompt, and at batch 1 over the first `--speed-prompts`,
+  decoding only (each batch's prompt pass runs once, shared by every rule, and is excluded), beside
+  full depth through the same code and transformers' `generate` (prompt pass included on both
+  sides, as `generate` cannot exclude it; stated in the report).
+
+    python experiments/aclsum_benchmark.py --run-dir outputs/aclsum_consistentee/runs/<time>
+    python experiments/aclsum_benchmark.py --run-dir ... --prompts 100 --new 48 --speed-prompts 8
+
+Writes experiments/results/aclsum_benchmark/{benchmark.csv,benchmark.md,benchmark.png,benchmark.json}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ee_lightning.config.validate import lm_exits_config
+from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
+from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, rule_points_grid,
+                                                     score_points)
+from ee_lightning.evaluation.pareto import plot_pareto
+from ee_lightning.evaluation.text_metrics import bootstrap_interval, rouge_per_pair
+from ee_lightning.exits.rules import FullRule
+from ee_lightning.files import atomic_write_text
+from ee_lightning.inference.generate import prefill
+from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
+from ee_lightning.progress import progress_enabled
+from ee_lightning.training.lm_pipeline import generation_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "aclsum_benchmark"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a finished aclsum_consistentee run directory")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--new", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--speed-prompts", type=int, default=8, help="prompts timed at batch 1 (0: none)")
+    parser.add_argument("--grid", type=Path, default=None, help="yaml with method.generation.rules' keys")
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=OUT)
+    return parser.parse_args(argv)
+
+
+def load_run(run_dir: Path):
+    """(config, decoder, tokenizer, exits, policy, classifier) of a finished run."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
+    lm = lm_exits_config(cfg.method.lm_exits)
+    exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, lm.exit_every, lm.rank, adapter=lm.adapter,
+                        layers=decoder.layers() if lm.adapter == "block" else None)
+    exits.load_state_dict(torch.load(run_dir / "lm_exits.pt", weights_only=True))
+    policy = classifier = None
+    if (run_dir / "token_policy.pt").is_file():
+        policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, lm.policy.hidden, exits.exit_layers)
+        policy.load_state_dict(torch.load(run_dir / "token_policy.pt", weights_only=True))
+    if (run_dir / "exit_classifier.pt").is_file():
+        classifier = ExitClassifier(decoder.num_layers, decoder.hidden_size, exits.exit_layers)
+        classifier.load_state_dict(torch.load(run_dir / "exit_classifier.pt", weights_only=True))
+    return cfg, decoder, tokenizer, exits.eval(), policy and policy.eval(), classifier and classifier.eval()
+
+
+def run_rules(decoder, exits, rules, batches, max_new, eos, pad, policy, classifier, flops, desc: str,
+              library: bool = True) -> tuple[list[dict], float, dict]:
+    """Every rule on every batch (prompt pass shared): merged runs per rule, prompt seconds, generate's speed."""
+    from tqdm.auto import tqdm
+
+    runs = [[] for _ in rules]
+    prefill_seconds, lib = 0.0, {"seconds": 0.0, "generated": 0}
+    generate_batch(decoder, exits, FullRule(), batches[0], 2, eos, pad)  # warm-up
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress_enabled()):
+        cache, seconds = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
+        prefill_seconds += seconds
+        shared = {**batch, "prompt_cache": cache}
+        for index, (_, _, rule) in enumerate(rules):
+            runs[index].append(generate_batch(decoder, exits, rule, shared, max_new, eos, pad, policy, classifier, flops))
+        if library:
+            seconds, generated = library_generate(decoder, batch, max_new, eos, pad)
+            lib["seconds"] += seconds
+            lib["generated"] += generated
+        print(f"{desc}: batch done, {sum(len(b['references']) for b in batches[:len(runs[0])])} prompts", flush=True)
+    return [merge_runs(r) for r in runs], prefill_seconds, lib
+
+
+def with_intervals(points, runs, tokenizer, references, resamples) -> None:
+    """Adds `<metric>_low` / `_high` (bootstrap 95%) for ROUGE-1/2/L and ROUGE-L against the full output."""
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in run["tokens"]] for run in runs]
+    for point, mine in zip(points, texts):
+        scores = rouge_per_pair(mine, references)
+        scores["rougeL_vs_full"] = rouge_per_pair(mine, texts[0])["rougeL"]
+        for name, values in scores.items():
+            _, point[f"{name}_low"], point[f"{name}_high"] = bootstrap_interval(values, resamples)
+
+
+COLUMNS = ("rule", "value", "rouge1", "rouge1_low", "rouge1_high", "rouge2", "rouge2_low", "rouge2_high", "rougeL",
+           "rougeL_low", "rougeL_high", "rougeL_vs_full", "rougeL_vs_full_low", "rougeL_vs_full_high",
+           "token_agreement", "avg_exit_layer", "layer_saving", "flops", "flops_saving", "layer_equivalents",
+           "tokens_per_s", "speedup_vs_full", "speedup_vs_generate", "tokens_per_s_b1", "speedup_vs_full_b1",
+           "pareto_flops", "pareto_speed")
+
+
+def pareto_by(points, key: str) -> None:
+    """`pareto_<key>`: no other non-oracle point has ROUGE-L >= and `key` >= with one of them strictly."""
+    for p in points:
+        p[f"pareto_{key}"] = p["rule"] != "oracle" and not any(
+            q is not p and q["rule"] != "oracle" and q["rougeL"] >= p["rougeL"] and q[key] >= p[key]
+            and (q["rougeL"] > p["rougeL"] or q[key] > p[key]) for q in points)
+
+
+def markdown(points, meta) -> str:
+    lines = [f"# {meta['title']}", "", meta["note"], "",
+             "| rule | knob | ROUGE-L (ref) [95% CI] | ROUGE-L (full) [95% CI] | ROUGE-1 | ROUGE-2 | agreement | avg exit | "
+             f"layer saving | FLOPs saving | layer-equiv./token | tok/s b{meta['batch']} (vs full) | tok/s b1 (vs full) | vs generate | "
+             "Pareto (FLOPs / speed) |", "|" + "---|" * 15]
+    for p in points:
+        b1 = "-" if p.get("tokens_per_s_b1") is None else f"{p['tokens_per_s_b1']:.1f} ({p['speedup_vs_full_b1']:.2f}x)"
+        lines.append(
+            f"| {p['rule']} | {'-' if p['value'] is None else p['value']} | "
+            f"{p['rougeL']:.3f} [{p['rougeL_low']:.3f}, {p['rougeL_high']:.3f}] | "
+            f"{p['rougeL_vs_full']:.3f} [{p['rougeL_vs_full_low']:.3f}, {p['rougeL_vs_full_high']:.3f}] | "
+            f"{p['rouge1']:.3f} | {p['rouge2']:.3f} | {p['token_agreement']:.3f} | {p['avg_exit_layer']:.2f} | "
+            f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% | {p['layer_equivalents']:.1f} | "
+            f"{p['tokens_per_s']:.1f} ({p['speedup_vs_full']:.2f}x) | {b1} | {p['speedup_vs_generate']:.2f}x | "
+            f"{'yes' if p['pareto_flops_saving'] else ''} / {'yes' if p['pareto_tokens_per_s'] else ''} |")
+    lines += ["", f"Seconds: {json.dumps(meta['seconds'])}", "", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse(argv)
+    started = time.time()
+    cfg, decoder, tokenizer, exits, policy, classifier = load_run(args.run_dir)
+    torch.manual_seed(int(cfg.seed))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data["max_eval_samples"] = None
+    datamodule = instantiate(data, tokenizer=tokenizer, _convert_="all")
+    datamodule.setup()
+    grids = OmegaConf.to_container(OmegaConf.load(args.grid) if args.grid else cfg.method.generation.rules)
+    rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None, decoder.vocab_size,
+                             tau=float(cfg.method.lm_exits.policy.tau) if policy is not None else None)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    flops = measure_generation_flops(decoder, exits, policy, classifier)
+    batches, references = generation_batches(datamodule, "test", args.batch, args.prompts)
+    print(f"{len(rules)} rule points, {len(references)} prompts, {args.new} new tokens", flush=True)
+    seconds = {}
+    clock = time.time()
+    runs, prefill_seconds, library = run_rules(decoder, exits, rules, batches, args.new, eos, pad, policy, classifier,
+                                               flops, f"batch {args.batch}")
+    seconds[f"batch {args.batch}"] = time.time() - clock
+    points, extras = score_points(rules, runs, tokenizer, references, decoder.num_layers, prefill_seconds, library)
+    with_intervals(points, runs, tokenizer, references, args.resamples)
+    unit = (extras["flops_full_depth_per_token"] - flops.exit_head) / decoder.num_layers  # one average layer
+    for p in points:
+        p["layer_equivalents"] = p["flops"] / unit
+    if args.speed_prompts:
+        clock = time.time()
+        single, _ = generation_batches(datamodule, "test", 1, args.speed_prompts)
+        b1, _, _ = run_rules(decoder, exits, rules, single, args.new, eos, pad, policy, classifier, flops, "batch 1",
+                             library=False)
+        full_rate = b1[0]["generated"] / b1[0]["seconds"]
+        for p, run in zip(points, b1):
+            p["tokens_per_s_b1"] = run["generated"] / run["seconds"]
+            p["speedup_vs_full_b1"] = p["tokens_per_s_b1"] / full_rate
+        seconds["batch 1"] = time.time() - clock
+    pareto_by(points, "flops_saving")
+    pareto_by(points, "tokens_per_s")
+    seconds["total"] = time.time() - started
+    title = (f"{cfg.backbone.name} on ACLSum test: {len(references)} prompts, {args.new} new tokens, greedy "
+             f"(run {args.run_dir.name})")
+    note = (f"Means over prompts with seeded bootstrap 95% intervals ({args.resamples} resamples). tokens/s: decoding "
+            f"only, the prompt pass excluded (run once per batch and shared by every rule); batch {args.batch} over "
+            f"every prompt, batch 1 over the first {args.speed_prompts}. 'vs generate' counts the prompt pass on both "
+            f"sides, against transformers' greedy `generate` ({extras['transformers_generate']['tokens_per_s']:.1f} "
+            f"tokens/s at batch {args.batch}). Layer-equivalents: FLOPs per token over one average layer's (full depth "
+            f"= {decoder.num_layers} layers + the LM head's share). Pareto: ROUGE-L (ref) against FLOPs saving / "
+            f"tokens/s at batch {args.batch}, oracle excluded.")
+    meta = {"title": title, "note": note, "batch": args.batch, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "command": "python experiments/aclsum_benchmark.py " + " ".join(argv or sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "benchmark.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for p in points:
+            writer.writerow({**{c: p.get(c, "") for c in COLUMNS}, "pareto_flops": p["pareto_flops_saving"],
+                             "pareto_speed": p["pareto_tokens_per_s"]})
+    atomic_write_text(args.out / "benchmark.md", markdown(points, meta))
+    atomic_write_text(args.out / "benchmark.json", json.dumps({"points": points, "extras": extras, **meta}, indent=1,
+                                                              default=str))
+    plot_pareto(points, args.out / "benchmark.png", "ROUGE-L (reference)", title)
+    print(markdown(points, meta))
+
+
+if __name__ == "__main__":
+    main()
