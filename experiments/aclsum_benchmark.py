@@ -36,6 +36,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ee_lightning.config.validate import lm_exits_config
+from ee_lightning.evaluation.calibration import calibrate
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
 from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, rule_points_grid,
                                                      score_points)
@@ -62,6 +63,9 @@ def parse(argv):
     parser.add_argument("--speed-prompts", type=int, default=8, help="prompts timed at batch 1 (0: none)")
     parser.add_argument("--grid", type=Path, default=None, help="yaml with method.generation.rules' keys")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--calibrate-prompts", type=int, default=0,
+                        help="validation prompts on which each rule's knob is calibrated (0: none)")
+    parser.add_argument("--level", type=float, default=0.6, help="calibration: ROUGE-L against the full output to keep")
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -146,6 +150,13 @@ def markdown(points, meta) -> str:
             f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% | {p['layer_equivalents']:.1f} | "
             f"{p['tokens_per_s']:.1f} ({p['speedup_vs_full']:.2f}x) | {b1} | {p['speedup_vs_generate']:.2f}x | "
             f"{'yes' if p['pareto_flops_saving'] else ''} / {'yes' if p['pareto_tokens_per_s'] else ''} |")
+    calibrated = [p for p in points if p.get("calibrated")]
+    if meta.get("calibration"):
+        lines += ["", f"## Calibrated on validation (CALM-style)", "", meta["calibration"], "",
+                  "| rule | knob (chosen on validation) | validation ROUGE-L (full) | test ROUGE-L (ref) | test ROUGE-L (full) | "
+                  "test layer saving | test FLOPs saving |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['rule']} | {p['value']} | {p['calibrated']:.3f} | {p['rougeL']:.3f} | {p['rougeL_vs_full']:.3f} | "
+                  f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% |" for p in calibrated]
     lines += ["", f"Seconds: {json.dumps(meta['seconds'])}", "", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -167,7 +178,19 @@ def main(argv=None):
     flops = measure_generation_flops(decoder, exits, policy, classifier)
     batches, references = generation_batches(datamodule, "test", args.batch, args.prompts)
     print(f"{len(rules)} rule points, {len(references)} prompts, {args.new} new tokens", flush=True)
-    seconds = {}
+    seconds, calibration = {}, None
+    if args.calibrate_prompts:
+        clock = time.time()
+        val_batches, val_refs = generation_batches(datamodule, "validation", args.batch, args.calibrate_prompts)
+        val_runs, val_prefill, _ = run_rules(decoder, exits, rules, val_batches, args.new, eos, pad, policy, classifier,
+                                             flops, "validation", library=False)
+        val_points, _ = score_points(rules, val_runs, tokenizer, val_refs, decoder.num_layers, val_prefill,
+                                     {"seconds": 1.0, "generated": 1})
+        chosen = {(rule, p["value"]): p["rougeL_vs_full"] for rule, p in calibrate(val_points, args.level).items()}
+        calibration = (f"Each rule's knob with the most layer saving whose ROUGE-L against the full output on the "
+                       f"first {len(val_refs)} validation prompts is at least {args.level}; its test numbers below. "
+                       f"A rule missing here reached {args.level} at none of its knobs.")
+        seconds["validation"] = time.time() - clock
     clock = time.time()
     runs, prefill_seconds, library = run_rules(decoder, exits, rules, batches, args.new, eos, pad, policy, classifier,
                                                flops, f"batch {args.batch}")
@@ -177,6 +200,8 @@ def main(argv=None):
     unit = (extras["flops_full_depth_per_token"] - flops.exit_head) / decoder.num_layers  # one average layer
     for p in points:
         p["layer_equivalents"] = p["flops"] / unit
+        if calibration:
+            p["calibrated"] = chosen.get((p["rule"], p["value"]))
     if args.speed_prompts:
         clock = time.time()
         single, _ = generation_batches(datamodule, "test", 1, args.speed_prompts)
@@ -199,7 +224,7 @@ def main(argv=None):
             f"tokens/s at batch {args.batch}). Layer-equivalents: FLOPs per token over one average layer's (full depth "
             f"= {decoder.num_layers} layers + the LM head's share). Pareto: ROUGE-L (ref) against FLOPs saving / "
             f"tokens/s at batch {args.batch}, oracle excluded.")
-    meta = {"title": title, "note": note, "batch": args.batch, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    meta = {"title": title, "note": note, "batch": args.batch, "calibration": calibration, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "command": "python experiments/aclsum_benchmark.py " + " ".join(argv or sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "benchmark.csv", "w", newline="") as handle:
