@@ -5,7 +5,9 @@ exits first and is merged in, training/lm_lora.py). One teacher-forced pass cach
 hidden state for the response tokens (`inference.lm_cache`); then three Lightning stages train on the cache:
 
 1. adapters (`ExitAdapterSystem`): each exit's LM loss on the reference token, weighted over exits
-   (w_l proportional to l by default, as the encoder side's stage 1);
+   (w_l proportional to l by default, as the encoder side's stage 1); or, with
+   `adapters.objective=distill` (`training.lm_distill`), every exit distilled from the full model's
+   top-k next tokens at every position of the training text, prompts included;
 2. policy (`TokenPolicySystem`): ConsistentEE's REINFORCE per token, tokens in place of instances:
    K rollouts per token over its exit states, reward task - alpha * t * (1 - m/E) with m the token's
    memorized exit (t, m counted in exits; with an exit at every layer they are layers), baseline the
