@@ -204,22 +204,30 @@ def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) ->
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int, system_prompt: str | None = None,
+                  origin: str = "a prompt") -> tuple[list[int], bool]:
+    """(ids of the chat template around `prompt`, truncated?). A long prompt loses the end of its user
+    message (the template's markers stay). `origin` names the prompt in errors."""
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, system_prompt)
+    truncated = False
+    if len(prompt_ids) > max_prompt_length:
+        truncated = True
+        content = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        keep = len(content) - (len(prompt_ids) - max_prompt_length)
+        while len(prompt_ids) > max_prompt_length:
+            if keep < 1:
+                raise DataError(f"{origin}: data.max_prompt_length={max_prompt_length} cannot hold even the chat "
+                                f"template; raise it")
+            prompt_ids = chat_prompt_ids(tokenizer, tokenizer.decode(content[:keep]), system_prompt)
+            keep -= max(1, len(prompt_ids) - max_prompt_length)
+    return prompt_ids, truncated
+
+
 def encode_item(tokenizer, item: PromptItem, max_prompt_length: int, max_response_length: int,
                 system_prompt: str | None = None) -> tuple[list[int], list[int], bool]:
     """(prompt ids, response ids + EOS, truncated?). A long prompt loses the end of its user message
     (the template's markers stay); a long response is cut (and then has no EOS)."""
-    prompt_ids = chat_prompt_ids(tokenizer, item.prompt, system_prompt)
-    truncated = False
-    if len(prompt_ids) > max_prompt_length:
-        truncated = True
-        content = list(tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
-        keep = len(content) - (len(prompt_ids) - max_prompt_length)
-        while len(prompt_ids) > max_prompt_length:
-            if keep < 1:
-                raise DataError(f"{item.origin}: data.max_prompt_length={max_prompt_length} cannot hold even the chat "
-                                f"template; raise it")
-            prompt_ids = chat_prompt_ids(tokenizer, tokenizer.decode(content[:keep]), system_prompt)
-            keep -= max(1, len(prompt_ids) - max_prompt_length)
+    prompt_ids, truncated = encode_prompt(tokenizer, item.prompt, max_prompt_length, system_prompt, item.origin)
     response = list(tokenizer(item.reference, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         response.append(tokenizer.eos_token_id)

@@ -22,13 +22,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ee_lightning.config import typed
 from ee_lightning.config.schema import ConsistentEELMMethod
 from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import exit_layer_list
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_stages import train_lm_exits
@@ -116,6 +117,9 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
         "report": {k: str(v) for k, v in paths.items()}, "policy_tau": tau if trained.policy is not None else None,
     })
     path = results.write(run_dir)
+    save_decoder(run_dir / "model", decoder, tokenizer, trained.exits, trained.policy, trained.classifier,
+                 generation={"rules": dataclasses.asdict(gen.rules), "tau": tau, "max_new_tokens": gen.max_new_tokens,
+                             "batch_size": gen.batch_size}, data=OmegaConf.to_container(cfg.data, resolve=True))
     print(paths["md"].read_text())
     print(f"results: {path}")
     return results
