@@ -282,7 +282,7 @@ def tiny_decoder_folder(folder: Path):
             torch.nn.init.normal_(parameter, 0, 0.5)
     save_decoder(folder, decoder, tokenizer, exits, policy, classifier,
                  generation={"rules": {"policy": [0.5]}, "tau": 0.5, "max_new_tokens": 5, "batch_size": 2},
-                 data={"system_prompt": None, "max_prompt_length": 48})
+                 data={"system_prompt": None, "max_prompt_length": 48}, backbone="tiny_llama")
     return decoder, tokenizer, exits, policy, classifier
 
 
@@ -353,3 +353,40 @@ def test_unknown_versions_missing_files_and_foreign_files_are_named(tmp_path):
         ee_lightning.load(folder)
     with pytest.raises(ModelFolderError, match="is not a folder"):
         ee_lightning.load(tmp_path / "nothing-here")
+
+
+# --------------------------------------------------------------------------------- ee-eval on a folder
+@pytest.mark.slow
+def test_ee_eval_reports_an_encoder_folder_as_its_run_did(encoder_run, tmp_path):
+    from ee_lightning.app.evaluate_checkpoint import evaluate
+
+    folder, reference = encoder_run
+    out = tmp_path / "eval"
+    report = evaluate(compose_train([f"model_dir={folder}", "report.latency.enabled=false"], out, "eval"))
+    results = reference["results"]
+    (full,) = [p for p in report["points"] if p["rule"] == "full"]
+    (policy,) = [p for p in report["points"] if p["rule"] == "policy" and p["value"] == "0.5"]  # the report keeps knobs as written
+    assert full["metric"] == pytest.approx(results["full"])
+    assert policy["metric"] == pytest.approx(results["methods"]["consistentee"]["metric"])
+    assert policy["avg_exit_layer"] == pytest.approx(results["methods"]["consistentee"]["avg_exit_layer"])
+    assert json.loads((out / "eval.json").read_text())["model_dir"] == str(folder)
+    assert (out / "pareto.md").is_file()
+
+
+@pytest.mark.slow
+def test_ee_eval_reports_a_decoder_folder_as_its_run_did(decoder_run, tmp_path):
+    from ee_lightning.app.evaluate_checkpoint import evaluate
+
+    folder, reference = decoder_run
+    out = tmp_path / "eval"
+    report = evaluate(compose_train([f"model_dir={folder}"], out, "eval"))
+    mine = {(p["rule"], p["value"]): p for p in report["points"]}
+    theirs = {(p["rule"], p["value"]): p for p in reference["results"]["points"]}
+    assert mine.keys() == theirs.keys()
+    for key, point in theirs.items():
+        for column in ("rougeL", "rougeL_vs_full", "exit_histogram", "tokens", "flops"):
+            assert mine[key][column] == pytest.approx(point[column]), (key, column)
+    for name in ("pareto.csv", "pareto.md", "pareto.png", "eval.json"):
+        assert (out / name).is_file()
+    with pytest.raises(ValueError, match=r"holds backbone='tiny_llama', but expect.backbone='smollm2_135m'"):
+        evaluate(compose_train([f"model_dir={folder}", "expect.backbone=smollm2_135m"], tmp_path / "e2", "eval"))

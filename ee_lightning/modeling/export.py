@@ -74,12 +74,13 @@ class DecoderParts(nn.Module):
 
 def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits: LMExitHeads,
                  policy: TokenExitPolicy | None, classifier: ExitClassifier | None, generation: dict,
-                 data: dict) -> Path:
+                 data: dict, backbone: str) -> Path:
     """A decoder run's model. generation: the run's rules (knob grids), the policy's trained `tau`,
-    `max_new_tokens`, `batch_size`; data: the run's data config (its `system_prompt` and
-    `max_prompt_length` shape every prompt)."""
+    `max_new_tokens`, `batch_size`, `max_prompts`; data: the run's data config (its `system_prompt` and
+    `max_prompt_length` shape every prompt); backbone: the backbone config's name."""
     config = {
         "kind": "decoder",
+        "backbone": {"name": backbone, "family": decoder.model.config.model_type},
         "model_config": decoder.model.config.to_dict(),
         "attn_implementation": decoder.model.config._attn_implementation or "sdpa",
         "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),

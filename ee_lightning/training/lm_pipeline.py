@@ -119,7 +119,8 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
     path = results.write(run_dir)
     save_decoder(run_dir / "model", decoder, tokenizer, trained.exits, trained.policy, trained.classifier,
                  generation={"rules": dataclasses.asdict(gen.rules), "tau": tau, "max_new_tokens": gen.max_new_tokens,
-                             "batch_size": gen.batch_size}, data=OmegaConf.to_container(cfg.data, resolve=True))
+                             "batch_size": gen.batch_size, "max_prompts": gen.max_prompts},
+                 data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
     print(paths["md"].read_text())
     print(f"results: {path}")
     return results
