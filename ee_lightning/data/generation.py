@@ -24,8 +24,6 @@ Sources:
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -36,13 +34,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.data.base import DataError, fraction_size, split_rows
-from ee_lightning.data.sources import read_jsonl
+from ee_lightning.data.sources import DATA_PACKAGES, package_folder, read_jsonl
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # label of a position the LM loss skips (torch's cross_entropy default)
-ACLSUM_REQUIREMENT = "aclsum==0.1.2"
+ACLSUM_REQUIREMENT = DATA_PACKAGES["aclsum"]
 ACLSUM_SPLIT_FILES = {"train": "train.jsonl", "validation": "val.jsonl", "test": "test.jsonl"}
 ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
 ACLSUM_TEMPLATE = "Summarize the {aspect} of this paper in one sentence: {abstract}"
@@ -101,95 +99,11 @@ def aclsum_dir(path: str | None = None) -> Path:
             raise DataError(f"data.aclsum_dir={path}: not a folder; give the folder holding train.jsonl, val.jsonl "
                             f"and test.jsonl, or null for the installed {ACLSUM_REQUIREMENT} package")
         return folder
-    try:
-        # the files the package's metadata lists; the package itself is never imported
-        files = importlib.metadata.files("aclsum") or []
-        located = [f for f in files if str(f).replace("\\", "/") == "aclsum/dataset/train.jsonl"]
-        if located:
-            return Path(located[0].locate()).parent
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("aclsum")  # locates, does not execute, a top-level package
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(list(spec.submodule_search_locations)[0]) / "dataset"
-        if folder.is_dir():
-            return folder
-    raise DataError(f"ACLSum is not installed: run `pip install --no-deps {ACLSUM_REQUIREMENT}` (the Makefile's "
-                    f"install step does), or set data.aclsum_dir to a folder with its jsonl files")
-
-
-def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPECTS,
-                template: str = ACLSUM_TEMPLATE) -> list[PromptItem]:
-    """The (paper, aspect) pairs of one ACLSum split, in file order, aspects in the given order."""
-    path = Path(folder) / ACLSUM_SPLIT_FILES[split]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; reinstall {ACLSUM_REQUIREMENT} (--no-deps) or fix data.aclsum_dir")
-    items = []
-    for line, row in read_jsonl(path):
-        try:
-            abstract = detokenize(" ".join(row["sentences"]["abstract"]))
-            summaries = row["summary"]
-        except (KeyError, TypeError):
-            raise DataError(f"{path}, line {line}: no sentences.abstract / summary fields; is this ACLSum's file?") \
-                from None
-        for aspect in aspects:
-            reference = (summaries.get(aspect) or "").strip()
-            if not reference:
-                raise DataError(f"{path}, line {line}: no {aspect!r} summary; data.aspects must be among "
-                                f"{list(ACLSUM_ASPECTS)}")
-            items.append(PromptItem(template.format(aspect=aspect, abstract=abstract), detokenize(reference),
-                                    f"ACLSum {row.get('id', line)} {aspect}"))
-    return items
-
-
-def read_prompt_response(path: str | Path, prompt_field: str, response_field: str,
-                         input_field: str | None = None, key: str = "train_file") -> list[PromptItem]:
-    """Pairs from a .jsonl or .json file; an `input_field`, when present and non-empty, follows the prompt
-    after a blank line (Alpaca: instruction, input, output)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.{key}={path}: the file does not exist; set data.{key} to a .jsonl or .json file")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}); fix the file "
-                            f"(a .json file holds one list of objects; use .jsonl for one object per line)") from err
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not utf-8 text ({err}); re-encode the file as utf-8") from err
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: a .json file must hold a list of objects, found {type(rows).__name__}")
-        numbered = [(f"item {i + 1}", row) for i, row in enumerate(rows)]
-    elif path.suffix == ".jsonl":
-        numbered = [(f"line {line}", row) for line, row in read_jsonl(path)]
-    else:
-        raise DataError(f"data.{key}={path}: unknown extension {path.suffix!r}; use .jsonl or .json")
-    setting = {prompt_field: "prompt_field", response_field: "response_field"}
-    items = []
-    for where, row in numbered:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, {where}: expected a JSON object, got {type(row).__name__}")
-        for field in (prompt_field, response_field):
-            if field not in row:
-                raise DataError(f"{path}, {where}: no {field!r} field; set data.{setting[field]} to the right key "
-                                f"(this row has {sorted(row)})")
-        prompt, response = _text(row[prompt_field]), _text(row[response_field])
-        if not prompt:
-            raise DataError(f"{path}, {where}: empty prompt in field {prompt_field!r}")
-        if not response:
-            raise DataError(f"{path}, {where}: empty response in field {response_field!r}")
-        extra = _text(row.get(input_field)) if input_field else ""
-        items.append(PromptItem(f"{prompt}\n\n{extra}" if extra else prompt, response, f"{path}, {where}"))
-    if not items:
-        raise DataError(f"data.{key}={path} has no rows")
-    return items
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
-
-
-# ----------------------------------------------------------------------------- tokenising and batches
+    folder = package_folder("aclsum", "set data.aclsum_dir to a folder with its jsonl files") / "dataset"
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist: the installed {ACLSUM_REQUIREMENT} is incomplete; reinstall it "
+                        "(`make install`), or set data.aclsum_dir to a folder with its jsonl files")
+    return folder
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
