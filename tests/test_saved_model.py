@@ -390,3 +390,18 @@ def test_ee_eval_reports_a_decoder_folder_as_its_run_did(decoder_run, tmp_path):
         assert (out / name).is_file()
     with pytest.raises(ValueError, match=r"holds backbone='tiny_llama', but expect.backbone='smollm2_135m'"):
         evaluate(compose_train([f"model_dir={folder}", "expect.backbone=smollm2_135m"], tmp_path / "e2", "eval"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path):
+    from ee_lightning.training.systems.base import read_checkpoint
+
+    marker = tmp_path / "the-pickle-ran"
+
+    class WritesAMarker:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    torch.save({"ee_lightning": {}, "state_dict": {}, "hyper_parameters": WritesAMarker()}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"last\.ckpt holds objects other than tensors .* unpickling them can run code"):
+        read_checkpoint(tmp_path / "last.ckpt")
+    assert not marker.exists()
