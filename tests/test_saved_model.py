@@ -25,7 +25,7 @@ from ee_lightning.modeling.export import ModelFolderError, save_decoder, save_en
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.modeling.saved import build_model
 from ee_lightning.tasks import TaskSpec
-from tests.conftest import CONF_DIR, ROOT, SENTENCES, backbone_cfg, compose_train, data_overrides, make_batch, \
+from tests.conftest import CONF_DIR, ROOT, SENTENCES, TINY_BACKBONES, backbone_cfg, compose_train, data_overrides, make_batch, \
     make_tiny_model
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]
@@ -224,13 +224,13 @@ def test_the_readme_section_on_using_a_trained_model_runs_as_written(encoder_run
 
 
 # --------------------------------------------------------------------------------- fast: one folder, by hand
-def tiny_encoder_folder(folder: Path, tau: float | None = 0.5):
-    tokenizer = make_tiny_model("tiny_bert")[1]
+def tiny_encoder_folder(folder: Path, tau: float | None = 0.5, backbone: str = "tiny_bert"):
+    tokenizer = make_tiny_model(backbone)[1]
     task = TaskSpec("toy", "classification", 3, "acc", ("a", "b", "c"))
     plain = lambda name: OmegaConf.to_container(OmegaConf.load(CONF_DIR / name), resolve=True)  # noqa: E731
     head, policy = plain("head/default.yaml"), plain("policy/default.yaml")
     torch.manual_seed(0)
-    model, spec = build_model(OmegaConf.to_container(backbone_cfg("tiny_bert")), head, policy, task, tokenizer,
+    model, spec = build_model(OmegaConf.to_container(backbone_cfg(backbone)), head, policy, task, tokenizer,
                               data={"name": "toy"}, tau=tau)
     with torch.no_grad():  # an untrained policy says 0.5 everywhere: spread it so that rows exit apart
         for net in model.policy.modules():
@@ -271,8 +271,8 @@ def test_a_finetune_only_model_predicts_at_full_depth_by_default_and_names_the_m
         loaded.predict(SENTENCES, rule="policy")
 
 
-def tiny_decoder_folder(folder: Path):
-    decoder, tokenizer = build_decoder(backbone_cfg("tiny_llama"))
+def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama"):
+    decoder, tokenizer = build_decoder(backbone_cfg(backbone))
     torch.manual_seed(1)
     exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=2, rank=4)
     policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, hidden=8, exit_layers=exits.exit_layers)
@@ -282,7 +282,7 @@ def tiny_decoder_folder(folder: Path):
             torch.nn.init.normal_(parameter, 0, 0.5)
     save_decoder(folder, decoder, tokenizer, exits, policy, classifier,
                  generation={"rules": {"policy": [0.5]}, "tau": 0.5, "max_new_tokens": 5, "batch_size": 2},
-                 data={"system_prompt": None, "max_prompt_length": 48}, backbone="tiny_llama")
+                 data={"system_prompt": None, "max_prompt_length": 48}, backbone=backbone)
     return decoder, tokenizer, exits, policy, classifier
 
 
@@ -308,6 +308,28 @@ def test_a_saved_decoder_generates_what_generation_gives_on_the_modules_it_saved
         assert got.exit_counts == torch.bincount(out.exit_layers[out.exit_layers > 0], minlength=5)[1:].tolist()
     with pytest.raises(ValueError, match="mode='verify' is not available; modes: exit"):
         loaded.generate(prompts, mode="verify")
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_every_encoder_family_saves_and_loads_to_the_same_answers(backbone, tmp_path):
+    model, tokenizer = tiny_encoder_folder(tmp_path / "model", backbone=backbone)
+    got = ee_lightning.load(tmp_path / "model").predict(SENTENCES, batch_size=len(SENTENCES))
+    logits, exits = EarlyExitRunner(model).run(make_batch(tokenizer), build_rule("policy", tau=0.5))
+    assert got.exit_layers.tolist() == exits.tolist()
+    assert torch.allclose(got.scores, torch.softmax(logits, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_gpt2"])
+def test_every_decoder_family_saves_and_loads_to_the_same_weights(backbone, tmp_path):
+    decoder, _, exits, policy, classifier = tiny_decoder_folder(tmp_path / "model", backbone)
+    loaded = ee_lightning.load(tmp_path / "model")
+    mine = {**{f"decoder.{k}": v for k, v in decoder.model.state_dict().items()},
+            **{f"exits.{k}": v for k, v in exits.state_dict().items()},
+            **{f"policy.{k}": v for k, v in policy.state_dict().items()},
+            **{f"classifier.{k}": v for k, v in classifier.state_dict().items()}}
+    theirs = loaded.parts.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[key], theirs[key]) for key in mine), backbone
 
 
 # --------------------------------------------------------------------------------- refusals (done-when (c))
