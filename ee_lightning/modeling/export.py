@@ -116,7 +116,7 @@ def _write(folder: str | Path, config: dict, module: nn.Module, tokenizer) -> Pa
     (partial / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
                                                   indent=2))
     # save_model keeps one copy of tied tensors (a decoder's embeddings and LM head), which save_file refuses
-    save_model(module, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_model(module, str(partial / WEIGHTS_FILE), metadata={"format": "pt"}, force_contiguous=True)
     tokenizer.save_pretrained(partial / TOKENIZER_DIR)
     if folder.exists():
         shutil.rmtree(folder)
