@@ -106,6 +106,80 @@ def aclsum_dir(path: str | None = None) -> Path:
     return folder
 
 
+def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPECTS,
+                template: str = ACLSUM_TEMPLATE) -> list[PromptItem]:
+    """The (paper, aspect) pairs of one ACLSum split, in file order, aspects in the given order."""
+    path = Path(folder) / ACLSUM_SPLIT_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; reinstall {ACLSUM_REQUIREMENT} (--no-deps) or fix data.aclsum_dir")
+    items = []
+    for line, row in read_jsonl(path):
+        try:
+            abstract = detokenize(" ".join(row["sentences"]["abstract"]))
+            summaries = row["summary"]
+        except (KeyError, TypeError):
+            raise DataError(f"{path}, line {line}: no sentences.abstract / summary fields; is this ACLSum's file?") \
+                from None
+        for aspect in aspects:
+            reference = (summaries.get(aspect) or "").strip()
+            if not reference:
+                raise DataError(f"{path}, line {line}: no {aspect!r} summary; data.aspects must be among "
+                                f"{list(ACLSUM_ASPECTS)}")
+            items.append(PromptItem(template.format(aspect=aspect, abstract=abstract), detokenize(reference),
+                                    f"ACLSum {row.get('id', line)} {aspect}"))
+    return items
+
+
+def read_prompt_response(path: str | Path, prompt_field: str, response_field: str,
+                         input_field: str | None = None, key: str = "train_file") -> list[PromptItem]:
+    """Pairs from a .jsonl or .json file; an `input_field`, when present and non-empty, follows the prompt
+    after a blank line (Alpaca: instruction, input, output)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.{key}={path}: the file does not exist; set data.{key} to a .jsonl or .json file")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}); fix the file "
+                            f"(a .json file holds one list of objects; use .jsonl for one object per line)") from err
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not utf-8 text ({err}); re-encode the file as utf-8") from err
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json file must hold a list of objects, found {type(rows).__name__}")
+        numbered = [(f"item {i + 1}", row) for i, row in enumerate(rows)]
+    elif path.suffix == ".jsonl":
+        numbered = [(f"line {line}", row) for line, row in read_jsonl(path)]
+    else:
+        raise DataError(f"data.{key}={path}: unknown extension {path.suffix!r}; use .jsonl or .json")
+    setting = {prompt_field: "prompt_field", response_field: "response_field"}
+    items = []
+    for where, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object, got {type(row).__name__}")
+        for field in (prompt_field, response_field):
+            if field not in row:
+                raise DataError(f"{path}, {where}: no {field!r} field; set data.{setting[field]} to the right key "
+                                f"(this row has {sorted(row)})")
+        prompt, response = _text(row[prompt_field]), _text(row[response_field])
+        if not prompt:
+            raise DataError(f"{path}, {where}: empty prompt in field {prompt_field!r}")
+        if not response:
+            raise DataError(f"{path}, {where}: empty response in field {response_field!r}")
+        extra = _text(row.get(input_field)) if input_field else ""
+        items.append(PromptItem(f"{prompt}\n\n{extra}" if extra else prompt, response, f"{path}, {where}"))
+    if not items:
+        raise DataError(f"data.{key}={path} has no rows")
+    return items
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+# ----------------------------------------------------------------------------- tokenising and batches
+
+
 def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
     """Ids of the chat template around one user message, ending with the assistant's generation prompt."""
     if not getattr(tokenizer, "chat_template", None):

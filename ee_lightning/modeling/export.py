@@ -108,7 +108,8 @@ def _policy_width(policy: TokenExitPolicy) -> int:
 
 
 def _write(folder: str | Path, config: dict, module: nn.Module, tokenizer) -> Path:
-    """Write the folder next to its final place, then rename it in: a crash leaves the old folder (or none)."""
+    """Write the folder beside its final place (`<name>.partial`), then rename it in: a crash never
+    leaves a half-written model folder under the final name."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
