@@ -18,7 +18,7 @@ from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
 from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, LoraExitSystem, attach_lora, merge_lora,
                                            projection_names, require_peft)
-from ee_lightning.training.lm_stages import train_lm_exits
+from ee_lightning.training.systems.lm import train_lm_exits
 from tests.conftest import CONF_DIR, compose_train
 from tests.lm_fixtures import tiny_llama
 from tests.test_lm_training import jsonl_datamodule, quiet_trainer
