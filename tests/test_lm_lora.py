@@ -171,7 +171,7 @@ def test_lora_stage_is_saved_reused_and_the_cache_follows_the_adapted_backbone(t
 
 
 def test_lora_settings_are_validated_before_anything_loads(tmp_path):
-    from ee_lightning.config.validate import ConfigError, validate_config
+    from ee_lightning.app.validate import ConfigError, validate_config
 
     cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "method.lm_exits.lora.enabled=true",
                          "method.lm_exits.lora.rank=0", "method.lm_exits.lora.epochs=0",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ee_lightning.config import validate_config
+from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.inference.layer_cache import collect_signals
