@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from ee_lightning.config import ConfigError, typed, validate_config
+from ee_lightning.app.validate import ConfigError, typed, validate_config
 from ee_lightning.config.schema import ConsistentEEMethod, FinetuneMethod, GlueData, PolicyStage
 from tests.conftest import CONF_DIR, DATA_OPTIONS, ROOT, compose_train, data_overrides
 

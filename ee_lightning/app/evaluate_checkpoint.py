@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from ee_lightning.config import validate_config
+from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.evaluation.generation_eval import rule_points_grid, write_generation_report
 from ee_lightning.evaluation.pareto import compare_rules

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ee_lightning.config import validate_config
+from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.files import check_writable
 from ee_lightning.modeling.backbones import load_tokenizer

@@ -165,7 +165,7 @@ class LoRAStage:
 
 @dataclass
 class LMExitsConfig:
-    """conf/lm_exits/default.yaml, as `method.lm_exits` (training/lm_stages.py)."""
+    """conf/lm_exits/default.yaml, as `method.lm_exits` (training/systems/lm.py)."""
 
     exit_every: int = MISSING
     rank: int = MISSING
