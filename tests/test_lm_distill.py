@@ -148,7 +148,7 @@ def test_train_lm_exits_distills_then_trains_the_policy_on_the_response_tokens(t
     from omegaconf import OmegaConf
 
     from ee_lightning.modeling.backbones.decoders import wrap_decoder
-    from ee_lightning.training.lm_stages import train_lm_exits
+    from ee_lightning.training.systems.lm import train_lm_exits
     from tests.conftest import CONF_DIR
 
     L.seed_everything(0)

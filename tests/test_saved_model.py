@@ -271,10 +271,11 @@ def test_a_finetune_only_model_predicts_at_full_depth_by_default_and_names_the_m
         loaded.predict(SENTENCES, rule="policy")
 
 
-def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama"):
+def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama", adapter: str = "lowrank"):
     decoder, tokenizer = build_decoder(backbone_cfg(backbone))
     torch.manual_seed(1)
-    exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=2, rank=4)
+    exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=2, rank=4, adapter=adapter,
+                        layers=decoder.layers())
     policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, hidden=8, exit_layers=exits.exit_layers)
     classifier = ExitClassifier(decoder.num_layers, decoder.hidden_size, exit_layers=exits.exit_layers)
     for module in (exits, policy, classifier):
@@ -319,9 +320,11 @@ def test_every_encoder_family_saves_and_loads_to_the_same_answers(backbone, tmp_
     assert torch.allclose(got.scores, torch.softmax(logits, -1), atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_gpt2"])
-def test_every_decoder_family_saves_and_loads_to_the_same_weights(backbone, tmp_path):
-    decoder, _, exits, policy, classifier = tiny_decoder_folder(tmp_path / "model", backbone)
+@pytest.mark.parametrize("backbone,adapter", [("tiny_llama", "lowrank"), ("tiny_qwen2", "lowrank"),
+                                              ("tiny_qwen3", "lowrank"), ("tiny_mistral", "lowrank"),
+                                              ("tiny_gpt2", "lowrank"), ("tiny_llama", "block"), ("tiny_gpt2", "block")])
+def test_every_decoder_family_saves_and_loads_to_the_same_weights(backbone, adapter, tmp_path):
+    decoder, _, exits, policy, classifier = tiny_decoder_folder(tmp_path / "model", backbone, adapter)
     loaded = ee_lightning.load(tmp_path / "model")
     mine = {**{f"decoder.{k}": v for k, v in decoder.model.state_dict().items()},
             **{f"exits.{k}": v for k, v in exits.state_dict().items()},

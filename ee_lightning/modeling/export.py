@@ -84,7 +84,7 @@ def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits
         "model_config": decoder.model.config.to_dict(),
         "attn_implementation": decoder.model.config._attn_implementation or "sdpa",
         "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),
-        "exits": {"exit_layers": list(exits.exit_layers), "rank": _adapter_rank(exits)},
+        "exits": {"exit_layers": list(exits.exit_layers), "rank": _adapter_rank(exits), "adapter": exits.adapter_kind},
         "policy": None if policy is None else {"hidden": _policy_width(policy)},
         "classifier": classifier is not None,
         "generation": {**generation, "eos_token_id": tokenizer.eos_token_id,
@@ -99,7 +99,9 @@ def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits
 
 def _adapter_rank(exits: LMExitHeads) -> int:
     adapters = list(exits.adapters.values())
-    return adapters[0].down.out_features if adapters else 1  # only the last layer has an exit: no adapter
+    if not adapters or exits.adapter_kind != "lowrank":
+        return 1  # only the last layer has an exit (no adapter), or block adapters (no rank)
+    return adapters[0].down.out_features
 
 
 def _policy_width(policy: TokenExitPolicy) -> int:
@@ -206,7 +208,9 @@ def load_decoder(folder: str | Path) -> tuple[DecoderParts, LayerwiseDecoder, ob
     exit_layers = config["exits"]["exit_layers"]
     num_layers, hidden = decoder.num_layers, decoder.hidden_size
     every = exit_layers[0] if len(exit_layers) > 1 else num_layers
-    exits = LMExitHeads(num_layers, hidden, exit_every=every, rank=config["exits"]["rank"])
+    adapter = config["exits"].get("adapter", "lowrank")  # folders saved before block adapters existed
+    exits = LMExitHeads(num_layers, hidden, exit_every=every, rank=config["exits"]["rank"], adapter=adapter,
+                        layers=decoder.layers() if adapter == "block" else None)
     if exits.exit_layers != exit_layers:
         raise ModelFolderError(f"{folder / CONFIG_FILE}: exits at {exit_layers} are not every k-th layer of "
                                f"{num_layers}; the file was edited, copy it again")
