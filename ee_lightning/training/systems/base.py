@@ -21,15 +21,15 @@ from ee_lightning.modeling.saved import SPEC_KEY
 from ee_lightning.tasks import TaskSpec, make_metric, predictions
 
 
-def read_checkpoint(path, key: str = "ckpt_path") -> dict:
-    """A checkpoint written by an ee-lightning stage: its state dict and the model spec that rebuilds
-    the model. `key` names the setting in error messages."""
+def read_checkpoint(path, key: str = "ckpt_path", needs_spec: bool = True) -> dict:
+    """A checkpoint written by an ee-lightning stage: its state dict and (an encoder stage's) the model
+    spec that rebuilds the model. `key` names the setting in error messages."""
     path = Path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist; give the .ckpt of an ee-train run "
                                 "(its run directory's checkpoints/<stage>/last.ckpt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if SPEC_KEY not in checkpoint or "state_dict" not in checkpoint:
+    if "state_dict" not in checkpoint or (needs_spec and SPEC_KEY not in checkpoint):
         raise ValueError(f"{path} is not an ee-lightning checkpoint (it has no model spec); "
                          "give a checkpoint written by ee-train")
     return checkpoint

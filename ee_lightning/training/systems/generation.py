@@ -12,6 +12,11 @@ line of `exit_histograms.jsonl`), one bin per exit (`num_layers` = the number of
 histogram has no memorized-exit buckets (`exit_buckets = False`): a generated token's memorized
 exit needs every exit's greedy token, which the policy rule never computes (it calls the LM head
 only where a token exits), and computing them would change the cost being measured.
+
+Under DDP each process generates every world_size-th batch (the Trainer gets
+`use_distributed_sampler=False`: a distributed sampler would pad the last shard with repeated
+prompts); at the test's end every process receives all of them, in batch order, so `report` scores
+the whole split once. The exit counts are per process; the exit-histogram callback sums them.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from ee_lightning.evaluation.generation_eval import (generate_batch, library_gen
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
 from ee_lightning.training.held import Held
+from ee_lightning.training.processes import all_processes
 
 
 class GenerationEvalSystem(L.LightningModule):
@@ -52,6 +58,7 @@ class GenerationEvalSystem(L.LightningModule):
         self.prefill_seconds = 0.0
         self.library = {"seconds": 0.0, "generated": 0}
         self.references: list[str] = []  # of the prompts tested, in order
+        self.batch_order: list[int] = []  # the test batch index of each batch in `runs`
 
     @property
     def decoder(self):
@@ -67,6 +74,7 @@ class GenerationEvalSystem(L.LightningModule):
         return len(self.exit_layers)
 
     def on_test_start(self) -> None:
+        self.decoder.to(self.device)  # held outside the module tree: placed here, on this process's device
         self.flops = measure_generation_flops(self.decoder, self.exits, self.policy, self.classifier)
 
     def on_test_epoch_start(self) -> None:
@@ -74,10 +82,13 @@ class GenerationEvalSystem(L.LightningModule):
         self._reset()
 
     def test_step(self, batch, batch_idx):
+        if batch_idx % self.trainer.world_size != self.trainer.global_rank:
+            return  # another process's batch
         decoder, exits = self.decoder, self.exits
-        self.references.extend(batch["references"])
-        if batch_idx == 0:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
+        if not self.batch_order:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
             generate_batch(decoder, exits, FullRule(), batch, 2, self.eos, self.pad)
+        self.batch_order.append(batch_idx)
+        self.references.append(list(batch["references"]))
         # The prompts' pass is the same for every rule: run once and shared (copied) by all.
         cache, seconds = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
         self.prefill_seconds += seconds
@@ -98,6 +109,19 @@ class GenerationEvalSystem(L.LightningModule):
         exit_index[self.exit_layers] = torch.arange(1, self.num_layers + 1)
         counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_layers).to(self.device)
         self.exit_counts["test"] = counts + self.exit_counts["test"] if "test" in self.exit_counts else counts
+
+    def on_test_epoch_end(self) -> None:
+        """Every process's batches, in batch order, in every process."""
+        mine = {"order": self.batch_order, "runs": [[{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                       for k, v in run.items()} for run in runs] for runs in self.runs],
+                "references": self.references, "prefill": self.prefill_seconds, "library": self.library}
+        shards = all_processes(mine)
+        order = sorted((batch_idx, s, i) for s, shard in enumerate(shards) for i, batch_idx in enumerate(shard["order"]))
+        self.runs = [[shards[s]["runs"][r][i] for _, s, i in order] for r in range(len(self.rules))]
+        self.references = [text for _, s, i in order for text in shards[s]["references"][i]]
+        self.batch_order = [batch_idx for batch_idx, _, _ in order]
+        self.prefill_seconds = sum(shard["prefill"] for shard in shards)
+        self.library = {key: sum(shard["library"][key] for shard in shards) for key in ("seconds", "generated")}
 
     def report(self) -> tuple[list[dict], dict]:
         """The points and extras of the last test (`generation_eval.score_points`) against the
