@@ -75,7 +75,7 @@ def test_a_decoder_run_on_two_cpu_processes_gives_one_process_results(tmp_path):
     assert list(ledger) == ["lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier",
                             "lm_cache_validation", "lm_generation"]
     cache_file = "checkpoints/lm_cache_train/exit_states_train.pt"
-    tokens = len(torch.load(two / cache_file, weights_only=True)["cache"]["targets"])
+    tokens = len(torch.load(two / cache_file, weights_only=True)["tensors"]["targets"])
     for stage in ("lm_adapters", "lm_policy", "lm_classifier"):  # each process trained on half the tokens
         steps = torch.load(two / "checkpoints" / stage / "last.ckpt", weights_only=False)["global_step"]
         assert steps == -(-(-(-tokens // 2)) // 16), (stage, steps, tokens)
@@ -98,7 +98,7 @@ def test_a_decoder_run_on_two_cpu_processes_gives_one_process_results(tmp_path):
 
     for split in ("train", "validation"):
         path = f"checkpoints/lm_cache_{split}/exit_states_{split}.pt"
-        ours, theirs = (torch.load(run / path, weights_only=True)["cache"] for run in (two, one))
+        ours, theirs = (torch.load(run / path, weights_only=True)["tensors"] for run in (two, one))
         for key in ("targets", "full_tokens", "rows", "positions", "exit_layers"):
             assert torch.equal(ours[key], theirs[key]), (split, key)
         assert torch.allclose(ours["states"], theirs["states"], atol=1e-5), split

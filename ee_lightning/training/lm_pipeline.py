@@ -46,6 +46,7 @@ from ee_lightning.training.lm_lora import train_backbone_lora
 from ee_lightning.training.processes import all_processes, is_global_zero
 from ee_lightning.training.stages import Run, Stages
 from ee_lightning.training.systems.generation import GenerationEvalSystem
+from ee_lightning.training.systems.policy import RL_KEYS
 from ee_lightning.training.trainers import finish_loggers
 from ee_lightning.training.systems.lm import (ExitAdapterSystem, ExitClassifierSystem, ExitStateCacheSystem,
                                               TokenPolicySystem, TokenStateDataset, _layers_first)
@@ -171,9 +172,8 @@ def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardn
 # states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
 REPLICATED = {"replicate": True}
 
-# TokenPolicySystem's knobs, read from method.lm_exits.policy.
-REINFORCE_KEYS = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
-                  "normalize_advantages", "entropy_bonus", "lr")
+# TokenPolicySystem's knobs, read from method.lm_exits.policy: the encoders' REINFORCE settings and lr.
+REINFORCE_KEYS = (*RL_KEYS, "lr")
 
 
 def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, identity: dict | None = None) -> LMExitRun:

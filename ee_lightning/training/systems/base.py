@@ -40,6 +40,7 @@ class EarlyExitSystem(L.LightningModule):
     where the stage has a policy, what the policy achieves at inference (exit at the first p_l > tau)."""
 
     evaluates_policy = False
+    exit_buckets = True  # exit counts by memorized-layer bucket (callbacks.protocols.CountsExits)
 
     def __init__(self, model: EarlyExitModel, task: TaskSpec, spec: dict, tau: float | None = None,
                  tolerance: float | None = None):
@@ -72,6 +73,15 @@ class EarlyExitSystem(L.LightningModule):
     @property
     def num_layers(self) -> int:
         return self.model.num_layers
+
+    @property
+    def num_exits(self) -> int:
+        """An exit after every layer."""
+        return self.model.num_layers
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(range(1, self.model.num_layers + 1))
 
     def metric_key(self, split: str, layer: int) -> str:
         """`val/acc_L3`: split, the task's metric, 1-based layer."""

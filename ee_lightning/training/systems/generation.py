@@ -8,7 +8,7 @@ FLOPs, tokens per second).
 Because it runs inside a Trainer of the run's config, the configured loggers and callbacks see
 it: the policy's exits at its trained tau are counted in `exit_counts["test"]`, which
 `callbacks.ExitHistogram` logs at the test's end (scalars `test/exit/frac_L<e>`, wandb charts, a
-line of `exit_histograms.jsonl`), one bin per exit (`num_layers` = the number of exits). The
+line of `exit_histograms.jsonl`), one bin per exit (`num_exits`). The
 histogram has no memorized-exit buckets (`exit_buckets = False`): a generated token's memorized
 exit needs every exit's greedy token, which the policy rule never computes (it calls the LM head
 only where a token exits), and computing them would change the cost being measured.
@@ -69,8 +69,8 @@ class GenerationEvalSystem(L.LightningModule):
         return list(self.exits.exit_layers)
 
     @property
-    def num_layers(self) -> int:
-        """The number of exits E: the exit histogram has a bin per exit, as the policy stage's."""
+    def num_exits(self) -> int:
+        """E: the exit histogram has a bin per exit, as the policy stage's."""
         return len(self.exit_layers)
 
     def on_test_start(self) -> None:
@@ -106,8 +106,8 @@ class GenerationEvalSystem(L.LightningModule):
     def _count_exits(self, exit_layers: torch.Tensor) -> None:
         """Add generated tokens' exit layers to `exit_counts["test"]`, one bin per exit (1..E)."""
         exit_index = torch.zeros(self.exit_layers[-1] + 1, dtype=torch.long)
-        exit_index[self.exit_layers] = torch.arange(1, self.num_layers + 1)
-        counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_layers).to(self.device)
+        exit_index[self.exit_layers] = torch.arange(1, self.num_exits + 1)
+        counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_exits).to(self.device)
         self.exit_counts["test"] = counts + self.exit_counts["test"] if "test" in self.exit_counts else counts
 
     def on_test_epoch_end(self) -> None:

@@ -19,8 +19,6 @@ it on its own device when it starts (under DDP, the process's device).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import lightning as L
 import torch
 from torch import nn
@@ -28,10 +26,10 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ee_lightning.exits.lm_targets import exit_loss_weights
-from ee_lightning.exits.rl import epsilon_schedule, reinforce_objective, step_statistics
 from ee_lightning.inference.lm_cache import exit_state_parts, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.training.held import Held
+from ee_lightning.training.systems.policy import PolicyTrainingMixin, rl_settings
 
 
 class TokenStateDataset(Dataset):
@@ -99,12 +97,11 @@ class ExitAdapterSystem(L.LightningModule):
         return torch.optim.AdamW(self.exits.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-class TokenPolicySystem(L.LightningModule):
-    """Stage 2: REINFORCE per token over cached exit states and exit scores (ce, correct, memorized).
-
-    Logs `policy/*` (reward and its parts, advantage spread, loss, entropy, mean exit, p_exit per
-    exit) and keeps `last_policy_step` / `last_policy_memorized` for the reward-curve callback, as
-    the encoder policy stage does."""
+class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
+    """Stage 2: REINFORCE per token over cached exit states and exit scores (ce, correct, memorized),
+    the encoders' policy step (`systems.policy.PolicyTrainingMixin`) with tokens for rows and exits
+    for layers. Logs `policy/*` (reward and its parts, advantage spread, loss, entropy, mean exit,
+    p_exit per exit)."""
 
     def __init__(self, policy: TokenExitPolicy, k: int = 16, alpha: float = 0.1, task_term: str = "correct",
                  depth_term: str = "hardness", sampler: str = "bernoulli", eps_start: float = 0.3,
@@ -113,12 +110,10 @@ class TokenPolicySystem(L.LightningModule):
         super().__init__()
         self.policy = policy
         self.save_hyperparameters(ignore=["policy"])
-        self.last_policy_step = None
-        self.last_policy_memorized = None
+        self.rl = rl_settings(dict(self.hparams))
 
     @property
-    def num_layers(self) -> int:
-        """The number of exits E: the exit-histogram callback counts sampled exits 1..E."""
+    def num_exits(self) -> int:
         return len(self.policy.exit_layers)
 
     def exit_logits(self, states: torch.Tensor) -> torch.Tensor:
@@ -127,18 +122,8 @@ class TokenPolicySystem(L.LightningModule):
         return torch.stack([self.policy.logit(layer, per_exit[e]) for e, layer in enumerate(self.policy.exit_layers)])
 
     def training_step(self, batch, batch_idx):
-        hp = self.hparams
-        eps = epsilon_schedule(self.global_step, hp.eps_start, hp.eps_end, hp.eps_decay_steps)
-        step = reinforce_objective(
-            self.exit_logits(batch["states"]), batch["ce"].T, batch["correct"].T, batch["memorized"], k=hp.k,
-            alpha=hp.alpha, task_term=hp.task_term, depth_term=hp.depth_term, sampler=hp.sampler, eps=eps,
-            normalize_advantages=hp.normalize_advantages, entropy_bonus=hp.entropy_bonus)
-        stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
-        self.log_dict({**stats, "policy/eps": torch.tensor(eps)}, batch_size=len(batch["memorized"]), on_step=True,
-                      on_epoch=False)
-        self.last_policy_step = dataclasses.replace(step, loss=step.loss.detach(), probs=step.probs.detach())
-        self.last_policy_memorized = batch["memorized"]
-        return step.loss
+        return self.policy_step(self.exit_logits(batch["states"]), batch["ce"].T, batch["correct"].T,
+                                batch["memorized"]).loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.lr, weight_decay=0.0)
