@@ -373,7 +373,8 @@ class EvalConfig:
     """conf/eval.yaml (ee-eval)."""
 
     task_name: str = MISSING
-    ckpt_path: str = MISSING
+    ckpt_path: Optional[str] = MISSING
+    model_dir: Optional[str] = MISSING
     split: str = MISSING
     tau: Optional[float] = MISSING
     data: Dict[str, Any] = MISSING  # overrides of the checkpoint's data config: untyped here

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
@@ -40,6 +40,7 @@ from ee_lightning.files import atomic_torch_save, atomic_write_text
 from ee_lightning.inference.lm_cache import (check_exit_layers, exit_tables, load_or_build, merge_parts,
                                              source_meta)
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy, exit_layer_list
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_lora import train_backbone_lora
@@ -310,6 +311,12 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
     title = f"{cfg.backbone.name} on {run.datamodule.name} ({gen.split}, {report['prompts']} prompts)"
     paths = write_generation_report(points, extras, run.run_dir, title) if is_global_zero() else {}
     seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
+    if is_global_zero():  # the saved early-exit model (ee_lightning.load)
+        save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,
+                     generation={"rules": dataclasses.asdict(gen.rules), "tau": method.lm_exits.policy.tau,
+                                 "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
+                                 "max_prompts": gen.max_prompts},
+                     data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
     return LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": run.datamodule.name,
         "num_layers": run.model.num_layers, "exit_layers": trained.exits.exit_layers, "split": gen.split,

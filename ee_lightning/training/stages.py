@@ -26,6 +26,7 @@ from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
+from ee_lightning.modeling.export import save_encoder
 from ee_lightning.modeling.model import EarlyExitModel
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
 from ee_lightning.results import RunResults
@@ -173,6 +174,13 @@ def test_stage(run: Run, system: EarlyExitSystem, stage: str) -> tuple[list[floa
     return system.layer_results("test"), cache
 
 
+def save_model(run: Run) -> None:
+    """The saved early-exit model (`<run>/model/`, read by `ee_lightning.load`), written by rank 0."""
+    if is_global_zero():
+        save_encoder(run.run_dir / "model", run.model, run.spec, run.tokenizer, run.spec["tau"],
+                     run.datamodule.max_length)
+
+
 def base_results(run: Run, test: list[float]) -> RunResults:
     return RunResults(task=run.task.name, metric_name=run.task.metric, num_layers=run.model.num_layers,
                       layer_metrics=test, full=test[-1], backbone=run.cfg.backbone.name, data=run.cfg.data.name,
@@ -196,6 +204,7 @@ def run_finetune(run: Run) -> RunResults:
     results.val_layer_metrics = val
     results.checkpoints = {"finetune": checkpoint}
     results.seconds = {"finetune": ledger.stages["finetune"]["seconds"]}
+    save_model(run)
     return results
 
 
@@ -320,6 +329,7 @@ def run_consistentee(run: Run) -> RunResults:
         results.checkpoints.setdefault("finetune", stage1_checkpoint)
     results.seconds = seconds
     results.objective = results.methods["consistentee"].metric
+    save_model(run)
     return results
 
 
