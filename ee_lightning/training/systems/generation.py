@@ -83,7 +83,8 @@ class GenerationEvalSystem(L.LightningModule):
         self._reset()
 
     def test_step(self, batch, batch_idx):
-        if batch_idx % self.trainer.world_size != self.trainer.global_rank:
+        trainer = self._trainer  # None when called outside a Trainer: one process, every batch
+        if trainer is not None and batch_idx % trainer.world_size != trainer.global_rank:
             return  # another process's batch
         decoder, exits = self.decoder, self.exits
         if not self.batch_order:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
