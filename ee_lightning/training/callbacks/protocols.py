@@ -40,6 +40,10 @@ class TrainsPolicy(Protocol):
     def num_exits(self) -> int:
         """E, the sampled exits' bins."""
 
+    @property
+    def exit_layers(self) -> list[int]:
+        """The layer of each exit, 1-based."""
+
 
 @runtime_checkable
 class HasLayerMetrics(Protocol):

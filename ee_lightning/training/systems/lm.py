@@ -116,6 +116,10 @@ class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
     def num_exits(self) -> int:
         return len(self.policy.exit_layers)
 
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.policy.exit_layers)
+
     def exit_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[B, E, H] -> [E, B] policy logits."""
         per_exit = _layers_first(states)
