@@ -13,6 +13,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
+TASK_KINDS = (CLASSIFICATION, REGRESSION)
 METRICS = ("acc", "f1", "mcc", "pearson_spearman")
 
 

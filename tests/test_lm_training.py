@@ -15,7 +15,8 @@ from ee_lightning.data.generation import PromptResponseDataModule
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
 from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
-from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
+from ee_lightning.files import load_or_build
+from ee_lightning.inference.lm_cache import collect_exit_states, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.app.validate import lm_exits_config
 from ee_lightning.training.lm_pipeline import per_exit_probs, train_lm_exits

@@ -15,18 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ee_lightning.data.generation import IGNORE_INDEX
-from ee_lightning.files import atomic_torch_save
 from ee_lightning.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -113,29 +110,6 @@ def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:
     return {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
             "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
             "rows": hashlib.sha256(rows).hexdigest()}
-
-
-def load_or_build(path: str | Path, meta: dict, build, save: bool = True) -> dict:
-    """The cache at `path` if it was built with `meta`, else `build()`, saved there atomically (by one
-    process of several: `save`)."""
-    path = Path(path)
-    meta_json = json.dumps(meta, sort_keys=True, default=str)
-    if path.is_file():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload.get("format_version") == FORMAT_VERSION and payload.get("meta_json") == meta_json:
-                log.info("exit-state cache %s reused (%d tokens)", path, len(payload["cache"]["targets"]))
-                return payload["cache"]
-            log.info("exit-state cache %s was built with other settings; rebuilding it", path)
-        except Exception as err:  # a truncated or foreign file (torch raises many kinds): rebuild it
-            log.warning("exit-state cache %s is unreadable (%s); rebuilding it", path, err)
-    cache = build()
-    if not save:
-        return cache
-    atomic_torch_save({"format_version": FORMAT_VERSION, "meta_json": meta_json, "cache": cache}, path)
-    log.info("exit-state cache %s written (%d tokens, %d exits)", path, len(cache["targets"]),
-             len(cache["exit_layers"]))
-    return cache
 
 
 @torch.no_grad()

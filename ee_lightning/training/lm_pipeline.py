@@ -36,14 +36,13 @@ from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import agrees_with_last, exit_correct, hardness_targets, token_memorized_exit
 from ee_lightning.exits.rules import policy_exits
-from ee_lightning.files import atomic_torch_save, atomic_write_text
-from ee_lightning.inference.lm_cache import (check_exit_layers, exit_tables, load_or_build, merge_parts,
-                                             source_meta)
+from ee_lightning.files import atomic_write_text, load_or_build
+from ee_lightning.inference.lm_cache import check_exit_layers, exit_tables, merge_parts, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy, exit_layer_list
 from ee_lightning.results import LMRunResults
-from ee_lightning.training.lm_lora import train_backbone_lora
+from ee_lightning.training.lm_lora import digest, train_backbone_lora
 from ee_lightning.training.processes import all_processes, is_global_zero
 from ee_lightning.training.stages import Run, Stages
 from ee_lightning.training.systems.generation import GenerationEvalSystem
@@ -130,7 +129,8 @@ def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_c
     under DDP, gathered in every process), saved and reused while its settings hold."""
     dtype, stage = cache_cfg.dtype, f"lm_cache_{split}"
     check_exit_layers(decoder, exit_layers, dtype)
-    meta = {**source_meta(decoder, datamodule, split, identity), "exit_layers": exit_layers, "dtype": dtype}
+    meta = {**source_meta(decoder, datamodule, split, identity), "exit_layers": exit_layers, "dtype": dtype,
+            "format_version": CACHE_FORMAT}
 
     def build() -> dict:
         loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
@@ -156,22 +156,25 @@ def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardn
                 stages: Stages) -> tuple[dict, torch.Tensor]:
     """Stage lm_scores: every exit's token and cross-entropy on every cached token (one LM-head pass
     per exit) and each token's memorized exit, saved in checkpoints/lm_scores/ and read back by a rerun."""
-    path = stages.folder("lm_scores") / "scores.pt"
-    if stages.ledger.done("lm_scores") and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["tables"], saved["memorized"]
-    tables = exit_tables(cache, exits, decoder, batch_size=batch_size)
-    memorized = token_memorized_exit(tables["tokens"], hardness_targets(hardness_target, cache["targets"],
-                                                                        cache["full_tokens"]))
-    if is_global_zero():
-        atomic_torch_save({"tables": tables, "memorized": memorized}, path)
-    stages.ledger.mark("lm_scores", None)
-    return tables, memorized
+    def build() -> dict:
+        tables = exit_tables(cache, exits, decoder, batch_size=batch_size)
+        return {**tables, "memorized": token_memorized_exit(tables["tokens"], hardness_targets(
+            hardness_target, cache["targets"], cache["full_tokens"]))}
+
+    # keyed by the cache's tokens and the exits' weights: other exits (a rerun of lm_adapters) score again
+    meta = {"tokens": len(cache["targets"]), "hardness_target": hardness_target,
+            "exits": digest(exits.state_dict())}
+    scores = load_or_build(stages.folder("lm_scores") / "scores.pt", meta, build, save=is_global_zero())
+    if not stages.ledger.done("lm_scores"):
+        stages.ledger.mark("lm_scores", None)
+    return {key: scores[key] for key in ("tokens", "ce", "ce_full")}, scores["memorized"]
 
 
 # These stages call their modules outside a forward pass (the exits' LM head, the policy on cached
 # states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
 REPLICATED = {"replicate": True}
+
+CACHE_FORMAT = 2  # the exit-state cache's layout (inference/lm_cache.py); another value rebuilds old files
 
 # TokenPolicySystem's knobs, read from method.lm_exits.policy: the encoders' REINFORCE settings and lr.
 REINFORCE_KEYS = (*RL_KEYS, "lr")

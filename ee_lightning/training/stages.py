@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
-from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
+from ee_lightning.files import atomic_write_text, load_or_build
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
 from ee_lightning.modeling.export import save_encoder
 from ee_lightning.modeling.model import EarlyExitModel
@@ -235,14 +235,14 @@ def training_set_outputs(run: Run, checkpoint: str | None):
                                           cfg.method.hardness.tolerance, hash_contents=False, data=cfg.data.name,
                                           max_train_samples=cfg.data.get("max_train_samples"),
                                           pooling=cfg.head.pooling)
-    outputs_path = Path(checkpoint).with_suffix(".train_outputs.pt") if checkpoint else None
-    cache = load_artefact(outputs_path, meta) if outputs_path else None
-    if cache is None:
-        cache = collect_states(run.model, datamodule.dataloader("train", shuffle=False, by_length=True))
-        if outputs_path and cfg.method.hardness.cache_train_outputs and is_global_zero():
-            save_artefact(outputs_path, cache, meta)
+    def build() -> dict:
+        return collect_states(run.model, datamodule.dataloader("train", shuffle=False, by_length=True))
+
+    if checkpoint:
+        cache = load_or_build(Path(checkpoint).with_suffix(".train_outputs.pt"), meta, build,
+                              save=cfg.method.hardness.cache_train_outputs and is_global_zero())
     else:
-        rank_zero_info(f"training-set layer outputs reused from {outputs_path}")
+        cache = build()
     return cache, memorized_layers(run, cache, checkpoint, meta, split_size)
 
 
