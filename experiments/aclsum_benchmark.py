@@ -1,8 +1,7 @@
 """Benchmark: every exit rule at every knob, through real generation on many ACLSum test prompts.
 
 It reads the trained exits, token policy and CALM classifier of a finished
-`ee-train experiment=aclsum_consistentee` run (its run directory: `.hydra/config.yaml`,
-`lm_exits.pt`, `token_policy.pt`, `exit_classifier.pt`) and generates greedily for the first
+`ee-train experiment=aclsum_consistentee` run (its saved model folder, `<run>/model/`) and generates greedily for the first
 `--prompts` test prompts, `--new` new tokens each, under every rule point of the run's grid
 (`method.generation.rules`, or `--grid` from a yaml file). Per point:
 
@@ -35,7 +34,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ee_lightning.config.validate import lm_exits_config
 from ee_lightning.evaluation.calibration import calibrate
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
 from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, rule_points_grid,
@@ -45,8 +43,7 @@ from ee_lightning.evaluation.text_metrics import bootstrap_interval, rouge_per_p
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.generate import prefill
-from ee_lightning.modeling.backbones.decoder_build import build_decoder
-from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
+from ee_lightning.modeling.export import load_decoder
 from ee_lightning.progress import progress_enabled
 from ee_lightning.training.lm_pipeline import generation_batches
 
@@ -71,21 +68,11 @@ def parse(argv):
 
 
 def load_run(run_dir: Path):
-    """(config, decoder, tokenizer, exits, policy, classifier) of a finished run."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
-    lm = lm_exits_config(cfg.method.lm_exits)
-    exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, lm.exit_every, lm.rank, adapter=lm.adapter,
-                        layers=decoder.layers() if lm.adapter == "block" else None)
-    exits.load_state_dict(torch.load(run_dir / "lm_exits.pt", weights_only=True))
-    policy = classifier = None
-    if (run_dir / "token_policy.pt").is_file():
-        policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, lm.policy.hidden, exits.exit_layers)
-        policy.load_state_dict(torch.load(run_dir / "token_policy.pt", weights_only=True))
-    if (run_dir / "exit_classifier.pt").is_file():
-        classifier = ExitClassifier(decoder.num_layers, decoder.hidden_size, exits.exit_layers)
-        classifier.load_state_dict(torch.load(run_dir / "exit_classifier.pt", weights_only=True))
-    return cfg, decoder, tokenizer, exits.eval(), policy and policy.eval(), classifier and classifier.eval()
+    """(config, decoder, tokenizer, exits, policy, classifier) of a finished run: its saved model folder
+    (<run>/model/, `ee_lightning.modeling.export`), which holds the trained parts, the rule grid, the
+    policy's tau and the run's data config."""
+    parts, decoder, tokenizer, config = load_decoder(run_dir / "model")
+    return config, decoder, tokenizer, parts.exits, parts.policy, parts.classifier
 
 
 def run_rules(decoder, exits, rules, batches, max_new, eos, pad, policy, classifier, flops, desc: str,
@@ -164,24 +151,26 @@ def markdown(points, meta) -> str:
 def main(argv=None):
     args = parse(argv)
     started = time.time()
-    cfg, decoder, tokenizer, exits, policy, classifier = load_run(args.run_dir)
-    torch.manual_seed(int(cfg.seed))
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    config, decoder, tokenizer, exits, policy, classifier = load_run(args.run_dir)
+    torch.manual_seed(0)
+    data = dict(config["data"])
     data["max_eval_samples"] = None
     datamodule = instantiate(data, tokenizer=tokenizer, _convert_="all")
     datamodule.setup()
-    grids = OmegaConf.to_container(OmegaConf.load(args.grid) if args.grid else cfg.method.generation.rules)
+    grids = OmegaConf.to_container(OmegaConf.load(args.grid)) if args.grid else config["generation"]["rules"]
     rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None, decoder.vocab_size,
-                             tau=float(cfg.method.lm_exits.policy.tau) if policy is not None else None)
+                             tau=config["generation"]["tau"] if policy is not None else None)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     flops = measure_generation_flops(decoder, exits, policy, classifier)
-    batches, references = generation_batches(datamodule, "test", args.batch, args.prompts)
+    batches = generation_batches(datamodule, "test", args.batch, args.prompts)
+    references = [ref for batch in batches for ref in batch["references"]]
     print(f"{len(rules)} rule points, {len(references)} prompts, {args.new} new tokens", flush=True)
     seconds, calibration = {}, None
     if args.calibrate_prompts:
         clock = time.time()
-        val_batches, val_refs = generation_batches(datamodule, "validation", args.batch, args.calibrate_prompts)
+        val_batches = generation_batches(datamodule, "validation", args.batch, args.calibrate_prompts)
+        val_refs = [ref for batch in val_batches for ref in batch["references"]]
         val_runs, val_prefill, _ = run_rules(decoder, exits, rules, val_batches, args.new, eos, pad, policy, classifier,
                                              flops, "validation", library=False)
         val_points, _ = score_points(rules, val_runs, tokenizer, val_refs, decoder.num_layers, val_prefill,
@@ -204,7 +193,7 @@ def main(argv=None):
             p["calibrated"] = chosen.get((p["rule"], p["value"]))
     if args.speed_prompts:
         clock = time.time()
-        single, _ = generation_batches(datamodule, "test", 1, args.speed_prompts)
+        single = generation_batches(datamodule, "test", 1, args.speed_prompts)
         b1, _, _ = run_rules(decoder, exits, rules, single, args.new, eos, pad, policy, classifier, flops, "batch 1",
                              library=False)
         full_rate = b1[0]["generated"] / b1[0]["seconds"]
@@ -215,7 +204,7 @@ def main(argv=None):
     pareto_by(points, "flops_saving")
     pareto_by(points, "tokens_per_s")
     seconds["total"] = time.time() - started
-    title = (f"{cfg.backbone.name} on ACLSum test: {len(references)} prompts, {args.new} new tokens, greedy "
+    title = (f"{config['backbone']['name']} on ACLSum test: {len(references)} prompts, {args.new} new tokens, greedy "
              f"(run {args.run_dir.name})")
     note = (f"Means over prompts with seeded bootstrap 95% intervals ({args.resamples} resamples). tokens/s: decoding "
             f"only, the prompt pass excluded (run once per batch and shared by every rule); batch {args.batch} over "

@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 
 from ee_lightning.data.generation import ACLSumDataModule
 from ee_lightning.exits.lm_targets import exit_correct
-from ee_lightning.files import atomic_torch_save, atomic_write_text
-from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, load_or_build, source_meta
+from ee_lightning.files import atomic_torch_save, atomic_write_text, load_or_build
+from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder, cache_dir
 from ee_lightning.modeling.lm_exits import LMExitHeads
 from ee_lightning.training.lm_distill import distill_exits

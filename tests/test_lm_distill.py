@@ -147,9 +147,11 @@ def test_distillation_lowers_every_exits_loss_to_the_teacher(tmp_path, adapter, 
 def test_train_lm_exits_distills_then_trains_the_policy_on_the_response_tokens(tmp_path):
     from omegaconf import OmegaConf
 
+    from ee_lightning.app.validate import ConfigError, lm_exits_config
     from ee_lightning.modeling.backbones.decoders import wrap_decoder
-    from ee_lightning.training.systems.lm import train_lm_exits
+    from ee_lightning.training.lm_pipeline import train_lm_exits
     from tests.conftest import CONF_DIR
+    from tests.test_lm_training import quiet_stages
 
     L.seed_everything(0)
     dm = jsonl_datamodule(tmp_path)
@@ -159,7 +161,7 @@ def test_train_lm_exits_distills_then_trains_the_policy_on_the_response_tokens(t
     cfg.adapters.update(objective="distill", top_k=3, vocabulary="full", epochs=2)
     cfg.policy.update(epochs=1, k=4, task_target="full")
     cfg.classifier.epochs = 0
-    run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=lambda stage, epochs: quiet_trainer(epochs))
+    run = train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(tmp_path / "out"))
     split = dm.dataset("train")
     distilled = run.summary["distillation"]
     assert distilled["positions"] == sum(len(p) + len(r) - 1 for p, r in zip(split.prompt_ids, split.response_ids))
@@ -168,5 +170,5 @@ def test_train_lm_exits_distills_then_trains_the_policy_on_the_response_tokens(t
     assert run.summary["train"]["tokens"] == len(run.cache["targets"]) == sum(len(r) for r in split.response_ids)
     assert "response" not in run.cache and run.policy is not None
     assert any(p.abs().sum() > 0 for p in run.exits.adapters["2"].mlp.down_proj.parameters())  # it trained
-    with pytest.raises(ValueError, match="adapters.objective"):
-        train_lm_exits(decoder, dm, OmegaConf.merge(cfg, {"adapters": {"objective": "kl"}}), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="adapters.objective"):
+        lm_exits_config(OmegaConf.merge(cfg, {"adapters": {"objective": "kl"}}))

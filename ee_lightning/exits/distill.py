@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 VOCABULARIES = ("full", "restricted")
+OBJECTIVES = ("ce", "distill")  # stage 1: cross-entropy to one token per response position, or this distillation
 
 
 def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

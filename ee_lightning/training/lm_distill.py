@@ -34,9 +34,9 @@ class DistillDataset(Dataset):
         return {"states": self.states[i].float(), "top_ids": self.top_ids[i], "top_logp": self.top_logp[i]}
 
 
-def distill_exits(exits: LMExitHeads, decoder, cache: dict, trainer, vocabulary: str = "restricted",
-                  lr: float = 1e-3, batch_size: int = 256, weights: str = "layer", shuffle: bool = True) -> dict:
-    """Fit `exits`' adapters to the cached top-k targets with `trainer` (a Lightning Trainer); returns
+def distillation(exits: LMExitHeads, decoder, cache: dict, vocabulary: str = "restricted", lr: float = 1e-3,
+                 weights: str = "layer") -> tuple[ExitDistillSystem, DistillDataset, dict]:
+    """The stage's module and data over a cache with teacher targets, and what it trains on:
     {"positions", "top_k", "vocabulary", "vocabulary_size"}."""
     if "top_ids" not in cache:
         raise ValueError("the cache has no teacher targets: build it with collect_exit_states(..., top_k=k)")
@@ -50,10 +50,16 @@ def distill_exits(exits: LMExitHeads, decoder, cache: dict, trainer, vocabulary:
         vocab, targets = None, top_ids
     device = next(decoder.parameters()).device
     system = ExitDistillSystem(exits, decoder, None if vocab is None else vocab.to(device), lr=lr, weights=weights)
-    loader = DataLoader(DistillDataset(cache["states"], targets, cache["top_logp"]), batch_size=batch_size,
-                        shuffle=shuffle)
-    trainer.fit(system, train_dataloaders=loader)
     info = {"positions": len(top_ids), "top_k": int(top_ids.shape[1]), "vocabulary": vocabulary,
             "vocabulary_size": int(decoder.vocab_size if vocab is None else len(vocab))}
+    return system, DistillDataset(cache["states"], targets, cache["top_logp"]), info
+
+
+def distill_exits(exits: LMExitHeads, decoder, cache: dict, trainer, vocabulary: str = "restricted",
+                  lr: float = 1e-3, batch_size: int = 256, weights: str = "layer", shuffle: bool = True) -> dict:
+    """Fit `exits`' adapters to the cached top-k targets with `trainer` (a Lightning Trainer), outside a
+    run's stages (a study); returns `distillation`'s info."""
+    system, dataset, info = distillation(exits, decoder, cache, vocabulary, lr, weights)
+    trainer.fit(system, train_dataloaders=DataLoader(dataset, batch_size=batch_size, shuffle=shuffle))
     log.info("exits distilled: %s", info)
     return info
