@@ -355,6 +355,10 @@ def test_a_weights_file_replaced_by_a_code_running_pickle_is_refused_unread(tmp_
     (tmp_path / "model" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.raises(ModelFolderError, match=r"model\.safetensors is not a readable safetensors file"):
         ee_lightning.load(tmp_path / "model")
+    # a safetensors header of 128 + 256 n bytes starts with 0x80, a pickle's first byte: still safetensors
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"\x80\x20\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors is not a readable safetensors file"):
+        ee_lightning.load(tmp_path / "model")
     assert not marker.exists()
 
 

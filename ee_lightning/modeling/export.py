@@ -160,8 +160,11 @@ def read_config(folder: str | Path) -> dict:
 def load_weights(module: nn.Module, path: Path) -> None:
     """Fill `module` from a safetensors file; anything else (a pickle, a torch.save file) is refused unread."""
     with open(path, "rb") as handle:
-        head = handle.read(2)
-    if head[:1] == b"\x80" or head == b"PK":  # a pickle's protocol byte; torch.save's zip archive
+        head = handle.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; that length's first
+    # byte may be 0x80 (a header of 128 + 256 n bytes), which alone would look like a pickle
+    safetensors = head[8:9] == b"{"
+    if not safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):  # a pickle's protocol byte; torch.save's zip
         raise ModelFolderError(f"{path} is a pickle (torch.save) file, not safetensors; it was not opened, because "
                                "unpickling can run code. Save the weights with safetensors (ee-train does)")
     try:
