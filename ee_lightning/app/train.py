@@ -49,6 +49,7 @@ def print_summary(run_dir: Path, results: RunResults) -> None:
     for name, method in results.methods.items():
         versus = (f"; entropy at that saving {method.entropy_at_same_saving:.4f}"
                   if method.entropy_at_same_saving is not None else "")
-        print(f"{name}: {results.metric_name} {method.metric:.4f} at {100 * method.layer_saving:.1f}% "
+        knob = f" (tau {method.tau} chosen on {method.chosen_on})" if method.chosen_on else ""
+        print(f"{name}{knob}: {results.metric_name} {method.metric:.4f} at {100 * method.layer_saving:.1f}% "
               f"layer saving (layer speed-up {method.speedup:.2f}x){versus}")
     print(f"results: {path}")

@@ -114,7 +114,7 @@ class TokenPolicySystem(L.LightningModule):
     def __init__(self, policy: TokenExitPolicy, k: int = 16, alpha: float = 0.1, task_term: str = "correct",
                  depth_term: str = "hardness", sampler: str = "bernoulli", eps_start: float = 0.3,
                  eps_end: float = 0.0, eps_decay_steps: float = 200, normalize_advantages: bool = False,
-                 entropy_bonus: float = 0.0, lr: float = 1e-3):
+                 entropy_bonus: float = 0.0, estimator: str = "reinforce", lr: float = 1e-3):
         super().__init__()
         self.policy = policy
         self.save_hyperparameters(ignore=["policy"])
@@ -137,7 +137,7 @@ class TokenPolicySystem(L.LightningModule):
         step = reinforce_objective(
             self.exit_logits(batch["states"]), batch["ce"].T, batch["correct"].T, batch["memorized"], k=hp.k,
             alpha=hp.alpha, task_term=hp.task_term, depth_term=hp.depth_term, sampler=hp.sampler, eps=eps,
-            normalize_advantages=hp.normalize_advantages, entropy_bonus=hp.entropy_bonus)
+            normalize_advantages=hp.normalize_advantages, entropy_bonus=hp.entropy_bonus, estimator=hp.estimator)
         stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
         self.log_dict({**stats, "policy/eps": torch.tensor(eps)}, batch_size=len(batch["memorized"]), on_step=True,
                       on_epoch=False)
@@ -246,7 +246,7 @@ def _split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_
 
 # TokenPolicySystem's knobs, read from method.lm_exits.policy.
 REINFORCE_KEYS = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
-                  "normalize_advantages", "entropy_bonus", "lr")
+                  "normalize_advantages", "entropy_bonus", "estimator", "lr")
 
 
 def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str | Path, trainer_factory=default_trainer,
