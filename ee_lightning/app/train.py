@@ -39,7 +39,9 @@ def train(cfg: DictConfig) -> RunResults | LMRunResults:
     model, spec = build_model(plain(cfg.backbone), plain(cfg.head), plain(cfg.policy), datamodule.task, tokenizer,
                               data=plain(cfg.data), tau=cfg.method.get("tau"))
     results = METHODS[cfg.method.name](Run(cfg, run_dir, datamodule, model, spec))
-    rank_zero_only(save_encoder)(run_dir / "model", model, spec, tokenizer, spec["tau"], datamodule.max_length)
+    policy = results.methods.get("consistentee")  # at its tau chosen on validation (method.choose)
+    tau = policy.tau if policy is not None and policy.tau is not None else spec["tau"]
+    rank_zero_only(save_encoder)(run_dir / "model", model, spec, tokenizer, tau, datamodule.max_length)
     print_summary(run_dir, results)
     return results
 
