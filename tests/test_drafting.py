@@ -1,0 +1,54 @@
+"""The arithmetic of verify mode and the restricted draft head, on hand-computed numbers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ee_lightning.exits import drafting as d
+from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
+
+
+def t(*values):
+    return torch.tensor(values)
+
+
+def test_accepted_length_and_round_tokens():
+    assert d.accepted_length(t(4, 5, 6), t(4, 5, 6)) == 3
+    assert d.accepted_length(t(4, 5, 6), t(4, 9, 6)) == 1   # a later agreement does not count
+    assert d.accepted_length(t(4, 5, 6), t(1, 5, 6)) == 0
+    tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 9, 7))
+    assert tokens.tolist() == [4, 9] and accepted == 1      # the verifier's token replaces the first wrong draft
+    tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 5, 6))
+    assert tokens.tolist() == [4, 5, 6] and accepted == 3   # all accepted: no token beyond the last draft
+    tokens, accepted = d.round_tokens(t(8), t(3))
+    assert tokens.tolist() == [3] and accepted == 0          # a round always emits one token
+    with pytest.raises(ValueError, match="two \\[k\\] vectors"):
+        d.accepted_length(t(1, 2), t(1, 2, 3))
+
+
+def test_layer_passes_and_projection():
+    # 3 drafts at layer 10 of 30, head 8: 3 * (10 + 8) + 20 + 8
+    assert d.round_layer_passes(10, 30, 3, head_cost=8.0) == pytest.approx(82.0)
+    assert d.round_layer_passes(10, 30, 3, head_cost=8.0, draft_head_cost=0.5) == pytest.approx(3 * 10.5 + 28)
+    assert d.full_depth_passes(30, 8.0) == pytest.approx(38.0)
+    assert d.head_cost_in_layers(49152, 576, 3_538_944) == pytest.approx(8.0)
+    assert d.projected_speedup(38.0, 19.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="below the last"):
+        d.round_layer_passes(30, 30, 1, head_cost=8.0)
+    with pytest.raises(ValueError, match="at least one"):
+        d.round_layer_passes(10, 30, 0, head_cost=8.0)
+
+
+def test_frequent_tokens_and_the_restricted_head():
+    ids = frequent_tokens([[5, 5, 7, 9], [7, 5, 2, 9], [2]], size=2, always=[0])
+    assert ids.tolist() == [0, 2, 5]  # 5 three times; 2, 7 and 9 twice each (the tie goes to the smaller id); 0 always
+    head = torch.nn.Linear(4, 10)
+    restricted = RestrictedHead(head, torch.tensor([1, 3, 8]))
+    hidden = torch.randn(2, 4)
+    full = head(hidden)
+    torch.testing.assert_close(restricted(hidden), full[:, [1, 3, 8]])
+    assert restricted.ids(restricted(hidden).argmax(-1)).tolist() == [
+        [1, 3, 8][i] for i in full[:, [1, 3, 8]].argmax(-1).tolist()]
+    assert restricted.rows == 3
+    with pytest.raises(ValueError, match="0..9"):
+        RestrictedHead(head, torch.tensor([3, 10]))
