@@ -16,27 +16,44 @@ def test_accepted_length_and_round_tokens():
     assert d.accepted_length(t(4, 5, 6), t(4, 5, 6)) == 3
     assert d.accepted_length(t(4, 5, 6), t(4, 9, 6)) == 1   # a later agreement does not count
     assert d.accepted_length(t(4, 5, 6), t(1, 5, 6)) == 0
-    tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 9, 7))
+    tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 9, 7, 2))
     assert tokens.tolist() == [4, 9] and accepted == 1      # the verifier's token replaces the first wrong draft
+    tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 5, 6, 2))
+    assert tokens.tolist() == [4, 5, 6, 2] and accepted == 3  # all accepted, and the verifier's bonus token
     tokens, accepted = d.round_tokens(t(4, 5, 6), t(4, 5, 6))
-    assert tokens.tolist() == [4, 5, 6] and accepted == 3   # all accepted: no token beyond the last draft
-    tokens, accepted = d.round_tokens(t(8), t(3))
-    assert tokens.tolist() == [3] and accepted == 0          # a round always emits one token
+    assert tokens.tolist() == [4, 5, 6] and accepted == 3   # the last draft not verified (EOS): no bonus
+    tokens, accepted = d.round_tokens(t(), t(3))
+    assert tokens.tolist() == [3] and accepted == 0          # no drafts: a plain step
     with pytest.raises(ValueError, match="two \\[k\\] vectors"):
         d.accepted_length(t(1, 2), t(1, 2, 3))
+    with pytest.raises(ValueError, match="k \\+ 1"):
+        d.round_tokens(t(1, 2), t(1, 2, 3, 4))
 
 
 def test_layer_passes_and_projection():
-    # 3 drafts at layer 10 of 30, head 8: 3 * (10 + 8) + 20 + 8
-    assert d.round_layer_passes(10, 30, 3, head_cost=8.0) == pytest.approx(82.0)
-    assert d.round_layer_passes(10, 30, 3, head_cost=8.0, draft_head_cost=0.5) == pytest.approx(3 * 10.5 + 28)
-    assert d.full_depth_passes(30, 8.0) == pytest.approx(38.0)
+    # 3 drafts at layer 10 of 30, head 8: 4 inputs x 10 layers + 3 draft heads + 20 layers + head
+    assert d.round_layer_passes(10, 30, 3, head_cost=8.0) == pytest.approx(40 + 24 + 20 + 8)
+    assert d.round_layer_passes(10, 30, 3, head_cost=8.0, draft_head_cost=0.5) == pytest.approx(40 + 1.5 + 28)
+    assert d.round_layer_passes(10, 30, 3, head_cost=8.0, verified=3) == pytest.approx(30 + 24 + 28)  # EOS drafted last
+    assert d.round_layer_passes(10, 30, 0, head_cost=8.0) == pytest.approx(d.full_depth_passes(30, 8.0)) == 38.0
     assert d.head_cost_in_layers(49152, 576, 3_538_944) == pytest.approx(8.0)
     assert d.projected_speedup(38.0, 19.0) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="below the last"):
         d.round_layer_passes(30, 30, 1, head_cost=8.0)
-    with pytest.raises(ValueError, match="at least one"):
-        d.round_layer_passes(10, 30, 0, head_cost=8.0)
+    with pytest.raises(ValueError, match="verifies drafted \\+ 1"):
+        d.round_layer_passes(10, 30, 2, head_cost=8.0, verified=5)
+
+
+def test_simulated_rounds_by_hand():
+    agree = [True, True, False, True, True, True, True]
+    # k=2: [0,1 drafted and right, bonus 2] [3,4 right, bonus 5] [budget 1 left: a plain step for 6]
+    assert d.simulate_rounds(agree, 2) == ([2, 2, 0], [2, 2, 0])
+    # k=4: [0,1 right, 2 wrong (3 drafted too), the verifier's 2] [3..6: 3 drafts fit the budget, bonus 6]
+    assert d.simulate_rounds(agree, 4) == ([4, 3], [2, 3])
+    # a confidence stop after the draft at 1: [0, 1 drafted, bonus 2] ...
+    confident = [True, False, True, True, True, True, True]
+    assert d.simulate_rounds(agree, 4, confident) == ([2, 3], [2, 3])
+    assert d.simulate_rounds(agree, 0) == ([0] * 7, [0] * 7)  # no drafts: plain decoding
 
 
 def test_frequent_tokens_and_the_restricted_head():

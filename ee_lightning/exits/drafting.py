@@ -1,9 +1,10 @@
 """The arithmetic of verify mode (self-speculation), as pure functions.
 
-One round: the layers up to the draft exit E draft k tokens one at a time; the layers above E
-then check all k in one pass. The verifier's prediction at each drafted position is the full
-model's token there, so the round keeps the drafts up to the first disagreement and the
-verifier's own token at that position (greedy output is the full model's).
+One round: the layers up to the draft exit E draft k tokens one at a time (the last one also
+runs layers 1..E, without a draft); the layers above E then check all k + 1 inputs in one pass.
+The verifier's prediction after each input is the full model's token there, so the round keeps
+the drafts up to the first disagreement and the verifier's own token after them: a + 1 tokens
+for a accepted drafts (greedy output is the full model's). A round with k = 0 is a plain step.
 
 Cost is counted in sequential passes over a layer's weights: at batch 1 a decoding step reads
 every weight it uses once, whatever the number of tokens it carries, so a pass that verifies k
@@ -11,6 +12,8 @@ tokens counts once. The LM head counts in layer units (`head_cost`: its weights 
 layer's; about 8 in SmolLM2-135M, whose tied head is 576 x 49,152).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -26,23 +29,56 @@ def accepted_length(drafts: torch.Tensor, verified: torch.Tensor) -> int:
 def round_tokens(drafts: torch.Tensor, verified: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tokens a round emits, and how many drafts it accepted.
 
-    The accepted drafts, then the verifier's token at the first rejected position; when every
-    draft is accepted the round ends there (the last draft has not been through the layers, so
-    it has no successor yet). A round therefore emits at least one token."""
-    accepted = accepted_length(drafts, verified)
+    drafts [k]; verified [k + 1] (the verifier's token after the input and after each draft), or
+    [k] when the last draft is not verified (it was EOS, or the token budget ends there). The
+    accepted drafts equal the verifier's tokens, so the round emits the verifier's tokens up to
+    and including the first one that corrects a draft (or its bonus token after the last)."""
+    k = drafts.numel()
+    if verified.dim() != 1 or verified.numel() not in (k, k + 1) or verified.numel() == 0:
+        raise ValueError(f"verified {tuple(verified.shape)} must hold k + 1 (or k >= 1) tokens for k = {k} drafts")
+    accepted = accepted_length(drafts, verified[:k])
     return verified[: min(accepted + 1, verified.numel())], accepted
 
 
 def round_layer_passes(draft_layer: int, num_layers: int, drafted: int, head_cost: float,
-                       draft_head_cost: float | None = None) -> float:
-    """Sequential layer passes of one round of `drafted` tokens: each draft runs layers 1..E and a
-    draft head; one pass of layers E+1..L and the LM head verifies them all."""
+                       draft_head_cost: float | None = None, verified: int | None = None) -> float:
+    """Sequential layer passes of one round: each of the `verified` inputs (default drafted + 1)
+    runs layers 1..E alone, each of the `drafted` tokens costs a draft head, and one pass of layers
+    E+1..L and the LM head verifies them all."""
     if not 1 <= draft_layer < num_layers:
         raise ValueError(f"draft_layer={draft_layer} must lie in 1..{num_layers - 1} (a layer below the last)")
-    if drafted < 1:
-        raise ValueError(f"a round drafts at least one token, got {drafted}")
+    verified = drafted + 1 if verified is None else verified
+    if drafted < 0 or verified not in (drafted, drafted + 1) or verified < 1:
+        raise ValueError(f"a round verifies drafted + 1 inputs (or drafted >= 1), got drafted={drafted}, verified={verified}")
     draft_head = head_cost if draft_head_cost is None else draft_head_cost
-    return drafted * (draft_layer + draft_head) + (num_layers - draft_layer) + head_cost
+    return verified * draft_layer + drafted * draft_head + (num_layers - draft_layer) + head_cost
+
+
+def simulate_rounds(agree: Sequence[bool], draft_length: int, confident: Sequence[bool] | None = None
+                    ) -> tuple[list[int], list[int]]:
+    """The rounds greedy verify mode makes over N tokens, from teacher-forced facts alone: agree[p]
+    says whether the exit's greedy token at new position p, given the full model's tokens before
+    it, is the full model's. That is exactly the draft there while every earlier draft of the
+    round was accepted, since accepted drafts are the full model's tokens (and layers 1..E's K/V
+    theirs). With `confident`, drafting stops after a draft whose confidence is below threshold;
+    after a rejected draft the later drafts' confidence is unknown, and drafting is taken to go on
+    (an upper bound on their cost). Returns (drafted, accepted) per round; EOS is not modelled."""
+    if draft_length < 0:
+        raise ValueError(f"draft_length={draft_length} must be >= 0")
+    n, position, drafted, accepted = len(agree), 0, [], []
+    while position < n:
+        k = min(draft_length, n - position - 1)
+        a = 0
+        while a < k and agree[position + a]:
+            a += 1
+        if confident is not None:
+            low = next((j for j in range(min(a + 1, k)) if not confident[position + j]), None)
+            if low is not None:
+                k, a = low + 1, min(a, low + 1)
+        drafted.append(k)
+        accepted.append(a)
+        position += a + 1
+    return drafted, accepted
 
 
 def full_depth_passes(num_layers: int, head_cost: float) -> float:

@@ -4,15 +4,17 @@ Self-speculation over the decoder's own layers (LayerSkip's scheme, on the step 
 
 1. Draft. The last emitted token x runs layers 1..E and the exit at E proposes the next token;
    that token runs layers 1..E in turn, and so on, up to `draft_length` drafts d_1..d_k (fewer
-   when a draft is EOS, or when the drafter's confidence falls below `min_confidence`). Layers
-   1..E cache the K/V of x, d_1..d_{k-1} as they go; the layer-E state of each is kept.
-2. Verify. Those k layer-E states run layers E+1..L together, in one pass over those layers'
-   weights, and one LM-head call gives the full model's token after each of them: v_1..v_k.
-   Layers 1..E are never run again for these tokens: their K/V from drafting are the full
-   model's (the same layers on the same inputs).
-3. Accept. The drafts up to the first i with d_i != v_i are kept, and v_i replaces d_i; the
-   rest is thrown away, and every layer's cache is cropped to the tokens kept. The next round
-   starts from the last token kept, which is not in the cache yet.
+   when a draft is EOS, when the drafter's confidence falls below `min_confidence`, or when the
+   token budget ends). The last draft runs layers 1..E as well, without a draft after it. Layers
+   1..E cache the K/V of x, d_1..d_k as they go; the layer-E state of each is kept.
+2. Verify. Those k + 1 layer-E states run layers E+1..L together, in one pass over those layers'
+   weights, and one LM-head call gives the full model's token after each: v_1..v_{k+1}. Layers
+   1..E are never run again for these tokens: their K/V from drafting are the full model's (the
+   same layers on the same inputs).
+3. Accept. With a the number of leading drafts equal to the verifier's tokens, the round keeps
+   v_1..v_{a+1}: the accepted drafts, then the verifier's correction (or, when every draft was
+   accepted, its bonus token). Every layer's cache is cropped to the tokens kept; the next round
+   starts from the last of them, which is not in the cache yet.
 
 Every emitted token is the full model's greedy token given the tokens before it, so the text
 equals greedy full-depth decoding (up to float ties: verifying k tokens in one matrix product
@@ -57,15 +59,16 @@ class ExitDrafter:
 
 @dataclass
 class VerifyResult:
-    """sequences [1, P + N]. Per round: tokens drafted and drafts accepted. Counts of sequential
-    passes: layers run by drafts (E per draft), draft-head calls, verifying layer passes (L - E
-    per round, however many tokens), and full LM-head calls (one per round)."""
+    """sequences [1, P + N]. Per round: tokens drafted, inputs verified (drafted + 1, or drafted
+    when the last draft was EOS) and drafts accepted; draft-head calls in all. Each verified input
+    ran layers 1..E alone; each round ran layers E+1..L and the LM head once."""
 
     sequences: torch.Tensor
     prompt_length: int
     draft_layer: int
     num_layers: int
     drafted: list[int] = field(default_factory=list)
+    verified: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     draft_head_calls: int = 0
     cache: object = None
@@ -88,10 +91,14 @@ class VerifyResult:
         """Drafts accepted per round."""
         return sum(self.accepted) / max(self.rounds, 1)
 
+    @property
+    def tokens_per_round(self) -> float:
+        return self.new_tokens.shape[1] / max(self.rounds, 1)
+
     def layer_passes(self, head_cost: float, draft_head_cost: float | None = None) -> float:
         """Sequential layer passes of the whole generation, LM-head calls in layer units."""
-        return sum(round_layer_passes(self.draft_layer, self.num_layers, k, head_cost, draft_head_cost)
-                   for k in self.drafted)
+        return sum(round_layer_passes(self.draft_layer, self.num_layers, k, head_cost, draft_head_cost, m)
+                   for k, m in zip(self.drafted, self.verified))
 
 
 def _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length, min_confidence):
@@ -109,7 +116,7 @@ def _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length,
     if exit_layers is not None and draft_layer not in exit_layers:
         raise ValueError(f"draft_layer={draft_layer} has no exit; the exits are at layers {list(exit_layers)}")
     if draft_length < 1:
-        raise ValueError(f"draft_length={draft_length} must be >= 1")
+        raise ValueError(f"draft_length={draft_length} must be >= 1 (drafts per round at most)")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence={min_confidence} must lie in [0, 1] (a softmax probability)")
 
@@ -150,13 +157,18 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
     sequence, mask = input_ids, attention_mask.long()
     while sequence.shape[1] - result.prompt_length < max_new_tokens:
         budget = max_new_tokens - (sequence.shape[1] - result.prompt_length)
-        # 1. draft: inputs are the last emitted token, then each draft but the last
+        # 1. draft: the last emitted token, then each draft, runs layers 1..E; the exit drafts
+        #    after each but the last input (k drafts, k + 1 inputs; the verifier's token after
+        #    the last is the round's bonus). A drafted EOS is not run on: nothing follows it.
         token, states, drafts = sequence[:, -1:], [], []
-        for step in range(min(draft_length, budget)):
+        limit = min(draft_length, budget - 1)
+        for step in range(limit + 1):
             hidden, ctx = decoder.start(token, _extend(mask, step), cache)
             for index in range(E):
                 hidden = decoder.step(index, hidden, ctx)
             states.append(hidden)
+            if step == limit:
+                break
             draft, logits = drafter(hidden[:, -1], decoder)
             result.draft_head_calls += 1
             drafts.append(draft)
@@ -164,22 +176,23 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
             if bool(torch.isin(draft, eos).any()):
                 break
             if min_confidence is not None and float(torch.softmax(logits.float(), -1).max()) < min_confidence:
-                break
-        drafts = torch.cat(drafts)
-        # 2. verify the drafts in one pass over layers E+1..L, from their layer-E states
-        inputs = torch.cat([sequence[:, -1:], drafts[None, :-1]], dim=1)
+                limit = step + 1  # one more input: this draft, through layers 1..E for the bonus token
+        drafts = torch.cat(drafts) if drafts else sequence.new_zeros(0)
+        # 2. verify every input in one pass over layers E+1..L, from their layer-E states
+        inputs = torch.cat([sequence[:, -1:], drafts[None]], dim=1)[:, : len(states)]
         _, ctx = decoder.start(inputs, _extend(mask, inputs.shape[1] - 1), cache, mask_layer=E)
         hidden = torch.cat(states, dim=1)
         for index in range(E, L):
             hidden = decoder.step(index, hidden, ctx)
         verified = decoder.lm_head(decoder.final_norm(hidden[0])).argmax(-1)
-        # 3. keep the agreeing prefix and the verifier's token after it; stop at EOS
+        # 3. keep the agreeing drafts and the verifier's token after them; stop at EOS
         kept, accepted = round_tokens(drafts, verified)
         if eos.numel():
             stops = torch.isin(kept, eos).nonzero()
             if stops.numel():
                 kept = kept[: int(stops[0]) + 1]
         result.drafted.append(int(drafts.numel()))
+        result.verified.append(len(states))
         result.accepted.append(accepted)
         sequence = torch.cat([sequence, kept[None]], dim=1)
         mask = _extend(mask, kept.numel())
