@@ -44,6 +44,17 @@ def test_layer_passes_and_projection():
         d.round_layer_passes(10, 30, 2, head_cost=8.0, verified=5)
 
 
+def test_expected_tokens_and_break_even_acceptance():
+    assert d.expected_tokens_per_round(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert d.expected_tokens_per_round(0.0, 4) == pytest.approx(1.0)
+    assert d.expected_tokens_per_round(1.0, 4) == pytest.approx(5.0)
+    # L=4, head 1 (full depth 5 passes); E=2, k=1, draft head 1: a round costs 2*2 + 1 + 2 + 1 = 8
+    # passes for 1 + a tokens, so 5 per token needs a = 0.6, and 10/8 (1.25 per-token speed-up) is out of reach
+    assert d.break_even_acceptance(2, 4, 1, head_cost=1.0, draft_head_cost=1.0) == pytest.approx(0.6, abs=1e-5)
+    assert d.break_even_acceptance(2, 4, 1, head_cost=1.0, draft_head_cost=1.0, speedup=1.25) == pytest.approx(1.0, abs=1e-5)
+    assert d.break_even_acceptance(2, 4, 1, head_cost=1.0, draft_head_cost=1.0, speedup=1.3) is None
+
+
 def test_simulated_rounds_by_hand():
     agree = [True, True, False, True, True, True, True]
     # k=2: [0,1 drafted and right, bonus 2] [3,4 right, bonus 5] [budget 1 left: a plain step for 6]

@@ -81,6 +81,34 @@ def simulate_rounds(agree: Sequence[bool], draft_length: int, confident: Sequenc
     return drafted, accepted
 
 
+def expected_tokens_per_round(acceptance: float, draft_length: int) -> float:
+    """Tokens a round emits when each draft is right with probability `acceptance`, independently:
+    1 + a + a^2 + ... + a^k (the verifier's token, plus each draft while every one before it was
+    right). The textbook model of speculative decoding; measured rounds are in `simulate_rounds`."""
+    if not 0.0 <= acceptance <= 1.0 or draft_length < 0:
+        raise ValueError(f"acceptance={acceptance} must lie in [0, 1] and draft_length={draft_length} be >= 0")
+    return sum(acceptance ** i for i in range(draft_length + 1))
+
+
+def break_even_acceptance(draft_layer: int, num_layers: int, draft_length: int, head_cost: float,
+                          draft_head_cost: float, speedup: float = 1.0, tolerance: float = 1e-6) -> float | None:
+    """The smallest per-draft acceptance at which rounds of `draft_length` drafts at `draft_layer`
+    need `speedup` times fewer layer passes per token than full depth; None if even 1.0 does not."""
+    target = full_depth_passes(num_layers, head_cost) / speedup
+    cost = round_layer_passes(draft_layer, num_layers, draft_length, head_cost, draft_head_cost)
+
+    def passes(acceptance):
+        return cost / expected_tokens_per_round(acceptance, draft_length)
+
+    if passes(1.0) > target:
+        return None
+    low, high = 0.0, 1.0
+    while high - low > tolerance:  # passes per token falls as acceptance rises
+        middle = (low + high) / 2
+        low, high = (middle, high) if passes(middle) > target else (low, middle)
+    return high
+
+
 def full_depth_passes(num_layers: int, head_cost: float) -> float:
     """Layer passes of one plain decoding step: every layer and the LM head, for one token."""
     return num_layers + head_cost
