@@ -6,7 +6,7 @@ most frequent tokens of ACLSum's training text (`RestrictedHead`, about half a l
 eight). Verification always uses the full model, so the output is greedy full depth's.
 
 1. Acceptance, from teacher forcing. Each prompt is generated once at full depth through the
-   project's own code (the reference); one teacher-forced pass over prompt + output then gives
+   project's own code (untimed, in left-padded batches of 8); one teacher-forced pass over prompt + output then gives
    every exit's greedy token and confidence at every position. `exits.drafting.simulate_rounds`
    turns those into the exact rounds verify mode makes at any draft length (the tests hold the
    driver to it), so every (draft layer, draft length, draft head, confidence stop) point gets
@@ -87,27 +87,45 @@ def layer_parameters(decoder) -> int:
 
 
 @torch.no_grad()
-def reference_and_agreement(decoder, exits, head, prompt, new, eos, layers):
-    """Full-depth greedy output through the project's code (with its logits), and per draft layer:
-    agreement and confidence of the full-head and restricted-head drafts at every output position."""
-    ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-    full = generate_with_exits(decoder, exits, FullRule(), ids, mask, new, eos_token_id=eos, output_logits=True)
-    output = full.new_tokens[0]
-    sequence = torch.cat([ids[0], output])[None]
+def references(decoder, exits, prompts, new, eos, batch_size) -> list[list[int]]:
+    """Full-depth greedy outputs through the project's code, in left-padded batches (cheaper per
+    token on a CPU; the teacher-forced acceptance only needs the full model's continuation)."""
+    outputs = []
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for chunk in progress(chunks, "full-depth references", unit="batch"):
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        out = generate_with_exits(decoder, exits, FullRule(), ids, mask, new, eos_token_id=eos, pad_token_id=eos)
+        for row, keep in zip(out.new_tokens.tolist(), out.token_mask.tolist()):
+            outputs.append([t for t, k in zip(row, keep) if k])
+    return outputs
+
+
+@torch.no_grad()
+def agreement(decoder, exits, head, prompt, output, layers):
+    """Per draft layer: whether the full-head and the restricted-head drafts equal the full model's
+    token at every output position (teacher-forced on the prompt and the output), and their confidence."""
+    sequence = torch.tensor([prompt + output])
     states = decoder(sequence[:, :-1], torch.ones_like(sequence[:, :-1]))
-    P = ids.shape[1]
+    target, P = torch.tensor(output), len(prompt)
     facts = {}
     for layer in layers:
         h = states[layer - 1][0, P - 1:]
         logits = exits.logits(layer, h, decoder).float()
         restricted = head(decoder.final_norm(h)).float()
         facts[layer] = {
-            "full": ((logits.argmax(-1) == output).tolist(), torch.softmax(logits, -1).max(-1).values.tolist()),
-            "frequent": ((head.ids(restricted.argmax(-1)) == output).tolist(),
+            "full": ((logits.argmax(-1) == target).tolist(), torch.softmax(logits, -1).max(-1).values.tolist()),
+            "frequent": ((head.ids(restricted.argmax(-1)) == target).tolist(),
                          torch.softmax(restricted, -1).max(-1).values.tolist()),
         }
-    return output.tolist(), full.logits[0], facts
+    return facts
+
+
+def teacher_forced(decoder, exits, head, prompts, args, eos, what):
+    outputs = references(decoder, exits, prompts, args.new, eos, args.batch)
+    return [agreement(decoder, exits, head, p, o, args.layers)
+            for p, o in zip(progress(prompts, f"{what}: teacher forcing", unit="prompt"), outputs)]
 
 
 def simulate(facts_per_prompt, layer, length, head, confidence, L, head_cost, draft_head_cost):
@@ -174,7 +192,7 @@ def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, e
 
 
 @torch.no_grad()
-def cost_profile(decoder, head, prompt, repeats: int = 20) -> dict:
+def cost_profile(decoder, head, prompt, repeats: int = 7) -> dict:
     """Median ms of: one layer over 1 and over k new tokens (with the prompt cached), the LM head and
     the restricted head on one state."""
     ids = torch.tensor([prompt])
@@ -305,6 +323,7 @@ def main(argv=None):
                         help="of the timed prompts, the first N also run assistant_early_exit (it is slow: "
                              "its drafts start at 20 tokens per round)")
     parser.add_argument("--vocab", type=int, default=4096, help="rows of the restricted draft head")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the untimed full-depth references")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -330,8 +349,7 @@ def main(argv=None):
 
     # 2. selection on validation prompts
     val = load_prompts(tokenizer, "validation", args.select)
-    val_facts = [reference_and_agreement(decoder, exits, head, p, args.new, eos, args.layers)[2]
-                 for p in progress(val, "validation: teacher forcing", unit="prompt")]
+    val_facts = teacher_forced(decoder, exits, head, val, args, eos, "validation")
     val_grid = grid(val_facts)
     verify_point = min(val_grid, key=lambda r: r["passes_per_token"])
     fixed_point = min((r for r in val_grid if r["draft_head"] == "full" and r["min_confidence"] is None),
@@ -365,17 +383,18 @@ def main(argv=None):
                ("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer})]
     totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0, "accepted": 0, "rounds": 0, "passes": 0.0,
                      "differing": 0, "ties": 0, "gaps": []} for name, _, _ in methods}
-    test_facts = []
+    test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test")
+    log("test acceptance from teacher forcing: done")
     warm = torch.tensor([test[0]])
     generate_with_exits(decoder, exits, FullRule(), warm, torch.ones_like(warm), 2)  # one-off allocations
-    for index, prompt in enumerate(progress(test, "test prompts", unit="prompt")):
-        reference, full_logits, facts = reference_and_agreement(decoder, exits, head, prompt, args.new, eos, args.layers)
-        test_facts.append(facts)
-        if index >= args.timed:
-            continue
+    for index, prompt in enumerate(progress(test[:args.timed], "timed test prompts", unit="prompt")):
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
         cache = prefill(decoder, ids, mask)
+        # the reference: full depth at batch 1 through the project's code, with its logits (untimed)
+        full = generate_with_exits(decoder, exits, FullRule(), ids, mask, args.new, eos_token_id=eos,
+                                   output_logits=True, prompt_cache=cache)
+        reference, full_logits = full.new_tokens[0].tolist(), full.logits[0]
         for name, _, spec in methods:
             if name == "assistant_early_exit" and index >= args.assistant_prompts:
                 continue

@@ -9,7 +9,7 @@ import torch
 from tiny_decoders import PAD, VOCAB, left_padded_prompts, tiny_lm
 from ee_lightning.exits.drafting import simulate_rounds
 from ee_lightning.inference.generate import PlainExits
-from ee_lightning.inference.verify import generate_verified
+from ee_lightning.inference.verify import generate_verified, generate_verified_each
 from ee_lightning.modeling.draft_head import RestrictedHead
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
@@ -204,6 +204,18 @@ def test_teacher_forced_agreement_predicts_every_round(family):
         stop = generate_verified(decoder, exits, ids, mask, NEW, draft_layer=layer, draft_length=4, min_confidence=threshold)
         drafted, accepted = simulate_rounds(agree, 4, confident)
         assert accepted == stop.accepted and all(d >= s for d, s in zip(drafted, stop.drafted))
+
+
+def test_a_padded_batch_runs_prompt_by_prompt_and_each_row_is_its_greedy_output():
+    model, decoder = tiny_lm("qwen2")
+    ids, mask = left_padded_prompts()
+    results = generate_verified_each(decoder, PlainExits(4), ids, mask, NEW, draft_layer=2, draft_length=3)
+    assert len(results) == ids.shape[0]
+    for row, result in enumerate(results):
+        prompt, prompt_mask = one_prompt(row)
+        assert torch.equal(result.sequences, greedy(model, prompt, prompt_mask))
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate_verified_each(decoder, PlainExits(4), ids.flip(1), mask.flip(1), 3, draft_layer=2, draft_length=2)
 
 
 def test_bad_arguments_are_refused_with_the_fix():

@@ -201,3 +201,19 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
             break
     result.sequences, result.cache = sequence, cache
     return result
+
+
+def generate_verified_each(decoder, exits, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                           **options) -> list[VerifyResult]:
+    """`generate_verified` on each row of a LEFT-padded batch [B, P], one prompt at a time (the
+    padding is dropped, so each row's output is its batch-1 greedy output). `options` as there
+    (draft_layer, draft_length, eos_token_id, draft_head, min_confidence)."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    results = []
+    for ids, mask in zip(input_ids, attention_mask.bool()):
+        if not bool(mask[-1]):
+            raise ValueError("prompts must be LEFT-padded (every row's last column a real token)")
+        prompt = ids[mask][None]
+        results.append(generate_verified(decoder, exits, prompt, torch.ones_like(prompt), max_new_tokens, **options))
+    return results
