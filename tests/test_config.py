@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from ee_lightning.config import ConfigError, typed, validate_config
+from ee_lightning.app.validate import ConfigError, typed, validate_config
 from ee_lightning.config.schema import ConsistentEEMethod, FinetuneMethod, GlueData, PolicyStage
 from tests.conftest import CONF_DIR, DATA_OPTIONS, ROOT, compose_train, data_overrides
 
@@ -211,7 +211,8 @@ def test_eval_settings_are_validated(tmp_path):
     message = problems(["ckpt_path=/x.ckpt", "split=dev", "tau=1.0", "report.rules=[fast]"], tmp_path, "eval")
     assert "split=dev: must be one of train | validation | test" in message
     assert "tau=1.0: must be in (0.0, 1.0)" in message and "'fast' is not a rule" in message
-    assert "ckpt_path is missing (???)" in problems([], tmp_path, "eval")
+    assert "neither ckpt_path nor model_dir given: give one" in problems([], tmp_path, "eval")
+    assert "ckpt_path and model_dir given: give one" in problems(["ckpt_path=/x.ckpt", "model_dir=/m"], tmp_path, "eval")
 
 
 def test_train_and_evaluate_fail_before_loading_anything(tmp_path, monkeypatch):

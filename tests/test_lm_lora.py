@@ -18,7 +18,7 @@ from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
 from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, LoraExitSystem, attach_lora, merge_lora,
                                            projection_names, require_peft)
-from ee_lightning.training.lm_stages import train_lm_exits
+from ee_lightning.training.systems.lm import train_lm_exits
 from tests.conftest import CONF_DIR, compose_train
 from tests.lm_fixtures import tiny_llama
 from tests.test_lm_training import jsonl_datamodule, quiet_trainer
@@ -171,7 +171,7 @@ def test_lora_stage_is_saved_reused_and_the_cache_follows_the_adapted_backbone(t
 
 
 def test_lora_settings_are_validated_before_anything_loads(tmp_path):
-    from ee_lightning.config.validate import ConfigError, validate_config
+    from ee_lightning.app.validate import ConfigError, validate_config
 
     cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "method.lm_exits.lora.enabled=true",
                          "method.lm_exits.lora.rank=0", "method.lm_exits.lora.epochs=0",

@@ -17,7 +17,7 @@ from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_
 from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
 from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
-from ee_lightning.training.lm_stages import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
+from ee_lightning.training.systems.lm import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
                                              TokenStateDataset, per_exit_probs,
                                              train_lm_exits)
 from tests.conftest import CONF_DIR

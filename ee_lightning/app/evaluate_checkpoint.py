@@ -1,7 +1,10 @@
-"""ee-eval: one checkpoint, one split, every exit rule at every knob -> pareto.csv / .md / .png.
+"""ee-eval: one model, one split, every exit rule at every knob -> pareto.csv / .md / .png.
 
-The checkpoint alone is enough: it carries the model spec (backbone architecture, heads, policy,
-task and tokenizer), so the pretrained folder the run started from is not read.
+The model is an encoder run's checkpoint (`ckpt_path`) or a saved model folder of either kind
+(`model_dir=<run>/model`). Either alone is enough: it carries the backbone's architecture, the
+exits, the policy, the task or generation settings and the tokenizer, so the pretrained folder
+the run started from is not read. A decoder's folder is evaluated as its run evaluated it: every
+rule of the run's grid through real generation (ROUGE, agreement, FLOPs, tokens per second).
 """
 from __future__ import annotations
 
@@ -9,14 +12,22 @@ import json
 import logging
 from pathlib import Path
 
+import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader
 
-from ee_lightning.config import validate_config
+from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
+from ee_lightning.evaluation.generation_eval import rule_points_grid, write_generation_report
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.inference.layer_cache import collect_signals
+from ee_lightning.modeling.export import load_decoder, load_encoder, read_config
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts, model_from_spec
+from ee_lightning.progress import progress_enabled
+from ee_lightning.training.lm_pipeline import generation_batches
 from ee_lightning.training.systems.base import read_checkpoint
+from ee_lightning.training.systems.generation import GenerationEvalSystem
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +51,69 @@ def check_expected(spec: dict, cfg: DictConfig, ckpt_path: str) -> None:
                              "pass the checkpoint of the run you mean")
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    validate_config(cfg)  # every problem of the config at once, before the checkpoint or data loads
-    model, tokenizer, task, spec = load_checkpoint_model(cfg.ckpt_path)
-    check_expected(spec, cfg, cfg.ckpt_path)
-    data_cfg = OmegaConf.create(spec["data"])
+def run_data_config(run_data: dict, cfg: DictConfig) -> DictConfig:
+    """The run's data config with ee-eval's `data` overrides: a config with its own _target_ replaces the
+    run's; otherwise it overrides keys of it."""
+    data_cfg = OmegaConf.create(run_data)
     if cfg.get("data"):
-        # A data config with its own _target_ replaces the checkpoint's; otherwise it overrides keys of it.
         replaces = cfg.data.get("_target_") not in (None, data_cfg.get("_target_"))
         data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data)) if replaces else OmegaConf.merge(data_cfg, cfg.data)
+    return data_cfg
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    validate_config(cfg)  # every problem of the config at once, before the model or data loads
+    if cfg.get("model_dir"):
+        source = {"model_dir": str(cfg.model_dir)}
+        if read_config(cfg.model_dir)["kind"] == "decoder":
+            return evaluate_decoder(cfg)
+        model, tokenizer, task, spec = load_encoder(cfg.model_dir)
+    else:
+        source = {"ckpt_path": str(cfg.ckpt_path)}
+        model, tokenizer, task, spec = load_checkpoint_model(cfg.ckpt_path)
+    where = next(iter(source.values()))
+    check_expected(spec, cfg, where)
+    data_cfg = run_data_config(spec["data"], cfg)
     with open_dict(data_cfg):
         data_cfg.cache_dir = str(Path(cfg.paths.cache_dir) / "data")
     datamodule = build_datamodule(data_cfg, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    check_same_model(spec, datamodule.task, cfg.ckpt_path)
+    check_same_model(spec, datamodule.task, where)
     out_dir = Path(cfg.paths.output_dir)
     tau = cfg.tau if cfg.get("tau") is not None else spec["tau"]
     title = f"{spec['backbone'].get('name')} on {task.name} ({cfg.split})"
     cache = collect_signals(model, datamodule.dataloader(cfg.split, by_length=True), task.is_regression)
     report = compare_rules(model, task, cache, datamodule, cfg.split, out_dir, cfg.report, tau=tau, title=title)
-    (out_dir / "eval.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, **report},
-                                                  indent=2, default=str))
+    (out_dir / "eval.json").write_text(json.dumps({**source, "split": cfg.split, **report}, indent=2, default=str))
+    print(f"pareto files: {out_dir}")
+    return report
+
+
+def evaluate_decoder(cfg: DictConfig) -> dict:
+    """A decoder's saved folder: every rule of its run's grid through generation on `split`'s prompts
+    (the run's prompt count and batch size), on the CPU, as one Lightning test."""
+    parts, decoder, tokenizer, config = load_decoder(cfg.model_dir)
+    check_expected({"backbone": config["backbone"], "task": {"name": None}}, cfg, str(cfg.model_dir))  # no task
+    gen = config["generation"]
+    datamodule = instantiate(run_data_config(config["data"], cfg), tokenizer=tokenizer, _convert_="all")
+    datamodule.setup()
+    batches, _ = generation_batches(datamodule, cfg.split, gen["batch_size"], gen.get("max_prompts"))
+    tau = cfg.tau if cfg.get("tau") is not None else gen["tau"]
+    has_policy, has_classifier = parts.policy is not None, parts.classifier is not None
+    rules = rule_points_grid(gen["rules"], parts.exits.exit_layers, has_policy, has_classifier, decoder.vocab_size,
+                             tau=tau if has_policy else None)
+    system = GenerationEvalSystem(decoder, tokenizer, parts.exits, rules, gen["max_new_tokens"], parts.policy,
+                                  parts.classifier, tau=tau if has_policy else None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=progress_enabled())
+    trainer.test(system, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
+    points, extras = system.report()
+    out_dir = Path(cfg.paths.output_dir)
+    title = f"{config['backbone']['name']} on {datamodule.name} ({cfg.split}, {len(system.references)} prompts)"
+    paths = write_generation_report(points, extras, out_dir, title)
+    report = {"model_dir": str(cfg.model_dir), "split": cfg.split, "points": points,
+              "files": {k: str(v) for k, v in paths.items()}}
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"pareto files: {out_dir}")
     return report

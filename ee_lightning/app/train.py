@@ -8,10 +8,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ee_lightning.config import validate_config
+from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
 from ee_lightning.files import check_writable
 from ee_lightning.modeling.backbones import load_tokenizer
+from ee_lightning.modeling.export import save_encoder
 from ee_lightning.modeling.saved import build_model
 from ee_lightning.results import LMRunResults, RunResults, format_layer_table
 from ee_lightning.training.stages import METHODS, Run
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> RunResults | LMRunResults:
     model, spec = build_model(plain(cfg.backbone), plain(cfg.head), plain(cfg.policy), datamodule.task, tokenizer,
                               data=plain(cfg.data), tau=cfg.method.get("tau"))
     results = METHODS[cfg.method.name](Run(cfg, run_dir, datamodule, model, spec))
+    rank_zero_only(save_encoder)(run_dir / "model", model, spec, tokenizer, spec["tau"], datamodule.max_length)
     print_summary(run_dir, results)
     return results
 

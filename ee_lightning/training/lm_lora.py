@@ -1,7 +1,7 @@
 """LoRA on a decoder's layers, trained together with the exits' adapters, then merged (method.lm_exits.lora).
 
 Without it the decoder stays frozen: its exit states are cached once and only the small exit
-adapters learn (training/lm_stages.py), which is what a CPU can afford. On a GPU the backbone
+adapters learn (training/systems/lm.py), which is what a CPU can afford. On a GPU the backbone
 itself can learn to serve its exits: peft's LoRA on the layers' projections (`target_modules`)
 trains jointly with the exits' low-rank adapters, from live teacher-forced passes through the
 decoder's step interface, on the weighted LM loss over exits (each exit's next-token cross-entropy

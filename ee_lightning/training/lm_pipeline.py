@@ -7,7 +7,7 @@ real generation.
   4. every rule at every knob generates on the held-out prompts (evaluation/generation_eval.py):
      ROUGE, agreement with the full model, exit layers, FLOPs, tokens per second;
   5. pareto.csv/md/png and results.json in the run directory.
-Stages 1-3 are `training.lm_stages.train_lm_exits`; step 4 is a Lightning test of
+Stages 1-3 are `training.systems.lm.train_lm_exits`; step 4 is a Lightning test of
 `training.systems.generation.GenerationEvalSystem` (stage `lm_generation`). Every stage's Trainer
 carries the configured loggers and callbacks (reward curve, exit histograms: in generation, the
 policy's exits at its trained tau).
@@ -22,16 +22,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ee_lightning.config import typed
+from ee_lightning.app.validate import typed
 from ee_lightning.config.schema import ConsistentEELMMethod
 from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import exit_layer_list
 from ee_lightning.results import LMRunResults
-from ee_lightning.training.lm_stages import train_lm_exits
+from ee_lightning.training.systems.lm import train_lm_exits
 from ee_lightning.training.systems.generation import GenerationEvalSystem
 from ee_lightning.training.trainers import finish_loggers, make_trainer
 
@@ -116,6 +117,10 @@ def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
         "report": {k: str(v) for k, v in paths.items()}, "policy_tau": tau if trained.policy is not None else None,
     })
     path = results.write(run_dir)
+    save_decoder(run_dir / "model", decoder, tokenizer, trained.exits, trained.policy, trained.classifier,
+                 generation={"rules": dataclasses.asdict(gen.rules), "tau": tau, "max_new_tokens": gen.max_new_tokens,
+                             "batch_size": gen.batch_size, "max_prompts": gen.max_prompts},
+                 data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
     print(paths["md"].read_text())
     print(f"results: {path}")
     return results

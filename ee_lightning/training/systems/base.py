@@ -6,6 +6,7 @@ and its own arguments; it never reads the config tree. Its checkpoints carry the
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -28,7 +29,14 @@ def read_checkpoint(path, key: str = "ckpt_path") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist; give the .ckpt of an ee-train run "
                                 "(its run directory's checkpoints/<stage>/last.ckpt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only: tensors and plain containers only, so a checkpoint someone sent cannot run code on load
+        # (every stage's checkpoint holds nothing else; resume.py stores the numpy random state as tensors)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded, "
+                         f"because unpickling them can run code ({str(err).splitlines()[0]}); give a checkpoint "
+                         "written by ee-train, or its saved model folder (<run>/model/)") from None
     if SPEC_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not an ee-lightning checkpoint (it has no model spec); "
                          "give a checkpoint written by ee-train")

@@ -23,6 +23,7 @@ from ee_lightning.evaluation.generation_eval import (generate_batch, library_gen
                                                      score_points)
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
+from ee_lightning.progress import progress
 from ee_lightning.training.held import Held
 
 
@@ -82,9 +83,12 @@ class GenerationEvalSystem(L.LightningModule):
         cache, seconds = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
         self.prefill_seconds += seconds
         batch = {**batch, "prompt_cache": cache}
-        for index, (_, _, rule) in enumerate(self.rules):
+        points = progress(self.rules, f"generation, prompt batch {batch_idx + 1}", unit="rule")
+        for index, (name, value, rule) in enumerate(points):
             run = generate_batch(decoder, exits, rule, batch, self.max_new_tokens, self.eos, self.pad, self.policy,
                                  self.classifier, self.flops)
+            points.set_postfix_str(f"{name} {'' if value is None else value}: "
+                                   f"{run['generated'] / max(run['seconds'], 1e-9):.1f} tokens/s")
             self.runs[index].append(run)
             if index == self.tau_index:
                 self._count_exits(run["exit_layers"])

@@ -519,6 +519,10 @@ def check_report(report: DictConfig, check: Checker) -> None:
 
 # ---------------------------------------------------------------------------------- ee-eval
 def check_eval(cfg: DictConfig, check: Checker) -> None:
+    given = [key for key in ("ckpt_path", "model_dir") if _value(cfg, key) not in (_MISSING, None)]
+    if len(given) != 1:
+        check.problems.append(f"{' and '.join(given) or 'neither ckpt_path nor model_dir'} given: give one, "
+                              "ckpt_path=<run>/checkpoints/<stage>/last.ckpt or model_dir=<run>/model")
     check.choice(cfg, "split", "", SPLITS)
     check.number(cfg, "tau", "", low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
                  why="null: the tau the checkpoint was trained with")

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.config.schema import LMCacheConfig, LMExitsConfig
-from ee_lightning.config.validate import lm_exits_config
+from ee_lightning.app.validate import lm_exits_config
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
@@ -256,7 +256,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig | dict, out_dir: str 
     `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
     `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the `lm_exits` config: the composed
     `method.lm_exits`, an `LMExitsConfig`, or a dict / DictConfig with every key (conf/lm_exits/default.yaml),
-    typed and checked here (`config.validate.lm_exits_config`); `trainer_factory(stage, max_epochs)` makes
+    typed and checked here (`app.validate.lm_exits_config`); `trainer_factory(stage, max_epochs)` makes
     each stage's Trainer; `identity` (e.g. the model name) goes into the caches' keys, so another model
     rebuilds them. Writes exit_states_<split>.pt (caches), lm_exits.pt, token_policy.pt, exit_classifier.pt
     in out_dir. With `cfg.lora.enabled` the backbone first gets LoRA trained with the exits and merged in
