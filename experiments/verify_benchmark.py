@@ -357,7 +357,7 @@ def main(argv=None):
     log("verify point (validation):", verify_point)
     log("fixed point (validation):", fixed_point)
     assistant_times = {}
-    for layer in args.assistant_layers:
+    for layer in args.assistant_layers if len(args.assistant_layers) > 1 else []:  # one layer: nothing to choose
         seconds = tokens = 0
         for prompt in val[:1]:
             ids = torch.tensor([prompt])
@@ -368,7 +368,7 @@ def main(argv=None):
             seconds, tokens = seconds + s, tokens + len(out)
         assistant_times[layer] = tokens / seconds
         log(f"assistant_early_exit={layer}: {tokens / seconds:.2f} tokens/s on 1 validation prompt")
-    assistant_layer = max(assistant_times, key=assistant_times.get)
+    assistant_layer = max(assistant_times, key=assistant_times.get) if assistant_times else args.assistant_layers[0]
     selection = {"verify": {k: verify_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
                  "fixed": {k: fixed_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
                  "assistant_early_exit": assistant_layer,
@@ -381,8 +381,9 @@ def main(argv=None):
                 verify_point),
                ("fixed_draft", "E{draft_layer} k{draft_length} (LayerSkip-style)".format(**fixed_point), fixed_point),
                ("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer})]
-    totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0, "accepted": 0, "rounds": 0, "passes": 0.0,
-                     "differing": 0, "ties": 0, "gaps": []} for name, _, _ in methods}
+    totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0,
+                     "accepted": 0, "rounds": 0, "passes": 0.0, "differing": 0, "ties": 0, "gaps": []}
+              for name, _, _ in methods}
     test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test")
     log("test acceptance from teacher forcing: done")
     warm = torch.tensor([test[0]])
