@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -89,6 +90,20 @@ def save_artefact(path: Path, tensors: dict, meta: dict) -> None:
     atomic_torch_save({"meta_json": json.dumps(_normalize_meta(meta), sort_keys=True), "tensors": tensors}, Path(path))
 
 
+def load_or_build(path: Path, meta: dict, build, save: bool = True) -> dict:
+    """The tensors saved at `path` for `meta`, else `build()`, saved there (by one process of several:
+    `save`). A missing, unreadable or stale file is rebuilt, never half-written."""
+    tensors = load_artefact(path, meta)
+    if tensors is not None:
+        log.info("%s reused", path)
+        return tensors
+    tensors = build()
+    if save:
+        save_artefact(path, tensors, meta)
+        log.info("%s written", path)
+    return tensors
+
+
 def load_artefact(path: Path, meta: dict) -> dict | None:
     """The tensors saved at `path`, or None when the file is missing, unreadable, or saved for other metadata."""
     path = Path(path)
@@ -98,6 +113,6 @@ def load_artefact(path: Path, meta: dict) -> dict | None:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         stored = json.loads(payload["meta_json"])
         tensors = payload["tensors"]
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, ValueError, pickle.UnpicklingError):
+    except Exception:  # a truncated or foreign file: torch raises many kinds (IndexError among them)
         return None
     return tensors if stored == _normalize_meta(meta) else None

@@ -10,10 +10,10 @@ from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 from torchmetrics.utilities import dim_zero_cat
 
-from ee_lightning.exits.signals import prediction
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
+TASK_KINDS = (CLASSIFICATION, REGRESSION)
 METRICS = ("acc", "f1", "mcc", "pearson_spearman")
 
 
@@ -87,6 +87,11 @@ def make_metric(task: TaskSpec, **metric_kwargs) -> Metric:
     if task.metric == "f1":
         return F1Score(task=kind, num_classes=task.num_labels, **metric_kwargs)
     return MatthewsCorrCoef(task=kind, num_classes=task.num_labels, **metric_kwargs)
+
+
+def prediction(logits: torch.Tensor, is_regression: bool) -> torch.Tensor:
+    """Head outputs [..., C] -> class ids (int64), or the regression value (float32) of a 1-output head."""
+    return logits.float().squeeze(-1) if is_regression else logits.argmax(-1)
 
 
 def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_unbucketed_evaluation_counts_give_the_overall_histogram_only(tmp_path):
     import lightning as L
 
     class Unbucketed(L.LightningModule):
-        evaluates_policy, exit_buckets, num_layers, exit_layers = True, False, 3, [2, 4, 6]
+        evaluates_policy, exit_buckets, num_exits, exit_layers = True, False, 3, [2, 4, 6]
 
         def __init__(self):
             super().__init__()

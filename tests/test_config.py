@@ -218,12 +218,13 @@ def test_eval_settings_are_validated(tmp_path):
 def test_train_and_evaluate_fail_before_loading_anything(tmp_path, monkeypatch):
     import ee_lightning.app.evaluate_checkpoint as evaluate_module
     import ee_lightning.app.train as train_module
+    import ee_lightning.training.methods as methods_module
 
     def never(*args, **kwargs):
         raise AssertionError("loaded something before validating the config")
 
     for name in ("build_datamodule", "load_tokenizer"):
-        monkeypatch.setattr(train_module, name, never)
+        monkeypatch.setattr(methods_module, name, never)
     monkeypatch.setattr(evaluate_module, "load_checkpoint_model", never)
     cfg = compose_train(["method.tau=1.5"], tmp_path / "run")
     started = time.perf_counter()

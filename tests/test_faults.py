@@ -109,8 +109,8 @@ def test_a_nan_reward_stops_the_step_before_its_update(tmp_path):
     guard.bind_stage("policy", tmp_path)
     trainer = SimpleNamespace(global_step=7, current_epoch=1, strategy=SingleDeviceStrategy("cpu"))
     guard.on_train_batch_start(trainer, None, {"idx": torch.tensor([3, 9])}, 2)
-    module = SimpleNamespace(last_policy_step=SimpleNamespace(parts=SimpleNamespace(
-        reward=torch.tensor([[0.5, math.nan]]))))
+    module = SimpleNamespace(last_policy_step=SimpleNamespace(parts=SimpleNamespace(  # a policy stage's members
+        reward=torch.tensor([[0.5, math.nan]]))), last_policy_memorized=None, num_exits=2, exit_layers=[1, 2])
     with pytest.raises(NumericalFault, match=r"policy reward: stage policy, global step 7, epoch 1, batch 2, "
                                              r"row ids \(idx\) \[3, 9\]"):
         guard.on_before_backward(trainer, module, torch.tensor(0.3))

@@ -207,6 +207,7 @@ def test_both_mismatches_and_the_methods_own_problems_are_reported_together(tmp_
 
 def test_the_lm_method_fails_before_loading_anything(tmp_path, monkeypatch):
     import ee_lightning.app.train as train_module
+    import ee_lightning.training.methods as methods_module
     import ee_lightning.training.lm_pipeline as lm_pipeline
 
     class Loaded(Exception):
@@ -217,7 +218,7 @@ def test_the_lm_method_fails_before_loading_anything(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lm_pipeline, "build_decoder", never)
     for name in ("build_datamodule", "load_tokenizer"):
-        monkeypatch.setattr(train_module, name, never)
+        monkeypatch.setattr(methods_module, name, never)
     for bad in ([*LM, "method.lm_exits.policy.tau=1.5"], [*LM, "backbone=tiny_bert"], ["backbone=tiny_llama"]):
         with pytest.raises(ConfigError):
             train_module.train(compose_train(bad, tmp_path / "bad"))

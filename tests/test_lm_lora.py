@@ -16,12 +16,14 @@ from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
-from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, LoraExitSystem, attach_lora, merge_lora,
+from ee_lightning.training.systems.lm import LoraExitSystem
+from ee_lightning.training.lm_lora import (ARTEFACT, LoraError, attach_lora, merge_lora,
                                            projection_names, require_peft)
-from ee_lightning.training.systems.lm import train_lm_exits
+from ee_lightning.app.validate import lm_exits_config
+from ee_lightning.training.lm_pipeline import train_lm_exits
 from tests.conftest import CONF_DIR, compose_train
 from tests.lm_fixtures import tiny_llama
-from tests.test_lm_training import jsonl_datamodule, quiet_trainer
+from tests.test_lm_training import jsonl_datamodule, quiet_stages, quiet_trainer
 from tiny_decoders import tiny_lm
 
 
@@ -58,7 +60,10 @@ def test_lora_trains_with_the_exits_only_lora_and_adapters_move_and_the_merge_le
     assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
     assert {n.split(".")[-4] for n in lora} == {"q_proj", "v_proj"}
     system = LoraExitSystem(exits, decoder, lora, lr=1e-2, exits_lr=1e-2)
-    assert all(k.startswith("exits.") for k in system.state_dict())  # the backbone is not the stage's checkpoint
+    checkpoint = {"state_dict": system.state_dict()}
+    system.on_save_checkpoint(checkpoint)  # the frozen backbone is not in the stage's checkpoint: LoRA and exits only
+    kept, exit_keys = set(checkpoint["state_dict"]), {f"exits.{k}" for k in exits.state_dict()}
+    assert exit_keys <= kept and len(kept - exit_keys) == len(lora) and all(".lora_" in k for k in kept - exit_keys)
     loader = dm.dataloader("train", "train", batch_size=4)
     before = weighted_loss(system, loader)
     quiet_trainer(max_epochs=15).fit(system, train_dataloaders=dm.dataloader("train", "train", shuffle=True,
@@ -136,16 +141,21 @@ def test_lora_stage_is_saved_reused_and_the_cache_follows_the_adapted_backbone(t
     L.seed_everything(0)
     dm = jsonl_datamodule(tmp_path, n=8)
     out = tmp_path / "out"
-    cache_file = out / "exit_states_train.pt"
-    plain = train_lm_exits(tiny_decoder(dm), dm, lm_exits_cfg(False), out, trainer_factory=quiet_trainer)
-    assert "untrained" in plain.summary and not (out / ARTEFACT).exists()
+    cache_file = out / "checkpoints" / "lm_cache_train" / "exit_states_train.pt"
+    artefact = out / "checkpoints" / "lm_lora" / ARTEFACT
+
+    def train(decoder, cfg):
+        return train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(out))
+
+    plain = train(tiny_decoder(dm), lm_exits_cfg(False))
+    assert "untrained" in plain.summary and not artefact.exists()
     plain_mtime = cache_file.stat().st_mtime_ns
 
     decoder = tiny_decoder(dm)
-    run = train_lm_exits(decoder, dm, lm_exits_cfg(True), out, trainer_factory=quiet_trainer)
+    run = train(decoder, lm_exits_cfg(True))
     lora = run.summary["lora"]
     assert not lora["reused"] and len(lora["epoch_losses"]) == 2 and lora["trainable_parameters"] > 0
-    assert "after_lora" in run.summary and (out / ARTEFACT).is_file()
+    assert "after_lora" in run.summary and artefact.is_file()
     assert cache_file.stat().st_mtime_ns != plain_mtime  # the un-adapted backbone's cache was not reused
     assert not torch.equal(run.cache["states"], plain.cache["states"])
     with torch.no_grad():  # the cache holds the adapted (merged) backbone's states
@@ -154,19 +164,19 @@ def test_lora_stage_is_saved_reused_and_the_cache_follows_the_adapted_backbone(t
         keep = batch["labels"][:, 1:] != -100
     assert torch.allclose(run.cache["states"][:, 1], states[3][:, :-1][keep], atol=1e-5)
     weights = {k: v.clone() for k, v in decoder.model.state_dict().items()}
-    lora_mtime, cache_mtime = (out / ARTEFACT).stat().st_mtime_ns, cache_file.stat().st_mtime_ns
+    lora_mtime, cache_mtime = artefact.stat().st_mtime_ns, cache_file.stat().st_mtime_ns
 
     again_decoder = tiny_decoder(dm)
     cfg = lm_exits_cfg(True)
     cfg.adapters.epochs = 0
-    again = train_lm_exits(again_decoder, dm, cfg, out, trainer_factory=quiet_trainer)
+    again = train(again_decoder, cfg)
     assert again.summary["lora"]["reused"] and again.summary["lora"]["digest"] == lora["digest"]
     assert again.summary["lora"]["epoch_losses"] == lora["epoch_losses"]
-    assert (out / ARTEFACT).stat().st_mtime_ns == lora_mtime and cache_file.stat().st_mtime_ns == cache_mtime
+    assert artefact.stat().st_mtime_ns == lora_mtime and cache_file.stat().st_mtime_ns == cache_mtime
     assert all(torch.equal(v, weights[k]) for k, v in again_decoder.model.state_dict().items())
 
     cfg.lora.rank = 2  # other settings: trained again, not the saved weights
-    third = train_lm_exits(tiny_decoder(dm), dm, cfg, out, trainer_factory=quiet_trainer)
+    third = train(tiny_decoder(dm), cfg)
     assert not third.summary["lora"]["reused"] and third.summary["lora"]["digest"] != lora["digest"]
 
 
@@ -209,7 +219,8 @@ def test_consistentee_lm_with_lora_runs_every_stage_on_a_tiny_decoder(tmp_path):
     saved = json.loads((run_dir / "results.json").read_text())
     full = saved["points"][0]
     assert full["rule"] == "full" and full["token_agreement"] == 1.0 and full["avg_exit_layer"] == 4.0
-    for name in ("lora_backbone.pt", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt", "pareto.md",
+    for name in ("checkpoints/lm_lora/lora_backbone.pt", "checkpoints/lm_adapters/last.ckpt",
+                 "checkpoints/lm_policy/last.ckpt", "checkpoints/lm_classifier/last.ckpt", "pareto.md",
                  "csv/lm_lora/metrics.csv"):
         assert (run_dir / name).is_file(), name
     logged = (run_dir / "csv" / "lm_lora" / "metrics.csv").read_text().splitlines()[0]

@@ -81,9 +81,14 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert isinstance(read, LMRunResults) and read.full == full["metric"]
     # ConsistentEE is the policy at its trained tau (0.5), not the grid's middle point
     assert read.methods["consistentee"].tau == 0.5 and read.methods["full"].layer_saving == 0.0
-    for name in ("pareto.csv", "pareto.md", "pareto.png", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt",
-                 "reward_curve.csv"):
+    for name in ("pareto.csv", "pareto.md", "pareto.png", "reward_curve.csv", "stages.json",
+                 "checkpoints/lm_adapters/last.ckpt", "checkpoints/lm_policy/last.ckpt",
+                 "checkpoints/lm_classifier/last.ckpt", "checkpoints/lm_generation/report.json"):
         assert (run_dir / name).is_file(), name
+    # the encoders' run layout: every stage in the ledger
+    assert list(json.loads((run_dir / "stages.json").read_text())) == [
+        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier", "lm_cache_validation",
+        "lm_generation"]
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
     # the generation's policy exits at the trained tau went through the exit-histogram callback
     lines = [json.loads(line) for line in (run_dir / "exit_histograms.jsonl").read_text().splitlines()]
@@ -121,7 +126,8 @@ def test_a_decoder_build_that_draws_random_numbers_leaves_the_stages_unchanged(t
                              "method.generation.rules.saturation=null", "method.generation.rules.classifier=null"],
                             tmp_path / name)
         train(cfg)
-        return {file: torch.load(tmp_path / name / file) for file in ("lm_exits.pt", "token_policy.pt")}
+        return {stage: torch.load(tmp_path / name / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
+                for stage in ("lm_adapters", "lm_policy")}
 
     plain = run("plain")
     build = lm_pipeline.build_decoder
@@ -140,8 +146,30 @@ def test_a_static_layer_past_the_model_fails_before_any_training(tmp_path, monke
     def must_not_train(*args, **kwargs):
         raise AssertionError("training started")
 
+    from ee_lightning.app.train import train
+
     monkeypatch.setattr(lm_pipeline, "train_lm_exits", must_not_train)
     cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
                          "method.generation.rules.static=[3,9]"], tmp_path / "run")
     with pytest.raises(ValueError, match=r"method.generation.rules.static=\[3, 9\]: rule 'static': k=9 is outside 1..4"):
-        lm_pipeline.run_consistentee_lm(cfg)
+        train(cfg)
+
+
+def test_the_gpu_experiment_shards_the_lora_stage_with_fsdp_and_replicates_the_rest(tmp_path):
+    # Composed, validated and built here; never run on a GPU by these tests.
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from ee_lightning.app.validate import validate_config
+    from ee_lightning.training.trainers import is_sharded
+
+    cfg = compose_train(["experiment=llama_consistentee_gpu", "backbone.pretrained_path=/models/llama"], tmp_path)
+    validate_config(cfg)
+    assert cfg.trainer.precision == "bf16-true" and cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == -1
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and is_sharded(dict(cfg.trainer.strategy))
+    assert strategy.kwargs["use_orig_params"] is True
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes  # each layer its own FSDP unit
+    assert LlamaDecoderLayer in strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert not is_sharded("ddp") and not is_sharded(None) and is_sharded("deepspeed_stage_3")

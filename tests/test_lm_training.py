@@ -15,18 +15,25 @@ from ee_lightning.data.generation import PromptResponseDataModule
 from ee_lightning.exits.lm_targets import (agrees_with_last, exit_correct, exit_loss_weights, hardness_targets,
                                            token_memorized_exit)
 from ee_lightning.training.callbacks.reward_curve import RewardCurve, read_curve
-from ee_lightning.inference.lm_cache import collect_exit_states, load_or_build, predicting_positions
+from ee_lightning.files import load_or_build
+from ee_lightning.inference.lm_cache import collect_exit_states, predicting_positions
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
-from ee_lightning.training.systems.lm import (ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem,
-                                             TokenStateDataset, per_exit_probs,
-                                             train_lm_exits)
+from ee_lightning.app.validate import lm_exits_config
+from ee_lightning.training.lm_pipeline import per_exit_probs, train_lm_exits
+from ee_lightning.training.stages import Stages
+from ee_lightning.training.systems.lm import ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem, TokenStateDataset
 from tests.conftest import CONF_DIR
 from tests.lm_fixtures import LlamaLayers, tiny_chat_tokenizer, tiny_llama
 
 
-def quiet_trainer(stage=None, max_epochs=1):
-    return L.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, accelerator="cpu")
+def quiet_trainer(stage=None, max_epochs=1, log=False, replicate=False, **overrides):
+    return L.Trainer(**{"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
+                        "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", **overrides})
+
+
+def quiet_stages(run_dir) -> Stages:
+    """A run's stages with bare Trainers (no loggers, no checkpoints): the ledger and caches in run_dir."""
+    return Stages(run_dir, quiet_trainer)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -214,10 +221,13 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     cfg.policy.k = 4
     cfg.policy.task_target = "full"
     cfg.adapters.target = "full"
-    run = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)
+    run = train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(tmp_path / "out"))
     assert run.exits.exit_layers == [2, 4]
-    for name in ("exit_states_train.pt", "lm_exits.pt", "token_policy.pt", "exit_classifier.pt"):
-        assert (tmp_path / "out" / name).is_file()
+    folder = tmp_path / "out" / "checkpoints"
+    for name in ("lm_cache_train/exit_states_train.pt", "lm_scores/scores.pt"):
+        assert (folder / name).is_file()
+    assert set(json.loads((tmp_path / "out" / "stages.json").read_text())) == {
+        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier", "lm_cache_validation"}
     summary = run.summary
     train = summary["train"]
     assert len(train["token_acc"]) == 2 and sum(summary["memorized_histogram"]) == train["tokens"]
@@ -227,12 +237,12 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     held_out = summary["evaluation"]
     assert held_out["split"] == "validation" and held_out["tokens"] == sum(
         len(r) for r in dm.dataset("validation").response_ids)
-    assert (tmp_path / "out" / "exit_states_validation.pt").is_file()
+    assert (folder / "lm_cache_validation" / "exit_states_validation.pt").is_file()
     assert len(held_out["classifier_acc"]) == 1 and 0.0 <= held_out["classifier_acc"][0] <= 1.0
     assert torch.allclose(per_exit_probs(run.policy, run.cache["states"], chunk=3),
                           per_exit_probs(run.policy, run.cache["states"]))
-    mtime = (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns
+    mtime = (folder / "lm_cache_train" / "exit_states_train.pt").stat().st_mtime_ns
     cfg.policy.epochs = cfg.classifier.epochs = cfg.adapters.epochs = 0
-    again = train_lm_exits(decoder, dm, cfg, tmp_path / "out", trainer_factory=quiet_trainer)
-    assert (tmp_path / "out" / "exit_states_train.pt").stat().st_mtime_ns == mtime  # cache reused
+    again = train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(tmp_path / "out"))
+    assert (folder / "lm_cache_train" / "exit_states_train.pt").stat().st_mtime_ns == mtime  # cache reused
     assert torch.equal(again.cache["states"], run.cache["states"]) and again.policy is None

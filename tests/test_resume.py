@@ -204,3 +204,64 @@ def test_sigkill_in_the_joint_stage_with_the_epsilon_greedy_sampler_resumes_to_t
         steps = [int(row["step"]) for row in csv.DictReader(handle) if row["stage"] == "joint"]
     assert [step for step in steps if step <= killed] == sorted({step for step in steps if step <= killed}), steps
     assert min(steps) <= killed, steps  # the killed process had written its first steps
+
+
+# --- a decoder run: every stage ledgered, a stage killed mid-fit resumes -----------------------------
+def tiny_decoder_run(run_dir: Path) -> list[str]:
+    # 8 ACLSum pairs (a few hundred response tokens) in batches of 16: tens of optimizer steps per stage,
+    # last.ckpt every 2 steps.
+    return [sys.executable, "-m", "ee_lightning.app.cli", "experiment=aclsum_consistentee", "backbone=tiny_llama",
+            "logger=csv", "data.max_train_samples=8", "data.max_eval_samples=2", "data.max_prompt_length=64",
+            "method.lm_exits.exit_every=1", "method.lm_exits.adapters.epochs=2", "method.lm_exits.adapters.batch_size=16",
+            "method.lm_exits.policy.epochs=2", "method.lm_exits.policy.batch_size=16",
+            "method.lm_exits.classifier.epochs=1", "method.generation.max_prompts=2", "method.generation.batch_size=1",
+            "method.generation.max_new_tokens=3", "method.generation.rules.static=null",
+            "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=[0.5]",
+            "method.generation.rules.saturation=null", "method.generation.rules.classifier=[0.5]",
+            "callbacks.step_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}"]
+
+
+# Wall-clock measurements differ between any two runs; everything else must not.
+TIMED = ("seconds", "tokens_per_s", "tokens_per_s_with_prompt", "speedup_vs_full", "speedup_vs_generate",
+         "policy_speedup_vs_full", "transformers_generate", "prefill_seconds", "report")
+
+
+def untimed(value):
+    """results.json less its wall-clock measurements, at any depth."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in TIMED}
+    return [untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def decoder_results(run_dir: Path) -> dict:
+    return untimed(json.loads((run_dir / "results.json").read_text()))
+
+
+@pytest.mark.slow
+def test_a_decoder_run_killed_mid_stage_resumes_that_stage_to_the_same_results(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    run_to_end(tiny_decoder_run(reference), tmp_path)
+    steps = {stage: torch.load(reference / "checkpoints" / stage / "last.ckpt", weights_only=False)["global_step"]
+             for stage in ("lm_adapters", "lm_policy")}
+
+    run_dir = tmp_path / "killed"
+    command = tiny_decoder_run(run_dir)
+    killed = {"lm_adapters": run_and_kill(command, tmp_path, run_dir, "lm_adapters", 4),
+              "lm_policy": run_and_kill(command, tmp_path, run_dir, "lm_policy", 4)}
+    assert all(killed[stage] < steps[stage] for stage in killed), (killed, steps)  # each killed before its end
+    ledger = json.loads((run_dir / "stages.json").read_text())
+    assert "lm_adapters" in ledger and "lm_policy" not in ledger  # the second start read lm_adapters back
+    run_to_end(command, tmp_path)
+
+    assert decoder_results(run_dir) == decoder_results(reference)
+    for stage in ("lm_adapters", "lm_policy", "lm_classifier"):  # the trained weights, bit for bit on a CPU
+        ours = torch.load(run_dir / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
+        theirs = torch.load(reference / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), stage
+    # Resumed, not restarted: the policy steps the killed process wrote (one reward_curve.csv row per step)
+    # are not trained, nor written, a second time.
+    with open(run_dir / "reward_curve.csv", newline="") as handle:
+        policy_steps = [int(row["step"]) for row in csv.DictReader(handle) if row["stage"] == "lm_policy"]
+    before_kill = [step for step in policy_steps if step <= killed["lm_policy"]]
+    assert before_kill and before_kill == sorted(set(before_kill)), policy_steps

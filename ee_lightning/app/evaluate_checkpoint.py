@@ -98,7 +98,7 @@ def evaluate_decoder(cfg: DictConfig) -> dict:
     gen = config["generation"]
     datamodule = instantiate(run_data_config(config["data"], cfg), tokenizer=tokenizer, _convert_="all")
     datamodule.setup()
-    batches, _ = generation_batches(datamodule, cfg.split, gen["batch_size"], gen.get("max_prompts"))
+    batches = generation_batches(datamodule, cfg.split, gen["batch_size"], gen.get("max_prompts"))
     tau = cfg.tau if cfg.get("tau") is not None else gen["tau"]
     has_policy, has_classifier = parts.policy is not None, parts.classifier is not None
     rules = rule_points_grid(gen["rules"], parts.exits.exit_layers, has_policy, has_classifier, decoder.vocab_size,

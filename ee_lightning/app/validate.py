@@ -21,16 +21,18 @@ from ee_lightning.config.schema import (DATA_SCHEMAS, DECODER_METHODS, GENERATIO
                                         ACLSumData, ConsistentEEMethod, CsvData, FinetuneMethod, GlueData,
                                         LMExitsConfig, PromptResponseData)
 
-POOLINGS = ("cls", "mean")
+from ee_lightning.data.glue import MNLI_EVAL
+from ee_lightning.exits.lm_targets import HARDNESS_TARGETS as TOKEN_TARGETS
+from ee_lightning.exits.lm_targets import WEIGHT_SCHEMES as ADAPTER_WEIGHTS
+from ee_lightning.inference.lm_cache import DTYPES
+from ee_lightning.modeling.heads import POOLINGS
+from ee_lightning.tasks import TASK_KINDS
+from ee_lightning.training.systems.finetune import LAYER_WEIGHTS
+
+CACHE_DTYPES = tuple(DTYPES)
 BACKBONE_KINDS = ("encoder", "decoder")
-LAYER_WEIGHTS = ("linear", "uniform")
 SPLITS = ("train", "validation", "test")
-TOKEN_TARGETS = ("reference", "full")  # an exit's token is scored against the reference or the full model's token
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DECODER_DTYPES = ("float32", "bfloat16", "float16")
-ADAPTER_WEIGHTS = ("layer", "uniform")
-TASK_KINDS = ("classification", "regression")
-MNLI_EVAL = ("matched", "mismatched")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config tree (inside the wheel; a link in a checkout)
 
 

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ee_lightning.data.base import DataError, fraction_size, split_rows
+from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
 from ee_lightning.data.sources import DATA_PACKAGES, package_folder, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -355,11 +356,17 @@ class GenerationDataModule(L.LightningDataModule):
         return self._splits[split]
 
     def dataloader(self, split: str, kind: str = "train", shuffle: bool = False,
-                   batch_size: int | None = None) -> DataLoader:
+                   batch_size: int | None = None, seed: int | None = None) -> DataLoader:
+        """Batches of `kind` ("train": prompt + reference; "generate": prompts). `shuffle` with a `seed`:
+        an order that depends only on (seed, epoch) and resumes mid-epoch (`data.resumable`)."""
         batch_size = batch_size or (self.batch_size if shuffle else self.eval_batch_size)
-        return DataLoader(self.dataset(split), batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=_Collate(kind, self.pad_id), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        common = {"batch_size": batch_size, "collate_fn": _Collate(kind, self.pad_id), "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0}
+        if shuffle and seed is not None:
+            dataset = self.dataset(split)
+            return ResumableLoader(dataset, sampler=EpochShuffle(len(dataset), seed=seed),
+                                   generator=torch.Generator().manual_seed(seed), **common)
+        return DataLoader(self.dataset(split), shuffle=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", "train", shuffle=True)

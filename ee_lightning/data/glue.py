@@ -67,6 +67,8 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
              label_names=("not_entailment", "entailment"), label_values=("0", "1")),
 )}
 
+MNLI_EVAL = ("matched", "mismatched")  # which MNLI validation and test split to use
+
 
 def glue_task(task: str | None) -> GlueTask:
     key = str(task or "").lower().replace("-", "").replace("_", "")
@@ -93,7 +95,7 @@ class GlueDataModule(TextDataModule):
                          num_workers=num_workers, cache_dir=cache_dir, max_train_samples=max_train_samples,
                          max_eval_samples=max_eval_samples, split_seed=split_seed, bucket_by_length=bucket_by_length,
                          name=f"glue_{self.glue.name}" if name in (None, "glue") else name)
-        if mnli_eval not in ("matched", "mismatched"):
+        if mnli_eval not in MNLI_EVAL:
             raise DataError(f"data.mnli_eval={mnli_eval!r}: use 'matched' or 'mismatched'")
         self.mnli_eval = mnli_eval
         self.validation_fraction = float(validation_fraction)

@@ -98,8 +98,8 @@ class FlopBreakdown:
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-class _Meter:
-    """FLOPs of successive steps under one counter."""
+class FlopMeter:
+    """FLOPs of successive steps under one counter: each call gives those since the last."""
 
     def __init__(self, counter: FlopCounterMode):
         self.counter = counter
@@ -135,7 +135,7 @@ def measure_flops(model, seq_len: int) -> FlopBreakdown:
         # no_grad, not inference_mode: a module that reads a parameter as its input (DeBERTa's
         # relative embeddings) cannot run under the counter in inference mode.
         with torch.no_grad(), flop_counter() as counter:
-            meter = _Meter(counter)
+            meter = FlopMeter(counter)
             hidden, ctx = model.start(batch)
             embeddings = meter()
             for index in range(model.num_layers):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ee_lightning.evaluation.cost import flop_counter
+from ee_lightning.evaluation.cost import FlopMeter, flop_counter
 
 _PROBE = 33  # the second context length measured
 
@@ -64,16 +64,6 @@ class GenerationFlops:
         return prompt + steps
 
 
-class _Meter:
-    def __init__(self, counter):
-        self.counter, self.seen = counter, 0.0
-
-    def __call__(self) -> float:
-        total = float(self.counter.get_total_flops())
-        step, self.seen = total - self.seen, total
-        return step
-
-
 def _one_token_layer_flops(decoder, context: int) -> list[float]:
     """FLOPs of every layer for one new token attending to `context` keys."""
     device = next(decoder.parameters()).device
@@ -87,7 +77,7 @@ def _one_token_layer_flops(decoder, context: int) -> list[float]:
     hidden, ctx = decoder.start(ids, torch.ones((1, context), dtype=torch.long, device=device), cache)
     flops = []
     with flop_counter() as counter:
-        meter = _Meter(counter)
+        meter = FlopMeter(counter)
         for index in range(decoder.num_layers):
             hidden = decoder.step(index, hidden, ctx)
             flops.append(meter())
@@ -105,7 +95,7 @@ def measure_generation_flops(decoder, exits, policy=None, classifier=None) -> Ge
     _, ctx = decoder.start(ids, torch.ones_like(ids), cache=None)
     layer = exits.exit_layers[0]
     with flop_counter() as counter:
-        meter = _Meter(counter)
+        meter = FlopMeter(counter)
         decoder.kv(0, hidden, ctx)
         kv = meter()
         exits.logits(layer, hidden[:, -1], decoder)

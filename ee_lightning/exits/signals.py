@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from ee_lightning.tasks import prediction  # a head's prediction is the task's: tasks.py
+
 CLASS_SIGNALS = ("max_prob", "entropy", "entropy_normalized", "margin")
 LOGIT_SIGNALS = ("prediction", *CLASS_SIGNALS)  # computed from an exit's logits
 SIGNALS = (*LOGIT_SIGNALS, "exit_prob")  # what an encoder's exits give (runner, replay cache)
@@ -57,11 +59,6 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
 def saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of two hidden states, in float32: [..., H], [..., H] -> [...]."""
     return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
-
-
-def prediction(logits: torch.Tensor, is_regression: bool) -> torch.Tensor:
-    """Head outputs [..., C] -> class ids (int64), or the regression value (float32) of a 1-output head."""
-    return logits.float().squeeze(-1) if is_regression else logits.argmax(-1)
 
 
 def layer_signals(logits: torch.Tensor, exit_prob: torch.Tensor | None = None, is_regression: bool = False,

@@ -15,18 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ee_lightning.data.generation import IGNORE_INDEX
-from ee_lightning.files import atomic_torch_save
 from ee_lightning.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,46 +40,65 @@ def _device(module) -> torch.device:
 
 
 @torch.no_grad()
-def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "float32",
-                        progress: bool | None = None) -> dict:
-    """Run `decoder(input_ids, attention_mask) -> L states [B, T, H]` over LM batches of `loader`.
+def exit_state_parts(decoder, batch: dict, exit_layers: list[int], dtype: str = "float32") -> dict:
+    """One LM batch's share of the cache (on the CPU): each response token's exit states, target, the
+    full model's own token, its dataset row and its position within the response."""
+    device = _device(decoder)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    states = decoder(ids, mask)
+    if len(states) != decoder.num_layers:
+        raise ValueError(f"the decoder gave {len(states)} layer states for {decoder.num_layers} layers")
+    keep = predicting_positions(labels)
+    last = states[-1][:, :-1][keep]
+    return {"states": torch.stack([states[layer - 1][:, :-1][keep] for layer in exit_layers], dim=1)
+            .to("cpu", DTYPES[dtype]),
+            "targets": labels[:, 1:][keep].cpu(),
+            "full_tokens": decoder.lm_head(decoder.final_norm(last)).argmax(-1).cpu(),
+            "rows": batch["idx"].to(device).unsqueeze(1).expand_as(keep)[keep].cpu(),
+            "positions": (keep.long().cumsum(1) - 1)[keep].cpu()}
 
-    `decoder` also gives final_norm and lm_head (for the full model's own token)."""
+
+def merge_parts(parts: list[dict], exit_layers: list[int]) -> dict:
+    """Batches' parts -> the cache, its tokens ordered by (dataset row, position): the same order
+    whichever batches, or processes, computed them."""
+    if not parts:
+        raise ValueError("the loader gave no batches to cache")
+    cache = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    order = torch.argsort(cache["rows"] * (int(cache["positions"].max()) + 1) + cache["positions"], stable=True)
+    cache = {key: value[order] for key, value in cache.items()}
+    cache["exit_layers"] = torch.tensor(exit_layers)
+    return cache
+
+
+def check_exit_layers(decoder, exit_layers: list[int], dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    num_layers = decoder.num_layers
-    if not exit_layers or any(not 1 <= layer <= num_layers for layer in exit_layers):
-        raise ValueError(f"exit layers {exit_layers} must lie in 1..{num_layers}")
-    device = _device(decoder)
+    if not exit_layers or any(not 1 <= layer <= decoder.num_layers for layer in exit_layers):
+        raise ValueError(f"exit layers {exit_layers} must lie in 1..{decoder.num_layers}")
+
+
+@torch.no_grad()
+def collect_exit_states(decoder, loader, exit_layers: list[int], dtype: str = "float32",
+                        progress: bool | None = None) -> dict:
+    """Run `decoder(input_ids, attention_mask) -> L states [B, T, H]` over LM batches of `loader`, in
+    this process (a run's stage does the same pass under its Trainer: `training.systems.lm`).
+
+    `decoder` also gives final_norm and lm_head (for the full model's own token)."""
+    check_exit_layers(decoder, exit_layers, dtype)
     was_training = decoder.training
     decoder.eval()
-    parts = {"states": [], "targets": [], "full_tokens": [], "rows": [], "positions": []}
+    parts = []
     bar = tqdm(loader, desc="caching exit states", unit="batch", dynamic_ncols=True,
                disable=not progress_enabled() if progress is None else not progress)
     try:
         for batch in bar:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            labels = batch["labels"].to(device)
-            states = decoder(ids, mask)
-            if len(states) != num_layers:
-                raise ValueError(f"the decoder gave {len(states)} layer states for {num_layers} layers")
-            keep = predicting_positions(labels)
-            parts["states"].append(torch.stack([states[layer - 1][:, :-1][keep] for layer in exit_layers], dim=1)
-                                   .to("cpu", DTYPES[dtype]))
-            parts["targets"].append(labels[:, 1:][keep].cpu())
-            last = states[-1][:, :-1][keep]
-            parts["full_tokens"].append(decoder.lm_head(decoder.final_norm(last)).argmax(-1).cpu())
-            parts["rows"].append(batch["idx"].to(device).unsqueeze(1).expand_as(keep)[keep].cpu())
-            parts["positions"].append((keep.long().cumsum(1) - 1)[keep].cpu())
-            bar.set_postfix(tokens=sum(len(t) for t in parts["targets"]))
+            parts.append(exit_state_parts(decoder, batch, exit_layers, dtype))
+            bar.set_postfix(tokens=sum(len(part["targets"]) for part in parts))
     finally:
         bar.close()
         decoder.train(was_training)
-    if not parts["targets"]:
-        raise ValueError("the loader gave no batches to cache")
-    cache = {key: torch.cat(values) for key, values in parts.items()}
-    cache["exit_layers"] = torch.tensor(exit_layers)
-    return cache
+    return merge_parts(parts, exit_layers)
 
 
 def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:
@@ -94,26 +110,6 @@ def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:
     return {"identity": identity or {}, "decoder": type(decoder).__name__, "num_layers": decoder.num_layers,
             "hidden_size": decoder.hidden_size, "data": datamodule.name, "split": split,
             "rows": hashlib.sha256(rows).hexdigest()}
-
-
-def load_or_build(path: str | Path, meta: dict, build) -> dict:
-    """The cache at `path` if it was built with `meta`, else `build()` saved there atomically."""
-    path = Path(path)
-    meta_json = json.dumps(meta, sort_keys=True, default=str)
-    if path.is_file():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload.get("format_version") == FORMAT_VERSION and payload.get("meta_json") == meta_json:
-                log.info("exit-state cache %s reused (%d tokens)", path, len(payload["cache"]["targets"]))
-                return payload["cache"]
-            log.info("exit-state cache %s was built with other settings; rebuilding it", path)
-        except Exception as err:  # a truncated or foreign file (torch raises many kinds): rebuild it
-            log.warning("exit-state cache %s is unreadable (%s); rebuilding it", path, err)
-    cache = build()
-    atomic_torch_save({"format_version": FORMAT_VERSION, "meta_json": meta_json, "cache": cache}, path)
-    log.info("exit-state cache %s written (%d tokens, %d exits)", path, len(cache["targets"]),
-             len(cache["exit_layers"]))
-    return cache
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ee_lightning.training.callbacks.protocols import TrainsPolicy
+
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +103,7 @@ class NumericalGuard(Callback):
         self._in_step, self._fault = False, None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        step = getattr(pl_module, "last_policy_step", None)
+        step = pl_module.last_policy_step if isinstance(pl_module, TrainsPolicy) else None
         parts = getattr(step, "parts", None)
         self._fault = self._fault or non_finite({"loss": loss, "policy reward": getattr(parts, "reward", None)})
         # Under DDP every process must take the same decision: one that stopped (or skipped) alone

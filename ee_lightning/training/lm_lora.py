@@ -20,19 +20,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import lightning as L
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ee_lightning.config.schema import LoRAStage
-from ee_lightning.exits.lm_targets import exit_loss_weights
 from ee_lightning.files import load_artefact, save_artefact
-from ee_lightning.inference.lm_cache import predicting_positions, source_meta
+from ee_lightning.inference.lm_cache import source_meta
 from ee_lightning.modeling.lm_exits import LMExitHeads
-from ee_lightning.training.held import Held
+from ee_lightning.training.processes import is_global_zero
+from ee_lightning.training.systems.lm import LoraExitSystem
 
 log = logging.getLogger(__name__)
 
@@ -123,68 +120,6 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class LoraExitSystem(L.LightningModule):
-    """Stage 1 with LoRA: loss = sum_l w_l CE_l over every exit (the last included), from live passes.
-
-    A batch is a `collate_train` batch (prompt + reference, labels -100 off the response). Each exit's
-    state at the positions that predict a response token goes through its adapter, the final norm
-    and the LM head; the LoRA weights (in the decoder) and the exits' adapters learn together."""
-
-    def __init__(self, exits: LMExitHeads, decoder, lora_parameters: dict[str, nn.Parameter], lr: float = 2e-4,
-                 exits_lr: float = 1e-3, weights: str = "layer"):
-        super().__init__()
-        if not lora_parameters:
-            raise ValueError("no LoRA parameters to train: attach_lora(decoder, settings) first")
-        self.exits = exits
-        self._held = Held(decoder)  # its LoRA weights go to the optimizer and the checkpoint explicitly
-        self.lora_parameters = lora_parameters
-        self.lr, self.exits_lr = lr, exits_lr
-        self.register_buffer("weights", exit_loss_weights(exits.exit_layers, weights), persistent=False)
-        self.epoch_losses: list[float] = []
-        self._sum = self._count = 0.0
-
-    @property
-    def decoder(self):
-        return self._held.model
-
-    def exit_losses(self, batch) -> torch.Tensor:
-        """[E] cross-entropy of each exit on the batch's response tokens."""
-        decoder = self.decoder
-        states = decoder(batch["input_ids"], batch["attention_mask"])  # start + step per layer
-        keep = predicting_positions(batch["labels"])
-        targets = batch["labels"][:, 1:][keep]
-        return torch.stack([
-            F.cross_entropy(self.exits.logits(layer, states[layer - 1][:, :-1][keep], decoder).float(), targets)
-            for layer in self.exits.exit_layers])
-
-    def training_step(self, batch, batch_idx):
-        ce = self.exit_losses(batch)
-        loss = (self.weights * ce).sum()
-        size = int(batch["input_ids"].shape[0])
-        self.log("lora/loss", loss, prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
-        self.log_dict({f"lora/ce_L{layer}": value for layer, value in zip(self.exits.exit_layers, ce.detach())},
-                      batch_size=size, on_step=False, on_epoch=True)
-        self._sum, self._count = self._sum + float(loss.detach()), self._count + 1
-        return loss
-
-    def on_train_start(self):
-        self.decoder.train()  # LoRA dropout (and the model's own dropout, as any fine-tuning) while training
-
-    def on_train_epoch_end(self):
-        self.epoch_losses.append(self._sum / max(self._count, 1))
-        self._sum = self._count = 0.0
-
-    def on_train_end(self):
-        self.decoder.eval()
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["lora_state_dict"] = {name: p.detach().cpu() for name, p in self.lora_parameters.items()}
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([{"params": list(self.lora_parameters.values()), "lr": self.lr},
-                                  {"params": list(self.exits.parameters()), "lr": self.exits_lr}], weight_decay=0.0)
-
-
 @dataclass
 class LoraOutcome:
     """What the LoRA stage did: the weights' digest (the adapted backbone's identity) and its losses."""
@@ -199,12 +134,12 @@ class LoraOutcome:
         return asdict(self)
 
 
-def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoRAStage, out_dir: str | Path,
-                        trainer_factory, identity: dict | None = None, exits_lr: float = 1e-3,
-                        weights: str = "layer") -> LoraOutcome:
-    """LoRA + `exits` trained on the train split (or loaded from out_dir/lora_backbone.pt when saved
-    with the same settings), then merged into `decoder`. `decoder` is a LayerwiseDecoder (`model`,
-    `layers()`, `decoder(ids, mask)` -> each layer's states); `datamodule` a GenerationDataModule."""
+def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoRAStage, stages,
+                        identity: dict | None = None, exits_lr: float = 1e-3, weights: str = "layer") -> LoraOutcome:
+    """LoRA + `exits` trained on the train split as the run's stage `lm_lora` (`stages`: a
+    `training.stages.Stages`), or loaded from checkpoints/lm_lora/lora_backbone.pt when saved with the
+    same settings, then merged into `decoder`. `decoder` is a LayerwiseDecoder (`model`, `layers()`,
+    `decoder(ids, mask)` -> each layer's states); `datamodule` a GenerationDataModule."""
     if int(settings.epochs) < 1:
         raise LoraError(f"method.lm_exits.lora.epochs={settings.epochs}: must be >= 1 when LoRA is enabled")
     peft_model = attach_lora(decoder, settings)
@@ -212,18 +147,21 @@ def train_backbone_lora(decoder, exits: LMExitHeads, datamodule, settings: LoRAS
     meta = {**source_meta(decoder, datamodule, "train", identity), "dtype": str(next(decoder.parameters()).dtype),
             "exits": {name: list(value.shape) for name, value in exits.state_dict().items()},  # exit layers, rank
             "exit_layers": exits.exit_layers, "lora": asdict(settings), "exits_lr": exits_lr, "weights": weights}
-    path = Path(out_dir) / ARTEFACT
+    path = stages.folder("lm_lora") / ARTEFACT
     saved, reused = load_artefact(path, meta), True
     if saved is None:
         reused = False
         system = LoraExitSystem(exits, decoder, lora_parameters, lr=float(settings.lr), exits_lr=exits_lr,
                                 weights=weights)
-        loader = datamodule.dataloader("train", "train", shuffle=True, batch_size=int(settings.batch_size))
-        trainer_factory("lm_lora", int(settings.epochs)).fit(system, train_dataloaders=loader)
+        loader = datamodule.dataloader("train", "train", shuffle=True, batch_size=int(settings.batch_size),
+                                       seed=stages.seed)
+        # the artefact, not the ledger, says whether these settings' LoRA exists: never restored from the ledger
+        stages.fit("lm_lora", system, int(settings.epochs), restore=False, train_dataloaders=loader)
         saved = {**{f"lora.{k}": v for k, v in lora_weights(peft_model).items()},
                  **{f"exits.{k}": v.detach().cpu() for k, v in exits.state_dict().items()},
                  "epoch_losses": torch.tensor(system.epoch_losses, dtype=torch.float64)}
-        save_artefact(path, saved, meta)
+        if is_global_zero():
+            save_artefact(path, saved, meta)
         log.info("LoRA stage trained (losses per epoch %s); weights saved to %s", system.epoch_losses, path)
     else:
         from peft import set_peft_model_state_dict

@@ -1,46 +1,267 @@
 """method=consistentee_lm: ConsistentEE for a decoder LM, every stage, then every exit rule through
-real generation.
+real generation. The run's shape is every method's (`training/methods.py`); its stages, each in the
+ledger (stages.json) and resumed after a kill:
 
-  1. the frozen decoder's exit states are cached once (teacher-forced on the train references);
-  2. stage 1: the exits' low-rank adapters (weighted LM loss over exits);
-  3. per-token memorized layer, then the per-token REINFORCE policy; CALM's exit classifier;
-  4. every rule at every knob generates on the held-out prompts (evaluation/generation_eval.py):
-     ROUGE, agreement with the full model, exit layers, FLOPs, tokens per second;
-  5. pareto.csv/md/png and results.json in the run directory.
-Stages 1-3 are `training.systems.lm.train_lm_exits`; step 4 is a Lightning test of
-`training.systems.generation.GenerationEvalSystem` (stage `lm_generation`). Every stage's Trainer
-carries the configured loggers and callbacks (reward curve, exit histograms: in generation, the
-policy's exits at its trained tau).
+  lm_lora              (optional, GPU) LoRA on the backbone trained with the exits, merged in (training/lm_lora.py);
+  lm_cache_train       the frozen decoder's exit states, teacher-forced on the train references (a predict);
+  lm_adapters          stage 1: the exits' low-rank adapters (weighted LM loss over exits);
+  lm_scores            every exit's token and cross-entropy on every cached token, and each token's memorized exit;
+  lm_policy            the per-token REINFORCE policy;
+  lm_classifier        CALM's exit classifier;
+  lm_cache_<split>     the held-out split's exit states (`lm_exits.evaluate_split`), for the training summary;
+  lm_generation        every rule at every knob generates on the held-out prompts (a Lightning test of
+                       `systems.generation.GenerationEvalSystem`): ROUGE, agreement with the full model, exit
+                       layers, FLOPs, tokens per second -> pareto.csv/md/png.
+
+Each stage's artefacts live in checkpoints/<stage>/, as the encoder stages' do. Every Trainer is the
+run's (strategy, devices, precision, loggers and callbacks): under DDP the cache passes and the
+generation are split across processes and gathered once, the trained stages are data-parallel.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ee_lightning.app.validate import typed
-from ee_lightning.config.schema import ConsistentEELMMethod
+from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
+from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
 from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
+from ee_lightning.exits.hardness import histogram
+from ee_lightning.exits.lm_targets import agrees_with_last, exit_correct, hardness_targets, token_memorized_exit
+from ee_lightning.exits.rules import policy_exits
+from ee_lightning.files import atomic_write_text, load_or_build
+from ee_lightning.inference.lm_cache import check_exit_layers, exit_tables, merge_parts, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.export import save_decoder
-from ee_lightning.modeling.lm_exits import exit_layer_list
+from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy, exit_layer_list
 from ee_lightning.results import LMRunResults
-from ee_lightning.training.systems.lm import train_lm_exits
+from ee_lightning.training.lm_lora import digest, train_backbone_lora
+from ee_lightning.training.processes import all_processes, is_global_zero
+from ee_lightning.training.stages import Run, Stages
 from ee_lightning.training.systems.generation import GenerationEvalSystem
-from ee_lightning.training.trainers import finish_loggers, make_trainer
+from ee_lightning.training.systems.policy import RL_KEYS
+from ee_lightning.training.trainers import finish_loggers
+from ee_lightning.training.systems.lm import (ExitAdapterSystem, ExitClassifierSystem, ExitStateCacheSystem,
+                                              TokenPolicySystem, TokenStateDataset, _layers_first)
 
 log = logging.getLogger(__name__)
 
 
-def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int | None) -> tuple[list[dict], list[str]]:
-    batches, references, seen = [], [], 0
+def build_decoder_run(cfg: DictConfig, run_dir: Path, method: ConsistentEELMMethod) -> Run:
+    """The decoder, its tokenizer and the generation data, built once."""
+    if cfg.backbone.get("kind") != "decoder":
+        raise ValueError(f"method=consistentee_lm needs a decoder backbone (kind: decoder, e.g. backbone=smollm2_135m), "
+                         f"got backbone={cfg.backbone.get('name')}")
+    decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    datamodule.setup()
+    # The rule grid against this model's depth now, not after training (a static layer past the
+    # last one would otherwise fail only when generation starts).
+    rule_points_grid(dataclasses.asdict(method.generation.rules),
+                     exit_layer_list(decoder.num_layers, method.lm_exits.exit_every), True, True, decoder.vocab_size)
+    return Run(cfg, run_dir, datamodule, decoder, method, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- the exits' stages
+
+
+@dataclass
+class LMExitRun:
+    """What `train_lm_exits` produced: the trained modules, the train split's cache and the summary."""
+
+    exits: LMExitHeads
+    policy: TokenExitPolicy | None
+    classifier: ExitClassifier | None
+    cache: dict
+    summary: dict
+
+
+def cached_policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float) -> torch.Tensor:
+    """Greedy exits (1..E) of cached tokens [N, E, H]: the policy rule (first exit with p > tau, else the last)."""
+    return policy_exits(per_exit_probs(policy, states), tau)
+
+
+def per_exit_probs(heads, states: torch.Tensor, layers: list[int] | None = None, chunk: int = 4096) -> torch.Tensor:
+    """[E', N] probabilities of a policy or classifier at `layers` (default: all its exits) over cached
+    states [N, E, H], in chunks of tokens (the whole cache may not fit on the device at once)."""
+    layers = heads.exit_layers if layers is None else layers
+    index = {layer: e for e, layer in enumerate(heads.exit_layers)}
+    device = next(heads.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(states), chunk):
+            per_exit = _layers_first(states[start:start + chunk].to(device, torch.float32))
+            out.append(torch.stack([heads.prob(layer, per_exit[index[layer]]) for layer in layers]).cpu())
+    return torch.cat(out, dim=1)
+
+
+def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = None, tau: float = 0.5,
+                 classifier: ExitClassifier | None = None) -> dict:
+    """Per exit: token accuracy against the reference and agreement with the full model's token; with a
+    policy, its mean greedy exit (1..E) and the accuracy / agreement of the tokens it emits; with CALM's
+    classifier, its accuracy per exit below the last (p > 0.5 vs "same token as the last exit")."""
+    correct = exit_correct(tables["tokens"], cache["targets"])
+    agree = exit_correct(tables["tokens"], cache["full_tokens"])
+    summary = {"tokens": len(cache["targets"]), "token_acc": correct.float().mean(1).tolist(),
+               "agreement_with_full": agree.float().mean(1).tolist()}
+    if policy is not None:
+        at = (cached_policy_exits(policy, cache["states"], tau) - 1).unsqueeze(0)
+        summary["policy_mean_exit"] = (at + 1).float().mean().item()
+        summary["policy_token_acc"] = correct.gather(0, at).float().mean().item()
+        summary["policy_agreement_with_full"] = agree.gather(0, at).float().mean().item()
+    if classifier is not None:
+        labels = agrees_with_last(tables["tokens"])
+        said = per_exit_probs(classifier, cache["states"], classifier.exit_layers[:-1]) > 0.5
+        summary["classifier_acc"] = (said == labels).float().mean(1).tolist()
+    return summary
+
+
+def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg: LMCacheConfig, stages: Stages,
+                identity: dict | None) -> dict:
+    """Stage lm_cache_<split>: the split's exit-state cache, one predict pass (split across processes
+    under DDP, gathered in every process), saved and reused while its settings hold."""
+    dtype, stage = cache_cfg.dtype, f"lm_cache_{split}"
+    check_exit_layers(decoder, exit_layers, dtype)
+    meta = {**source_meta(decoder, datamodule, split, identity), "exit_layers": exit_layers, "dtype": dtype,
+            "format_version": CACHE_FORMAT}
+
+    def build() -> dict:
+        loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
+        trainer = stages.make_trainer(stage, 1, log=False, **REPLICATED)
+        parts = trainer.predict(ExitStateCacheSystem(decoder, exit_layers, dtype), dataloaders=loader)
+        return merge_parts([part for shard in all_processes(parts) for part in shard], exit_layers)
+
+    cache = load_or_build(stages.folder(stage) / f"exit_states_{split}.pt", meta, build, save=is_global_zero())
+    if not stages.ledger.done(stage):
+        stages.ledger.mark(stage, None, tokens=len(cache["targets"]))
+    return cache
+
+
+def stage_loader(dataset, batch_size: int, seed: int) -> ResumableLoader:
+    """A trained stage's loader: its order depends only on (seed, epoch), and it resumes mid-epoch. Its
+    own generator: a loader's iterator draws a seed when it starts, which must not come from the global
+    stream (a resumed stage starts its iterator at another point of that stream)."""
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed=seed),
+                           generator=torch.Generator().manual_seed(seed))
+
+
+def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardness_target: str,
+                stages: Stages) -> tuple[dict, torch.Tensor]:
+    """Stage lm_scores: every exit's token and cross-entropy on every cached token (one LM-head pass
+    per exit) and each token's memorized exit, saved in checkpoints/lm_scores/ and read back by a rerun."""
+    def build() -> dict:
+        tables = exit_tables(cache, exits, decoder, batch_size=batch_size)
+        return {**tables, "memorized": token_memorized_exit(tables["tokens"], hardness_targets(
+            hardness_target, cache["targets"], cache["full_tokens"]))}
+
+    # keyed by the cache's tokens and the exits' weights: other exits (a rerun of lm_adapters) score again
+    meta = {"tokens": len(cache["targets"]), "hardness_target": hardness_target,
+            "exits": digest(exits.state_dict())}
+    scores = load_or_build(stages.folder("lm_scores") / "scores.pt", meta, build, save=is_global_zero())
+    if not stages.ledger.done("lm_scores"):
+        stages.ledger.mark("lm_scores", None)
+    return {key: scores[key] for key in ("tokens", "ce", "ce_full")}, scores["memorized"]
+
+
+# These stages call their modules outside a forward pass (the exits' LM head, the policy on cached
+# states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
+REPLICATED = {"replicate": True}
+
+CACHE_FORMAT = 2  # the exit-state cache's layout (inference/lm_cache.py); another value rebuilds old files
+
+# TokenPolicySystem's knobs, read from method.lm_exits.policy: the encoders' REINFORCE settings and lr.
+REINFORCE_KEYS = (*RL_KEYS, "lr")
+
+
+def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, identity: dict | None = None) -> LMExitRun:
+    """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary,
+    each a stage of `stages` (a finished one is read back, an interrupted one resumes).
+
+    `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
+    `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the typed `method.lm_exits`
+    (`app.validate.lm_exits_config` types and checks a plain node); `identity` (e.g. the model name)
+    goes into the caches' keys, so another model rebuilds them. With `cfg.lora.enabled` the backbone
+    first gets LoRA trained with the exits and merged in (training/lm_lora.py); the cached stages then
+    run on the adapted backbone. The summary has the train split's numbers and, under "evaluation",
+    those of `cfg.evaluate_split`.
+    """
+    num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
+    # Every module is made before any stage runs: a stage reseeds, so a module made after it would
+    # start from other weights when that stage was read back instead of trained.
+    exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank)
+    policy_cfg, classifier_cfg = cfg.policy, cfg.classifier
+    policy = (TokenExitPolicy(num_layers, hidden_size, hidden=policy_cfg.hidden, exit_layers=exits.exit_layers)
+              if policy_cfg.epochs > 0 else None)
+    classifier = (ExitClassifier(num_layers, hidden_size, exit_layers=exits.exit_layers)
+                  if classifier_cfg.epochs > 0 and len(exits.exit_layers) > 1 else None)
+    lora_outcome = None
+    if cfg.lora.enabled:
+        # stage 1 on the backbone itself: LoRA + these exits' adapters, merged before anything is cached;
+        # the caches' identity then names the adapted weights
+        lora_outcome = train_backbone_lora(decoder, exits, datamodule, cfg.lora, stages, identity,
+                                           exits_lr=cfg.adapters.lr, weights=cfg.adapters.weights)
+        identity = {**(identity or {}), "lora": lora_outcome.digest}
+    cache = split_cache(decoder, datamodule, "train", exits.exit_layers, cfg.cache, stages, identity)
+    targets = cache["targets"]
+    batch = cfg.adapters.batch_size
+    summary: dict = {"exit_layers": exits.exit_layers}
+    # the exits before their own stage (untrained, or trained with LoRA): the same on every rerun
+    before = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
+    if lora_outcome is None:
+        summary["untrained"] = before
+    else:
+        summary.update(lora=lora_outcome.summary(), after_lora=before)
+
+    adapters = cfg.adapters
+    if adapters.epochs > 0:
+        system = ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights)
+        # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
+        adapter_targets = hardness_targets(adapters.target, targets, cache["full_tokens"])
+        loader = stage_loader(TokenStateDataset(cache["states"], targets=adapter_targets), batch, stages.seed)
+        stages.fit("lm_adapters", system, adapters.epochs, trainer=REPLICATED, train_dataloaders=loader)
+    exits.to(next(decoder.parameters()).device)
+
+    tables, memorized = exit_scores(cache, exits, decoder, batch, cfg.hardness.target, stages)
+    summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
+
+    if policy is not None:
+        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS})
+        # the task term scores an exit's token against the reference or the full model's own token
+        correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, targets,
+                                                                  cache["full_tokens"]))
+        ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
+        data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
+        stages.fit("lm_policy", system, policy_cfg.epochs, trainer=REPLICATED,
+                   train_dataloaders=stage_loader(data, policy_cfg.batch_size, stages.seed))
+    summary["train"] = exit_summary(cache, tables, policy, policy_cfg.tau)
+
+    if classifier is not None:
+        system = ExitClassifierSystem(classifier, lr=classifier_cfg.lr)
+        data = TokenStateDataset(cache["states"], agree=agrees_with_last(tables["tokens"]).T)
+        stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=REPLICATED,
+                   train_dataloaders=stage_loader(data, classifier_cfg.batch_size, stages.seed))
+
+    split = cfg.evaluate_split
+    if split:
+        held_out = split_cache(decoder, datamodule, split, exits.exit_layers, cfg.cache, stages, identity)
+        summary["evaluation"] = {"split": split, **exit_summary(
+            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, policy_cfg.tau, classifier)}
+    log.info("lm exits trained: %s", summary)
+    return LMExitRun(exits, policy, classifier, cache, summary)
+
+
+# --------------------------------------------------------------------------- generation and the run
+
+
+def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int | None) -> list[dict]:
+    batches, seen = [], 0
     for batch in datamodule.generation_dataloader(split, batch_size=batch_size):
         if max_prompts is not None and seen >= max_prompts:
             break
@@ -51,76 +272,59 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
             while not bool(batch["attention_mask"][:, 0].any()):
                 batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
         batches.append(batch)
-        references += list(batch["references"])
         seen += len(batch["references"])
-    return batches, references
+    return batches
 
 
-def run_consistentee_lm(cfg: DictConfig) -> LMRunResults:
-    started = time.time()
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.backbone.get("kind") != "decoder":
-        raise ValueError(f"method=consistentee_lm needs a decoder backbone (kind: decoder, e.g. backbone=smollm2_135m), "
-                         f"got backbone={cfg.backbone.get('name')}")
-    decoder, tokenizer = build_decoder(cfg.backbone, cfg.paths.get("cache_dir"))
-    # Seeded after the build: converting the packaged GGUF builds a randomly initialised model once,
-    # and that draw must not change what the stages draw (a first run would differ from later ones).
-    L.seed_everything(cfg.seed, workers=True)
-    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
-    device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
-    decoder.to(device)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
-    method: ConsistentEELMMethod = typed(cfg.method)  # validated by ee-train before anything loaded
-    # The rule grid against this model's depth now, not after training (a static layer past the
-    # last one would otherwise fail only when generation starts).
-    rule_points_grid(dataclasses.asdict(method.generation.rules),
-                     exit_layer_list(decoder.num_layers, method.lm_exits.exit_every), True, True, decoder.vocab_size)
-    opened: list[L.Trainer] = []
-
-    def stage_trainer(stage: str, **overrides) -> L.Trainer:
-        """The stage's Trainer from the run's config; the previous stage's wandb run is closed first, so
-        that each stage logs to its own run (a WandbLogger joins whichever run is still open)."""
-        for trainer in opened:
-            finish_loggers(trainer)
-        opened[:] = [make_trainer(cfg, stage, run_dir, **overrides)]
-        return opened[0]
-
-    trained = train_lm_exits(decoder, datamodule, method.lm_exits, run_dir,
-                             trainer_factory=lambda stage, epochs: stage_trainer(stage, max_epochs=epochs),
-                             identity={"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)})
-    trained_at = time.time()
-    gen = method.generation
-    batches, _ = generation_batches(datamodule, gen.split, gen.batch_size, gen.max_prompts)
-    modules = [m for m in (trained.exits, trained.policy, trained.classifier) if m is not None]
-    for module in modules:
-        module.to(device).eval()
-    tau = method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
+def generation_stage(run: Run, trained: LMExitRun) -> dict:
+    """Stage lm_generation: every rule point generates on the held-out prompts, as a Lightning test
+    under the run's strategy (batches split across processes, gathered once). Its report is kept in
+    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again."""
+    stages, gen = run.stages, run.method.generation
+    path = stages.folder("lm_generation") / "report.json"
+    if stages.ledger.done("lm_generation") and path.is_file():
+        return json.loads(path.read_text())
+    decoder = run.model
+    tau = run.method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
     rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
                              trained.classifier is not None, decoder.vocab_size, tau=tau)
-    system = GenerationEvalSystem(decoder, tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
+    system = GenerationEvalSystem(decoder, run.tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
                                   trained.classifier, tau=tau)
-    # One device, the model's own dtypes (no autocast): the measured generation is the one reported.
-    trainer = stage_trainer("lm_generation", devices=1, strategy="auto", precision="32-true")
+    # The model's own dtypes (no autocast): the measured generation is the one reported. Each process
+    # takes every world_size-th batch itself (a distributed sampler would pad the last shard with repeats).
+    trainer = stages.make_trainer("lm_generation", 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)
+    batches = generation_batches(run.datamodule, gen.split, gen.batch_size, gen.max_prompts)
     trainer.test(system, dataloaders=DataLoader(batches, batch_size=None))  # the batches as they are
-    finish_loggers(trainer)
     points, extras = system.report()
-    references = system.references  # the prompts tested (trainer.limit_test_batches may cut the split)
-    title = f"{cfg.backbone.name} on {datamodule.name} ({gen.split}, {len(references)} prompts)"
-    paths = write_generation_report(points, extras, run_dir, title)
-    results = LMRunResults(**{
-        "method": method.name, "backbone": cfg.backbone.name, "data": datamodule.name, "num_layers": decoder.num_layers,
-        "exit_layers": trained.exits.exit_layers, "split": gen.split, "prompts": len(references),
-        "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
+    report = {"points": points, "extras": extras, "prompts": len(system.references)}
+    if is_global_zero():
+        atomic_write_text(path, json.dumps(report, indent=2))
+    stages.ledger.mark("lm_generation", None)
+    finish_loggers(trainer)
+    return report
+
+
+def run_consistentee_lm(run: Run) -> LMRunResults:
+    """The exits' stages, then the generation of every rule; the Pareto files (rank 0) and the results."""
+    method, cfg = run.method, run.cfg
+    identity = {"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)}
+    trained = train_lm_exits(run.model, run.datamodule, method.lm_exits, run.stages, identity=identity)
+    report = generation_stage(run, trained)
+    points, extras, gen = report["points"], report["extras"], method.generation
+    title = f"{cfg.backbone.name} on {run.datamodule.name} ({gen.split}, {report['prompts']} prompts)"
+    paths = write_generation_report(points, extras, run.run_dir, title) if is_global_zero() else {}
+    seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
+    if is_global_zero():  # the saved early-exit model (ee_lightning.load)
+        save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,
+                     generation={"rules": dataclasses.asdict(gen.rules), "tau": method.lm_exits.policy.tau,
+                                 "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
+                                 "max_prompts": gen.max_prompts},
+                     data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
+    return LMRunResults(**{
+        "method": method.name, "backbone": cfg.backbone.name, "data": run.datamodule.name,
+        "num_layers": run.model.num_layers, "exit_layers": trained.exits.exit_layers, "split": gen.split,
+        "prompts": report["prompts"], "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
-        "seconds": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)},
-        "report": {k: str(v) for k, v in paths.items()}, "policy_tau": tau if trained.policy is not None else None,
+        "seconds": seconds, "report": {k: str(v) for k, v in paths.items()},
+        "policy_tau": method.lm_exits.policy.tau if trained.policy is not None else None,
     })
-    path = results.write(run_dir)
-    save_decoder(run_dir / "model", decoder, tokenizer, trained.exits, trained.policy, trained.classifier,
-                 generation={"rules": dataclasses.asdict(gen.rules), "tau": tau, "max_new_tokens": gen.max_new_tokens,
-                             "batch_size": gen.batch_size, "max_prompts": gen.max_prompts},
-                 data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
-    print(paths["md"].read_text())
-    print(f"results: {path}")
-    return results

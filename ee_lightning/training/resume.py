@@ -75,8 +75,11 @@ def set_loader_epoch(loaders, epoch: int) -> None:
     if isinstance(loaders, dict):
         loaders = list(loaders.values())
     for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-        for sampler in {id(s): s for s in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None))
-                        if hasattr(s, "set_epoch")}.values():
+        samplers = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+        # Under DDP Lightning wraps a custom sampler (DistributedSamplerWrapper), and sets the epoch of
+        # the wrapper only: the wrapped order (EpochShuffle) must change with the epoch too.
+        samplers += [getattr(getattr(s, "dataset", None), "_sampler", None) for s in samplers]
+        for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():
             sampler.set_epoch(epoch)
 
 

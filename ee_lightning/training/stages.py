@@ -1,17 +1,20 @@
 """The stages of a run, each a LightningModule fitted by its own Trainer, on one model built once.
 
+Every method (`training/methods.py`) runs its stages through one `Stages` object: each stage gets
+its Trainer from the run's config, starts from its own seed, resumes its interrupted fit from its
+`last.ckpt`, and is recorded in the run directory's ledger (`stages.json`), so rerunning into the
+same directory (`hydra.run.dir=<run dir>`) never redoes a finished stage.
+
 `method=finetune` runs stage 1. `method=consistentee` runs stage 1 (or starts from `init_from`),
 the memorized layers, policy training, optionally the joint stage, then evaluates the policy
-against the other exit rules on the test split. A ledger in the run directory (`stages.json`)
-records finished stages and their checkpoints, so rerunning into the same directory
-(`hydra.run.dir=<run dir>`) resumes from the stage that was interrupted.
+against the other exit rules on the test split. The decoder method is `training/lm_pipeline.py`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
-from ee_lightning.files import atomic_write_text, load_artefact, save_artefact
+from ee_lightning.files import atomic_write_text, load_or_build
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
+from ee_lightning.modeling.export import save_encoder
 from ee_lightning.modeling.model import EarlyExitModel
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
 from ee_lightning.results import RunResults
@@ -32,29 +36,11 @@ from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
+from ee_lightning.training.processes import is_global_zero
 from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """What every stage of one run shares: its config, directory, data and the model, built once."""
-
-    cfg: DictConfig
-    run_dir: Path
-    datamodule: object
-    model: EarlyExitModel
-    spec: dict  # rebuilds the model from a checkpoint alone (see modeling.saved)
-
-    @property
-    def task(self) -> TaskSpec:
-        return self.datamodule.task
-
-    def settings(self, key: str) -> dict:
-        """A config node of the method (e.g. "finetune", "policy") as a plain dict."""
-        return OmegaConf.to_container(self.cfg.method[key], resolve=True)
 
 
 class StageLedger:
@@ -70,14 +56,89 @@ class StageLedger:
     def checkpoint(self, stage: str) -> str | None:
         return self.stages.get(stage, {}).get("checkpoint")
 
+    def info(self, stage: str, key: str, default=None):
+        return self.stages.get(stage, {}).get(key, default)
+
     def mark(self, stage: str, checkpoint: str | None, **info) -> None:
         self.stages[stage] = {"checkpoint": checkpoint, **info}
-        atomic_write_text(self.path, json.dumps(self.stages, indent=2))
+        if is_global_zero():
+            atomic_write_text(self.path, json.dumps(self.stages, indent=2))
 
 
-def is_global_zero() -> bool:
-    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
-        torch.distributed.get_rank() == 0
+class Stages:
+    """How a run fits its stages: `make_trainer(stage, max_epochs, **overrides)` gives each stage's
+    Trainer (`log=False`: without loggers, for a pass that only computes), every
+    stage starts from its own seed, an interrupted fit resumes from its `last.ckpt`, and the ledger
+    records what finished."""
+
+    def __init__(self, run_dir: Path, make_trainer, seed: int = 0):
+        self.run_dir = Path(run_dir)
+        self.ledger = StageLedger(self.run_dir)
+        self.make_trainer = make_trainer
+        self.seed = int(seed)
+
+    def folder(self, stage: str) -> Path:
+        """checkpoints/<stage>/: the stage's checkpoints and the artefacts it leaves (caches, tables)."""
+        return self.run_dir / "checkpoints" / stage
+
+    def fit(self, stage: str, system, max_epochs: int, restore: bool = True, trainer: dict | None = None,
+            **fit_kwargs) -> str | None:
+        """Fit `stage` and record its checkpoint. A fit that was cut off resumes from its last.ckpt; a
+        stage the ledger holds as finished is not trained again: with `restore`, its weights are read
+        back from its checkpoint (the caller restores what else it needs when `restore` is False).
+        `trainer`: arguments of `make_trainer` for this stage."""
+        ledger = self.ledger
+        if restore and ledger.done(stage) and ledger.checkpoint(stage):
+            restore_weights(system, ledger.checkpoint(stage), stage)
+            rank_zero_info(f"stage {stage} finished earlier: weights read from {ledger.checkpoint(stage)}")
+            return ledger.checkpoint(stage)
+        started = time.perf_counter()
+        trainer = self.make_trainer(stage, max_epochs, **(trainer or {}))
+        seed_stage(self.seed, stage)  # the same stream whether or not earlier stages ran in this process
+        # a finished stage fitted again (its artefact went stale) starts over rather than from its end
+        resume = None if ledger.done(stage) else interrupted_checkpoint(self.run_dir, stage)
+        trainer.fit(system, ckpt_path=resume, **fit_kwargs)
+        checkpoint = best_or_last(trainer)
+        ledger.mark(stage, checkpoint, seconds=round(time.perf_counter() - started, 1))
+        finish_loggers(trainer)
+        return checkpoint
+
+
+def restore_weights(system, checkpoint: str, stage: str) -> None:
+    """A finished stage's weights, from its Lightning checkpoint, into `system` (its own checkpoint
+    hooks run too, for weights it keeps outside its state dict)."""
+    state = read_checkpoint(checkpoint, key=f"stages.json {stage}", needs_spec=False)
+    system.on_load_checkpoint(state)
+    system.load_state_dict(state["state_dict"], strict=getattr(system, "strict_loading", True))
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares: its config, directory, data and the model, built once.
+    `model` is an `EarlyExitModel` (encoders, with `spec` to rebuild it) or a layer-wise decoder
+    (with its `tokenizer`); `method` is the typed `cfg.method`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: object
+    model: object
+    method: object
+    spec: dict | None = None  # rebuilds an encoder model from a checkpoint alone (see modeling.saved)
+    tokenizer: object = None
+    stages: Stages = field(init=False)
+
+    def __post_init__(self):
+        cfg, run_dir = self.cfg, self.run_dir
+        self.stages = Stages(run_dir, lambda stage, max_epochs, **overrides: make_trainer(
+            cfg, stage, run_dir, max_epochs=max_epochs, **overrides), seed=cfg.seed)
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.datamodule.task
+
+    def settings(self, key: str) -> dict:
+        """A config node of the method (e.g. "finetune", "policy") as a plain dict."""
+        return OmegaConf.to_container(self.cfg.method[key], resolve=True)
 
 
 def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
@@ -93,17 +154,10 @@ def load_stage_weights(run: Run, checkpoint: str, parts, key: str) -> None:
     load_parts(run.model, state["state_dict"], parts, f"{key}={checkpoint}")
 
 
-def fit_stage(run: Run, system, stage: str, ledger: StageLedger, max_epochs: int, datamodule=None,
-              **fit_kwargs) -> str | None:
-    """Fit one stage (resuming its interrupted fit if any) and record its checkpoint."""
-    started = time.perf_counter()
-    trainer = make_trainer(run.cfg, stage, run.run_dir, max_epochs=max_epochs)
-    seed_stage(run.cfg.seed, stage)  # the same stream whether or not earlier stages ran in this process
-    trainer.fit(system, datamodule=datamodule, ckpt_path=interrupted_checkpoint(run.run_dir, stage), **fit_kwargs)
-    checkpoint = best_or_last(trainer)
-    ledger.mark(stage, checkpoint, seconds=round(time.perf_counter() - started, 1))
-    finish_loggers(trainer)
-    return checkpoint
+def fit_stage(run: Run, system, stage: str, max_epochs: int, datamodule=None, **fit_kwargs) -> str | None:
+    """Fit one encoder stage (resuming its interrupted fit if any) and record its checkpoint; the
+    caller reads a finished stage back (`load_stage_weights`, which checks the model's spec)."""
+    return run.stages.fit(stage, system, max_epochs, restore=False, datamodule=datamodule, **fit_kwargs)
 
 
 def test_stage(run: Run, system: EarlyExitSystem, stage: str) -> tuple[list[float], dict]:
@@ -120,6 +174,13 @@ def test_stage(run: Run, system: EarlyExitSystem, stage: str) -> tuple[list[floa
     return system.layer_results("test"), cache
 
 
+def save_model(run: Run) -> None:
+    """The saved early-exit model (`<run>/model/`, read by `ee_lightning.load`), written by rank 0."""
+    if is_global_zero():
+        save_encoder(run.run_dir / "model", run.model, run.spec, run.tokenizer, run.spec["tau"],
+                     run.datamodule.max_length)
+
+
 def base_results(run: Run, test: list[float]) -> RunResults:
     return RunResults(task=run.task.name, metric_name=run.task.metric, num_layers=run.model.num_layers,
                       layer_metrics=test, full=test[-1], backbone=run.cfg.backbone.name, data=run.cfg.data.name,
@@ -134,15 +195,16 @@ def finetune_system(run: Run) -> FinetuneSystem:
 
 def run_finetune(run: Run) -> RunResults:
     """Stage 1: fit backbone + heads, then test every layer."""
-    ledger = StageLedger(run.run_dir)
+    ledger = run.stages.ledger
     system = finetune_system(run)
-    checkpoint = fit_stage(run, system, "finetune", ledger, run.cfg.method.finetune.epochs, datamodule=run.datamodule)
+    checkpoint = fit_stage(run, system, "finetune", run.cfg.method.finetune.epochs, datamodule=run.datamodule)
     trainer_metrics = system.trainer.callback_metrics
     val = system.layer_results("val") if any(k.startswith("val/") for k in trainer_metrics) else None
     results = base_results(run, test_stage(run, system, "finetune")[0])
     results.val_layer_metrics = val
     results.checkpoints = {"finetune": checkpoint}
     results.seconds = {"finetune": ledger.stages["finetune"]["seconds"]}
+    save_model(run)
     return results
 
 
@@ -158,8 +220,7 @@ def stage_one(run: Run, ledger: StageLedger) -> str | None:
     if ledger.done("finetune") and ledger.checkpoint("finetune"):
         load_stage_weights(run, ledger.checkpoint("finetune"), ("backbone", "heads"), key="stages.json finetune")
         return ledger.checkpoint("finetune")
-    return fit_stage(run, finetune_system(run), "finetune", ledger, run.cfg.method.finetune.epochs,
-                     datamodule=run.datamodule)
+    return fit_stage(run, finetune_system(run), "finetune", run.cfg.method.finetune.epochs, datamodule=run.datamodule)
 
 
 def training_set_outputs(run: Run, checkpoint: str | None):
@@ -174,14 +235,14 @@ def training_set_outputs(run: Run, checkpoint: str | None):
                                           cfg.method.hardness.tolerance, hash_contents=False, data=cfg.data.name,
                                           max_train_samples=cfg.data.get("max_train_samples"),
                                           pooling=cfg.head.pooling)
-    outputs_path = Path(checkpoint).with_suffix(".train_outputs.pt") if checkpoint else None
-    cache = load_artefact(outputs_path, meta) if outputs_path else None
-    if cache is None:
-        cache = collect_states(run.model, datamodule.dataloader("train", shuffle=False, by_length=True))
-        if outputs_path and cfg.method.hardness.cache_train_outputs and is_global_zero():
-            save_artefact(outputs_path, cache, meta)
+    def build() -> dict:
+        return collect_states(run.model, datamodule.dataloader("train", shuffle=False, by_length=True))
+
+    if checkpoint:
+        cache = load_or_build(Path(checkpoint).with_suffix(".train_outputs.pt"), meta, build,
+                              save=cfg.method.hardness.cache_train_outputs and is_global_zero())
     else:
-        rank_zero_info(f"training-set layer outputs reused from {outputs_path}")
+        cache = build()
     return cache, memorized_layers(run, cache, checkpoint, meta, split_size)
 
 
@@ -205,7 +266,7 @@ def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict |
 
 def run_consistentee(run: Run) -> RunResults:
     cfg, task = run.cfg, run.task
-    ledger = StageLedger(run.run_dir)
+    ledger = run.stages.ledger
     seconds = {}
     tau, tolerance = cfg.method.tau, cfg.method.hardness.tolerance
     policy_settings = run.settings("policy")
@@ -230,7 +291,7 @@ def run_consistentee(run: Run) -> RunResults:
         policy_loader = ResumableLoader(CachedLayerDataset(cache, memorized), batch_size=policy_settings["batch_size"],
                                         sampler=EpochShuffle(len(memorized), seed=cfg.seed),
                                         generator=torch.Generator().manual_seed(cfg.seed))
-        fit_stage(run, system, "policy", ledger, policy_settings["epochs"], train_dataloaders=policy_loader,
+        fit_stage(run, system, "policy", policy_settings["epochs"], train_dataloaders=policy_loader,
                   val_dataloaders=run.datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")
     del cache
@@ -242,7 +303,7 @@ def run_consistentee(run: Run) -> RunResults:
         if ledger.done("joint"):
             load_stage_weights(run, ledger.checkpoint("joint"), ("backbone", "heads", "policy"), key="stages.json joint")
         else:
-            fit_stage(run, system, "joint", ledger, joint["epochs"], datamodule=run.datamodule)
+            fit_stage(run, system, "joint", joint["epochs"], datamodule=run.datamodule)
         seconds["joint"] = ledger.stages["joint"].get("seconds")
 
     started = time.perf_counter()
@@ -268,6 +329,7 @@ def run_consistentee(run: Run) -> RunResults:
         results.checkpoints.setdefault("finetune", stage1_checkpoint)
     results.seconds = seconds
     results.objective = results.methods["consistentee"].metric
+    save_model(run)
     return results
 
 

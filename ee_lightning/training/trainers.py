@@ -144,11 +144,34 @@ def build_callbacks(cfg: DictConfig, stage: str, run_dir: Path) -> list:
     return callbacks
 
 
-def make_trainer(cfg: DictConfig, stage: str, run_dir: Path, **overrides) -> L.Trainer:
+def module_classes(names: list[str]) -> set[type]:
+    """The classes named by dotted paths (e.g. a decoder layer class, for FSDP's wrapping policy in
+    conf/trainer/fsdp.yaml)."""
+    from hydra.utils import get_class
+
+    return {get_class(name) for name in names}
+
+
+def is_sharded(strategy) -> bool:
+    """A strategy that shards the module's weights (FSDP, DeepSpeed), given as a config node or a name."""
+    name = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
+    return any(kind in name.lower() for kind in ("fsdp", "deepspeed"))
+
+
+def make_trainer(cfg: DictConfig, stage: str, run_dir: Path, log: bool = True, replicate: bool = False,
+                 **overrides) -> L.Trainer:
+    """The stage's Trainer from the run's config (`overrides` replace trainer keys). `log=False` leaves
+    the loggers out, for a pass that only computes (the decoder's cache passes). `replicate`: a stage
+    whose modules are called outside their forward pass (a sharded weight is unusable there) runs under
+    DDP on the same devices when the run's strategy shards."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if replicate and is_sharded(trainer_cfg.get("strategy")):
+        trainer_cfg["strategy"] = "auto" if trainer_cfg.get("devices") == 1 else "ddp"
+        if str(trainer_cfg.get("precision")) == "bf16-true":
+            trainer_cfg["precision"] = "bf16-mixed"  # the weights keep their dtypes; autocast computes in bf16
     trainer_cfg.update(overrides)
     trainer_cfg["default_root_dir"] = str(run_dir)
-    loggers = build_loggers(cfg, stage)
+    loggers = build_loggers(cfg, stage) if log else []
     callbacks = build_callbacks(cfg, stage, run_dir) + [ResumeState()]  # random states travel in checkpoints
     if not loggers:  # logger=none: LearningRateMonitor refuses a Trainer without loggers
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

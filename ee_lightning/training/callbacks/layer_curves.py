@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from lightning.pytorch import LightningModule, Trainer
 
+from ee_lightning.training.callbacks.protocols import HasLayerMetrics
 from ee_lightning.training.callbacks._common import StageCallback, layer_names, log_to_wandb, wandb_loggers
 
 
@@ -58,12 +59,11 @@ def by_layer_chart(values: list[float], metric: str, split: str):
 
 
 def _metric(pl_module: LightningModule) -> str | None:
-    task = getattr(pl_module, "task", None)
-    return getattr(task, "metric", None)
+    return pl_module.task.metric if isinstance(pl_module, HasLayerMetrics) else None
 
 
 def _layer_values(trainer: Trainer, pl_module: LightningModule, split: str) -> list[float] | None:
-    if not hasattr(pl_module, "metric_key"):
+    if not isinstance(pl_module, HasLayerMetrics):
         return None
     metrics = trainer.callback_metrics
     keys = [pl_module.metric_key(split, layer) for layer in range(1, pl_module.num_layers + 1)]

@@ -14,6 +14,7 @@ import csv
 from lightning.pytorch import LightningModule, Trainer
 
 from ee_lightning.exits.rl import step_statistics
+from ee_lightning.training.callbacks.protocols import TrainsPolicy
 from ee_lightning.training.callbacks._common import StageCallback, layer_names, log_to_wandb, wandb_loggers
 
 PARTS = ("reward", "task_term", "depth_cost", "advantage_std", "loss", "entropy", "exit_layer")
@@ -30,7 +31,7 @@ class RewardCurve(StageCallback):
         self._seen_step = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "last_policy_step", None)
+        step = pl_module.last_policy_step if isinstance(pl_module, TrainsPolicy) else None
         if step is None or step is self._seen_step or not trainer.is_global_zero:
             return
         self._seen_step = step

@@ -22,9 +22,9 @@ from ee_lightning.modeling.saved import SPEC_KEY
 from ee_lightning.tasks import TaskSpec, make_metric, predictions
 
 
-def read_checkpoint(path, key: str = "ckpt_path") -> dict:
-    """A checkpoint written by an ee-lightning stage: its state dict and the model spec that rebuilds
-    the model. `key` names the setting in error messages."""
+def read_checkpoint(path, key: str = "ckpt_path", needs_spec: bool = True) -> dict:
+    """A checkpoint written by an ee-lightning stage: its state dict and (an encoder stage's) the model
+    spec that rebuilds the model. `key` names the setting in error messages."""
     path = Path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist; give the .ckpt of an ee-train run "
@@ -37,7 +37,7 @@ def read_checkpoint(path, key: str = "ckpt_path") -> dict:
         raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded, "
                          f"because unpickling them can run code ({str(err).splitlines()[0]}); give a checkpoint "
                          "written by ee-train, or its saved model folder (<run>/model/)") from None
-    if SPEC_KEY not in checkpoint or "state_dict" not in checkpoint:
+    if "state_dict" not in checkpoint or (needs_spec and SPEC_KEY not in checkpoint):
         raise ValueError(f"{path} is not an ee-lightning checkpoint (it has no model spec); "
                          "give a checkpoint written by ee-train")
     return checkpoint
@@ -48,6 +48,7 @@ class EarlyExitSystem(L.LightningModule):
     where the stage has a policy, what the policy achieves at inference (exit at the first p_l > tau)."""
 
     evaluates_policy = False
+    exit_buckets = True  # exit counts by memorized-layer bucket (callbacks.protocols.CountsExits)
 
     def __init__(self, model: EarlyExitModel, task: TaskSpec, spec: dict, tau: float | None = None,
                  tolerance: float | None = None):
@@ -80,6 +81,15 @@ class EarlyExitSystem(L.LightningModule):
     @property
     def num_layers(self) -> int:
         return self.model.num_layers
+
+    @property
+    def num_exits(self) -> int:
+        """An exit after every layer."""
+        return self.model.num_layers
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(range(1, self.model.num_layers + 1))
 
     def metric_key(self, split: str, layer: int) -> str:
         """`val/acc_L3`: split, the task's metric, 1-based layer."""

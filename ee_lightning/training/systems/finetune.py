@@ -6,6 +6,8 @@ import torch
 from ee_lightning.tasks import task_loss
 from ee_lightning.training.systems.base import EarlyExitSystem, linear_warmup_schedule
 
+LAYER_WEIGHTS = ("linear", "uniform")  # method.finetune.layer_weights
+
 
 def layer_loss_weights(spec, num_layers: int) -> torch.Tensor:
     """`linear`: w_l = l (deeper layers weigh more, as PABEE); `uniform`; or an explicit list."""

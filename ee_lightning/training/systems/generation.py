@@ -8,10 +8,15 @@ FLOPs, tokens per second).
 Because it runs inside a Trainer of the run's config, the configured loggers and callbacks see
 it: the policy's exits at its trained tau are counted in `exit_counts["test"]`, which
 `callbacks.ExitHistogram` logs at the test's end (scalars `test/exit/frac_L<e>`, wandb charts, a
-line of `exit_histograms.jsonl`), one bin per exit (`num_layers` = the number of exits). The
+line of `exit_histograms.jsonl`), one bin per exit (`num_exits`). The
 histogram has no memorized-exit buckets (`exit_buckets = False`): a generated token's memorized
 exit needs every exit's greedy token, which the policy rule never computes (it calls the LM head
 only where a token exits), and computing them would change the cost being measured.
+
+Under DDP each process generates every world_size-th batch (the Trainer gets
+`use_distributed_sampler=False`: a distributed sampler would pad the last shard with repeated
+prompts); at the test's end every process receives all of them, in batch order, so `report` scores
+the whole split once. The exit counts are per process; the exit-histogram callback sums them.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
 from ee_lightning.progress import progress
 from ee_lightning.training.held import Held
+from ee_lightning.training.processes import all_processes
 
 
 class GenerationEvalSystem(L.LightningModule):
@@ -53,6 +59,7 @@ class GenerationEvalSystem(L.LightningModule):
         self.prefill_seconds = 0.0
         self.library = {"seconds": 0.0, "generated": 0}
         self.references: list[str] = []  # of the prompts tested, in order
+        self.batch_order: list[int] = []  # the test batch index of each batch in `runs`
 
     @property
     def decoder(self):
@@ -63,11 +70,12 @@ class GenerationEvalSystem(L.LightningModule):
         return list(self.exits.exit_layers)
 
     @property
-    def num_layers(self) -> int:
-        """The number of exits E: the exit histogram has a bin per exit, as the policy stage's."""
+    def num_exits(self) -> int:
+        """E: the exit histogram has a bin per exit, as the policy stage's."""
         return len(self.exit_layers)
 
     def on_test_start(self) -> None:
+        self.decoder.to(self.device)  # held outside the module tree: placed here, on this process's device
         self.flops = measure_generation_flops(self.decoder, self.exits, self.policy, self.classifier)
 
     def on_test_epoch_start(self) -> None:
@@ -75,10 +83,14 @@ class GenerationEvalSystem(L.LightningModule):
         self._reset()
 
     def test_step(self, batch, batch_idx):
+        trainer = self._trainer  # None when called outside a Trainer: one process, every batch
+        if trainer is not None and batch_idx % trainer.world_size != trainer.global_rank:
+            return  # another process's batch
         decoder, exits = self.decoder, self.exits
-        self.references.extend(batch["references"])
-        if batch_idx == 0:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
+        if not self.batch_order:  # warm-up: the first pass pays one-off allocation costs that would bias the first rule
             generate_batch(decoder, exits, FullRule(), batch, 2, self.eos, self.pad)
+        self.batch_order.append(batch_idx)
+        self.references.append(list(batch["references"]))
         # The prompts' pass is the same for every rule: run once and shared (copied) by all.
         cache, seconds = timed(prefill, decoder, batch["input_ids"], batch["attention_mask"])
         self.prefill_seconds += seconds
@@ -99,9 +111,22 @@ class GenerationEvalSystem(L.LightningModule):
     def _count_exits(self, exit_layers: torch.Tensor) -> None:
         """Add generated tokens' exit layers to `exit_counts["test"]`, one bin per exit (1..E)."""
         exit_index = torch.zeros(self.exit_layers[-1] + 1, dtype=torch.long)
-        exit_index[self.exit_layers] = torch.arange(1, self.num_layers + 1)
-        counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_layers).to(self.device)
+        exit_index[self.exit_layers] = torch.arange(1, self.num_exits + 1)
+        counts = torch.bincount(exit_index[exit_layers.cpu()] - 1, minlength=self.num_exits).to(self.device)
         self.exit_counts["test"] = counts + self.exit_counts["test"] if "test" in self.exit_counts else counts
+
+    def on_test_epoch_end(self) -> None:
+        """Every process's batches, in batch order, in every process."""
+        mine = {"order": self.batch_order, "runs": [[{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                       for k, v in run.items()} for run in runs] for runs in self.runs],
+                "references": self.references, "prefill": self.prefill_seconds, "library": self.library}
+        shards = all_processes(mine)
+        order = sorted((batch_idx, s, i) for s, shard in enumerate(shards) for i, batch_idx in enumerate(shard["order"]))
+        self.runs = [[shards[s]["runs"][r][i] for _, s, i in order] for r in range(len(self.rules))]
+        self.references = [text for _, s, i in order for text in shards[s]["references"][i]]
+        self.batch_order = [batch_idx for batch_idx, _, _ in order]
+        self.prefill_seconds = sum(shard["prefill"] for shard in shards)
+        self.library = {key: sum(shard["library"][key] for shard in shards) for key in ("seconds", "generated")}
 
     def report(self) -> tuple[list[dict], dict]:
         """The points and extras of the last test (`generation_eval.score_points`) against the

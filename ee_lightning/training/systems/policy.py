@@ -27,7 +27,12 @@ def layer_losses_and_correct(task, logits: torch.Tensor, labels: torch.Tensor, t
 
 
 class PolicyTrainingMixin:
-    """The REINFORCE step shared by the policy stage and the joint stage. `self.rl` holds RL_KEYS."""
+    """The REINFORCE step shared by the encoders' policy and joint stages and the decoders' token
+    policy stage. `self.rl` holds RL_KEYS; `policy_step` keeps what callbacks read
+    (`callbacks.protocols.TrainsPolicy`)."""
+
+    last_policy_step = None
+    last_policy_memorized = None
 
     def policy_step(self, exit_logits, losses, correct, memorized):
         rl = self.rl
