@@ -18,11 +18,12 @@ from ee_lightning.evaluation.text_metrics import trim_generation
 from ee_lightning.exits.rules import ExitRule, build_rule, rule_from_grid
 from ee_lightning.inference.generate import generate_with_exits
 from ee_lightning.inference.runner import EarlyExitRunner
+from ee_lightning.inference.verify import generate_verified
 from ee_lightning.modeling.export import load_decoder, load_encoder, read_config
 from ee_lightning.progress import progress
 from ee_lightning.tasks import predictions
 
-GENERATION_MODES = ("exit",)  # early-exit generation; a lossless verify mode is not built yet
+GENERATION_MODES = ("exit", "verify")  # per-token early exit; lossless drafting and verification
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> "EarlyExitClassifier | EarlyExitGenerator":
@@ -135,12 +136,14 @@ def _split_pairs(texts) -> tuple[list[str], list[str] | None]:
 class Generations:
     """texts: each prompt's answer; tokens: its token ids (up to, not including, EOS);
     exit_layers: per row, each generated token's exit layer (1-based; the EOS token included);
-    exit_counts: how many generated tokens exited at layers 1..L (all rows)."""
+    exit_counts: how many generated tokens exited at layers 1..L (all rows);
+    drafts (mode="verify"): rounds, drafted and accepted tokens, acceptance_rate (all rows)."""
 
     texts: list[str]
     tokens: list[list[int]]
     exit_layers: list[list[int]]
     exit_counts: list[int]
+    drafts: dict | None = None
 
 
 class EarlyExitGenerator:
@@ -156,16 +159,55 @@ class EarlyExitGenerator:
     def num_layers(self) -> int:
         return self.decoder.num_layers
 
+    def _rows(self, prompts) -> list[dict]:
+        return [{"prompt_ids": encode_prompt(self.tokenizer, str(p), self.prompts["max_prompt_length"],
+                                             self.prompts.get("system_prompt"), f"prompt {i}")[0],
+                 "reference": "", "prompt": str(p), "idx": i} for i, p in enumerate(prompts)]
+
+    def _verify(self, prompts, max_new_tokens, draft_layer, draft_length, min_confidence) -> Generations:
+        if draft_layer is None:
+            raise ValueError(f"mode='verify' needs draft_layer=E, the exit that drafts: one of the exits below the "
+                             f"last, {list(self.parts.exits.exit_layers)[:-1]}")
+        max_new_tokens = int(max_new_tokens or self.generation["max_new_tokens"])
+        eos = self.generation["eos_token_id"]
+        device = next(self.decoder.parameters()).device
+        L = self.num_layers
+        tokens, exit_layers, drafts = [], [], {"rounds": 0, "drafted": 0, "accepted": 0}
+        for row in progress(self._rows(prompts), "generate (verify)", unit="prompt"):
+            ids = torch.tensor([row["prompt_ids"]], device=device)
+            out = generate_verified(self.decoder, self.parts.exits, ids, torch.ones_like(ids), max_new_tokens,
+                                    draft_layer=draft_layer, draft_length=draft_length, eos_token_id=eos,
+                                    min_confidence=min_confidence)
+            new = out.new_tokens[0].cpu().tolist()
+            tokens.append(trim_generation(new, eos))
+            exit_layers.append([L] * len(new))  # every kept token is the full model's
+            drafts = {"rounds": drafts["rounds"] + out.rounds, "drafted": drafts["drafted"] + sum(out.drafted),
+                      "accepted": drafts["accepted"] + sum(out.accepted)}
+        drafts["acceptance_rate"] = drafts["accepted"] / max(drafts["drafted"], 1)
+        counts = [0] * L
+        counts[-1] = sum(len(layers) for layers in exit_layers)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
+        return Generations(texts, tokens, exit_layers, counts, drafts)
+
     def generate(self, prompts, max_new_tokens: int | None = None, rule: str | ExitRule | None = None, knob=None,
-                 mode: str = "exit", batch_size: int | None = None) -> Generations:
+                 mode: str = "exit", batch_size: int | None = None, draft_layer: int | None = None,
+                 draft_length: int = 3, min_confidence: float | None = None) -> Generations:
         """prompts: user messages (each goes into the chat template, with the run's system prompt);
         max_new_tokens: default the run's; rule / knob: any exit rule (policy, softmax_margin, saturation,
         classifier, entropy, maxprob, patience, pcee, static, full), default the policy at its trained tau;
-        mode: "exit" (each token leaves at its exit); batch_size: default the run's generation batch."""
+        mode: "exit" (each token leaves at its exit) or "verify" (the exit at `draft_layer` drafts up to
+        `draft_length` tokens, stopping early below `min_confidence`; the layers above check them: the
+        text is the full model's greedy text; one prompt at a time, no rule); batch_size: default the
+        run's generation batch."""
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode={mode!r} is not available; modes: {', '.join(GENERATION_MODES)}")
         if isinstance(prompts, str):
             raise TypeError("generate takes a list of prompts, not one string: wrap it in a list")
+        if mode == "verify":
+            if rule is not None or knob is not None:
+                raise ValueError("mode='verify' keeps the full model's tokens, so it takes no rule or knob: pass "
+                                 "draft_layer (and draft_length, min_confidence) instead")
+            return self._verify(prompts, max_new_tokens, draft_layer, draft_length, min_confidence)
         if rule is None:
             rule = "policy" if self.parts.policy is not None else "full"
         if getattr(rule, "name", rule) == "oracle":
@@ -175,9 +217,7 @@ class EarlyExitGenerator:
         max_new_tokens = int(max_new_tokens or self.generation["max_new_tokens"])
         batch_size = int(batch_size or self.generation.get("batch_size") or 8)
         eos, pad = self.generation["eos_token_id"], self.generation["pad_token_id"]
-        rows = [{"prompt_ids": encode_prompt(self.tokenizer, str(p), self.prompts["max_prompt_length"],
-                                             self.prompts.get("system_prompt"), f"prompt {i}")[0],
-                 "reference": "", "prompt": str(p), "idx": i} for i, p in enumerate(prompts)]
+        rows = self._rows(prompts)
         device = next(self.decoder.parameters()).device
         tokens, exit_layers, counts = [], [], torch.zeros(self.num_layers, dtype=torch.long)
         for start in progress(range(0, len(rows), batch_size), "generate", unit="batch"):

@@ -22,6 +22,9 @@ class MethodResult:
     speedup: float  # L / avg_exit_layer
     exit_histogram: list[int] = field(default_factory=list)  # exits per layer 1..L
     tau: float | None = None  # ConsistentEE's exit threshold
+    chosen_on: str | None = None  # the split that chose the knob (validation), None: set in the config
+    target: str | None = None  # what the knob was chosen for
+    chosen_point: dict | None = None  # metric and layer_saving on the choosing split
     entropy_at_same_saving: float | None = None  # the entropy rule's metric at this layer saving
     wallclock: dict | None = None  # measured runner latency against the plain model
 
@@ -63,6 +66,8 @@ class RunResults(ResultsFile):
     consistentee_exits_by_bucket: dict = field(default_factory=dict)
     hardness_histogram: list[int] | None = None  # training rows per memorized layer
     pareto: dict | None = None  # report files and the best point of each rule within 1 point
+    chosen_points: list[dict] = field(default_factory=list)  # every rule's knob chosen on validation, measured on test
+    policy_frontier: dict | None = None  # policies over alpha x RL seeds: every setting's mean ± sd, the frontier
     checkpoints: dict[str, str | None] = field(default_factory=dict)
     seconds: dict[str, float | None] = field(default_factory=dict)
     objective: float | None = None  # what a sweeper optimises by default

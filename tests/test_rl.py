@@ -272,3 +272,28 @@ def test_rollout_composes_sampling_and_log_prob():
         rl.rollout(8, probs=probs, sampler="greedy")
     with pytest.raises(ValueError):
         rl.rollout(8)
+
+
+# --------------------------------------------------------------------------- the exact expected reward
+
+
+def test_exit_distribution_by_hand():
+    # p = 0.5, 0.2, (forced): exit at 1 w.p. 0.5, at 2 w.p. 0.5 * 0.2 = 0.1, at 3 w.p. 0.5 * 0.8 = 0.4
+    logits = torch.tensor([[logit(0.5)], [logit(0.2)], [logit(0.9)]])
+    assert rl.exit_distribution(logits)[:, 0].tolist() == pytest.approx([0.5, 0.1, 0.4])
+
+
+def test_expected_estimator_is_the_exact_expected_reward_and_reinforce_estimates_its_gradient():
+    # rewards (correct, plain depth cost alpha = 0.1): exit 1 -> 0 - 0.1, exit 2 -> 1 - 0.2, exit 3 -> 1 - 0.3
+    logits = torch.tensor([[logit(0.5)], [logit(0.2)], [0.0]], requires_grad=True)
+    correct = torch.tensor([[False], [True], [True]])
+    settings = dict(losses=torch.zeros(3, 1), correct=correct, memorized=None, alpha=0.1, task_term="correct",
+                    depth_term="plain")
+    exact = rl.reinforce_objective(logits, k=2, estimator="expected", **settings)
+    assert exact.loss.item() == pytest.approx(-(0.5 * -0.1 + 0.1 * 0.8 + 0.4 * 0.7))
+    exact_grad, = torch.autograd.grad(exact.loss, logits)
+    sampled = rl.reinforce_objective(logits, k=200_000, generator=torch.Generator().manual_seed(0), **settings)
+    sampled_grad, = torch.autograd.grad(sampled.loss, logits)
+    assert sampled_grad[:2, 0].tolist() == pytest.approx(exact_grad[:2, 0].tolist(), abs=2e-3)
+    with pytest.raises(ValueError, match="estimator 'exactly'"):
+        rl.reinforce_objective(logits, k=2, estimator="exactly", **settings)

@@ -307,8 +307,19 @@ def test_a_saved_decoder_generates_what_generation_gives_on_the_modules_it_saved
         assert got.exit_layers == [row[row > 0].tolist() for row in out.exit_layers], rule
         assert got.tokens == [trim_generation(row.tolist(), tokenizer.eos_token_id) for row in out.new_tokens], rule
         assert got.exit_counts == torch.bincount(out.exit_layers[out.exit_layers > 0], minlength=5)[1:].tolist()
-    with pytest.raises(ValueError, match="mode='verify' is not available; modes: exit"):
+    full = loaded.generate(prompts, rule="full")
+    for length in (1, 3):  # verify mode: drafts from the trained exit at layer 2, the full model's text
+        verified = loaded.generate(prompts, mode="verify", draft_layer=2, draft_length=length)
+        assert verified.tokens == full.tokens and verified.exit_layers == full.exit_layers
+        assert verified.drafts["drafted"] > 0 and 0 <= verified.drafts["accepted"] <= verified.drafts["drafted"]
+    with pytest.raises(ValueError, match="needs draft_layer=E.*\\[2\\]"):
         loaded.generate(prompts, mode="verify")
+    with pytest.raises(ValueError, match="takes no rule"):
+        loaded.generate(prompts, mode="verify", rule="policy", draft_layer=2)
+    with pytest.raises(ValueError, match="has no exit"):
+        loaded.generate(prompts, mode="verify", draft_layer=3)
+    with pytest.raises(ValueError, match="mode='draft' is not available; modes: exit, verify"):
+        loaded.generate(prompts, mode="draft")
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)

@@ -408,6 +408,9 @@ def check_method(method: DictConfig, cfg: DictConfig, check: Checker) -> None:
                      why="ConsistentEE exits at the first layer whose exit probability exceeds tau")
         check.number(method.hardness, "tolerance", "method.hardness.", low=0.0)
         check_policy_stage(method.policy, check)
+        check.number(method.choose, "tolerance", "method.choose.", low=0.0, optional=True,
+                     why="the reported points are the most validation saving within this of the full model's metric")
+        check_frontier(method.frontier, check)
         joint = method.joint
         if _value(joint, "enabled") is True:
             check.number(joint, "epochs", "method.joint.", low=1, integer=True)
@@ -447,7 +450,7 @@ def check_finetune(stage: DictConfig, check: Checker) -> None:
 
 def check_reinforce(stage: DictConfig, check: Checker, p: str) -> None:
     """The REINFORCE settings an encoder's and a decoder's policy stage share (exits.rl)."""
-    from ee_lightning.exits.rl import DEPTH_TERMS, SAMPLERS, TASK_TERMS
+    from ee_lightning.exits.rl import DEPTH_TERMS, ESTIMATORS, SAMPLERS, TASK_TERMS
 
     check.number(stage, "k", p, low=2, integer=True,
                  why="the baseline is the mean reward of the k rollouts, so with one rollout every advantage "
@@ -460,6 +463,16 @@ def check_reinforce(stage: DictConfig, check: Checker, p: str) -> None:
     check.number(stage, "eps_end", p, low=0.0, high=1.0)
     check.number(stage, "eps_decay_steps", p, low=1, integer=True)
     check.number(stage, "entropy_bonus", p, low=0.0)
+    check.choice(stage, "estimator", p, ESTIMATORS)
+
+
+def check_frontier(frontier: DictConfig, check: Checker) -> None:
+    p = "method.frontier."
+    check.number(frontier, "seeds", p, low=1, integer=True)
+    alphas = _value(frontier, "alphas")
+    if alphas is not _MISSING and any(not isinstance(a, (int, float)) or a < 0 for a in alphas):
+        check.add(p + "alphas", list(alphas), "give non-negative depth costs, e.g. [0.05, 0.1, 0.15], or [] to skip "
+                                              "the frontier")
 
 
 def check_policy_stage(stage: DictConfig, check: Checker) -> None:

@@ -88,6 +88,7 @@ class PolicyStage:
     eps_decay_steps: int = MISSING
     normalize_advantages: bool = MISSING
     entropy_bonus: float = MISSING
+    estimator: str = MISSING
 
 
 @dataclass
@@ -96,6 +97,17 @@ class JointStage:
     epochs: int = MISSING
     lr_model: float = MISSING
     lr_policy: float = MISSING
+
+
+@dataclass
+class ChooseConfig:
+    tolerance: Optional[float] = MISSING  # null: method.tau as set
+
+
+@dataclass
+class FrontierConfig:
+    alphas: List[float] = MISSING
+    seeds: int = MISSING
 
 
 @dataclass
@@ -110,6 +122,8 @@ class ConsistentEEMethod(FinetuneMethod):
     hardness: HardnessStage = field(default_factory=HardnessStage)
     policy: PolicyStage = field(default_factory=PolicyStage)
     joint: JointStage = field(default_factory=JointStage)
+    choose: ChooseConfig = field(default_factory=ChooseConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
 
 
 # --- the decoder method (method=consistentee_lm): exits trained on cached states, then generation ----

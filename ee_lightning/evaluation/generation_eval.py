@@ -25,7 +25,8 @@ import logging
 import torch
 
 from ee_lightning.evaluation.generation_cost import timed
-from ee_lightning.evaluation.pareto import mark_pareto
+from ee_lightning.evaluation.frontier import value_at_saving
+from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
 from ee_lightning.inference.generate import generate_with_exits
@@ -157,18 +158,6 @@ CSV_COLUMNS = ("rule", "knob", "value", "rouge1", "rouge2", "rougeL", "rougeL_vs
 CALM_RULES = ("softmax_margin", "saturation", "classifier")
 
 
-def at_saving(points: list[dict], rule: str, saving: float, key: str = "metric") -> float | None:
-    """`rule`'s `key` at layer saving `saving`, linearly interpolated between its two nearest points
-    (None outside the range its knobs cover)."""
-    mine = sorted((p["layer_saving"], p[key]) for p in points if p["rule"] == rule)
-    for (x0, y0), (x1, y1) in zip(mine, mine[1:]):
-        if x0 <= saving <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (saving - x0) / (x1 - x0)
-    if mine and abs(mine[0][0] - saving) < 1e-9:
-        return mine[0][1]
-    return None
-
-
 def comparison_rows(points: list[dict]) -> list[dict]:
     """Each policy point beside every CALM measure (and the static layer) at the same layer saving."""
     rows = []
@@ -177,8 +166,9 @@ def comparison_rows(points: list[dict]) -> list[dict]:
                "policy_rougeL_vs_full": p["rougeL_vs_full"], "policy_avg_exit_layer": p["avg_exit_layer"],
                "policy_speedup_vs_full": p["speedup_vs_full"]}
         for rule in (*CALM_RULES, "static"):
-            row[f"{rule}_rougeL"] = at_saving(points, rule, p["layer_saving"])
-            row[f"{rule}_rougeL_vs_full"] = at_saving(points, rule, p["layer_saving"], "rougeL_vs_full")
+            curve = [q for q in points if q["rule"] == rule]
+            row[f"{rule}_rougeL"] = value_at_saving(curve, p["layer_saving"])
+            row[f"{rule}_rougeL_vs_full"] = value_at_saving(curve, p["layer_saving"], "rougeL_vs_full")
         rows.append(row)
     return rows
 
@@ -226,19 +216,5 @@ def markdown_report(points: list[dict], extras: dict, title: str) -> str:
 
 
 def write_generation_report(points: list[dict], extras: dict, out_dir, title: str) -> dict:
-    import csv
-    from pathlib import Path
-
-    from ee_lightning.evaluation.pareto import plot_pareto
-    from ee_lightning.files import atomic_write_text
-
-    out_dir = Path(out_dir)
-    paths = {"csv": out_dir / "pareto.csv", "md": out_dir / "pareto.md", "png": out_dir / "pareto.png"}
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for point in points:
-            writer.writerow({c: point.get(c, "") for c in CSV_COLUMNS})
-    atomic_write_text(paths["md"], markdown_report(points, extras, title))
-    plot_pareto(points, paths["png"], "ROUGE-L (reference)", title)
-    return paths
+    return write_report(points, out_dir, columns=list(CSV_COLUMNS), markdown=markdown_report(points, extras, title),
+                        metric_label="ROUGE-L (reference)", title=title)

@@ -7,6 +7,7 @@ layer saving, speed-up ratio), FLOPs per instance, and wall clock of the real ba
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import statistics
@@ -17,7 +18,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ee_lightning.evaluation.cost import measure_flops
+from ee_lightning.evaluation.frontier import best_within, choose_points, pareto_optimal
 from ee_lightning.evaluation.rule_points import evaluate_rule
+from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.runner import EarlyExitRunner
 from ee_lightning.progress import progress
 from ee_lightning.exits.rules import build_rule, ENCODER_RULES, GRID_KNOBS, RULES, default_grid, rule_from_grid
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 ALL_RULES = ("policy", "entropy", "maxprob", "softmax_margin", "patience", "pcee", "static", "oracle", "full")
 COLUMNS = ("rule", "knob", "value", "metric", "avg_exit_layer", "layer_saving", "speedup", "flops", "pareto")
 LATENCY_COLUMNS = ("latency_b1_ms", "latency_b32_ms", "wallclock_speedup_b1", "wallclock_speedup_b32")
+FRONTIER_COLUMNS = ("metric_sd", "layer_saving_sd", "seeds", "chosen_on")
 
 
 def applicable_rules(is_regression: bool) -> list[str]:
@@ -63,6 +67,17 @@ def rule_grids(rules, grids: dict | None, num_layers: int, num_classes: int,
     return chosen
 
 
+def replay_points(task: TaskSpec, cache: dict, grids: dict[str, list]) -> list[dict]:
+    """Every rule at every knob over a cached split: metric, layer cost and exit histogram."""
+    num_layers = cache["prediction"].shape[0]
+    points = []
+    for name, grid in grids.items():
+        for value in grid:
+            point = evaluate_rule(task, cache, rule_from_grid(name, value, num_layers))
+            points.append({"rule": name, "knob": ",".join(GRID_KNOBS[name]), "value": _value_text(value), **point})
+    return points
+
+
 def pareto_points(model, task: TaskSpec, cache: dict, grids: dict[str, list]) -> list[dict]:
     """Every rule at every knob: metric, layer cost and FLOPs per instance (mean over the split)."""
     num_layers = cache["prediction"].shape[0]
@@ -70,14 +85,10 @@ def pareto_points(model, task: TaskSpec, cache: dict, grids: dict[str, list]) ->
     flops = measure_flops(model, seq_len)
     per_exit = {with_policy: flops.per_row(torch.arange(1, num_layers + 1), with_policy=with_policy)
                 for with_policy in (False, True)}
-    points = []
-    for name, grid in grids.items():
-        for value in grid:
-            point = evaluate_rule(task, cache, rule_from_grid(name, value, num_layers))
-            histogram = torch.tensor(point.pop("exit_histogram"), dtype=torch.float64)
-            point["flops"] = float((histogram * per_exit[name == "policy"]).sum() / histogram.sum())
-            knob = ",".join(GRID_KNOBS[name])
-            points.append({"rule": name, "knob": knob, "value": _value_text(value), **point})
+    points = replay_points(task, cache, grids)
+    for point in points:
+        histogram = torch.tensor(point.pop("exit_histogram"), dtype=torch.float64)
+        point["flops"] = float((histogram * per_exit[point["rule"] == "policy"]).sum() / histogram.sum())
     mark_pareto(points)
     return points
 
@@ -90,23 +101,12 @@ def _value_text(value) -> str:
     return str(value)
 
 
-def pareto_optimal(point: tuple[float, float], others: list[tuple[float, float]]) -> bool:
-    """(metric, saving): no other point is at least as good on both and better on one."""
-    return not any(o[0] >= point[0] and o[1] >= point[1] and (o[0] > point[0] or o[1] > point[1]) for o in others)
-
-
 def mark_pareto(points: list[dict]) -> None:
     """pareto = no other realisable point dominates this one. The oracle needs the labels, so it is
     a bound, not a competitor: never marked, never dominating."""
     real = [(p["metric"], p["layer_saving"]) for p in points if p["rule"] != "oracle"]
     for point in points:
         point["pareto"] = point["rule"] != "oracle" and pareto_optimal((point["metric"], point["layer_saving"]), real)
-
-
-def best_within(points: list[dict], rule: str, reference: float, tolerance: float) -> dict | None:
-    """The rule's point with the largest saving whose metric is within `tolerance` of `reference`."""
-    candidates = [p for p in points if p["rule"] == rule and p["metric"] >= reference - tolerance]
-    return max(candidates, key=lambda p: (p["layer_saving"], p["metric"])) if candidates else None
 
 
 # --- wall clock ---------------------------------------------------------------------------------
@@ -160,14 +160,14 @@ def measure_latency(model, rule, dataloader_for, batch_sizes=(1, 32), num_exampl
     return measured
 
 
-# --- files --------------------------------------------------------------------------------------
-def write_csv(points: list[dict], path: Path) -> None:
-    columns = list(COLUMNS) + [c for c in LATENCY_COLUMNS if any(c in p for p in points)]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for point in points:
-            writer.writerow({c: point.get(c, "") for c in columns})
+# --- files ---------------------------------------------------------------------------------------
+def csv_text(points: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for point in points:
+        writer.writerow({c: point.get(c, "") for c in columns})
+    return buffer.getvalue()
 
 
 def markdown_table(points: list[dict], metric_name: str) -> str:
@@ -183,7 +183,54 @@ def markdown_table(points: list[dict], metric_name: str) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(points: list[dict], path: Path, metric_name: str, title: str = "") -> None:
+def chosen_table(chosen: list[dict], metric_name: str) -> str:
+    """The operating points chosen on one split and measured on another (`frontier.choose_points`)."""
+    lines = [f"Each rule's knob is chosen on {chosen[0]['chosen_on']} for {chosen[0]['target']}, then measured on "
+             "the reported split.", "",
+             f"| rule | knob | {metric_name} | layer saving | {chosen[0]['chosen_on']} {metric_name} | "
+             f"{chosen[0]['chosen_on']} layer saving |", "|---|---|---|---|---|---|"]
+    for row in chosen:
+        lines.append(f"| {row['rule']} | {row['knob'] or '-'}={row['value']} | {row['metric']:.4f} | "
+                     f"{100 * row['layer_saving']:.1f}% | {row['chosen_metric']:.4f} | "
+                     f"{100 * row['chosen_layer_saving']:.1f}% |")
+    return "\n".join(lines)
+
+
+def frontier_table(rows: list[dict], metric_name: str, split: str = "test") -> str:
+    """The policy's frontier over seeds (`frontier.frontier` rows of `policy_grid`): mean ± sd."""
+    seeds = sorted({s for row in rows for s in row["seeds"]})
+    lines = [f"Policies trained from the same stage 1 at every alpha, RL seeds {seeds}, each replayed at every tau. "
+             "A setting is on the frontier when no other setting's mean validation point is as good on both metric and "
+             f"saving; its {split} point is the mean ± sd over seeds.", "",
+             f"| alpha | tau | {metric_name} | layer saving | validation {metric_name} | validation layer saving |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        alpha, tau = row["setting"]
+        point, val = row[split], row["validation"]
+        lines.append(f"| {alpha:g} | {tau:g} | {point['metric']:.4f} ± {point['metric_sd']:.4f} | "
+                     f"{100 * point['layer_saving']:.1f}% ± {100 * point['layer_saving_sd']:.1f} | "
+                     f"{val['metric']:.4f} | {100 * val['layer_saving']:.1f}% |")
+    return "\n".join(lines)
+
+
+def encoder_markdown(points: list[dict], metric_name: str, title: str = "", chosen: list[dict] | None = None,
+                     frontier_rows: list[dict] | None = None) -> str:
+    parts = [f"# {title}\n" if title else ""]
+    if chosen:
+        parts.append("## Operating points\n\n" + chosen_table(chosen, metric_name) + "\n")
+    if frontier_rows:
+        parts.append("## The policy's frontier\n\n" + frontier_table(frontier_rows, metric_name) + "\n")
+    parts.append("## Every rule at every knob\n\n" if chosen or frontier_rows else "")
+    parts.append("Pareto-optimal points (no other rule is as good on both metric and saving) are marked **yes**; the "
+                 "oracle is a bound and never marked. Knob units: entropy threshold in nats; pcee threshold in "
+                 "normalised entropy (entropy / ln C, 0..1, as in PCEE-BERT); patience 0 would mean full depth (as in "
+                 "PABEE).\n\n" + markdown_table(points, metric_name) + "\n")
+    return "\n".join(part for part in parts if part)
+
+
+def plot_pareto(points: list[dict], path: Path, metric_name: str, title: str = "",
+                frontier_rows: list[dict] | None = None, split: str = "test") -> None:
+    """metric against layer saving: one curve per rule, the policy's frontier over seeds with its spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,6 +245,12 @@ def plot_pareto(points: list[dict], path: Path, metric_name: str, title: str = "
             ax.scatter(x, y, marker="*" if rule == "oracle" else "s", s=120, label=rule, zorder=3)
         else:
             ax.plot(x, y, marker="o", markersize=3, label=rule, linewidth=2.2 if rule == "policy" else 1.2)
+    if frontier_rows:
+        seeds = len({s for row in frontier_rows for s in row["seeds"]})
+        ax.errorbar([100 * r[split]["layer_saving"] for r in frontier_rows], [r[split]["metric"] for r in frontier_rows],
+                    xerr=[100 * r[split]["layer_saving_sd"] for r in frontier_rows],
+                    yerr=[r[split]["metric_sd"] for r in frontier_rows], color="black", linewidth=2, capsize=2,
+                    label=f"policy frontier ({seeds} seeds, mean ± sd)", zorder=4)
     ax.set_xlabel("layer saving (%)")
     ax.set_ylabel(metric_name)
     ax.set_title(title or "accuracy versus layer saving")
@@ -208,18 +261,30 @@ def plot_pareto(points: list[dict], path: Path, metric_name: str, title: str = "
     plt.close(fig)
 
 
-def write_report(points: list[dict], out_dir: Path, metric_name: str, title: str = "") -> dict[str, Path]:
+def write_report(points: list[dict], out_dir: Path, *, columns: list[str], markdown: str, metric_label: str,
+                 title: str = "", frontier_rows: list[dict] | None = None) -> dict[str, Path]:
+    """The report of every comparison of exit rules, encoders' and generation's alike: pareto.csv (`columns`
+    of every point, then the frontier's rows), pareto.md (`markdown`) and pareto.png (`metric_label` against
+    layer saving), each written atomically."""
     out_dir = Path(out_dir)
     paths = {"csv": out_dir / "pareto.csv", "md": out_dir / "pareto.md", "png": out_dir / "pareto.png"}
-    write_csv(points, paths["csv"])
-    heading = f"# {title}\n\n" if title else ""
-    paths["md"].write_text(heading + "Pareto-optimal points (no other rule is as good on both metric and saving) "
-                           "are marked **yes**; the oracle is a bound and never marked. Knob units: entropy "
-                           "threshold in nats; pcee threshold in normalised entropy (entropy / ln C, 0..1, as in "
-                           "PCEE-BERT); patience 0 would mean full depth (as in PABEE).\n\n"
-                           + markdown_table(points, metric_name) + "\n")
-    plot_pareto(points, paths["png"], metric_name, title)
+    atomic_write_text(paths["csv"], csv_text(points + frontier_points(frontier_rows or []), columns))
+    atomic_write_text(paths["md"], markdown)
+    plot_pareto(points, paths["png"], metric_label, title, frontier_rows)
     return paths
+
+
+def frontier_points(frontier_rows: list[dict], split: str = "test") -> list[dict]:
+    """The frontier's rows as pareto.csv rows (rule `policy_frontier`, knob alpha,tau): mean and sd over seeds."""
+    return [{"rule": "policy_frontier", "knob": "alpha,tau", "value": f"{row['setting'][0]:g},{row['setting'][1]:g}",
+             "metric": row[split]["metric"], "metric_sd": row[split]["metric_sd"],
+             "layer_saving": row[split]["layer_saving"], "layer_saving_sd": row[split]["layer_saving_sd"],
+             "seeds": " ".join(map(str, row["seeds"])), "chosen_on": "validation"} for row in frontier_rows]
+
+
+def encoder_columns(points: list[dict], with_frontier: bool = False) -> list[str]:
+    latency = [c for c in LATENCY_COLUMNS if any(c in p for p in points)]
+    return list(COLUMNS) + latency + (list(FRONTIER_COLUMNS) if with_frontier else [])
 
 
 def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
@@ -227,7 +292,7 @@ def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
     full = next(p["metric"] for p in points if p["rule"] == "full")
     rows = []
     for rule in dict.fromkeys(p["rule"] for p in points):
-        best = best_within(points, rule, full, tolerance)
+        best = best_within([p for p in points if p["rule"] == rule], full, tolerance)
         if best is None:
             rows.append({"rule": rule, "value": None, "metric": math.nan, "layer_saving": math.nan})
         else:
@@ -237,9 +302,14 @@ def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
 
 # --- the whole comparison -----------------------------------------------------------------------
 def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
-                  tau: float | None = None, title: str = "") -> dict:
+                  tau: float | None = None, title: str = "", choose_on: dict | None = None, tolerance: float | None = None,
+                  frontier_rows: list[dict] | None = None) -> dict:
     """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
-    ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`."""
+    ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`.
+
+    choose_on: the validation split's signal cache; each rule's knob is then chosen on it (the most
+    saving within `tolerance` of the full model's metric there) and measured on `split`.
+    frontier_rows: the policy's frontier over seeds (`training.policy_grid`), reported beside the rules."""
     model = model.eval()
     rules = list(report_cfg.rules) if report_cfg.rules is not None else None
     grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
@@ -247,15 +317,23 @@ def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Pat
     if tau is not None and "policy" in grids and tau not in grids["policy"]:
         grids["policy"] = sorted(set(grids["policy"]) | {tau}, reverse=True)
     points = pareto_points(model, task, cache, grids)
+    chosen = []
+    if choose_on is not None:
+        grids_with_full = {**grids, "full": [None]}
+        validation = replay_points(task, choose_on, grids_with_full)
+        full_val = next(p["metric"] for p in validation if p["rule"] == "full")
+        chosen = choose_points(validation, points, full_val, tolerance)
     if latency and latency.get("enabled", True) and "policy" in grids and tau is not None:
         measured = measure_latency(model, build_rule("policy", tau=tau),
                                    lambda bs: datamodule.dataloader(split, batch_size=bs),
                                    batch_sizes=tuple(latency.batch_sizes), num_examples=latency.num_examples,
                                    repeats=latency.repeats, warmup=latency.warmup)
         for point in points:
-            if point["rule"] == "policy" and point["value"] == str(tau):
+            if point["rule"] == "policy" and point["value"] == _value_text(tau):
                 point.update(measured)
-    paths = write_report(points, out_dir, task.metric, title)
-    print((out_dir / "pareto.md").read_text())
-    return {"points": points, "summary_within_1pt": summary_rows(points, 0.01),
+    markdown = encoder_markdown(points, task.metric, title, chosen, frontier_rows)
+    paths = write_report(points, out_dir, columns=encoder_columns(points, bool(frontier_rows)), markdown=markdown,
+                         metric_label=task.metric, title=title, frontier_rows=frontier_rows)
+    print(markdown)
+    return {"points": points, "chosen": chosen, "summary_within_1pt": summary_rows(points, 0.01),
             "files": {k: str(v) for k, v in paths.items()}}

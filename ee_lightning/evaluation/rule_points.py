@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ee_lightning.evaluation.frontier import value_at_saving
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import at_exit, build_rule, default_grid, exit_summary, replay, rule_from_grid
 from ee_lightning.inference.layer_cache import signal_part
@@ -47,22 +48,6 @@ def sweep_rule(task: TaskSpec, cache: dict, name: str, grid: list | None = None)
     return points
 
 
-def metric_at_saving(curve: list[dict], saving: float) -> float:
-    """A rule's metric at a given layer saving, linearly interpolated along its curve."""
-    points = sorted((p["layer_saving"], p["metric"]) for p in curve)
-    savings = torch.tensor([s for s, _ in points], dtype=torch.float64)
-    metrics = torch.tensor([m for _, m in points], dtype=torch.float64)
-    if saving <= savings[0]:
-        return float(metrics[0])
-    if saving >= savings[-1]:
-        return float(metrics[-1])
-    upper = int(torch.searchsorted(savings, torch.tensor(saving, dtype=torch.float64)))
-    s0, s1, m0, m1 = savings[upper - 1], savings[upper], metrics[upper - 1], metrics[upper]
-    if s1 == s0:
-        return float(max(m0, m1))
-    return float(m0 + (m1 - m0) * (saving - s0) / (s1 - s0))
-
-
 def exits_by_bucket(task: TaskSpec, cache: dict, exits: torch.Tensor, tolerance: float) -> dict:
     """Mean exit layer and exit histogram per memorized-layer bucket (computed from the split's labels)."""
     num_layers = cache_shape(cache)[0]
@@ -86,7 +71,7 @@ def evaluate_methods(cache: dict, task: TaskSpec, tau: float, tolerance: float) 
     full = evaluate_rule(task, cache, build_rule("full"))
     entropy_curve = sweep_rule(task, cache, "entropy") if not task.is_regression else []
     if entropy_curve:
-        consistentee["entropy_at_same_saving"] = metric_at_saving(entropy_curve, consistentee["layer_saving"])
+        consistentee["entropy_at_same_saving"] = value_at_saving(entropy_curve, consistentee["layer_saving"])
     return {
         "methods": {"consistentee": MethodResult(tau=tau, **consistentee), "full": MethodResult(**full)},
         "entropy_curve": [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in entropy_curve],

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 TASK_TERMS = ("ce", "correct")
 DEPTH_TERMS = ("hardness", "plain", "none")
 SAMPLERS = ("bernoulli", "epsilon_greedy")
+ESTIMATORS = ("reinforce", "expected")
 PROB_EPS = 1e-6
 
 
@@ -85,6 +86,13 @@ def _exit_log_prob_table(log_p: torch.Tensor, log_not_p: torch.Tensor) -> torch.
     # the forced exit at L has no log p_L term
     stop = torch.cat([log_p[:-1], torch.zeros_like(log_p[-1:])], dim=0)
     return survive + stop
+
+
+def exit_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """[L, B] exit logits -> [L, B] probability of exiting at each layer l = 1..L (sums to 1 over layers)."""
+    _check_layers_first(logits, "logits")
+    z = logits.float()
+    return _exit_log_prob_table(F.logsigmoid(z), F.logsigmoid(-z)).exp()
 
 
 def gather_layer(values: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
@@ -188,14 +196,17 @@ def policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, entropy_bonus
     The entropy (of probs [L, B], layers 1..L-1 only, since L is forced) counts only when
     entropy_bonus > 0. Advantages are detached.
     """
-    loss = -(advantages.detach() * log_probs).mean()
-    if entropy_bonus > 0:
-        if probs is None:
-            raise ValueError("entropy_bonus > 0 needs probs")
-        _check_layers_first(probs, "probs")
-        if probs.shape[0] > 1:
-            loss = loss - entropy_bonus * bernoulli_entropy(probs[:-1]).mean()
-    return loss
+    return -(advantages.detach() * log_probs).mean() - entropy_term(probs, entropy_bonus)
+
+
+def entropy_term(probs: torch.Tensor | None, entropy_bonus: float) -> torch.Tensor | float:
+    """entropy_bonus * the mean entropy of probs [L, B] over layers 1..L-1 (L is forced); 0 without a bonus."""
+    if entropy_bonus <= 0:
+        return 0.0
+    if probs is None:
+        raise ValueError("entropy_bonus > 0 needs probs")
+    _check_layers_first(probs, "probs")
+    return entropy_bonus * bernoulli_entropy(probs[:-1]).mean() if probs.shape[0] > 1 else 0.0
 
 
 # --------------------------------------------------------------------------- inference and rollouts
@@ -238,17 +249,29 @@ class PolicyStep:
 def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor,
                         memorized: torch.Tensor | None, *, k: int, alpha: float, task_term: str = "ce",
                         depth_term: str = "hardness", sampler: str = "bernoulli", eps: float = 0.0,
-                        normalize_advantages: bool = False, entropy_bonus: float = 0.0,
+                        normalize_advantages: bool = False, entropy_bonus: float = 0.0, estimator: str = "reinforce",
                         generator: torch.Generator | None = None) -> PolicyStep:
-    """K rollouts over cached per-layer values [L, B] -> the REINFORCE loss and what went into it.
+    """K rollouts over cached per-layer values [L, B] -> the policy-gradient loss and what went into it.
 
+    estimator "reinforce": the score-function estimate from the K rollouts (ConsistentEE's).
+    "expected": the exact expected reward, sum_l pi(exit at l) R_l: every layer's reward is known
+    from the cache, so its gradient is the K -> infinity limit of REINFORCE's, without its variance.
+    The rollouts are drawn either way: the reward curve and exit histograms read them.
     Only sampling and bookkeeping happen here: the backbone is not run again per rollout.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r}: use one of {ESTIMATORS}")
     exits, log_probs = rollout(k, logits=policy_logits, sampler=sampler, eps=eps, generator=generator)
-    parts = rewards(exits, losses, correct, memorized, policy_logits.shape[0], alpha, task_term, depth_term)
+    num_layers = policy_logits.shape[0]
+    parts = rewards(exits, losses, correct, memorized, num_layers, alpha, task_term, depth_term)
     adv = advantages(parts.reward, normalize=normalize_advantages)
     probs = torch.sigmoid(policy_logits.float())
-    loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
+    if estimator == "reinforce":
+        loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
+    else:
+        every_layer = torch.arange(1, num_layers + 1, device=policy_logits.device).view(-1, 1).expand_as(policy_logits)
+        layer_rewards = rewards(every_layer, losses, correct, memorized, num_layers, alpha, task_term, depth_term).reward
+        loss = -(exit_distribution(policy_logits) * layer_rewards).sum(0).mean() - entropy_term(probs, entropy_bonus)
     return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits, probs=probs)
 
 

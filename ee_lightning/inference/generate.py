@@ -35,8 +35,12 @@ class PlainExits:
     def __init__(self, num_layers: int, exit_every: int = 1):
         self.exit_layers = sorted({*range(exit_every, num_layers + 1, exit_every), num_layers})
 
+    def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The state the final norm reads (trained exits add their adapter here; these add nothing)."""
+        return hidden
+
     def logits(self, layer: int, hidden: torch.Tensor, decoder) -> torch.Tensor:
-        return decoder.lm_head(decoder.final_norm(hidden))
+        return decoder.lm_head(decoder.final_norm(self.adapt(layer, hidden)))
 
 
 @dataclass

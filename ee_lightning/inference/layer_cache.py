@@ -53,6 +53,22 @@ def collect_states(model: EarlyExitModel, dataloader) -> dict[str, torch.Tensor]
                        "all-layers pass (states)")
 
 
+@torch.inference_mode()
+def signals_from_states(states: dict[str, torch.Tensor], is_regression: bool, policy=None) -> dict[str, torch.Tensor]:
+    """A `collect_signals` cache computed from a `collect_states` one, with `policy`'s exit probabilities
+    when given: any number of policies replay on one backbone pass."""
+    exit_probs = None
+    if policy is not None:
+        was_training = policy.training
+        policy.eval()
+        exit_probs = torch.stack([torch.sigmoid(policy.logit(layer, pooled, logits))
+                                  for layer, (pooled, logits) in enumerate(zip(states["pooled"], states["logits"]))])
+        policy.train(was_training)
+    cache = all_layer_signals(states["logits"], exit_probs, is_regression)
+    cache.update({key: states[key] for key in ("labels", "idx", "lengths")})
+    return cache
+
+
 def signal_part(cache: dict) -> dict[str, torch.Tensor]:
     """The signals of a `collect_signals` cache (without labels, idx and lengths)."""
     return {name: value for name, value in cache.items() if name in SIGNALS}
@@ -74,3 +90,8 @@ class CachedLayerDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"pooled": self.pooled[:, i], "logits": self.logits[:, i], "labels": self.labels[i],
                 "memorized": self.memorized[i], "idx": self.idx[i]}
+
+    def rows(self, i: torch.Tensor) -> dict:
+        """The batch of rows `i` as a DataLoader would collate it (row first), in one indexing."""
+        return {"pooled": self.pooled[:, i].transpose(0, 1), "logits": self.logits[:, i].transpose(0, 1),
+                "labels": self.labels[i], "memorized": self.memorized[i], "idx": self.idx[i]}

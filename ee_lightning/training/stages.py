@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.evaluation.rule_points import evaluate_methods
 from ee_lightning.exits import hardness as hardness_lib
+from ee_lightning.evaluation.frontier import target_text
+from ee_lightning.exits.rules import default_grid
 from ee_lightning.files import atomic_write_text, load_or_build
-from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states
+from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_signals, collect_states, signals_from_states
 from ee_lightning.modeling.export import save_encoder
 from ee_lightning.modeling.model import EarlyExitModel
 from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
@@ -36,6 +38,7 @@ from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
+from ee_lightning.training.policy_grid import choose_tau, run_frontier
 from ee_lightning.training.processes import is_global_zero
 from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
@@ -174,10 +177,11 @@ def test_stage(run: Run, system: EarlyExitSystem, stage: str) -> tuple[list[floa
     return system.layer_results("test"), cache
 
 
-def save_model(run: Run) -> None:
-    """The saved early-exit model (`<run>/model/`, read by `ee_lightning.load`), written by rank 0."""
+def save_model(run: Run, tau: float | None = None) -> None:
+    """The saved early-exit model (`<run>/model/`, read by `ee_lightning.load`), written by rank 0, its policy
+    at `tau` (the one chosen on validation; None: the config's)."""
     if is_global_zero():
-        save_encoder(run.run_dir / "model", run.model, run.spec, run.tokenizer, run.spec["tau"],
+        save_encoder(run.run_dir / "model", run.model, run.spec, run.tokenizer, run.spec["tau"] if tau is None else tau,
                      run.datamodule.max_length)
 
 
@@ -264,6 +268,20 @@ def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict |
     return table
 
 
+def split_states(run: Run, splits) -> dict[str, dict]:
+    """Every layer's pooled states and head logits of each split: policies replay on them without the backbone."""
+    return {split: collect_states(run.model, run.datamodule.dataloader(split, by_length=True)) for split in splits}
+
+
+def operating_point(run: Run, validation: dict) -> dict | None:
+    """The policy's tau chosen on the validation split's outputs (`method.choose`); None: method.tau as set."""
+    tolerance = run.cfg.method.choose.tolerance
+    if tolerance is None:
+        return None
+    taus = sorted(set(default_grid("policy", run.model.num_layers)) | {run.cfg.method.tau}, reverse=True)
+    return choose_tau(run.model.policy, validation, run.task, taus, tolerance)
+
+
 def run_consistentee(run: Run) -> RunResults:
     cfg, task = run.cfg, run.task
     ledger = run.stages.ledger
@@ -294,6 +312,15 @@ def run_consistentee(run: Run) -> RunResults:
         fit_stage(run, system, "policy", policy_settings["epochs"], train_dataloaders=policy_loader,
                   val_dataloaders=run.datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")
+    frontier_cfg, frontier, states = cfg.method.frontier, None, {}
+    if frontier_cfg.alphas and not cfg.method.joint.enabled and is_global_zero():
+        started = time.perf_counter()  # the frontier's policies read stage 1's heads: the joint stage changes them
+        states = split_states(run, ("validation", "test"))
+        frontier = run_frontier(run.model.policy, cache, memorized, states, task, policy_settings,
+                                alphas=list(frontier_cfg.alphas),
+                                seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
+                                taus=default_grid("policy", run.model.num_layers), tolerance=tolerance)
+        seconds["frontier"] = round(time.perf_counter() - started, 1)
     del cache
 
     if cfg.method.joint.enabled:
@@ -307,29 +334,45 @@ def run_consistentee(run: Run) -> RunResults:
         seconds["joint"] = ledger.stages["joint"].get("seconds")
 
     started = time.perf_counter()
+    validation = states.get("validation") or split_states(run, ("validation",))["validation"]
+    chosen = operating_point(run, validation)
+    tau = chosen["tau"] if chosen else tau
+    seconds["choose"] = round(time.perf_counter() - started, 1)
+
+    started = time.perf_counter()
     layer_metrics, test_cache = test_stage(run, system, "consistentee")
     results = base_results(run, layer_metrics)
     for key, value in evaluate_methods(test_cache, task, tau=tau, tolerance=tolerance).items():
         setattr(results, key, value)
+    if chosen:
+        results.methods["consistentee"].chosen_on = "validation"
+        results.methods["consistentee"].target = target_text(cfg.method.choose.tolerance)
+        results.methods["consistentee"].chosen_point = {k: chosen[k] for k in ("metric", "layer_saving",
+                                                                                "within_target")}
     seconds["evaluate"] = round(time.perf_counter() - started, 1)
     if cfg.get("report") and is_global_zero():
         started = time.perf_counter()
         title = f"{cfg.backbone.name} on {task.name} (test)"
+        frontier_rows = frontier["frontier"] if frontier else None
         report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
-                               title=title)
+                               title=title, frontier_rows=frontier_rows, tolerance=cfg.method.choose.tolerance,
+                               choose_on=signals_from_states(validation, task.is_regression, run.model.policy)
+                               if chosen else None)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
+        results.chosen_points = report["chosen"]
         latency = next((p for p in report["points"] if "latency_b1_ms" in p), None)
         if latency:
             results.methods["consistentee"].wallclock = {
                 k: latency[k] for k in latency if k.startswith(("latency_", "plain_", "wallclock_"))}
         seconds["report"] = round(time.perf_counter() - started, 1)
+    results.policy_frontier = frontier
     results.hardness_histogram = hardness_hist
     results.checkpoints = {stage: info.get("checkpoint") for stage, info in ledger.stages.items()}
     if stage1_checkpoint:
         results.checkpoints.setdefault("finetune", stage1_checkpoint)
     results.seconds = seconds
     results.objective = results.methods["consistentee"].metric
-    save_model(run)
+    save_model(run, tau)
     return results
 
 

@@ -135,11 +135,15 @@ class LayerwiseDecoder(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None):
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None,
+              mask_layer: int = 0):
         """Embeddings [B, T, H] of the new tokens `input_ids` [B, T] and their context.
 
         attention_mask [B, past + T] covers the cached tokens and the new ones. Positions count
         only real tokens (left padding gets position 0), as `generate` does.
+        mask_layer: the first layer (0-based) the context will run. The masks are sized against the
+        cache of the first layer of each attention kind from there on: in verify mode the layers
+        above the draft exit hold fewer cached tokens than those below it.
         """
         new = input_ids.shape[1]
         if attention_mask.shape[1] < new:
@@ -147,13 +151,15 @@ class LayerwiseDecoder(nn.Module):
         mask = attention_mask.long()
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -new:]
         hidden, position_embeddings = self.embed(input_ids, position_ids)
-        kinds = {self.attention_kind(i) for i in range(self.num_layers)}
+        first = {}  # attention kind -> the first layer of that kind the context runs
+        for i in range(mask_layer, self.num_layers):
+            first.setdefault(self.attention_kind(i), i)
         args = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask.to(torch.bool), cache=cache, position_ids=position_ids)
         masks = {}
-        if FULL in kinds:
-            masks[FULL] = create_causal_mask(**args)
-        if SLIDING in kinds:
-            masks[SLIDING] = create_sliding_window_causal_mask(**args)
+        if FULL in first:
+            masks[FULL] = create_causal_mask(**args, layer_idx=first[FULL] if mask_layer else None)
+        if SLIDING in first:
+            masks[SLIDING] = create_sliding_window_causal_mask(**args, layer_idx=first[SLIDING] if mask_layer else None)
         return hidden, DecoderContext(mask, position_ids, position_embeddings, masks, cache)
 
     def step(self, index: int, hidden: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:

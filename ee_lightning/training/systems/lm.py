@@ -108,7 +108,7 @@ class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
     def __init__(self, policy: TokenExitPolicy, k: int = 16, alpha: float = 0.1, task_term: str = "correct",
                  depth_term: str = "hardness", sampler: str = "bernoulli", eps_start: float = 0.3,
                  eps_end: float = 0.0, eps_decay_steps: float = 200, normalize_advantages: bool = False,
-                 entropy_bonus: float = 0.0, lr: float = 1e-3):
+                 entropy_bonus: float = 0.0, estimator: str = "reinforce", lr: float = 1e-3):
         super().__init__()
         self.policy = policy
         self.save_hyperparameters(ignore=["policy"])

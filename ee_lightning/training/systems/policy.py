@@ -16,7 +16,7 @@ from ee_lightning.training.systems.finetune import train_only
 
 # The REINFORCE settings (method.policy in the config), passed to `reinforce_objective`.
 RL_KEYS = ("k", "alpha", "task_term", "depth_term", "sampler", "eps_start", "eps_end", "eps_decay_steps",
-           "normalize_advantages", "entropy_bonus")
+           "normalize_advantages", "entropy_bonus", "estimator")
 
 
 def layer_losses_and_correct(task, logits: torch.Tensor, labels: torch.Tensor, tolerance: float):
@@ -24,6 +24,27 @@ def layer_losses_and_correct(task, logits: torch.Tensor, labels: torch.Tensor, t
     losses = torch.stack([task_loss(task, layer_logits, labels, reduction="none") for layer_logits in logits])
     correct = torch.stack([is_correct(task, layer_logits, labels, tolerance) for layer_logits in logits])
     return losses, correct
+
+
+def rl_step(rl: dict, step: int, exit_logits, losses, correct, memorized, generator=None):
+    """The policy-gradient step (`exits.rl.reinforce_objective`) under the settings `rl` (RL_KEYS) at
+    optimizer step `step` (the epsilon schedule reads it)."""
+    eps = epsilon_schedule(step, rl["eps_start"], rl["eps_end"], rl["eps_decay_steps"])
+    return reinforce_objective(
+        exit_logits, losses.detach(), correct, memorized, k=rl["k"], alpha=rl["alpha"], task_term=rl["task_term"],
+        depth_term=rl["depth_term"], sampler=rl["sampler"], eps=eps, normalize_advantages=rl["normalize_advantages"],
+        entropy_bonus=rl["entropy_bonus"], estimator=rl["estimator"], generator=generator,
+    ), eps
+
+
+def cached_batch_inputs(policy, batch: dict, task, tolerance: float):
+    """A batch of cached layer outputs (`inference.layer_cache.CachedLayerDataset`) -> the policy's exit
+    logits [L, B], the heads' task losses [L, B] and correctness [L, B]."""
+    pooled = batch["pooled"].transpose(0, 1)  # [L, B, H]
+    logits = batch["logits"].transpose(0, 1)  # [L, B, C]
+    exit_logits = torch.stack([policy.logit(layer, pooled[layer], logits[layer]) for layer in range(len(pooled))])
+    losses, correct = layer_losses_and_correct(task, logits, batch["labels"], tolerance)
+    return exit_logits, losses, correct
 
 
 class PolicyTrainingMixin:
@@ -35,13 +56,7 @@ class PolicyTrainingMixin:
     last_policy_memorized = None
 
     def policy_step(self, exit_logits, losses, correct, memorized):
-        rl = self.rl
-        eps = epsilon_schedule(self.global_step, rl["eps_start"], rl["eps_end"], rl["eps_decay_steps"])
-        step = reinforce_objective(
-            exit_logits, losses.detach(), correct, memorized, k=rl["k"], alpha=rl["alpha"], task_term=rl["task_term"],
-            depth_term=rl["depth_term"], sampler=rl["sampler"], eps=eps,
-            normalize_advantages=rl["normalize_advantages"], entropy_bonus=rl["entropy_bonus"],
-        )
+        step, eps = rl_step(self.rl, self.global_step, exit_logits, losses, correct, memorized)
         size = losses.shape[1]
         stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
         self.log_dict({**stats, "policy/eps": torch.tensor(eps)}, batch_size=size, on_step=True, on_epoch=False)
@@ -77,11 +92,7 @@ class PolicySystem(PolicyTrainingMixin, EarlyExitSystem):
         return self
 
     def training_step(self, batch, batch_idx):
-        pooled = batch["pooled"].transpose(0, 1)  # [L, B, H]
-        logits = batch["logits"].transpose(0, 1)  # [L, B, C]
-        policy = self.model.policy
-        exit_logits = torch.stack([policy.logit(layer, pooled[layer], logits[layer]) for layer in range(self.num_layers)])
-        losses, correct = layer_losses_and_correct(self.task, logits, batch["labels"], self.tolerance)
+        exit_logits, losses, correct = cached_batch_inputs(self.model.policy, batch, self.task, self.tolerance)
         return self.policy_step(exit_logits, losses, correct, batch["memorized"]).loss
 
     def configure_optimizers(self):

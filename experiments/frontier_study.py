@@ -1,0 +1,401 @@
+"""Study: the ConsistentEE policy's frontier over RL seeds against entropy, patience, max-prob and PCEE
+at matched layer savings, with every frontier point and operating point chosen on validation.
+
+One stage-1 fine-tuning per data seed (`ee-train method=finetune`, or `--stage1 CKPT`), then, in this
+process, one all-layers pass over train, validation and test (kept beside the checkpoint), and a grid
+of policies over alpha and RL seeds trained on the cached training outputs by the policy stage's own
+step (`ee_lightning.training.policy_grid`):
+
+    python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt>          # the default run's heads
+    python experiments/frontier_study.py sst2 --glue-dir <folder with SST-2/>
+    python experiments/frontier_study.py bbc_news
+    python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --variants   # policy variants, validation only
+
+Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from ee_lightning.app.evaluate_checkpoint import load_checkpoint_model
+from ee_lightning.data import build_datamodule
+from ee_lightning.evaluation.frontier import best_within, frontier, mean_sd, seed_settings, value_at_saving
+from ee_lightning.evaluation.rule_points import sweep_rule
+from ee_lightning.exits import hardness as hardness_lib
+from ee_lightning.exits.rules import default_grid
+from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_states, signals_from_states
+from ee_lightning.modeling.exit_policy import ExitPolicy
+from ee_lightning.training.policy_grid import grid_members
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+PRESETS = {
+    "rotten_tomatoes": {"data": ["data=rotten_tomatoes"], "finetune": ["method.finetune.epochs=2"]},
+    "sst2": {"data": ["data=glue", "data.task=sst2", "data.max_train_samples=8000", "data.max_eval_samples=1000"],
+             "finetune": []},
+    "bbc_news": {"data": ["data=bbc_news"], "finetune": ["method.finetune.epochs=3", "method.finetune.lr=1e-4"]},
+}
+QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
+COMPARED = ("entropy", "patience", "maxprob", "pcee", "static")
+SAVINGS = [round(0.2 + 0.05 * i, 2) for i in range(10)]  # 20% .. 65%
+TOLERANCE = 0.005  # operating points: the most validation saving within 0.5 points of the full model's
+# The policy stage's settings (conf/method/consistentee.yaml); a variant overrides some of them.
+BASE_RL = {"k": 16, "task_term": "correct", "depth_term": "hardness", "sampler": "bernoulli", "eps_start": 0.3,
+           "eps_end": 0.0, "eps_decay_steps": 200, "normalize_advantages": False, "entropy_bonus": 0.0,
+           "estimator": "reinforce"}
+BASE = {"rl": BASE_RL, "lr": 1e-3, "epochs": 4, "batch_size": 64, "hidden": 32, "use_confidence": False}
+
+
+def ee_train(args: list[str]) -> None:
+    command = [sys.executable, "-m", "ee_lightning.app.cli", *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
+def stage_one(study: str, seed: int, extra: list[str], out: Path) -> str:
+    run_dir = out / f"stage1-seed{seed}"
+    if not (run_dir / "stages.json").is_file():
+        preset = PRESETS[study]
+        ee_train(["method=finetune", *preset["data"], *preset["finetune"], f"seed={seed}", f"task_name={study}",
+                  f"hydra.run.dir={run_dir}", *QUIET, *extra])
+    return json.loads((run_dir / "stages.json").read_text())["finetune"]["checkpoint"]
+
+
+def split_states(checkpoint: str) -> tuple[dict, object]:
+    """Train, validation and test layer outputs of a stage-1 checkpoint (cached beside it), and the task."""
+    model, tokenizer, task, spec = load_checkpoint_model(checkpoint)
+    path = Path(checkpoint).with_suffix(".study_states.pt")
+    if path.is_file():
+        return torch.load(path, weights_only=False), task
+    data_cfg = OmegaConf.create(spec["data"])
+    with open_dict(data_cfg):
+        data_cfg.cache_dir = str(Path(os.environ.get("EE_CACHE_DIR", ROOT / ".cache")) / "data")
+    datamodule = build_datamodule(data_cfg, tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup()
+    states = {split: collect_states(model, datamodule.dataloader(split, by_length=True))
+              for split in ("train", "validation", "test")}
+    torch.save(states, path)
+    return states, task
+
+
+def rule_curves(states: dict, task) -> dict[str, dict[str, list[dict]]]:
+    """{split: {rule: points}} of every compared rule, the full model and the oracle."""
+    curves = {}
+    for split in ("validation", "test"):
+        cache = signals_from_states(states[split], task.is_regression)
+        num_layers = cache["prediction"].shape[0]
+        curves[split] = {rule: sweep_rule(task, cache, rule, default_grid(rule, num_layers, task.output_size))
+                         for rule in (*COMPARED, "oracle", "full")}
+    return curves
+
+
+def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: list[int]) -> list[dict]:
+    train = states["train"]
+    correct = hardness_lib.correct_table(task, train["logits"], train["labels"])
+    dataset = CachedLayerDataset(train, hardness_lib.memorized_layer(correct))
+    num_layers, _, hidden = train["pooled"].shape
+    template = ExitPolicy(num_layers, hidden, task.output_size, hidden=variant["hidden"],
+                          use_confidence=variant["use_confidence"])
+    taus = default_grid("policy", num_layers)
+    return grid_members(template, dataset, {"validation": states["validation"], "test": states["test"]}, task,
+                        variant["rl"], alphas=alphas, seeds=seeds, taus=taus, lr=variant["lr"],
+                        epochs=variant["epochs"], batch_size=variant["batch_size"], tolerance=0.5)
+
+
+def seed_curve(members: list[dict], seed: int, split: str) -> list[dict]:
+    """One seed's policy frontier on `split`: its settings that are Pareto-optimal on validation."""
+    mine = [m for m in members if m["seed"] == seed]
+    kept = frontier(seed_settings(mine, ("validation", split)), "validation")
+    return [row[split] for row in kept]
+
+
+def chosen_by_alpha(members: list[dict], full_val: float, alphas: list[float], seeds: list[int]) -> dict:
+    """Per alpha and seed: the tau chosen on validation (most saving within TOLERANCE of full), its test point."""
+    out = {}
+    for alpha in alphas:
+        rows = []
+        for seed in seeds:
+            mine = [m for m in members if m["seed"] == seed and m["setting"][0] == alpha]
+            pick = best_within([{**m["validation"], "member": m} for m in mine], full_val, TOLERANCE)
+            if pick is not None:
+                m = pick["member"]
+                rows.append({"seed": seed, "tau": m["setting"][1], "test_metric": m["test"]["metric"],
+                             "test_saving": m["test"]["layer_saving"], "val_metric": m["validation"]["metric"],
+                             "val_saving": m["validation"]["layer_saving"]})
+        out[str(alpha)] = rows
+    return out
+
+
+def matched(members: list[dict], curves: dict, seeds: list[int], split: str) -> list[dict]:
+    """At every saving of SAVINGS: the policy frontier's metric (per seed, then mean ± sd) and each rule's."""
+    rows = []
+    for saving in SAVINGS:
+        per_seed = [value_at_saving(seed_curve(members, seed, split), saving) for seed in seeds]
+        known = [v for v in per_seed if v is not None]
+        row = {"saving": saving, "policy": mean_sd(known) if len(known) == len(per_seed) else None}
+        for rule in COMPARED:
+            row[rule] = value_at_saving(curves[split][rule], saving)
+        rows.append(row)
+    return rows
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t-interval over seeds (0 for one value)."""
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+    mean, sd = mean_sd(values)
+    n = len(values)
+    return mean, (t95.get(n, 1.96) * sd / math.sqrt(n) if n > 1 else 0.0)
+
+
+def run_study(study: str, checkpoints: dict[int, str], variant: dict, alphas: list[float], rl_seeds: list[int]) -> dict:
+    per_stage1 = {}
+    for data_seed, checkpoint in checkpoints.items():
+        started = time.perf_counter()
+        states, task = split_states(checkpoint)
+        curves = rule_curves(states, task)
+        members = train_grid(states, task, variant, alphas, rl_seeds)
+        full_val = curves["validation"]["full"][0]["metric"]
+        per_stage1[data_seed] = {
+            "checkpoint": checkpoint, "metric": task.metric, "full": {s: curves[s]["full"][0]["metric"] for s in curves},
+            "oracle": {s: {k: curves[s]["oracle"][0][k] for k in ("metric", "layer_saving")} for s in curves},
+            "members": members, "curves": {s: {r: [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in c]
+                                               for r, c in curves[s].items()} for s in curves},
+            "matched_test": matched(members, curves, rl_seeds, "test"),
+            "matched_validation": matched(members, curves, rl_seeds, "validation"),
+            "chosen": chosen_by_alpha(members, full_val, alphas, rl_seeds),
+            "chosen_rules": {rule: _chosen_rule(curves, rule, full_val) for rule in COMPARED},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        print(f"{study} stage-1 seed {data_seed}: {per_stage1[data_seed]['seconds']} s", flush=True)
+    return per_stage1
+
+
+def _chosen_rule(curves: dict, rule: str, full_val: float) -> dict | None:
+    pick = best_within(curves["validation"][rule], full_val, TOLERANCE)
+    if pick is None:
+        return None
+    test = next(p for p in curves["test"][rule] if p["value"] == pick["value"])
+    return {"value": pick["value"], "val_metric": pick["metric"], "val_saving": pick["layer_saving"],
+            "test_metric": test["metric"], "test_saving": test["layer_saving"]}
+
+
+# --- reports --------------------------------------------------------------------------------------
+def _pm(mean: float, half: float, scale: float = 1.0, fmt: str = "{:.4f}") -> str:
+    return f"{fmt.format(scale * mean)} ± {fmt.format(scale * half)}"
+
+
+def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) -> str:
+    first = next(iter(results.values()))
+    metric = first["metric"]
+    lines = [f"# {study}: the policy's frontier against the exit rules", "",
+             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 0.95..0.05. "
+             "The policy's frontier at each RL seed is its (alpha, tau) settings that are Pareto-optimal on "
+             "validation, read on test and interpolated at each saving; mean ± 95% t-interval over every "
+             f"(stage-1 seed, RL seed). The rules' curves are their test curves (one knob, no choice). Wall time "
+             f"{seconds / 60:.1f} min.", ""]
+    header = f"| layer saving | policy {metric} | " + " | ".join(COMPARED) + " | policy - entropy |"
+    lines += ["## Test metric at matched layer savings", "", header, "|" + "---|" * (len(COMPARED) + 3)]
+    for index, saving in enumerate(SAVINGS):
+        policy_values, entropy_gap, rules = [], [], {rule: [] for rule in COMPARED}
+        for seed_result in results.values():
+            row = seed_result["matched_test"][index]
+            for rule in COMPARED:
+                if row[rule] is not None:
+                    rules[rule].append(row[rule])
+            for value in _per_seed(seed_result, index):
+                policy_values.append(value)
+                if row["entropy"] is not None:
+                    entropy_gap.append(value - row["entropy"])
+        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy_values)) if policy_values else "-"]
+        cells += [f"{statistics.mean(v):.4f}" if v else "-" for v in rules.values()]
+        cells.append(_pm(*interval(entropy_gap), 100, "{:+.2f}") + " pt" if entropy_gap else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Operating points chosen on validation (the most saving within 0.5 points of the full model's "
+              "validation metric), measured on test", ""]
+    for data_seed, seed_result in results.items():
+        full = seed_result["full"]
+        lines.append(f"Stage-1 seed {data_seed}: full model {full['test']:.4f} test, {full['validation']:.4f} "
+                     f"validation; oracle {seed_result['oracle']['test']['metric']:.4f} at "
+                     f"{100 * seed_result['oracle']['test']['layer_saving']:.1f}% (test).")
+        lines += ["", f"| method | knob | test {metric} | test layer saving | spread over RL seeds |", "|---|---|---|---|---|"]
+        for alpha, rows in seed_result["chosen"].items():
+            if not rows:
+                lines.append(f"| policy alpha {alpha} | - | no tau within the target | - | - |")
+                continue
+            acc = [r["test_metric"] for r in rows]
+            sav = [r["test_saving"] for r in rows]
+            lines.append(f"| policy alpha {alpha} | tau {', '.join(str(r['tau']) for r in rows)} | "
+                         f"{statistics.mean(acc):.4f} | {100 * statistics.mean(sav):.1f}% | "
+                         f"{100 * (max(acc) - min(acc)):.2f} pt accuracy, {100 * (max(sav) - min(sav)):.1f} pt saving |")
+        for rule, chosen in seed_result["chosen_rules"].items():
+            if chosen:
+                lines.append(f"| {rule} | {chosen['value']} | {chosen['test_metric']:.4f} | "
+                             f"{100 * chosen['test_saving']:.1f}% | - |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _per_seed(seed_result: dict, index: int) -> list[float]:
+    """The policy frontier's test metric at SAVINGS[index], one value per RL seed (none if a seed does not reach)."""
+    members = seed_result["members"]
+    seeds = sorted({m["seed"] for m in members})
+    values = [value_at_saving(seed_curve(members, seed, "test"), SAVINGS[index]) for seed in seeds]
+    return [v for v in values if v is not None]
+
+
+def plot(study: str, results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rule in COMPARED:
+        points = sorted((p["layer_saving"], p["metric"]) for p in first["curves"]["test"][rule])
+        ax.plot([100 * s for s, _ in points], [m for _, m in points], linewidth=1.2, label=rule)
+    xs, means, halves = [], [], []
+    for index, saving in enumerate(SAVINGS):
+        values = [v for r in results.values() for v in _per_seed(r, index)]
+        if values:
+            mean, half = interval(values)
+            xs.append(100 * saving)
+            means.append(mean)
+            halves.append(half)
+    ax.errorbar(xs, means, yerr=halves, color="black", linewidth=2, capsize=2, label="policy frontier (95% interval)")
+    ax.scatter([100 * first["oracle"]["test"]["layer_saving"]], [first["oracle"]["test"]["metric"]], marker="*", s=120,
+               color="gray", label="oracle")
+    ax.axhline(first["full"]["test"], color="black", linestyle=":", linewidth=1, label="full model")
+    ax.set_xlabel("layer saving (%)")
+    ax.set_ylabel(f"test {first['metric']}")
+    ax.set_title(f"{study}: policy frontier (chosen on validation) against the rules")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _jsonable(results: dict) -> dict:
+    out = {}
+    for seed, result in results.items():
+        out[str(seed)] = {**result, "members": [{**m, "setting": list(m["setting"])} for m in result["members"]]}
+    return out
+
+
+# --- policy variants, on validation ------------------------------------------------------------
+VARIANTS = {
+    "base (REINFORCE, K=16)": {},
+    "normalised advantages": {"rl": {"normalize_advantages": True}},
+    "K=64 rollouts": {"rl": {"k": 64}},
+    "exact expected reward": {"rl": {"estimator": "expected"}},
+    "confidence inputs": {"use_confidence": True},
+    "exact expected reward + confidence inputs": {"rl": {"estimator": "expected"}, "use_confidence": True},
+    "plain depth cost": {"rl": {"depth_term": "plain"}},
+    "8 epochs": {"epochs": 8},
+}
+
+
+def variant_settings(overrides: dict) -> dict:
+    return {**BASE, **{k: v for k, v in overrides.items() if k != "rl"}, "rl": {**BASE_RL, **overrides.get("rl", {})}}
+
+
+def variants(study: str, checkpoint: str, alphas, rl_seeds, names) -> None:
+    states, task = split_states(checkpoint)
+    curves = rule_curves(states, task)
+    full_val = curves["validation"]["full"][0]["metric"]
+    report = {}
+    for name in names:
+        started = time.perf_counter()
+        members = train_grid(states, task, variant_settings(VARIANTS[name]), alphas, rl_seeds)
+        rows = matched(members, curves, rl_seeds, "validation")
+        gaps = [(r["saving"], r["policy"][0] - r["entropy"]) for r in rows if r["policy"] and r["entropy"] is not None]
+        report[name] = {"matched_validation": rows, "gaps": gaps, "chosen": chosen_by_alpha(members, full_val, alphas,
+                                                                                             rl_seeds),
+                        "matched_test": matched(members, curves, rl_seeds, "test"),
+                        "seconds": round(time.perf_counter() - started, 1)}
+        print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
+                                "seconds": report[name]["seconds"]}), flush=True)
+        (RESULTS / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"frontier_variants_{study}.md").write_text(variants_markdown(study, report, alphas, rl_seeds))
+    print(variants_markdown(study, report, alphas, rl_seeds))
+
+
+def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
+    lines = [f"# {study}: policy variants on the validation frontier", "",
+             f"One stage-1 checkpoint; alphas {alphas}, RL seeds {rl_seeds}. Gap: the policy frontier's mean "
+             "validation metric over seeds minus entropy's, in points, at each saving ('-': a seed's frontier does "
+             "not reach it). Chosen: per alpha, the tau with the most validation saving within 0.5 points of the "
+             "full model, its test point: mean, and half the range over RL seeds (alphas where every seed reached "
+             "the target).", "",
+             "| variant | " + " | ".join(f"{100 * s:.0f}%" for s in SAVINGS) + " | min gap | chosen (alpha: test acc, saving, ranges) | s |",
+             "|---|" + "---|" * (len(SAVINGS) + 3)]
+    for name, result in report.items():
+        gaps = {s: g for s, g in result["gaps"]}
+        cells = [f"{100 * gaps[s]:+.2f}" if s in gaps else "-" for s in SAVINGS]
+        chosen = []
+        for alpha, rows in result["chosen"].items():
+            if len(rows) == len(rl_seeds):
+                acc, sav = [r["test_metric"] for r in rows], [r["test_saving"] for r in rows]
+                chosen.append(f"{alpha}: {statistics.mean(acc):.4f}, {100 * statistics.mean(sav):.1f}% "
+                              f"(±{100 * (max(acc) - min(acc)) / 2:.2f}, ±{100 * (max(sav) - min(sav)) / 2:.1f})")
+            else:
+                chosen.append(f"{alpha}: {len(rows)} of {len(rl_seeds)} seeds reached the target")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * min(gaps.values(), default=math.nan):+.2f} | "
+                     + "; ".join(chosen) + f" | {result['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=sorted(PRESETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="stage-1 (data) seeds")
+    parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.15])
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "studies"))
+    parser.add_argument("--stage1", help="reuse this stage-1 checkpoint (one seed), e.g. make train's")
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+                        help="sst2: the folder holding GLUE's SST-2/ (default: $GLUE_DIR)")
+    parser.add_argument("--variants", nargs="*", help="compare policy variants on validation (no names: all)")
+    args = parser.parse_args()
+    extra = []
+    if args.study == "sst2" and not args.stage1:
+        if not args.glue_dir or not (Path(args.glue_dir) / "SST-2").is_dir():
+            parser.error(f"sst2 needs GLUE's SST-2 folder: pass --glue-dir DIR (or set GLUE_DIR) with DIR/SST-2/"
+                         f"{{train,dev,test}}.tsv; got {args.glue_dir!r}")
+        extra = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    out = Path(args.out) / args.study
+    checkpoints = {seed: args.stage1 or stage_one(args.study, seed, extra, out) for seed in args.seeds}
+    if args.variants is not None:
+        variants(args.study, next(iter(checkpoints.values())), args.alphas, args.rl_seeds, args.variants or list(VARIANTS))
+        return
+    results = run_study(args.study, checkpoints, variant_settings(STUDY_VARIANT), args.alphas, args.rl_seeds)
+    seconds = time.perf_counter() - started
+    stem = RESULTS / f"frontier_{args.study}"
+    stem.with_suffix(".json").write_text(json.dumps({"alphas": args.alphas, "rl_seeds": args.rl_seeds,
+                                                     "variant": STUDY_VARIANT, "seconds": seconds,
+                                                     "results": _jsonable(results)}, indent=1))
+    markdown = study_markdown(args.study, results, args.alphas, args.rl_seeds, seconds)
+    stem.with_suffix(".md").write_text(markdown)
+    plot(args.study, results, stem.with_suffix(".png"))
+    print(markdown)
+
+
+STUDY_VARIANT: dict = {"rl": {"estimator": "expected"}}  # the shipped policy settings (conf/method/consistentee.yaml)
+
+if __name__ == "__main__":
+    main()

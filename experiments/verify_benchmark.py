@@ -1,0 +1,476 @@
+"""Benchmark: verify mode (early exits draft, the remaining layers check) on SmolLM2-135M, batch 1.
+
+Drafters are the UNTRAINED exits: the model's own final norm and tied LM head on the raw state of
+layer E (`PlainExits`), or that state through the final norm and the LM head's rows for the 4,096
+most frequent tokens of ACLSum's training text (`RestrictedHead`, about half a layer instead of
+eight). Verification always uses the full model, so the output is greedy full depth's.
+
+1. Acceptance, from teacher forcing. Each prompt is generated once at full depth through the
+   project's own code (untimed, in left-padded batches of 8); one teacher-forced pass over prompt + output then gives
+   every exit's greedy token and confidence at every position. `exits.drafting.simulate_rounds`
+   turns those into the exact rounds verify mode makes at any draft length (the tests hold the
+   driver to it), so every (draft layer, draft length, draft head, confidence stop) point gets
+   its acceptance rate, mean accepted length and sequential layer passes per token at no
+   generation cost.
+2. Selection on VALIDATION prompts: the verify-mode point (any head, any confidence stop) and the
+   fixed LayerSkip-style point (full LM head, fixed length) with the fewest layer passes per
+   token; transformers' `generate(assistant_early_exit=E)` at the fastest of a few layers
+   (timed). Never on test.
+3. Measured on TEST prompts, interleaved per prompt, prompt pass excluded on every side (the
+   prompt's K/V are prefilled once and copied; transformers' `generate` gets them through
+   `cache=`): plain greedy `model.generate`, full depth through the project's generate code,
+   verify mode, the fixed point, and `assistant_early_exit` (its assistant does not share the
+   cache, so it re-reads the prompt through its E layers: part of that design). Tokens/s,
+   acceptance, mean accepted length, layer passes per token, and every position where an output
+   differs from full depth, with the full model's top-2 logit gap there.
+4. Where the time goes on this CPU: one layer over 1 and over k tokens, the LM head, the
+   restricted head. And the projection where a pass costs its weight reads (batch 1 on a GPU):
+   full depth's passes per token over verify mode's. A projection, not a measurement.
+
+    python experiments/verify_benchmark.py                          # 100 test prompts (the issue's bar)
+    python experiments/verify_benchmark.py --prompts 8 --timed 4 --select 4   # a quick look
+
+Writes experiments/results/verify/{simulated.csv, measured.csv, agreement.csv, report.md, results.json}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ee_lightning.data.generation import aclsum_dir, encode_item, read_aclsum
+from ee_lightning.exits.drafting import (break_even_acceptance, full_depth_passes, head_cost_in_layers, projected_speedup,
+                                         round_layer_passes, simulate_rounds)
+from ee_lightning.exits.rules import FullRule
+from ee_lightning.files import atomic_write_text
+from ee_lightning.inference.generate import PlainExits, generate_with_exits, prefill
+from ee_lightning.inference.verify import generate_verified
+from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
+from ee_lightning.progress import progress
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "verify"
+TIE_TOLERANCE = 1e-3  # a top-2 logit gap below this is a float tie (logits are O(10))
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def load_prompts(tokenizer, split: str, n: int) -> list[list[int]]:
+    data = OmegaConf.load(ROOT / "conf" / "data" / "aclsum.yaml")
+    items = read_aclsum(aclsum_dir(), split)[:n]
+    return [encode_item(tokenizer, item, data.max_prompt_length, data.max_response_length)[0] for item in items]
+
+
+def draft_vocabulary(tokenizer, size: int) -> torch.Tensor:
+    """The `size` most frequent ids of ACLSum's training prompts and summaries, plus EOS."""
+    texts = [text for item in read_aclsum(aclsum_dir(), "train") for text in (item.prompt, item.reference)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return frequent_tokens(ids, size, always=[tokenizer.eos_token_id])
+
+
+def layer_parameters(decoder) -> int:
+    return sum(p.numel() for p in decoder.layers()[0].parameters())
+
+
+# ----------------------------------------------------------------------------- 1. teacher forcing
+
+
+@torch.no_grad()
+def references(decoder, exits, prompts, new, eos, batch_size) -> list[list[int]]:
+    """Full-depth greedy outputs through the project's code, in left-padded batches (cheaper per
+    token on a CPU; the teacher-forced acceptance only needs the full model's continuation)."""
+    outputs = []
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for chunk in progress(chunks, "full-depth references", unit="batch"):
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        out = generate_with_exits(decoder, exits, FullRule(), ids, mask, new, eos_token_id=eos, pad_token_id=eos)
+        for row, keep in zip(out.new_tokens.tolist(), out.token_mask.tolist()):
+            outputs.append([t for t, k in zip(row, keep) if k])
+    return outputs
+
+
+@torch.no_grad()
+def agreement(decoder, exits, head, prompt, output, layers):
+    """Per draft layer: whether the full-head and the restricted-head drafts equal the full model's
+    token at every output position (teacher-forced on the prompt and the output), and their confidence."""
+    sequence = torch.tensor([prompt + output])
+    states = decoder(sequence[:, :-1], torch.ones_like(sequence[:, :-1]))
+    target, P = torch.tensor(output), len(prompt)
+    facts = {}
+    for layer in layers:
+        h = states[layer - 1][0, P - 1:]
+        logits = exits.logits(layer, h, decoder).float()
+        restricted = head(decoder.final_norm(h)).float()
+        facts[layer] = {
+            "full": ((logits.argmax(-1) == target).tolist(), torch.softmax(logits, -1).max(-1).values.tolist()),
+            "frequent": ((head.ids(restricted.argmax(-1)) == target).tolist(),
+                         torch.softmax(restricted, -1).max(-1).values.tolist()),
+        }
+    return facts
+
+
+def teacher_forced(decoder, exits, head, prompts, args, eos, what):
+    outputs = references(decoder, exits, prompts, args.new, eos, args.batch)
+    return [agreement(decoder, exits, head, p, o, args.layers)
+            for p, o in zip(progress(prompts, f"{what}: teacher forcing", unit="prompt"), outputs)]
+
+
+def simulate(facts_per_prompt, layer, length, head, confidence, L, head_cost, draft_head_cost):
+    drafted = accepted = rounds = tokens = 0
+    passes = 0.0
+    for facts in facts_per_prompt:
+        agree, conf = facts[layer][head]
+        confident = None if confidence is None else [c >= confidence for c in conf]
+        d, a = simulate_rounds(agree, length, confident)
+        drafted, accepted, rounds, tokens = drafted + sum(d), accepted + sum(a), rounds + len(d), tokens + len(agree)
+        passes += sum(round_layer_passes(layer, L, k, head_cost, draft_head_cost if head == "frequent" else head_cost)
+                      for k in d)
+    return {"draft_layer": layer, "draft_length": length, "draft_head": head, "min_confidence": confidence,
+            "acceptance_rate": accepted / max(drafted, 1), "mean_accepted": accepted / max(rounds, 1),
+            "tokens_per_round": tokens / max(rounds, 1), "passes_per_token": passes / max(tokens, 1),
+            "projected_speedup": projected_speedup(full_depth_passes(L, head_cost), passes / max(tokens, 1))}
+
+
+# ----------------------------------------------------------------------------- 3. measured runs
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def first_difference(output: list[int], reference: list[int]) -> int | None:
+    for position, (a, b) in enumerate(zip(output, reference)):
+        if a != b:
+            return position
+    return None if len(output) == len(reference) else min(len(output), len(reference))
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])
+
+
+@torch.no_grad()
+def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, eos):
+    """(new tokens, seconds, verify result or None) of one method on one prompt, prompt pass excluded."""
+    if name == "generate":
+        out, seconds = timed(model.generate, input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache),
+                             max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        return out[0, ids.shape[1]:].tolist(), seconds, None
+    if name == "assistant_early_exit":
+        out, seconds = timed(model.generate, input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache),
+                             max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                             assistant_early_exit=spec["draft_layer"])
+        return out[0, ids.shape[1]:].tolist(), seconds, None
+    if name == "full_depth":
+        out, seconds = timed(generate_with_exits, decoder, exits, FullRule(), ids, mask, new, eos_token_id=eos,
+                             prompt_cache=cache)
+        return out.new_tokens[0].tolist(), seconds, None
+    out, seconds = timed(generate_verified, decoder, exits, ids, mask, new, draft_layer=spec["draft_layer"],
+                         draft_length=spec["draft_length"], eos_token_id=eos,
+                         draft_head=head if spec["draft_head"] == "frequent" else None,
+                         min_confidence=spec["min_confidence"], prompt_cache=cache)
+    return out.new_tokens[0].tolist(), seconds, out
+
+
+# ----------------------------------------------------------------------------- 4. where the time goes
+
+
+@torch.no_grad()
+def cost_profile(decoder, head, prompt, repeats: int = 7) -> dict:
+    """Median ms of: one layer over 1 and over k new tokens (with the prompt cached), the LM head and
+    the restricted head on one state."""
+    ids = torch.tensor([prompt])
+    cache = prefill(decoder, ids, torch.ones_like(ids))
+    out = {}
+    for k in (1, 2, 4, 8):
+        samples = []
+        for _ in range(repeats):
+            c = copy.deepcopy(cache)
+            hidden, ctx = decoder.start(ids[:, -k:], torch.ones(1, ids.shape[1] - 1 + k, dtype=torch.long), c)
+            start = time.perf_counter()
+            for index in range(decoder.num_layers):
+                hidden = decoder.step(index, hidden, ctx)
+            samples.append((time.perf_counter() - start) / decoder.num_layers)
+        out[f"layer_ms_{k}_tokens"] = 1e3 * statistics.median(samples)
+    state = torch.randn(1, decoder.hidden_size)
+    for name, fn in (("lm_head_ms", decoder.lm_head), ("restricted_head_ms", head)):
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(state)
+            samples.append(time.perf_counter() - start)
+        out[name] = 1e3 * statistics.median(samples)
+    return out
+
+
+def agreement_table(facts_per_prompt, layers, lengths, L, head_cost, draft_head_cost) -> list[dict]:
+    """Per draft layer: the exits' teacher-forced agreement with the full model's token, and the
+    per-draft acceptance that rounds with the restricted head would need for 1.0x and 1.1x fewer
+    layer passes per token than full depth (at their best draft length; independent drafts)."""
+    rows = []
+    for layer in layers:
+        row = {"draft_layer": layer}
+        for which in ("full", "frequent"):
+            agree = [a for facts in facts_per_prompt for a in facts[layer][which][0]]
+            row[f"agreement_{which}_head"] = sum(agree) / max(len(agree), 1)
+        for speedup in (1.0, 1.1):
+            needed = [break_even_acceptance(layer, L, k, head_cost, draft_head_cost, speedup) for k in lengths]
+            needed = [n for n in needed if n is not None]
+            row[f"needed_for_{speedup:.1f}x"] = min(needed) if needed else None
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def fmt(value, spec="{:.3f}"):
+    if value is None or value == "":
+        return "-"
+    return spec.format(value) if isinstance(value, float) else str(value)
+
+
+def markdown(args, measured, simulated_best, agreement, profile, selection, L, head_cost, draft_head_cost,
+             vocab_size) -> str:
+    lines = [f"# Verify mode on SmolLM2-135M (batch 1, {args.threads} threads)", "",
+             f"Untrained exits as drafters (final norm + tied LM head at layer E; `frequent`: the head's rows for the "
+             f"{vocab_size} most frequent ACLSum training tokens). {args.new} new tokens, greedy. Points chosen on "
+             f"{args.select} validation prompts. LM head = {head_cost:.2f} layers, restricted head = "
+             f"{draft_head_cost:.2f} layers (parameter ratio). Layer passes per token count each pass over a layer's "
+             f"weights once, however many tokens it carries; full depth = {full_depth_passes(L, head_cost):.2f}.", "",
+             f"## Measured on {args.timed} test prompts (prompt pass excluded; interleaved per prompt)", "",
+             f"`assistant_early_exit` ran on the first {args.assistant_prompts} of them only; its ratio is against "
+             "full depth on those same prompts.", "",
+             "| method | point | tokens/s | vs full depth | acceptance | accepted / round | layer passes / token | "
+             "GPU projection | outputs differing from full depth | of which top-2 gap < 1e-3 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in measured:
+        lines.append("| " + " | ".join([row["method"], row["point"], fmt(row["tokens_per_s"], "{:.2f}"),
+                                         fmt(row["vs_full_depth"], "{:.2f}x"), fmt(row["acceptance_rate"]),
+                                         fmt(row["mean_accepted"], "{:.2f}"), fmt(row["passes_per_token"], "{:.2f}"),
+                                         fmt(row["projected_speedup"], "{:.2f}x"), str(row["differing_prompts"]),
+                                         str(row["differing_ties"])]) + " |")
+    lines += ["", f"## Simulated from teacher forcing on {args.prompts} test prompts (exact for fixed lengths)", "",
+              "Best point per draft layer by layer passes per token (the GPU projection); the whole grid is in "
+              "`simulated.csv`.", "",
+              "| draft layer | length | head | min confidence | acceptance | accepted / round | tokens / round | "
+              "layer passes / token | GPU projection |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in simulated_best:
+        lines.append("| " + " | ".join([str(row["draft_layer"]), str(row["draft_length"]), row["draft_head"],
+                                         fmt(row["min_confidence"], "{}"), fmt(row["acceptance_rate"]),
+                                         fmt(row["mean_accepted"], "{:.2f}"), fmt(row["tokens_per_round"], "{:.2f}"),
+                                         fmt(row["passes_per_token"], "{:.2f}"),
+                                         fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
+    lines += ["", "## What the drafters would need", "",
+              "Teacher-forced agreement of each untrained exit with the full model's token on the test prompts, "
+              "beside the per-draft acceptance that would give 1.0x and 1.1x fewer layer passes per token than full "
+              "depth with the restricted draft head (best draft length, drafts independent; `-`: out of reach).", "",
+              "| draft layer | agreement (full head) | agreement (restricted head) | needed for 1.0x | needed for 1.1x |",
+              "|---|---|---|---|---|"]
+    for row in agreement:
+        lines.append("| " + " | ".join([str(row["draft_layer"]), fmt(row["agreement_full_head"]),
+                                         fmt(row["agreement_frequent_head"]), fmt(row["needed_for_1.0x"]),
+                                         fmt(row["needed_for_1.1x"])]) + " |")
+    lines += ["", "## Where the time goes on this CPU (median ms)", "",
+              "| one layer, 1 token | one layer, 2 tokens | one layer, 4 tokens | one layer, 8 tokens | LM head | "
+              "restricted head |", "|---|---|---|---|---|---|",
+              "| " + " | ".join(f"{profile[k]:.2f}" for k in ("layer_ms_1_tokens", "layer_ms_2_tokens",
+                                                            "layer_ms_4_tokens", "layer_ms_8_tokens", "lm_head_ms",
+                                                            "restricted_head_ms")) + " |", "",
+              "Selection (validation): " + json.dumps(selection), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=100, help="test prompts for the teacher-forced acceptance")
+    parser.add_argument("--timed", type=int, default=20, help="of those, the first N run every method (timed)")
+    parser.add_argument("--select", type=int, default=12, help="validation prompts for choosing the points")
+    parser.add_argument("--new", type=int, default=48)
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16, 20, 22, 24, 25, 26, 27, 28, 29])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    parser.add_argument("--confidences", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--assistant-layers", type=int, nargs="+", default=[20, 26, 28])
+    parser.add_argument("--assistant-prompts", type=int, default=5,
+                        help="of the timed prompts, the first N also run assistant_early_exit (it is slow: "
+                             "its drafts start at 20 tokens per round)")
+    parser.add_argument("--vocab", type=int, default=4096, help="rows of the restricted draft head")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the untimed full-depth references")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    decoder, tokenizer = build_decoder(OmegaConf.load(ROOT / "conf" / "backbone" / "smollm2_135m.yaml"))
+    model, L, eos = decoder.model, decoder.num_layers, tokenizer.eos_token_id
+    exits = PlainExits(L)
+    head = RestrictedHead(model.lm_head, draft_vocabulary(tokenizer, args.vocab))
+    per_layer = layer_parameters(decoder)
+    head_cost = head_cost_in_layers(decoder.vocab_size, decoder.hidden_size, per_layer)
+    draft_head_cost = head_cost_in_layers(head.rows, decoder.hidden_size, per_layer)
+    log(f"SmolLM2: {L} layers; LM head {head_cost:.2f} layers, restricted head ({head.rows} rows) {draft_head_cost:.2f}")
+
+    def grid(facts):
+        rows = []
+        for layer in args.layers:
+            for length in args.lengths:
+                for which in ("full", "frequent"):
+                    for confidence in [None, *args.confidences]:
+                        rows.append(simulate(facts, layer, length, which, confidence, L, head_cost, draft_head_cost))
+        return rows
+
+    # 2. selection on validation prompts
+    val = load_prompts(tokenizer, "validation", args.select)
+    val_facts = teacher_forced(decoder, exits, head, val, args, eos, "validation")
+    val_grid = grid(val_facts)
+    verify_point = min(val_grid, key=lambda r: r["passes_per_token"])
+    fixed_point = min((r for r in val_grid if r["draft_head"] == "full" and r["min_confidence"] is None),
+                      key=lambda r: r["passes_per_token"])
+    log("verify point (validation):", verify_point)
+    log("fixed point (validation):", fixed_point)
+    assistant_times = {}
+    for layer in args.assistant_layers if len(args.assistant_layers) > 1 else []:  # one layer: nothing to choose
+        seconds = tokens = 0
+        for prompt in val[:1]:
+            ids = torch.tensor([prompt])
+            mask = torch.ones_like(ids)
+            cache = prefill(decoder, ids, mask)
+            out, s, _ = run_method("assistant_early_exit", {"draft_layer": layer}, decoder, model, exits, head, ids,
+                                   mask, cache, args.new, eos)
+            seconds, tokens = seconds + s, tokens + len(out)
+        assistant_times[layer] = tokens / seconds
+        log(f"assistant_early_exit={layer}: {tokens / seconds:.2f} tokens/s on 1 validation prompt")
+    assistant_layer = max(assistant_times, key=assistant_times.get) if assistant_times else args.assistant_layers[0]
+    selection = {"verify": {k: verify_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
+                 "fixed": {k: fixed_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
+                 "assistant_early_exit": assistant_layer,
+                 "assistant_tokens_per_s_validation": {str(k): round(v, 3) for k, v in assistant_times.items()}}
+
+    # 1 + 3. test prompts: references and teacher-forced acceptance; timed methods on the first `timed`
+    test = load_prompts(tokenizer, "test", args.prompts)
+    methods = [("generate", "greedy", None), ("full_depth", "ee_lightning", None),
+               ("verify", "E{draft_layer} k{draft_length} {draft_head} head, stop {min_confidence}".format(**verify_point),
+                verify_point),
+               ("fixed_draft", "E{draft_layer} k{draft_length} (LayerSkip-style)".format(**fixed_point), fixed_point),
+               ("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer})]
+    totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0,
+                     "accepted": 0, "rounds": 0, "passes": 0.0, "differing": 0, "ties": 0, "gaps": []}
+              for name, _, _ in methods}
+    test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test")
+    log("test acceptance from teacher forcing: done")
+    warm = torch.tensor([test[0]])
+    generate_with_exits(decoder, exits, FullRule(), warm, torch.ones_like(warm), 2)  # one-off allocations
+    for index, prompt in enumerate(progress(test[:args.timed], "timed test prompts", unit="prompt")):
+        ids = torch.tensor([prompt])
+        mask = torch.ones_like(ids)
+        cache = prefill(decoder, ids, mask)
+        # the reference: full depth at batch 1 through the project's code, with its logits (untimed)
+        full = generate_with_exits(decoder, exits, FullRule(), ids, mask, args.new, eos_token_id=eos,
+                                   output_logits=True, prompt_cache=cache)
+        reference, full_logits = full.new_tokens[0].tolist(), full.logits[0]
+        for name, _, spec in methods:
+            if name == "assistant_early_exit" and index >= args.assistant_prompts:
+                continue
+            output, seconds, result = run_method(name, spec, decoder, model, exits, head, ids, mask, cache, args.new, eos)
+            total = totals[name]
+            total["seconds"] += seconds
+            total["tokens"] += len(output)
+            if index < args.assistant_prompts:  # full depth on the assistant's prompts, for its ratio
+                total["assistant_seconds"] += seconds
+                total["assistant_tokens"] += len(output)
+            if result is not None:
+                total["drafted"] += sum(result.drafted)
+                total["accepted"] += sum(result.accepted)
+                total["rounds"] += result.rounds
+                total["passes"] += result.layer_passes(head_cost, draft_head_cost if spec["draft_head"] == "frequent"
+                                                       else None)
+            position = first_difference(output, reference)
+            if position is not None:
+                total["differing"] += 1
+                gap = top2_gap(full_logits[position]) if position < full_logits.shape[0] else None
+                total["gaps"].append(gap)
+                total["ties"] += int(gap is not None and gap < TIE_TOLERANCE)
+        log(f"prompt {index + 1}/{args.timed}: " + ", ".join(
+            f"{name} {totals[name]['tokens'] / totals[name]['seconds']:.2f} tok/s" for name, _, _ in methods
+            if totals[name]["seconds"]))
+
+    full_speed = totals["full_depth"]["tokens"] / totals["full_depth"]["seconds"]
+    full_speed_assistant = totals["full_depth"]["assistant_tokens"] / max(totals["full_depth"]["assistant_seconds"], 1e-9)
+    measured = []
+    for name, point, spec in methods:
+        total = totals[name]
+        speed = total["tokens"] / total["seconds"]
+        is_verify = name in ("verify", "fixed_draft")
+        passes = (total["passes"] / total["tokens"] if is_verify else
+                  full_depth_passes(L, head_cost) if name in ("generate", "full_depth") else None)
+        measured.append({
+            "method": name, "point": point, "tokens": total["tokens"],
+            "prompts": min(args.timed, len(test), args.assistant_prompts if name == "assistant_early_exit" else args.timed),
+            "seconds": round(total["seconds"], 2), "tokens_per_s": speed,
+            "vs_full_depth": speed / (full_speed_assistant if name == "assistant_early_exit" else full_speed),
+            "acceptance_rate": total["accepted"] / max(total["drafted"], 1) if is_verify else None,
+            "mean_accepted": total["accepted"] / max(total["rounds"], 1) if is_verify else None,
+            "passes_per_token": passes,
+            "projected_speedup": projected_speedup(full_depth_passes(L, head_cost), passes) if passes else None,
+            "differing_prompts": total["differing"], "differing_ties": total["ties"],
+            "differing_gaps": [round(g, 5) if g is not None else None for g in total["gaps"]],
+        })
+    test_grid = grid(test_facts)
+    best_per_layer = [min((r for r in test_grid if r["draft_layer"] == layer), key=lambda r: r["passes_per_token"])
+                      for layer in args.layers]
+    for name in ("verify", "fixed_draft"):
+        spec = next(s for n, _, s in methods if n == name)
+        log(f"{name} on all {len(test)} test prompts (simulated):",
+            simulate(test_facts, spec["draft_layer"], spec["draft_length"], spec["draft_head"], spec["min_confidence"],
+                     L, head_cost, draft_head_cost))
+    profile = cost_profile(decoder, head, test[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "simulated.csv", test_grid)
+    write_csv(args.out / "measured.csv", [{k: v for k, v in row.items() if k != "differing_gaps"} for row in measured])
+    agreement = agreement_table(test_facts, args.layers, args.lengths, L, head_cost, draft_head_cost)
+    write_csv(args.out / "agreement.csv", agreement)
+    report = markdown(args, measured, best_per_layer, agreement, profile, selection, L, head_cost, draft_head_cost,
+                      head.rows)
+    atomic_write_text(args.out / "report.md", report)
+    atomic_write_text(args.out / "results.json", json.dumps({
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "head_cost_layers": head_cost, "draft_head_cost_layers": draft_head_cost, "selection": selection,
+        "measured": measured, "simulated_test_on_chosen": {
+            name: simulate(test_facts, s["draft_layer"], s["draft_length"], s["draft_head"], s["min_confidence"], L,
+                           head_cost, draft_head_cost) for name, _, s in methods if name in ("verify", "fixed_draft")},
+        "simulated_best_per_layer": best_per_layer, "agreement": agreement, "cost_profile_ms": profile,
+        "wall_seconds": round(time.time() - started, 1)}, indent=2))
+    log(report)
+    log(f"wrote {args.out} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

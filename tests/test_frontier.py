@@ -1,0 +1,175 @@
+"""Operating points chosen on validation, the interpolation every comparison at matched saving uses,
+and the policy's frontier over seeds: hand-computed numbers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ee_lightning.evaluation.frontier import (best_within, choose_points, frontier, seed_settings, target_text,
+                                              value_at_saving)
+from ee_lightning.evaluation.generation_eval import comparison_rows
+
+CURVE = [{"layer_saving": 0.0, "metric": 0.90}, {"layer_saving": 0.5, "metric": 0.80},
+         {"layer_saving": 0.25, "metric": 0.88}]
+
+
+def test_value_at_saving_interpolates_between_the_two_nearest_points():
+    assert value_at_saving(CURVE, 0.125) == pytest.approx(0.89)
+    assert value_at_saving(CURVE, 0.375) == pytest.approx(0.84)
+
+
+def test_value_at_saving_at_the_ends_is_the_end_point_and_beyond_them_none():
+    assert value_at_saving(CURVE, 0.0) == pytest.approx(0.90)
+    assert value_at_saving(CURVE, 0.5) == pytest.approx(0.80)
+    assert value_at_saving(CURVE, 0.5 + 1e-12) == pytest.approx(0.80)  # float noise is the same saving
+    assert value_at_saving(CURVE, 0.51) is None  # no knob reaches it: the rule gets no credit
+    assert value_at_saving(CURVE, -0.01) is None
+    assert value_at_saving([], 0.1) is None
+    assert value_at_saving([{"layer_saving": 0.3, "metric": 0.7}], 0.3) == pytest.approx(0.7)
+
+
+def test_value_at_saving_takes_the_best_of_points_at_one_saving():
+    curve = [{"layer_saving": 0.2, "metric": 0.7}, {"layer_saving": 0.2, "metric": 0.8},
+             {"layer_saving": 0.4, "metric": 0.6}]
+    assert value_at_saving(curve, 0.2) == pytest.approx(0.8)
+    assert value_at_saving(curve, 0.3) == pytest.approx(0.7)  # halfway from 0.8 to 0.6
+    assert value_at_saving(curve, 0.3, key="metric") == pytest.approx(0.7)
+
+
+def test_generation_comparison_uses_the_same_interpolation():
+    """The decoder report's rules at the policy's saving: interpolated, '-' (None) beyond their knobs."""
+    points = [{"rule": "policy", "value": 0.5, "layer_saving": 0.3, "metric": 0.5, "rougeL_vs_full": 0.6,
+               "avg_exit_layer": 7.0, "speedup_vs_full": 1.1},
+              {"rule": "saturation", "value": 0.9, "layer_saving": 0.2, "metric": 0.4, "rougeL_vs_full": 0.5},
+              {"rule": "saturation", "value": 0.8, "layer_saving": 0.4, "metric": 0.2, "rougeL_vs_full": 0.3},
+              {"rule": "static", "value": 9, "layer_saving": 0.1, "metric": 0.3, "rougeL_vs_full": 0.3}]
+    row = comparison_rows(points)[0]
+    assert row["saturation_rougeL"] == pytest.approx(0.3) and row["saturation_rougeL_vs_full"] == pytest.approx(0.4)
+    assert row["static_rougeL"] is None and row["classifier_rougeL"] is None
+
+
+def test_best_within_takes_the_most_saving_inside_the_tolerance():
+    points = [{"metric": 0.834, "layer_saving": 0.3}, {"metric": 0.830, "layer_saving": 0.5},
+              {"metric": 0.828, "layer_saving": 0.6}, {"metric": 0.829, "layer_saving": 0.55}]
+    assert best_within(points, 0.834, 0.005)["layer_saving"] == 0.55  # 0.829 is within 0.5 points; 0.828 is not
+    assert best_within(points, 0.834, 0.0)["layer_saving"] == 0.3
+    assert best_within(points, 0.9, 0.005) is None
+
+
+def test_choose_points_picks_on_one_split_and_reports_the_other():
+    val = [{"rule": "entropy", "knob": "threshold", "value": "0.1", "metric": 0.85, "layer_saving": 0.2},
+           {"rule": "entropy", "knob": "threshold", "value": "0.3", "metric": 0.846, "layer_saving": 0.4},
+           {"rule": "entropy", "knob": "threshold", "value": "0.5", "metric": 0.80, "layer_saving": 0.6},
+           {"rule": "full", "knob": "", "value": "", "metric": 0.85, "layer_saving": 0.0}]
+    test = [{**p, "metric": p["metric"] - 0.01, "layer_saving": p["layer_saving"] + 0.01, "avg_exit_layer": 1.0,
+             "speedup": 1.0} for p in val]
+    test[2]["metric"] = 0.9  # the best test point must not be what is chosen
+    rows = choose_points(val, test, full_metric=0.85, tolerance=0.005)
+    assert [r["rule"] for r in rows] == ["entropy"]
+    row = rows[0]
+    assert row["value"] == "0.3" and row["metric"] == pytest.approx(0.836) and row["layer_saving"] == pytest.approx(0.41)
+    assert row["chosen_on"] == "validation" and row["chosen_metric"] == 0.846 and row["target"] == target_text(0.005)
+    assert "0.5 points" in row["target"]
+
+
+def _member(alpha, tau, seed, val, test):
+    return {"setting": (alpha, tau), "seed": seed, "validation": {"metric": val[0], "layer_saving": val[1]},
+            "test": {"metric": test[0], "layer_saving": test[1]}}
+
+
+def test_seed_settings_give_mean_and_sample_sd_over_seeds():
+    members = [_member(0.1, 0.5, 0, (0.80, 0.40), (0.81, 0.50)), _member(0.1, 0.5, 1, (0.82, 0.44), (0.83, 0.54))]
+    (row,) = seed_settings(members)
+    assert row["setting"] == (0.1, 0.5) and row["seeds"] == [0, 1]
+    assert row["test"]["metric"] == pytest.approx(0.82) and row["test"]["layer_saving"] == pytest.approx(0.52)
+    assert row["test"]["metric_sd"] == pytest.approx(0.02 / 2 ** 0.5)
+    assert row["validation"]["layer_saving_sd"] == pytest.approx(0.04 / 2 ** 0.5)
+
+
+def test_frontier_is_chosen_on_validation_not_on_test():
+    members = [_member(0.1, 0.5, 0, (0.85, 0.30), (0.80, 0.30)),   # on the validation frontier
+               _member(0.1, 0.3, 0, (0.80, 0.20), (0.95, 0.40)),   # dominated on validation, best on test
+               _member(0.2, 0.5, 0, (0.78, 0.60), (0.75, 0.60)),
+               _member(0.2, 0.3, 0, (0.78, 0.60), (0.70, 0.60))]  # ties (0.2, 0.5) on validation
+    kept = frontier(seed_settings(members))
+    assert [r["setting"] for r in kept] == [(0.1, 0.5), (0.2, 0.5)]  # ordered by saving, one of a tie
+
+
+def test_policy_grid_trains_replays_and_chooses_on_validation():
+    """Tiny cached outputs: the grid trains a policy per (alpha, seed); its tau is chosen on validation, so
+    another test split (here: other rows) moves the test point but not the chosen tau."""
+    from ee_lightning.exits.hardness import memorized_layer
+    from ee_lightning.inference.layer_cache import CachedLayerDataset
+    from ee_lightning.modeling.exit_policy import ExitPolicy
+    from ee_lightning.tasks import TaskSpec
+    from ee_lightning.training.policy_grid import grid_members, policy_frontier
+
+    torch.manual_seed(0)
+    task = TaskSpec("toy")
+
+    def states(n):
+        labels = torch.randint(0, 2, (n,))
+        logits = torch.randn(3, n, 2) + torch.stack([torch.nn.functional.one_hot(labels, 2).float() * s
+                                                     for s in (0.5, 1.5, 3.0)])
+        return {"pooled": torch.randn(3, n, 8) + logits[..., :1], "logits": logits, "labels": labels,
+                "idx": torch.arange(n), "lengths": torch.full((n,), 5)}
+
+    train, val, test = states(128), states(64), states(64)
+    correct = train["logits"].argmax(-1) == train["labels"]
+    dataset = CachedLayerDataset(train, memorized_layer(correct))
+    template = ExitPolicy(3, 8, 2, hidden=4)
+    rl = {"k": 4, "alpha": 0.1, "task_term": "correct", "depth_term": "hardness", "sampler": "bernoulli",
+          "eps_start": 0.3, "eps_end": 0.0, "eps_decay_steps": 200, "normalize_advantages": False,
+          "entropy_bonus": 0.0, "estimator": "reinforce"}
+    taus = [0.9, 0.5, 0.1]
+    members = grid_members(template, dataset, {"validation": val, "test": test}, task, rl, alphas=[0.05, 0.2],
+                           seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
+    assert len(members) == 2 * 2 * 3 and {m["setting"] for m in members} == {(a, t) for a in (0.05, 0.2) for t in taus}
+    again = grid_members(template, dataset, {"validation": val, "test": test}, task, rl, alphas=[0.05, 0.2],
+                         seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
+    assert again == members  # a seed fixes the policy
+    result = policy_frontier(members)
+    assert result["frontier"] and all(row["seeds"] == [0, 1] for row in result["settings"])
+
+    shuffled = {**test, "labels": test["labels"][torch.randperm(64)]}
+    moved = [m for m in grid_members(template, dataset, {"validation": val, "test": shuffled}, task, rl,
+                                     alphas=[0.05, 0.2], seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32,
+                                     tolerance=0.5)]
+    assert [m["validation"] for m in moved] == [m["validation"] for m in members]
+    assert [m["test"] for m in moved] != [m["test"] for m in members]
+
+
+@pytest.mark.slow
+def test_the_runs_operating_points_are_chosen_on_validation(tmp_path):
+    """Another test split (the same rows with their labels flipped) moves every test number of a run, but not
+    one chosen knob: the policy's tau, each rule's threshold and the frontier's settings come from validation."""
+    import json
+
+    from ee_lightning.app.train import train
+    from tests.conftest import compose_train, write_sentiment_files
+    from tests.test_consistentee import TINY_RUN
+
+    overrides = [*TINY_RUN, "method.frontier.alphas=[0.05,0.3]", "method.frontier.seeds=2"]
+    runs = []
+    for name, flip in (("same", False), ("flipped", True)):
+        folder = write_sentiment_files(tmp_path / name / "SST-2")
+        if flip:
+            lines = (folder / "test.tsv").read_text().splitlines()
+            flipped = [lines[0]] + [f"{text}\t{1 - int(label)}" for text, label in (row.split("\t") for row in lines[1:])]
+            (folder / "test.tsv").write_text("\n".join(flipped) + "\n")
+        data = ["data=glue", "data.task=sst2", f"data.data_dir={folder}"]
+        init = [f"init_from={runs[0][1]}"] if runs else []
+        results = train(compose_train([*overrides, *data, *init], tmp_path / name / "run"))
+        stage_one = json.loads((tmp_path / name / "run" / "stages.json").read_text()).get("finetune", {}).get("checkpoint")
+        runs.append((results, stage_one or runs[0][1]))
+    (same, _), (flipped, _) = runs
+    assert flipped.layer_metrics != same.layer_metrics  # the test split did change
+    policy = same.methods["consistentee"]
+    assert policy.chosen_on == "validation" and "0.5 points" in policy.target
+    assert flipped.methods["consistentee"].tau == policy.tau
+    assert flipped.methods["consistentee"].chosen_point == policy.chosen_point
+    assert [(r["rule"], r["value"]) for r in flipped.chosen_points] == [(r["rule"], r["value"]) for r in same.chosen_points]
+    assert same.chosen_points and all(r["chosen_on"] == "validation" for r in same.chosen_points)
+    frontier = [(r["setting"], r["validation"]) for r in same.policy_frontier["frontier"]]
+    assert frontier == [(r["setting"], r["validation"]) for r in flipped.policy_frontier["frontier"]]
+    assert same.policy_frontier["seeds"] == [42, 43]
