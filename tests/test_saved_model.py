@@ -83,7 +83,7 @@ def encoder_run(tmp_path_factory):
 
 
 def run_reference(run: Path) -> dict:
-    """What the run's own evaluation gave on its test split, row by row: the policy at its tau replayed on
+    """What the run's own evaluation gave on its test split, row by row: the policy at the tau it chose (and at the config's tau) replayed on
     the policy stage's last checkpoint (what the run tested), beside the run's results.json."""
     from ee_lightning.app.evaluate_checkpoint import load_checkpoint_model
     from ee_lightning.data import build_datamodule
@@ -94,13 +94,20 @@ def run_reference(run: Path) -> dict:
     datamodule = build_datamodule(OmegaConf.create(spec["data"]), tokenizer)
     datamodule.setup()
     cache = collect_signals(model, datamodule.dataloader("test"), task.is_regression)
-    exits = policy_exits(cache["exit_prob"], spec["tau"])
-    predicted = at_exit(cache["prediction"].unsqueeze(-1), exits).squeeze(-1)
+    # The run tests its policy at the tau it chose on validation, which the model folder carries.
+    tau = json.loads((run / "model" / "config.json").read_text())["tau"]
+    results = json.loads((run / "results.json").read_text())
+    (chosen,) = [p for p in results["chosen_points"] if p["rule"] == "policy"]
+    assert float(chosen["value"]) == pytest.approx(tau)
     order = torch.argsort(cache["idx"])
+    at_tau = {}
+    for knob in (tau, spec["tau"]):  # the chosen tau, and the config's (where rows leave at different layers)
+        exits = policy_exits(cache["exit_prob"], knob)
+        predicted = at_exit(cache["prediction"].unsqueeze(-1), exits).squeeze(-1)
+        at_tau[knob] = {"predictions": predicted[order].long().tolist(), "exit_layers": exits[order].tolist()}
     test = datamodule.dataset("test")
-    return {"texts": list(test.texts), "labels": test.labels.tolist(),
-            "predictions": predicted[order].long().tolist(), "exit_layers": exits[order].tolist(),
-            "results": json.loads((run / "results.json").read_text()), "label_names": list(task.label_names)}
+    return {"texts": list(test.texts), "labels": test.labels.tolist(), "at_tau": at_tau, "config_tau": spec["tau"],
+            "results": results, "label_names": list(task.label_names), "tau": tau}
 
 
 def write_prompt_files(folder: Path) -> dict[str, Path]:
@@ -156,15 +163,21 @@ import json, ee_lightning
 model = ee_lightning.load({str(folder)!r})
 texts = {reference["texts"]!r}
 policy = model.predict(texts, batch_size=5)
+other = model.predict(texts, rule="policy", knob={reference["config_tau"]!r}, batch_size=5)
 full = model.predict(texts, rule="full")
 print(json.dumps({{"policy": policy.labels, "exits": policy.exit_layers.tolist(), "full": full.labels,
+                  "other": other.labels, "other_exits": other.exit_layers.tolist(),
                   "full_exits": full.exit_layers.tolist(), "sums": policy.scores.sum(-1).tolist()}}))
 """, tmp_path)
     got = last_json_line(out)
     names = reference["label_names"]
-    assert len(set(reference["exit_layers"])) > 1  # rows leave at different layers: the comparison can tell
-    assert [names.index(label) for label in got["policy"]] == reference["predictions"]
-    assert got["exits"] == reference["exit_layers"]
+    chosen, other = reference["at_tau"][reference["tau"]], reference["at_tau"][reference["config_tau"]]
+    assert len(set(other["exit_layers"])) > 1  # rows leave at different layers: the comparison can tell
+    assert [names.index(label) for label in got["other"]] == other["predictions"]
+    assert got["other_exits"] == other["exit_layers"]
+    # by default, the policy at the tau the run chose on validation
+    assert [names.index(label) for label in got["policy"]] == chosen["predictions"]
+    assert got["exits"] == chosen["exit_layers"]
     assert set(got["full_exits"]) == {4} and got["sums"] == pytest.approx([1.0] * len(got["sums"]))
     # the run's own numbers, from the loaded model's answers
     results, labels = reference["results"], reference["labels"]
@@ -405,7 +418,7 @@ def test_ee_eval_reports_an_encoder_folder_as_its_run_did(encoder_run, tmp_path)
     report = evaluate(compose_train([f"model_dir={folder}", "report.latency.enabled=false"], out, "eval"))
     results = reference["results"]
     (full,) = [p for p in report["points"] if p["rule"] == "full"]
-    (policy,) = [p for p in report["points"] if p["rule"] == "policy" and p["value"] == "0.5"]  # the report keeps knobs as written
+    (policy,) = [p for p in report["points"] if p["rule"] == "policy" and float(p["value"]) == pytest.approx(reference["tau"])]
     assert full["metric"] == pytest.approx(results["full"])
     assert policy["metric"] == pytest.approx(results["methods"]["consistentee"]["metric"])
     assert policy["avg_exit_layer"] == pytest.approx(results["methods"]["consistentee"]["avg_exit_layer"])
