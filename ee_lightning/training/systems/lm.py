@@ -76,11 +76,15 @@ class ExitAdapterSystem(L.LightningModule):
     def on_validation_start(self):
         self._decoder.model.to(self.device)
 
-    def exit_logits(self, states: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    def exit_logits(self, states: torch.Tensor, layers: list[int],
+                    vocabulary: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """[B, V] logits of each exit in `layers` from the states of every exit [B, E, H] (only the
+        `vocabulary`'s tokens, where one is given)."""
         decoder = self._decoder.model
         dtype = next(decoder.parameters()).dtype
         index = {layer: e for e, layer in enumerate(self.exits.exit_layers)}
-        return [self.exits.logits(layer, states[:, index[layer]].to(dtype), decoder).float() for layer in layers]
+        return [self.exits.logits(layer, states[:, index[layer]].to(dtype), decoder, vocabulary).float()
+                for layer in layers]
 
     def training_step(self, batch, batch_idx):
         ce = torch.stack([F.cross_entropy(logits, batch["targets"])
