@@ -100,7 +100,8 @@ class Stages:
         seed_stage(self.seed, stage)  # the same stream whether or not earlier stages ran in this process
         # a finished stage fitted again (its artefact went stale) starts over rather than from its end
         resume = None if ledger.done(stage) else interrupted_checkpoint(self.run_dir, stage)
-        trainer.fit(system, ckpt_path=resume, **fit_kwargs)
+        # weights_only: a stage checkpoint holds tensors and plain containers only (see read_checkpoint)
+        trainer.fit(system, ckpt_path=resume, weights_only=True, **fit_kwargs)
         checkpoint = best_or_last(trainer)
         ledger.mark(stage, checkpoint, seconds=round(time.perf_counter() - started, 1))
         finish_loggers(trainer)
