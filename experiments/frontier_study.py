@@ -38,15 +38,9 @@ from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_state
 from ee_lightning.modeling.exit_policy import ExitPolicy
 from ee_lightning.training.policy_grid import grid_members
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
-PRESETS = {
-    "rotten_tomatoes": {"data": ["data=rotten_tomatoes"], "finetune": ["method.finetune.epochs=2"]},
-    "sst2": {"data": ["data=glue", "data.task=sst2", "data.max_train_samples=8000", "data.max_eval_samples=1000"],
-             "finetune": []},
-    "bbc_news": {"data": ["data=bbc_news"], "finetune": ["method.finetune.epochs=3", "method.finetune.lr=1e-4"]},
-}
-QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
+# The data presets (and where results go) are the reward study's: the two studies compare on the same runs.
+from reward_study import PRESETS, QUIET, RESULTS, ROOT  # noqa: E402  (a sibling script on sys.path)
+
 COMPARED = ("entropy", "patience", "maxprob", "pcee", "static")
 SAVINGS = [round(0.2 + 0.05 * i, 2) for i in range(10)]  # 20% .. 65%
 TOLERANCE = 0.005  # operating points: the most validation saving within 0.5 points of the full model's
