@@ -11,17 +11,12 @@ import torch
 
 
 @runtime_checkable
-class CountsExits(Protocol):
-    """A stage whose evaluation counts the policy's exits (the encoder policy and joint stages, the
-    decoders' generation); `callbacks.ExitHistogram` logs the counts at the evaluation's end."""
-
-    evaluates_policy: bool  # False: this stage counts nothing (stage 1)
-    exit_buckets: bool  # counts are [3 memorized-layer buckets, E]; False: one row [E]
-    exit_counts: dict[str, torch.Tensor]  # split -> counts of the current evaluation, this process's rows
+class HasExits(Protocol):
+    """A stage over a model's exits: the histograms' bins."""
 
     @property
     def num_exits(self) -> int:
-        """E, the histogram's bins: one per exit (1-based in what is written)."""
+        """E: one bin per exit (1-based in what is written)."""
 
     @property
     def exit_layers(self) -> list[int]:
@@ -29,20 +24,22 @@ class CountsExits(Protocol):
 
 
 @runtime_checkable
-class TrainsPolicy(Protocol):
+class CountsExits(HasExits, Protocol):
+    """A stage whose evaluation counts the policy's exits (the encoder policy and joint stages, the
+    decoders' generation); `callbacks.ExitHistogram` logs the counts at the evaluation's end."""
+
+    evaluates_policy: bool  # False: this stage counts nothing (stage 1)
+    exit_buckets: bool  # counts are [3 memorized-layer buckets, E]; False: one row [E]
+    exit_counts: dict[str, torch.Tensor]  # split -> counts of the current evaluation, this process's rows
+
+
+@runtime_checkable
+class TrainsPolicy(HasExits, Protocol):
     """A stage that trains an exit policy with REINFORCE: its last step, read by `RewardCurve`,
     `ExitHistogram` (the sampled exits, split train) and `NumericalGuard` (the rewards)."""
 
     last_policy_step: object  # exits.rl's step (detached), None before the first
     last_policy_memorized: torch.Tensor | None  # the step's rows' memorized layers (exits), 1-based
-
-    @property
-    def num_exits(self) -> int:
-        """E, the sampled exits' bins."""
-
-    @property
-    def exit_layers(self) -> list[int]:
-        """The layer of each exit, 1-based."""
 
 
 @runtime_checkable
