@@ -299,13 +299,18 @@ def test_expected_estimator_is_the_exact_expected_reward_and_reinforce_estimates
         rl.reinforce_objective(logits, k=2, estimator="exactly", **settings)
 
 
-def test_later_agreement_is_the_mean_over_the_valid_positions_after_each_one():
+def test_later_agreement_is_the_discounted_sum_over_the_valid_positions_after_each_one():
     from ee_lightning.exits.rl import later_agreement
 
-    correct = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]])
+    correct = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
-    expected = torch.tensor([[2 / 3, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    torch.testing.assert_close(later_agreement(correct, mask), expected)
+    # row 0: t3 nothing after; t2 = c3 = 1; t1 = c2 + 0.5 * 1 = 1.5; t0 = c1 + 0.5 * 1.5 = 0.75
+    # row 1 (t3 is padding): t2 = 0; t1 = c2 = 1; t0 = c1 + 0.5 * 1 = 1.5
+    expected = torch.tensor([[0.75, 1.5, 1.0, 0.0], [1.5, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(later_agreement(correct, mask, gamma=0.5), expected)
+    torch.testing.assert_close(later_agreement(correct, mask, gamma=1.0)[0], torch.tensor([2.0, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="gamma"):
+        later_agreement(correct, mask, gamma=1.5)
 
 
 def test_sequence_objective_adds_the_later_agreement_and_baselines_over_rollouts():
@@ -318,7 +323,7 @@ def test_sequence_objective_adds_the_later_agreement_and_baselines_over_rollouts
     log_probs = torch.tensor([[[-1.0, -2.0, -5.0]], [[-3.0, -4.0, -5.0]]], requires_grad=True)
     probs = torch.tensor([[[[0.4, 0.3, 0.2]], [[0.6, 0.3, 0.2]]], [[[float("nan")] * 3], [[float("nan")] * 3]]])
     step = sequence_objective(log_probs, exits, correct, None, mask, probs, num_exits=2, alpha=0.5,
-                              later_weight=1.0, depth_term="plain")
+                              later_weight=1.0, gamma=1.0, depth_term="plain")
     # returns: rollout 0: t0 = 0 - 0.5 + 1 (t1 agrees) = 0.5, t1 = 1 - 1 + 0 = 0; rollout 1: t0 = 1 - 1 + 1 = 1, t1 = 0
     torch.testing.assert_close(step.parts.reward, torch.tensor([[0.5, 0.0], [1.0, 0.0]]))
     torch.testing.assert_close(step.advantages, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]))

@@ -278,6 +278,7 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(propagated, "batch_size", q, low=1, integer=True, why="responses per step")
     check.number(propagated, "k", q, low=2, integer=True, why="each position's baseline is the mean over the other rollouts")
     check.number(propagated, "later_weight", q, low=0.0)
+    check.number(propagated, "gamma", q, low=0.0, high=1.0, why="the discount of later tokens' agreement")
     check_lora(_value(node, "lora"), check, f"{p}lora.")
 
 

@@ -160,6 +160,7 @@ class PropagatedPolicyStage:
     batch_size: int = MISSING
     k: int = MISSING
     later_weight: float = MISSING
+    gamma: float = MISSING
 
 
 @dataclass

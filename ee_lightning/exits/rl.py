@@ -285,24 +285,28 @@ def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, corre
 # --------------------------------------------------------------------------- rollouts of whole sequences
 
 
-def later_agreement(correct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[..., T] 0/1 agreement per position and [..., T] validity -> [..., T] the mean agreement of the
-    valid positions after each one in its sequence (0 where none follows)."""
-    hits = (correct.float() * mask).flip(-1).cumsum(-1).flip(-1) - correct.float() * mask
-    count = mask.float().flip(-1).cumsum(-1).flip(-1) - mask.float()
-    return torch.where(count > 0, hits / count.clamp(min=1), torch.zeros_like(hits))
+def later_agreement(correct: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """[..., T] 0/1 agreement per position and [..., T] validity -> [..., T] the discounted sum of the
+    agreement of the valid positions after each one, sum_{s>t} gamma^(s-t-1) correct_s (0 at the end)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    hits = correct.float() * mask
+    out = torch.zeros_like(hits)
+    for t in range(hits.shape[-1] - 2, -1, -1):
+        out[..., t] = hits[..., t + 1] + gamma * out[..., t + 1]
+    return out
 
 
 def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: torch.Tensor,
                        memorized: torch.Tensor | None, mask: torch.Tensor, probs: torch.Tensor, *, num_exits: int,
-                       alpha: float, later_weight: float = 1.0, depth_term: str = "hardness",
+                       alpha: float, later_weight: float = 0.5, gamma: float = 0.9, depth_term: str = "hardness",
                        normalize_advantages: bool = False) -> PolicyStep:
     """REINFORCE over K rollouts of whole sequences [K, B, T] in which each position's exit changed what
     the later positions saw (`inference.propagated`).
 
     Each position's decisions earn its own reward, correct_t - alpha * t * factor (as `rewards`), plus
-    `later_weight` times the agreement of the positions after it in its rollout: an exit that spoils
-    the later tokens pays for it. Baseline: the mean return over the K rollouts of the same position.
+    `later_weight` times the discounted agreement of the positions after it in its rollout
+    (`later_agreement`): an exit whose propagated K/V spoil the later tokens pays for each of them. Baseline: the mean return over the K rollouts of the same position.
     log_probs [K, B, T] (differentiable), exits [K, B, T] (1..E), correct [K, B, T], memorized [B, T],
     mask [B, T], probs [E, K, B, T] (nan where not reached, for the statistics). The returned step's
     tables are over the valid positions ([K, N], [E, N]).
@@ -315,7 +319,7 @@ def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: to
     valid = mask.bool()
     task = correct.float()
     cost = depth_cost(exits, memorized, num_exits, alpha, depth_term)
-    returns = task - cost + later_weight * later_agreement(correct, valid.unsqueeze(0).expand_as(correct))
+    returns = task - cost + later_weight * later_agreement(correct, valid.unsqueeze(0).expand_as(correct), gamma)
     adv = advantages(returns[:, valid], normalize=normalize_advantages)
     loss = -(adv.detach() * log_probs[:, valid]).mean()
     parts = RewardParts(reward=returns[:, valid], task=task[:, valid], depth_cost=cost[:, valid])

@@ -291,6 +291,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
         if propagated.epochs > 0:
             system = PropagatedPolicySystem(policy, exits, decoder, k=propagated.k, alpha=policy_cfg.alpha,
                                             depth_term=policy_cfg.depth_term, later_weight=propagated.later_weight,
+                                            gamma=propagated.gamma,
                                             normalize_advantages=policy_cfg.normalize_advantages,
                                             lr=propagated.lr, seed=stages.seed)
             rollouts = ResponseRollouts(datamodule.dataset("train"), cache, memorized)

@@ -197,15 +197,16 @@ class RolloutCollate:
 class PropagatedPolicySystem(L.LightningModule):
     """Stage 2b: the token policy fine-tuned on K rollouts per training response under propagated K/V
     (`inference.propagated`): each position's reward is stage 2's (its exit's token against the full
-    model's, less alpha * t * (1 - m/E)) plus `later_weight` times the agreement of the later tokens of
-    its rollout (`rl.sequence_objective`), so an exit that spoils what later tokens see pays for it.
+    model's, less alpha * t * (1 - m/E)) plus `later_weight` times the discounted agreement of the later
+    tokens of its rollout (`rl.sequence_objective`), so an exit that spoils what later tokens see pays for it.
     Starts from stage 2's policy; the decoder and the exits stay frozen, outside the module tree."""
 
     last_policy_step = None
     last_policy_memorized = None
 
     def __init__(self, policy: TokenExitPolicy, exits: LMExitHeads, decoder, k: int = 4, alpha: float = 0.1,
-                 depth_term: str = "hardness", later_weight: float = 1.0, normalize_advantages: bool = False,
+                 depth_term: str = "hardness", later_weight: float = 0.5, gamma: float = 0.9,
+                 normalize_advantages: bool = False,
                  lr: float = 3e-4, seed: int = 0):
         super().__init__()
         self.policy = policy
@@ -241,7 +242,7 @@ class PropagatedPolicySystem(L.LightningModule):
         probs = roll.probs.view(self.num_exits, rows, k, steps).transpose(1, 2)
         step = sequence_objective(per_rollout(roll.log_prob), per_rollout(roll.exit_index), correct,
                                   batch["memorized"], batch["response_mask"], probs, num_exits=self.num_exits,
-                                  alpha=h.alpha, later_weight=h.later_weight, depth_term=h.depth_term,
+                                  alpha=h.alpha, later_weight=h.later_weight, gamma=h.gamma, depth_term=h.depth_term,
                                   normalize_advantages=h.normalize_advantages)
         size = int(batch["response_mask"].sum())
         self.log_dict({f"policy/{name}": value for name, value in step_statistics(step).items()}, batch_size=size,
