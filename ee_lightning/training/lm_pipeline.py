@@ -219,7 +219,8 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary,
     each a stage of `stages` (a finished one is read back, an interrupted one resumes).
 
-    `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
+    `decoder` is a layer-wise decoder (`modeling.backbones.decoders`): `decoder(input_ids, attention_mask)`
+    gives the L layer states, and its step interface replays the policy under propagated K/V;
     `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the typed `method.lm_exits`
     (`app.validate.lm_exits_config` types and checks a plain node); `identity` (e.g. the model name)
     goes into the caches' keys, so another model rebuilds them. With `cfg.lora.enabled` the backbone
