@@ -98,6 +98,17 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert propagated["tokens"] > 0 and 0.0 <= propagated["policy_agreement_with_full"] <= 1.0
     assert 1.0 <= propagated["policy_mean_exit"] <= 4.0
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
+    # each prompt's tokens and exit layers under every rule point, in prompt order; the points count them
+    generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [(g["rule"], g["value"], g["prompt"]) for g in generations] == [
+        (p["rule"], p["value"], i) for p in saved["points"] for i in range(4)]
+    for point in saved["points"]:
+        rows = [g for g in generations if (g["rule"], g["value"]) == (point["rule"], point["value"])]
+        layers = [layer for g in rows for layer in g["exit_layers"]]
+        assert len(layers) == point["tokens"] and [layers.count(l) for l in (1, 2, 3, 4)] == point["exit_histogram"]
+        assert all(len(g["exit_layers"]) - len(g["tokens"]) in (0, 1) for g in rows)  # the EOS has an exit, no token
+    assert {g["knob"] for g in generations if g["rule"] == "policy"} == {"tau"}
+    assert saved["report"]["generations"] == str(run_dir / "generations.jsonl")
     # the generation's policy exits at the trained tau went through the exit-histogram callback
     lines = [json.loads(line) for line in (run_dir / "exit_histograms.jsonl").read_text().splitlines()]
     (generated,) = [line for line in lines if line["stage"] == "lm_generation"]

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
-from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
+from ee_lightning.evaluation.generation_eval import (comparison_rows, rule_points_grid, write_generation_report,
+                                                     write_generations)
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import agrees_with_last, exit_correct, hardness_targets, token_memorized_exit
 from ee_lightning.exits.rules import policy_exits
@@ -338,10 +339,14 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
     return batches
 
 
+GENERATIONS_FILE = "generations.jsonl"  # every rule point's tokens and exit layers per prompt, in the run directory
+
+
 def generation_stage(run: Run, trained: LMExitRun) -> dict:
     """Stage lm_generation: every rule point generates on the held-out prompts, as a Lightning test
     under the run's strategy (batches split across processes, gathered once). Its report is kept in
-    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again."""
+    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again; each
+    prompt's tokens and exit layers under every rule point go to <run>/generations.jsonl."""
     stages, gen = run.stages, run.method.generation
     path = stages.folder("lm_generation") / "report.json"
     if stages.ledger.done("lm_generation") and path.is_file():
@@ -360,6 +365,7 @@ def generation_stage(run: Run, trained: LMExitRun) -> dict:
     points, extras = system.report()
     report = {"points": points, "extras": extras, "prompts": len(system.references)}
     if is_global_zero():
+        write_generations(system.generations(), run.run_dir / GENERATIONS_FILE)
         atomic_write_text(path, json.dumps(report, indent=2))
     stages.ledger.mark("lm_generation", None)
     finish_loggers(trainer)
@@ -374,7 +380,8 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
     report = generation_stage(run, trained)
     points, extras, gen = report["points"], report["extras"], method.generation
     title = f"{cfg.backbone.name} on {run.datamodule.name} ({gen.split}, {report['prompts']} prompts)"
-    paths = write_generation_report(points, extras, run.run_dir, title) if is_global_zero() else {}
+    paths = ({**write_generation_report(points, extras, run.run_dir, title),
+              "generations": run.run_dir / GENERATIONS_FILE} if is_global_zero() else {})
     seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
     if is_global_zero():  # the saved early-exit model (ee_lightning.load)
         save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,
