@@ -52,7 +52,7 @@ from ee_lightning.exits.drafting import (break_even_acceptance, full_depth_passe
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.generate import PlainExits, generate_with_exits, prefill
-from ee_lightning.inference.verify import generate_verified
+from ee_lightning.inference.verify import generate_verified, layer_parameters
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
 from ee_lightning.progress import progress
@@ -77,10 +77,6 @@ def draft_vocabulary(tokenizer, size: int) -> torch.Tensor:
     texts = [text for item in read_aclsum(aclsum_dir(), "train") for text in (item.prompt, item.reference)]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return frequent_tokens(ids, size, always=[tokenizer.eos_token_id])
-
-
-def layer_parameters(decoder) -> int:
-    return sum(p.numel() for p in decoder.layers()[0].parameters())
 
 
 # ----------------------------------------------------------------------------- 1. teacher forcing

@@ -128,3 +128,36 @@ def projected_speedup(full_passes_per_token: float, passes_per_token: float) -> 
     if passes_per_token <= 0:
         raise ValueError(f"passes_per_token={passes_per_token} must be positive")
     return full_passes_per_token / passes_per_token
+
+
+def round_costs(draft_layer: int, num_layers: int, max_drafts: int, head_cost: float,
+                draft_head_cost: float | None = None) -> torch.Tensor:
+    """[max_drafts] layer passes of a round of d = 1..max_drafts drafts (`round_layer_passes`)."""
+    if max_drafts < 1:
+        raise ValueError(f"max_drafts={max_drafts} must be >= 1")
+    return torch.tensor([round_layer_passes(draft_layer, num_layers, d, head_cost, draft_head_cost)
+                         for d in range(1, max_drafts + 1)])
+
+
+def draft_windows(rows: torch.Tensor, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every round start of teacher-forced responses and the positions its drafts would take.
+
+    rows [N]: the response each cached token belongs to, its tokens consecutive and in order (the
+    exit-state cache's layout). A round starting at a response's token p may draft up to max_drafts
+    tokens but not the response's last one, which is the verifier's (as `simulate_rounds` counts a
+    budget of the response's length). Returns starts [S] (token indices with at least one draft
+    allowed), index [S, max_drafts] (the tokens its drafts would take: start + j, repeated past the
+    last allowed one) and allowed [S] (1..max_drafts)."""
+    if rows.dim() != 1 or max_drafts < 1:
+        raise ValueError(f"rows must be [N] and max_drafts >= 1, got {tuple(rows.shape)} and {max_drafts}")
+    if rows.numel() and bool((rows[1:] != rows[:-1]).long().sum() != torch.unique(rows).numel() - 1):
+        raise ValueError("rows must keep each response's tokens together (the exit-state cache's order)")
+    _, counts = torch.unique_consecutive(rows, return_counts=True)
+    ends = torch.repeat_interleave(counts.cumsum(0), counts)  # one past each token's response's last token
+    token = torch.arange(rows.numel())
+    allowed = torch.clamp(ends - token - 1, max=max_drafts)
+    starts = (allowed >= 1).nonzero().squeeze(1)
+    allowed = allowed[starts]
+    steps = torch.arange(max_drafts).unsqueeze(0)
+    index = starts.unsqueeze(1) + torch.minimum(steps, (allowed - 1).unsqueeze(1))
+    return starts, index, allowed

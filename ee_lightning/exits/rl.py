@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ee_lightning.modeling.lm_exits import FORCED_LOGIT as FORCED_STOP_LOGIT
+
 TASK_TERMS = ("ce", "correct")
 DEPTH_TERMS = ("hardness", "plain", "none")
 SAMPLERS = ("bernoulli", "epsilon_greedy")
@@ -278,8 +280,15 @@ def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, corre
     else:
         every_layer = torch.arange(1, num_layers + 1, device=policy_logits.device).view(-1, 1).expand_as(policy_logits)
         layer_rewards = rewards(every_layer, losses, correct, memorized, num_layers, alpha, task_term, depth_term).reward
-        loss = -(exit_distribution(policy_logits) * layer_rewards).sum(0).mean() - entropy_term(probs, entropy_bonus)
+        loss = expected_loss(policy_logits, layer_rewards, entropy_bonus, probs)
     return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits, probs=probs)
+
+
+def expected_loss(policy_logits: torch.Tensor, layer_rewards: torch.Tensor, entropy_bonus: float = 0.0,
+                  probs: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum_l pi(exit at l) R_l, averaged over instances: the exact expected reward of logits [L, B] whose
+    every exit's reward [L, B] is known (REINFORCE's K -> infinity limit), minus the entropy bonus."""
+    return -(exit_distribution(policy_logits) * layer_rewards).sum(0).mean() - entropy_term(probs, entropy_bonus)
 
 
 # --------------------------------------------------------------------------- rollouts of whole sequences
@@ -342,3 +351,74 @@ def step_statistics(step: PolicyStep) -> dict[str, torch.Tensor]:
     # nan marks a layer an instance never reached (rollouts under propagation record only those it did)
     stats.update({f"p_exit_L{layer + 1}": step.probs[layer].nanmean() for layer in range(step.probs.shape[0])})
     return stats
+
+
+# --------------------------------------------------------------------------- the drafting policy of verify mode
+#
+# In verify mode (inference/verify.py) the exit at layer E drafts tokens one at a time until a stop
+# rule ends the round; the layers above then verify them. A round's stop decisions are a trajectory
+# of the kind above, with drafts for layers: step j is the j-th draft of the round, "exit at j" is
+# "stop drafting after draft j", and the last draft a round may make stops it (forced). A round of
+# d drafts, a of them accepted, emits T = a + 1 tokens and costs C(d) sequential layer passes
+# (`exits.drafting.round_layer_passes`). The objective is the rate J = sum T / sum C: tokens per
+# layer pass. Its gradient is (grad E[sum T] - J grad E[sum C]) / E[sum C], so with J held at its
+# current value each round's reward is T - J C (the renewal-reward identity): the gradient of that
+# expected reward points where J's does, exactly when rounds are independent.
+
+
+def draft_round_tokens(agree: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[S, k] whether the exit's token equals the full model's at the k positions from each round's start,
+    and [S] drafts each round may make (1..k) -> [k, S] tokens a round of d = 1..k drafts emits: its
+    accepted drafts, min(d, leading agreements), plus the verifier's token. Positions past `allowed`
+    count as disagreeing (a round never drafts them)."""
+    if agree.dim() != 2 or allowed.shape != agree.shape[:1]:
+        raise ValueError(f"agree must be [S, k] and allowed [S], got {tuple(agree.shape)} and {tuple(allowed.shape)}")
+    steps = torch.arange(1, agree.shape[1] + 1, device=agree.device)
+    within = steps.unsqueeze(0) <= allowed.unsqueeze(1)
+    leading = (agree.bool() & within).long().cumprod(dim=1).sum(dim=1)  # agreements before the first disagreement
+    return torch.minimum(steps.unsqueeze(1), leading.unsqueeze(0)).float() + 1.0
+
+
+def forced_stops(stop_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[k, S] stop logits with the stop forced at each round's last allowed draft (and past it)."""
+    steps = torch.arange(1, stop_logits.shape[0] + 1, device=stop_logits.device).unsqueeze(1)
+    return torch.where(steps >= allowed.unsqueeze(0), torch.full_like(stop_logits.float(), FORCED_STOP_LOGIT),
+                       stop_logits.float())
+
+
+def draft_objective(stop_logits: torch.Tensor, tokens: torch.Tensor, costs: torch.Tensor, allowed: torch.Tensor, *,
+                    rollouts: int, estimator: str = "expected", normalize_advantages: bool = False,
+                    entropy_bonus: float = 0.0, generator: torch.Generator | None = None
+                    ) -> tuple[PolicyStep, torch.Tensor]:
+    """The drafting policy's step over S round starts -> (the step, the rate J it used).
+
+    stop_logits [k, S]: the policy's logit to stop after draft j, read from the state the j-th draft was
+    made from; tokens [k, S]: `draft_round_tokens`; costs [k]: layer passes of a round of d = 1..k drafts;
+    allowed [S]. Each round's reward is T - J C (see above), with J the rate of the rounds drawn
+    ("reinforce": K = `rollouts` sampled rounds per start, baseline their mean) or of the policy's
+    expected rounds ("expected": sum_d pi(d) T_d over sum_d pi(d) C_d, and the exact expected reward).
+    The step's parts: reward, task = T, depth_cost = J C; its exits are the drafts of each sampled round.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r}: use one of {ESTIMATORS}")
+    if tokens.shape != stop_logits.shape or costs.shape != stop_logits.shape[:1]:
+        raise ValueError(f"stop_logits and tokens must be [k, S] and costs [k], got {tuple(stop_logits.shape)}, "
+                         f"{tuple(tokens.shape)} and {tuple(costs.shape)}")
+    logits = forced_stops(stop_logits, allowed)
+    drafts, log_probs = rollout(rollouts, logits=logits, generator=generator)
+    cost_table = costs.float().unsqueeze(1).expand_as(logits)
+    drawn_tokens, drawn_costs = gather_layer(tokens, drafts), gather_layer(cost_table, drafts)
+    if estimator == "reinforce":
+        rate = drawn_tokens.sum() / drawn_costs.sum()
+    else:
+        chance = exit_distribution(logits).detach()
+        rate = (chance * tokens).sum() / (chance * cost_table).sum()
+    rate = rate.detach()
+    parts = RewardParts(reward=drawn_tokens - rate * drawn_costs, task=drawn_tokens, depth_cost=rate * drawn_costs)
+    adv = advantages(parts.reward, normalize=normalize_advantages)
+    probs = torch.sigmoid(logits)
+    if estimator == "reinforce":
+        loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
+    else:
+        loss = expected_loss(logits, tokens - rate * cost_table, entropy_bonus, probs)
+    return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=drafts, probs=probs), rate

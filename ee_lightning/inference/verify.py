@@ -4,8 +4,9 @@ Self-speculation over the decoder's own layers (LayerSkip's scheme, on the step 
 
 1. Draft. The last emitted token x runs layers 1..E and the exit at E proposes the next token;
    that token runs layers 1..E in turn, and so on, up to `draft_length` drafts d_1..d_k (fewer
-   when a draft is EOS, when the drafter's confidence falls below `min_confidence`, or when the
-   token budget ends). The last draft runs layers 1..E as well, without a draft after it. Layers
+   when a draft is EOS, when the drafter's confidence falls below `min_confidence`, when a learned
+   stop rule (`DraftStopPolicy`) says stop, or when the token budget ends). The last draft runs
+   layers 1..E as well, without a draft after it. Layers
    1..E cache the K/V of x, d_1..d_k as they go; the layer-E state of each is kept.
 2. Verify. Those k + 1 layer-E states run layers E+1..L together, in one pass over those layers'
    weights, and one LM-head call gives the full model's token after each: v_1..v_{k+1}. Layers
@@ -33,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ee_lightning.exits.drafting import round_layer_passes, round_tokens
+from ee_lightning.exits.drafting import head_cost_in_layers, round_layer_passes, round_tokens
 from ee_lightning.inference.generate import _as_list, prefill
 from ee_lightning.modeling.draft_head import RestrictedHead
+from ee_lightning.modeling.draft_policy import DraftStopPolicy
 
 
 class ExitDrafter:
@@ -61,7 +63,8 @@ class ExitDrafter:
 class VerifyResult:
     """sequences [1, P + N]. Per round: tokens drafted, inputs verified (drafted + 1, or drafted
     when the last draft was EOS) and drafts accepted; draft-head calls in all. Each verified input
-    ran layers 1..E alone; each round ran layers E+1..L and the LM head once."""
+    ran layers 1..E alone; each round ran layers E+1..L and the LM head once. With a stop policy,
+    stop_probs holds per round its stop probability after each draft."""
 
     sequences: torch.Tensor
     prompt_length: int
@@ -71,6 +74,7 @@ class VerifyResult:
     verified: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     draft_head_calls: int = 0
+    stop_probs: list[list[float]] = field(default_factory=list)
     cache: object = None
 
     @property
@@ -101,7 +105,26 @@ class VerifyResult:
                    for k, m in zip(self.drafted, self.verified))
 
 
-def _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length, min_confidence):
+def layer_parameters(decoder) -> int:
+    """One decoder layer's weights (the unit of layer passes)."""
+    return sum(p.numel() for p in decoder.layers()[0].parameters())
+
+
+def head_cost(decoder, rows: int | None = None) -> float:
+    """The LM head (or one of `rows` tokens, e.g. a `RestrictedHead`) in units of one layer's weights."""
+    return head_cost_in_layers(rows or decoder.vocab_size, decoder.hidden_size, layer_parameters(decoder))
+
+
+def draft_cost(decoder, exits, layer: int) -> float:
+    """One draft of the exit at `layer` past its E layers, in layer units: its adapter (where `exits` have
+    one) and the LM head."""
+    adapters = getattr(exits, "adapters", {})
+    adapter = adapters[str(layer)] if str(layer) in adapters else None
+    weights = 0 if adapter is None else sum(p.numel() for p in adapter.parameters())
+    return head_cost(decoder) + weights / layer_parameters(decoder)
+
+
+def _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length, min_confidence, stop):
     L = decoder.num_layers
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"verify mode runs one prompt at a time (batch 1), got input_ids {tuple(input_ids.shape)}: rows "
@@ -119,6 +142,9 @@ def _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length,
         raise ValueError(f"draft_length={draft_length} must be >= 1 (drafts per round at most)")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence={min_confidence} must lie in [0, 1] (a softmax probability)")
+    if stop is not None and stop.draft_layer != draft_layer:
+        raise ValueError(f"the stop policy was trained on the drafts of layer {stop.draft_layer}, not "
+                         f"draft_layer={draft_layer}: draft at its layer, or leave stop out")
 
 
 def _extend(mask: torch.Tensor, columns: int) -> torch.Tensor:
@@ -137,7 +163,8 @@ def _crop(cache, length: int) -> None:
 @torch.no_grad()
 def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                       draft_layer: int, draft_length: int, eos_token_id=None, draft_head: RestrictedHead | None = None,
-                      min_confidence: float | None = None, prompt_cache=None) -> VerifyResult:
+                      min_confidence: float | None = None, stop: DraftStopPolicy | None = None,
+                      prompt_cache=None) -> VerifyResult:
     """Greedy generation of up to `max_new_tokens` for ONE prompt [1, P], drafted at `draft_layer`
     (1-based, below the last) by `exits` (`PlainExits` or trained `LMExitHeads`), `draft_length`
     drafts per round at most, verified by the layers above. Stops after the first EOS (an id or a
@@ -146,9 +173,11 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
     draft_head: a `RestrictedHead` that drafts in place of the full LM head.
     min_confidence: end a round's drafting after a draft whose softmax probability (over the
         draft head's vocabulary) is below this (Kangaroo's early stop); None drafts `draft_length`.
+    stop: a trained `DraftStopPolicy` of `draft_layer`: end a round's drafting after a draft whose stop
+        probability (read from the layer-E state the draft was made from) exceeds its tau.
     prompt_cache: `prefill(decoder, input_ids, attention_mask)` computed once (copied, never changed).
     """
-    _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length, min_confidence)
+    _check(decoder, exits, input_ids, attention_mask, draft_layer, draft_length, min_confidence, stop)
     E, L = int(draft_layer), decoder.num_layers
     drafter = ExitDrafter(exits, E, draft_head)
     eos = torch.tensor(_as_list(eos_token_id), dtype=torch.long, device=input_ids.device)
@@ -160,7 +189,7 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
         # 1. draft: the last emitted token, then each draft, runs layers 1..E; the exit drafts
         #    after each but the last input (k drafts, k + 1 inputs; the verifier's token after
         #    the last is the round's bonus). A drafted EOS is not run on: nothing follows it.
-        token, states, drafts = sequence[:, -1:], [], []
+        token, states, drafts, stop_probs = sequence[:, -1:], [], [], []
         limit = min(draft_length, budget - 1)
         for step in range(limit + 1):
             hidden, ctx = decoder.start(token, _extend(mask, step), cache)
@@ -173,9 +202,13 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
             result.draft_head_calls += 1
             drafts.append(draft)
             token = draft[:, None]
+            stopping = min_confidence is not None and float(torch.softmax(logits.float(), -1).max()) < min_confidence
+            if stop is not None:
+                stop_probs.append(float(stop.prob(hidden[:, -1])))
+                stopping = stopping or stop_probs[-1] > stop.tau
             if bool(torch.isin(draft, eos).any()):
                 break
-            if min_confidence is not None and float(torch.softmax(logits.float(), -1).max()) < min_confidence:
+            if stopping:
                 limit = step + 1  # one more input: this draft, through layers 1..E for the bonus token
         drafts = torch.cat(drafts) if drafts else sequence.new_zeros(0)
         # 2. verify every input in one pass over layers E+1..L, from their layer-E states
@@ -194,6 +227,8 @@ def generate_verified(decoder, exits, input_ids: torch.Tensor, attention_mask: t
         result.drafted.append(int(drafts.numel()))
         result.verified.append(len(states))
         result.accepted.append(accepted)
+        if stop is not None:
+            result.stop_probs.append(stop_probs)
         sequence = torch.cat([sequence, kept[None]], dim=1)
         mask = _extend(mask, kept.numel())
         _crop(cache, sequence.shape[1] - 1)  # the last kept token enters the cache in the next round
@@ -207,7 +242,7 @@ def generate_verified_each(decoder, exits, input_ids: torch.Tensor, attention_ma
                            **options) -> list[VerifyResult]:
     """`generate_verified` on each row of a LEFT-padded batch [B, P], one prompt at a time (the
     padding is dropped, so each row's output is its batch-1 greedy output). `options` as there
-    (draft_layer, draft_length, eos_token_id, draft_head, min_confidence)."""
+    (draft_layer, draft_length, eos_token_id, draft_head, min_confidence, stop)."""
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
     results = []

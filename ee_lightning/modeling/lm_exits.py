@@ -170,8 +170,12 @@ class TokenExitPolicy(_PerExitHeads):
     exit in some seeds). The LayerNorm puts every exit's input on one scale."""
 
     def __init__(self, num_layers: int, hidden_size: int, hidden: int = 32, exit_layers: list[int] | None = None):
-        super().__init__(num_layers, exit_layers, lambda: nn.Sequential(
-            nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1)))
+        super().__init__(num_layers, exit_layers, lambda: policy_net(hidden_size, hidden))
+
+
+def policy_net(hidden_size: int, hidden: int) -> nn.Sequential:
+    """A policy's logit from a hidden state: LayerNorm -> Linear(H, hidden) -> GELU -> Linear(hidden, 1)."""
+    return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
 
 class ExitClassifier(_PerExitHeads):
