@@ -25,6 +25,7 @@ from ee_lightning.progress import progress
 from ee_lightning.tasks import predictions
 
 GENERATION_MODES = ("exit", "verify")  # per-token early exit; lossless drafting and verification
+DRAFT_LENGTH = 3  # verify mode's drafts per round when neither the caller nor a trained draft policy sets it
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> "EarlyExitClassifier | EarlyExitGenerator":
@@ -138,7 +139,8 @@ class Generations:
     """texts: each prompt's answer; tokens: its token ids (up to, not including, EOS);
     exit_layers: per row, each generated token's exit layer (1-based; the EOS token included);
     exit_counts: how many generated tokens exited at layers 1..L (all rows);
-    drafts (mode="verify"): rounds, drafted and accepted tokens, acceptance_rate (all rows)."""
+    drafts (mode="verify"): rounds, drafted and accepted tokens, acceptance_rate (all rows), the
+        draft_layer, draft_length and stop rule used ("policy", "confidence" or "length")."""
 
     texts: list[str]
     tokens: list[list[int]]
@@ -166,9 +168,16 @@ class EarlyExitGenerator:
                  "reference": "", "prompt": str(p), "idx": i} for i, p in enumerate(prompts)]
 
     def _verify(self, prompts, max_new_tokens, draft_layer, draft_length, min_confidence) -> Generations:
-        if draft_layer is None:
+        stop = self.parts.draft_policy  # the run's learned stop rule drafts at its own layer
+        if stop is not None and draft_layer not in (None, stop.draft_layer):
+            stop = None
+        if draft_layer is None and stop is None:
             raise ValueError(f"mode='verify' needs draft_layer=E, the exit that drafts: one of the exits below the "
-                             f"last, {list(self.parts.exits.exit_layers)[:-1]}")
+                             f"last, {list(self.parts.exits.exit_layers)[:-1]} (this model has no trained draft policy "
+                             "to choose it)")
+        draft_layer = stop.draft_layer if draft_layer is None else draft_layer
+        if draft_length is None:
+            draft_length = stop.max_drafts if stop is not None else DRAFT_LENGTH
         max_new_tokens = int(max_new_tokens or self.generation["max_new_tokens"])
         eos = self.generation["eos_token_id"]
         device = next(self.decoder.parameters()).device
@@ -178,12 +187,14 @@ class EarlyExitGenerator:
             ids = torch.tensor([row["prompt_ids"]], device=device)
             out = generate_verified(self.decoder, self.parts.exits, ids, torch.ones_like(ids), max_new_tokens,
                                     draft_layer=draft_layer, draft_length=draft_length, eos_token_id=eos,
-                                    min_confidence=min_confidence)
+                                    min_confidence=min_confidence, stop=stop)
             new = out.new_tokens[0].cpu().tolist()
             tokens.append(trim_generation(new, eos))
             exit_layers.append([L] * len(new))  # every kept token is the full model's
             drafts = {"rounds": drafts["rounds"] + out.rounds, "drafted": drafts["drafted"] + sum(out.drafted),
                       "accepted": drafts["accepted"] + sum(out.accepted)}
+        drafts.update(draft_layer=draft_layer, draft_length=draft_length, stop="policy" if stop is not None else
+                      "confidence" if min_confidence is not None else "length")
         drafts["acceptance_rate"] = drafts["accepted"] / max(drafts["drafted"], 1)
         counts = [0] * L
         counts[-1] = sum(len(layers) for layers in exit_layers)
@@ -192,14 +203,16 @@ class EarlyExitGenerator:
 
     def generate(self, prompts, max_new_tokens: int | None = None, rule: str | ExitRule | None = None, knob=None,
                  mode: str = "exit", batch_size: int | None = None, draft_layer: int | None = None,
-                 draft_length: int = 3, min_confidence: float | None = None) -> Generations:
+                 draft_length: int | None = None, min_confidence: float | None = None) -> Generations:
         """prompts: user messages (each goes into the chat template, with the run's system prompt);
         max_new_tokens: default the run's; rule / knob: any exit rule (policy, softmax_margin, saturation,
         classifier, entropy, maxprob, patience, pcee, static, full), default the policy at its trained tau;
         mode: "exit" (each token leaves at its exit) or "verify" (the exit at `draft_layer` drafts up to
         `draft_length` tokens, stopping early below `min_confidence`; the layers above check them: the
-        text is the full model's greedy text; one prompt at a time, no rule); batch_size: default the
-        run's generation batch."""
+        text is the full model's greedy text; one prompt at a time, no rule). Where the run trained a
+        draft policy (stage lm_draft_policy), verify mode drafts at its layer by default, up to its
+        max_drafts, and stops a round where it says so (also with draft_layer set to its layer; another
+        layer drafts without it); batch_size: default the run's generation batch."""
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode={mode!r} is not available; modes: {', '.join(GENERATION_MODES)}")
         if isinstance(prompts, str):

@@ -4,6 +4,7 @@ cached exit states, the stage in the decoder run, and the saved model that carri
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,13 +13,13 @@ from omegaconf import OmegaConf
 
 from tiny_decoders import PAD, left_padded_prompts, tiny_lm
 from ee_lightning.exits import rl
-from ee_lightning.exits.drafting import draft_windows, round_costs, round_layer_passes, simulate_rounds
+from ee_lightning.exits.drafting import draft_windows, round_costs, simulate_rounds
 from ee_lightning.inference.generate import PlainExits
 from ee_lightning.inference.verify import draft_cost, generate_verified, head_cost
 from ee_lightning.modeling.draft_policy import DraftStopPolicy
 from ee_lightning.modeling.lm_exits import FORCED_LOGIT
 from ee_lightning.training.lm_draft import draft_layer_of, draft_policy_stage, draft_summary
-from ee_lightning.training.systems.draft import DraftPolicySystem, DraftRounds
+from ee_lightning.training.systems.draft import DraftRounds
 
 NEW = 12
 
@@ -244,3 +245,157 @@ def test_draft_costs_and_layers_are_read_from_the_model():
         draft_layer_of(None, [4], 4)
     with pytest.raises(ValueError, match="per cached token"):
         DraftRounds(torch.zeros(3, 2), torch.zeros(2), torch.zeros(1, 2, dtype=torch.long), torch.ones(1))
+
+
+# --------------------------------------------------------------------------- the stage and the saved model
+
+
+class EpochsRun(L.Callback):
+    """Records (stage, epoch) for every training epoch a Trainer starts."""
+
+    def __init__(self, stage, seen):
+        self.stage, self.seen = stage, seen
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.seen.append((self.stage, trainer.current_epoch))
+
+
+def checkpointing_stages(run_dir, seen=None):
+    """A run's stages with bare Trainers that keep each stage's last.ckpt, as a run's do (no loggers)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ee_lightning.training.stages import Stages
+
+    def make(stage=None, max_epochs=1, log=False, replicate=False, **overrides):
+        callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints" / stage, save_last=True),
+                     EpochsRun(stage, [] if seen is None else seen)] if stage else []
+        return L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", callbacks=callbacks, **overrides)
+
+    return Stages(run_dir, make)
+
+
+def draft_run(tmp_path, run_dir, epochs, seen=None):
+    from ee_lightning.app.validate import lm_exits_config
+    from ee_lightning.modeling.backbones.decoders import wrap_decoder
+    from ee_lightning.training.lm_pipeline import train_lm_exits
+    from tests.conftest import CONF_DIR
+    from tests.lm_fixtures import tiny_llama
+    from tests.test_lm_training import jsonl_datamodule
+
+    L.seed_everything(0)
+    dm = jsonl_datamodule(tmp_path)
+    decoder = wrap_decoder(tiny_llama(num_layers=4, hidden=16, vocab=len(dm.tokenizer)))
+    cfg = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
+    cfg.exit_every, cfg.rank = 2, 4
+    cfg.adapters.epochs, cfg.policy.epochs, cfg.classifier.epochs = 1, 0, 0
+    cfg.draft_policy.epochs, cfg.draft_policy.batch_size, cfg.draft_policy.max_drafts = epochs, 8, 3
+    return train_lm_exits(decoder, dm, lm_exits_config(cfg), checkpointing_stages(run_dir, seen)), dm
+
+
+def test_the_stage_is_ledgered_reads_back_and_resumes_to_the_same_weights(tmp_path):
+    reference, dm = draft_run(tmp_path, tmp_path / "reference", epochs=2)
+    ledger = json.loads((tmp_path / "reference" / "stages.json").read_text())
+    assert list(ledger) == ["lm_cache_train", "lm_adapters", "lm_scores", "lm_draft_policy", "lm_cache_validation"]
+    policy = reference.draft_policy
+    assert policy.draft_layer == 2 and policy.max_drafts == 3  # null: the deepest exit below the last
+    summary = reference.summary
+    assert summary["draft_policy"]["tokens"] == summary["train"]["tokens"]
+    held_out = summary["evaluation"]["draft_policy"]
+    assert held_out["tokens"] == summary["evaluation"]["tokens"] > 0 and set(held_out["fixed"]) == {"1", "2", "3"}
+    assert held_out["policy"]["passes_per_token"] > 0
+    weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    # read back: a rerun into the directory does not train the finished stage again
+    seen = []
+    again, _ = draft_run(tmp_path, tmp_path / "reference", epochs=2, seen=seen)
+    assert seen == []
+    assert all(torch.equal(again.draft_policy.state_dict()[k], w) for k, w in weights.items())
+    assert json.loads((tmp_path / "reference" / "stages.json").read_text()) == ledger
+    # resumed: a run whose stage was cut after its first epoch (last.ckpt written, not in the ledger)
+    # continues from there to the uninterrupted run's weights, bit for bit
+    cut = tmp_path / "cut"
+    draft_run(tmp_path, cut, epochs=1)
+    entries = json.loads((cut / "stages.json").read_text())
+    del entries["lm_draft_policy"], entries["lm_cache_validation"]
+    (cut / "stages.json").write_text(json.dumps(entries))
+    resumed, _ = draft_run(tmp_path, cut, epochs=2, seen=seen)
+    assert seen == [("lm_draft_policy", 1)]  # its second epoch only
+    assert torch.load(cut / "checkpoints" / "lm_draft_policy" / "last.ckpt", weights_only=False)["global_step"] == \
+        torch.load(tmp_path / "reference" / "checkpoints" / "lm_draft_policy" / "last.ckpt", weights_only=False)["global_step"]
+    assert all(torch.equal(resumed.draft_policy.state_dict()[k], w) for k, w in weights.items())
+
+
+def test_the_saved_model_carries_the_policy_and_verify_mode_uses_it(tmp_path):
+    import ee_lightning
+    from ee_lightning.modeling.export import ModelFolderError, save_decoder
+    from tests.test_saved_model import tiny_decoder_folder
+
+    decoder, tokenizer, exits, policy, classifier = tiny_decoder_folder(tmp_path / "plain")
+    stop = DraftStopPolicy(decoder.hidden_size, 2, 3, hidden=8, tau=0.45)
+    torch.manual_seed(2)
+    for parameter in stop.parameters():
+        torch.nn.init.normal_(parameter, 0, 0.5)
+    save_decoder(tmp_path / "model", decoder, tokenizer, exits, policy, classifier, draft_policy=stop,
+                 generation={"rules": {"policy": [0.5]}, "tau": 0.5, "max_new_tokens": 8, "batch_size": 2},
+                 data={"system_prompt": None, "max_prompt_length": 48}, backbone="tiny_llama")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["draft_policy"] == {"draft_layer": 2, "max_drafts": 3, "hidden": 8, "tau": 0.45}
+    loaded = ee_lightning.load(tmp_path / "model")
+    assert all(torch.equal(loaded.parts.draft_policy.state_dict()[k], v) for k, v in stop.state_dict().items())
+    prompts = ["Say hello.", "What is an early exit in a transformer?", "Count to three."]
+    full = loaded.generate(prompts, rule="full")
+    verified = loaded.generate(prompts, mode="verify")  # the policy's layer, its max_drafts, its stops
+    assert verified.tokens == full.tokens
+    assert verified.drafts["stop"] == "policy" and verified.drafts["draft_layer"] == 2
+    assert verified.drafts["draft_length"] == 3 and verified.drafts["drafted"] > 0
+    # the same rounds as generate_verified with the policy on the loaded modules, prompt by prompt
+    from ee_lightning.data.generation import chat_prompt_ids
+
+    drafted = longer = 0
+    for prompt in prompts:
+        ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
+        out = generate_verified(loaded.decoder, loaded.parts.exits, ids, torch.ones_like(ids), 8, draft_layer=2,
+                                draft_length=3, eos_token_id=tokenizer.eos_token_id, stop=loaded.parts.draft_policy)
+        drafted += sum(out.drafted)
+        unstopped = generate_verified(loaded.decoder, loaded.parts.exits, ids, torch.ones_like(ids), 8, draft_layer=2,
+                                      draft_length=3, eos_token_id=tokenizer.eos_token_id)
+        longer += sum(unstopped.drafted)
+    assert verified.drafts["drafted"] == drafted < longer  # the policy ended some rounds before 3 drafts
+    fixed = loaded.generate(prompts, mode="verify", draft_layer=2, draft_length=3, min_confidence=None)
+    assert fixed.tokens == full.tokens and fixed.drafts["stop"] == "policy"  # its layer: the policy drafts
+    # a folder without a draft policy (saved before it existed) still asks for the layer
+    with pytest.raises(ValueError, match="needs draft_layer=E"):
+        ee_lightning.load(tmp_path / "plain").generate(prompts, mode="verify")
+    config["draft_policy"]["draft_layer"] = 3
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="layer 3 has no exit"):
+        ee_lightning.load(tmp_path / "model")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["method.lm_exits.draft_policy.draft_layer=4"],  # the experiment's exits sit on every 3rd layer
+     "method.lm_exits.draft_policy.draft_layer=4: has no exit: the exits sit on the multiples of exit_every=3"),
+    (["method.lm_exits.draft_policy.draft_layer=0"], "method.lm_exits.draft_policy.draft_layer=0: must be >= 1"),
+    (["method.lm_exits.draft_policy.tau=1.0"], "method.lm_exits.draft_policy.tau=1.0: must be in (0.0, 1.0)"),
+    (["method.lm_exits.draft_policy.max_drafts=0"], "method.lm_exits.draft_policy.max_drafts=0: must be >= 1"),
+    (["method.lm_exits.draft_policy.estimator=exact"],
+     "method.lm_exits.draft_policy.estimator=exact: must be one of reinforce | expected"),
+    (["method.lm_exits.draft_policy.estimator=reinforce", "method.lm_exits.draft_policy.k=1"],
+     "method.lm_exits.draft_policy.k=1: must be >= 2; the baseline is the mean reward of the k rollouts"),
+    (["method.lm_exits.draft_policy.epochs=-1"], "method.lm_exits.draft_policy.epochs=-1: must be >= 0; 0 skips"),
+])
+def test_bad_draft_policy_settings_fail_validation_naming_the_key(overrides, expected, tmp_path):
+    from tests.test_lm_config import LM, problems
+
+    assert expected in problems([*LM, *overrides], tmp_path)
+
+
+def test_the_stage_is_off_by_default_and_its_node_validates(tmp_path):
+    from ee_lightning.app.validate import validate_config
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["experiment=aclsum_consistentee", "method.lm_exits.draft_policy.epochs=2",
+                         "method.lm_exits.draft_policy.draft_layer=27"], tmp_path / "run")
+    validate_config(cfg)
+    default = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "lm_exits" / "default.yaml")
+    assert default.draft_policy.epochs == 0 and default.draft_policy.draft_layer is None

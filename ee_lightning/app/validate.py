@@ -280,6 +280,34 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(propagated, "later_weight", q, low=0.0)
     check.number(propagated, "gamma", q, low=0.0, high=1.0, why="the discount of later tokens' agreement")
     check_lora(_value(node, "lora"), check, f"{p}lora.")
+    draft = _value(node, "draft_policy")
+    if isinstance(draft, DictConfig):
+        check_draft_policy(draft, check, _value(node, "exit_every"), f"{p}draft_policy.")
+
+
+def check_draft_policy(node: DictConfig, check: Checker, exit_every, p: str) -> None:
+    """The `draft_policy` node (verify mode's stop rule); its draft layer against the exits' spacing (the
+    model's depth is checked when the stage starts: training/lm_draft.py)."""
+    from ee_lightning.exits.rl import ESTIMATORS
+
+    check.number(node, "epochs", p, low=0, integer=True, why="0 skips the stage")
+    check.number(node, "draft_layer", p, low=1, integer=True, optional=True,
+                 why="an exit layer below the last, or null for the deepest such exit")
+    layer = _value(node, "draft_layer")
+    if isinstance(layer, int) and isinstance(exit_every, int) and exit_every >= 1 and layer >= 1 and layer % exit_every:
+        check.add(f"{p}draft_layer", layer, f"has no exit: the exits sit on the multiples of exit_every="
+                  f"{exit_every} (and the last layer); choose a multiple below the last, or null")
+    check.number(node, "max_drafts", p, low=1, integer=True, why="drafts per round at most")
+    check.number(node, "hidden", p, low=1, integer=True)
+    check.number(node, "tau", p, low=0.0, high=1.0, low_open=True, high_open=True,
+                 why="a round stops after a draft whose stop probability exceeds tau")
+    check.choice(node, "estimator", p, ESTIMATORS)
+    if _value(node, "estimator") == "reinforce":
+        check.number(node, "k", p, low=2, integer=True, why="the baseline is the mean reward of the k rollouts")
+    else:
+        check.number(node, "k", p, low=1, integer=True)
+    check.number(node, "lr", p, low=0.0, low_open=True)
+    check.number(node, "batch_size", p, low=1, integer=True, why="round starts per step")
 
 
 def check_lora(lora, check: Checker, p: str = "method.lm_exits.lora.") -> None:

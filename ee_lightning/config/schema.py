@@ -195,6 +195,21 @@ class LoRAStage:
 
 
 @dataclass
+class DraftPolicyStage:
+    """Verify mode's learned stop rule (training/lm_draft.py); epochs 0 skips it."""
+
+    epochs: int = MISSING
+    draft_layer: Optional[int] = MISSING
+    max_drafts: int = MISSING
+    hidden: int = MISSING
+    tau: float = MISSING
+    k: int = MISSING
+    estimator: str = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class LMExitsConfig:
     """conf/lm_exits/default.yaml, as `method.lm_exits` (training/systems/lm.py)."""
 
@@ -208,6 +223,7 @@ class LMExitsConfig:
     policy: TokenPolicyStage = field(default_factory=TokenPolicyStage)
     classifier: LMClassifierStage = field(default_factory=LMClassifierStage)
     lora: LoRAStage = field(default_factory=LoRAStage)
+    draft_policy: DraftPolicyStage = field(default_factory=DraftPolicyStage)
 
 
 @dataclass

@@ -6,7 +6,8 @@ Every ee-train run ends by writing `<run>/model/`:
                        own transformers config, and what inference needs: the task (encoders) or the
                        generation settings (decoders), the policy's trained tau, the run's data config
     model.safetensors  every weight: the backbone (LoRA merged, where the run used it), the exit heads,
-                       the policy (and CALM's exit classifier for decoders)
+                       the policy (and for decoders CALM's exit classifier and verify mode's stop rule,
+                       where trained)
     tokenizer/         the tokenizer's own files (tokenizer.json, tokenizer_config.json, a chat template)
 
 Reading one never unpickles anything: the weights go through safetensors, the settings through
@@ -27,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ee_lightning.modeling.backbones import backbone_from_config
 from ee_lightning.modeling.backbones.decoders import LayerwiseDecoder, wrap_decoder
+from ee_lightning.modeling.draft_policy import DraftStopPolicy
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
 from ee_lightning.modeling.model import EarlyExitModel
 from ee_lightning.modeling.saved import assemble
@@ -66,18 +68,20 @@ class DecoderParts(nn.Module):
     """The modules a decoder's saved model holds, under the names its weights file uses."""
 
     def __init__(self, decoder: LayerwiseDecoder, exits: LMExitHeads, policy: TokenExitPolicy | None,
-                 classifier: ExitClassifier | None):
+                 classifier: ExitClassifier | None, draft_policy: DraftStopPolicy | None = None):
         super().__init__()
         self.decoder = decoder.model  # the transformers model itself: its state dict names are the library's
         self.exits, self.policy, self.classifier = exits, policy, classifier
+        self.draft_policy = draft_policy  # verify mode's stop rule
 
 
 def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits: LMExitHeads,
                  policy: TokenExitPolicy | None, classifier: ExitClassifier | None, generation: dict,
-                 data: dict, backbone: str) -> Path:
+                 data: dict, backbone: str, draft_policy: DraftStopPolicy | None = None) -> Path:
     """A decoder run's model. generation: the run's rules (knob grids), the policy's trained `tau`,
     `max_new_tokens`, `batch_size`, `max_prompts`; data: the run's data config (its `system_prompt` and
-    `max_prompt_length` shape every prompt); backbone: the backbone config's name."""
+    `max_prompt_length` shape every prompt); backbone: the backbone config's name; draft_policy: verify
+    mode's stop rule, where the run trained one."""
     config = {
         "kind": "decoder",
         "backbone": {"name": backbone, "family": decoder.model.config.model_type},
@@ -87,6 +91,7 @@ def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits
         "exits": {"exit_layers": list(exits.exit_layers), "rank": _adapter_rank(exits), "adapter": exits.adapter_kind},
         "policy": None if policy is None else {"hidden": _policy_width(policy)},
         "classifier": classifier is not None,
+        "draft_policy": None if draft_policy is None else draft_policy.settings(),
         "generation": {**generation, "eos_token_id": tokenizer.eos_token_id,
                        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                        else tokenizer.eos_token_id},
@@ -94,7 +99,7 @@ def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits
                     "max_prompt_length": int(data["max_prompt_length"])},
         "data": data,
     }
-    return _write(folder, config, DecoderParts(decoder, exits, policy, classifier), tokenizer)
+    return _write(folder, config, DecoderParts(decoder, exits, policy, classifier, draft_policy), tokenizer)
 
 
 def _adapter_rank(exits: LMExitHeads) -> int:
@@ -220,7 +225,12 @@ def load_decoder(folder: str | Path) -> tuple[DecoderParts, LayerwiseDecoder, ob
     policy = (TokenExitPolicy(num_layers, hidden, hidden=config["policy"]["hidden"], exit_layers=exit_layers)
               if config["policy"] is not None else None)
     classifier = ExitClassifier(num_layers, hidden, exit_layers=exit_layers) if config["classifier"] else None
-    parts = DecoderParts(decoder, exits, policy, classifier)
+    draft = config.get("draft_policy")  # folders saved before verify mode's stop rule existed have none
+    draft_policy = DraftStopPolicy(hidden, **draft) if draft else None
+    if draft_policy is not None and draft_policy.draft_layer not in exit_layers[:-1]:
+        raise ModelFolderError(f"{folder / CONFIG_FILE}: the draft policy's layer {draft_policy.draft_layer} has no "
+                               f"exit below the last ({exit_layers}); the file was edited, copy it again")
+    parts = DecoderParts(decoder, exits, policy, classifier, draft_policy)
     load_weights(parts, folder / WEIGHTS_FILE)  # the backbone in its saved dtype, the exits' nets in float32
     tokenizer = load_tokenizer(folder)
     if tokenizer.pad_token is None:

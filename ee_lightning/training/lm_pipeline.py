@@ -10,6 +10,7 @@ ledger (stages.json) and resumed after a kill:
   lm_policy            the per-token REINFORCE policy;
   lm_policy_propagated (optional) the policy fine-tuned on rollouts of whole responses under propagated K/V;
   lm_classifier        CALM's exit classifier;
+  lm_draft_policy      (optional) verify mode's stop rule: keep drafting or verify (training/lm_draft.py);
   lm_cache_<split>     the held-out split's exit states (`lm_exits.evaluate_split`), for the training summary;
   lm_generation        every rule at every knob generates on the held-out prompts (a Lightning test of
                        `systems.generation.GenerationEvalSystem`): ROUGE, agreement with the full model, exit
@@ -44,11 +45,13 @@ from ee_lightning.files import atomic_write_text, load_or_build
 from ee_lightning.inference.propagated import propagated_exits
 from ee_lightning.inference.lm_cache import check_exit_layers, exit_tables, merge_parts, response_only, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.draft_policy import DraftStopPolicy
 from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy, exit_layer_list
 from ee_lightning.progress import progress_enabled
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_distill import distillation
+from ee_lightning.training.lm_draft import draft_policy_stage, draft_summary, make_draft_policy
 from ee_lightning.training.lm_lora import digest, train_backbone_lora
 from ee_lightning.training.processes import all_processes, is_global_zero
 from ee_lightning.training.stages import Run, Stages
@@ -89,6 +92,7 @@ class LMExitRun:
     classifier: ExitClassifier | None
     cache: dict
     summary: dict
+    draft_policy: DraftStopPolicy | None = None  # verify mode's stop rule (stage lm_draft_policy), where trained
 
 
 def cached_policy_exits(policy: TokenExitPolicy, states: torch.Tensor, tau: float) -> torch.Tensor:
@@ -239,6 +243,8 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
               if policy_cfg.epochs > 0 else None)
     classifier = (ExitClassifier(num_layers, hidden_size, exit_layers=exits.exit_layers)
                   if classifier_cfg.epochs > 0 and len(exits.exit_layers) > 1 else None)
+    draft_cfg = cfg.draft_policy
+    draft_policy = make_draft_policy(draft_cfg, exits.exit_layers, num_layers, hidden_size)
     lora_outcome = None
     if cfg.lora.enabled:
         # stage 1 on the backbone itself: LoRA + these exits' adapters, merged before anything is cached;
@@ -308,16 +314,26 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
         stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=REPLICATED,
                    train_dataloaders=stage_loader(data, classifier_cfg.batch_size, stages.seed))
 
+    if draft_policy is not None:  # verify mode's stop rule, on the draft exit's cached states
+        system, data = draft_policy_stage(draft_policy, decoder, exits, cache, tables["tokens"], draft_cfg)
+        stages.fit("lm_draft_policy", system, draft_cfg.epochs, trainer=REPLICATED,
+                   train_dataloaders=stage_loader(data, draft_cfg.batch_size, stages.seed))
+        summary["draft_policy"] = draft_summary(draft_policy, decoder, exits, cache, tables["tokens"])
+
     split = cfg.evaluate_split
     if split:
         held_out = split_cache(decoder, datamodule, split, exits.exit_layers, cfg.cache, stages, identity)
-        summary["evaluation"] = {"split": split, **exit_summary(
-            held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, policy_cfg.tau, classifier)}
+        held_out_tables = exit_tables(held_out, exits, decoder, batch_size=batch)
+        summary["evaluation"] = {"split": split, **exit_summary(held_out, held_out_tables, policy, policy_cfg.tau,
+                                                                classifier)}
+        if draft_policy is not None:
+            summary["evaluation"]["draft_policy"] = draft_summary(draft_policy, decoder, exits, held_out,
+                                                                  held_out_tables["tokens"])
         if policy is not None:
             summary["evaluation"]["under_propagation"] = propagated_summary(
                 decoder, exits, policy, datamodule, split, held_out, policy_cfg.tau, cfg.cache.batch_size)
     log.info("lm exits trained: %s", summary)
-    return LMExitRun(exits, policy, classifier, cache, summary)
+    return LMExitRun(exits, policy, classifier, cache, summary, draft_policy)
 
 
 # --------------------------------------------------------------------------- generation and the run
@@ -385,6 +401,7 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
     seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
     if is_global_zero():  # the saved early-exit model (ee_lightning.load)
         save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,
+                     draft_policy=trained.draft_policy,
                      generation={"rules": dataclasses.asdict(gen.rules), "tau": method.lm_exits.policy.tau,
                                  "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
                                  "max_prompts": gen.max_prompts},
