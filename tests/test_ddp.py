@@ -66,9 +66,9 @@ def test_a_decoder_run_on_two_cpu_processes_gives_one_process_results(tmp_path):
       batch mean's), the policy's rollouts drawn per token from a stream seeded by (seed, epoch, token);
       their weights within WEIGHT_TOLERANCE;
     - results.json (wall clock aside), generations.jsonl and the generation's exit histogram: equal.
-    Not covered: `policy.normalize_advantages=true` (each process divides by its own rows' spread) and the
-    LoRA stage (its batches are whole sequences, split by Lightning's distributed sampler).
-    """
+    Not covered: `policy.normalize_advantages=true` (each process divides by its own rows' spread), the
+    propagated policy stage (its loss is a mean over its process's tokens, its rollouts drawn per step) and
+    the LoRA stage (its batches are whole sequences, split by Lightning's distributed sampler)."""
     import torch
 
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -172,8 +172,6 @@ def rewards(exits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor | N
     """
     if task_term not in TASK_TERMS:
         raise ValueError(f"task_term {task_term!r}: use one of {TASK_TERMS}")
-    if depth_term not in DEPTH_TERMS:
-        raise ValueError(f"depth_term {depth_term!r}: use one of {DEPTH_TERMS}")
     if exits.dim() != 2:
         raise ValueError(f"exits must be [K, B], got {tuple(exits.shape)}")
     if task_term == "ce":
@@ -182,6 +180,16 @@ def rewards(exits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor | N
         if correct is None:
             raise ValueError("task_term='correct' needs the correct table")
         task = gather_layer(correct.detach(), exits).float()
+    cost = depth_cost(exits, memorized, num_layers, alpha, depth_term)
+    return RewardParts(reward=task - cost, task=task, depth_cost=cost)
+
+
+def depth_cost(exits: torch.Tensor, memorized: torch.Tensor | None, num_layers: int, alpha: float,
+               depth_term: str = "hardness") -> torch.Tensor:
+    """alpha * t * factor for exits t [K, ...] of instances with memorized layers m [...]: factor 1 - m/L
+    ("hardness"), 1 ("plain"), 0 ("none")."""
+    if depth_term not in DEPTH_TERMS:
+        raise ValueError(f"depth_term {depth_term!r}: use one of {DEPTH_TERMS}")
     t = exits.float()
     if depth_term == "hardness":
         if memorized is None:
@@ -191,8 +199,7 @@ def rewards(exits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor | N
         factor = torch.ones_like(t)
     else:
         factor = torch.zeros_like(t)
-    depth_cost = alpha * t * factor
-    return RewardParts(reward=task - depth_cost, task=task, depth_cost=depth_cost)
+    return alpha * t * factor
 
 
 def advantages(rewards: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -309,6 +316,51 @@ def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, corre
                       instance_loss=per_instance)
 
 
+# --------------------------------------------------------------------------- rollouts of whole sequences
+
+
+def later_agreement(correct: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """[..., T] 0/1 agreement per position and [..., T] validity -> [..., T] the discounted sum of the
+    agreement of the valid positions after each one, sum_{s>t} gamma^(s-t-1) correct_s (0 at the end)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    hits = correct.float() * mask
+    out = torch.zeros_like(hits)
+    for t in range(hits.shape[-1] - 2, -1, -1):
+        out[..., t] = hits[..., t + 1] + gamma * out[..., t + 1]
+    return out
+
+
+def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: torch.Tensor,
+                       memorized: torch.Tensor | None, mask: torch.Tensor, probs: torch.Tensor, *, num_exits: int,
+                       alpha: float, later_weight: float = 0.5, gamma: float = 0.9, depth_term: str = "hardness",
+                       normalize_advantages: bool = False) -> PolicyStep:
+    """REINFORCE over K rollouts of whole sequences [K, B, T] in which each position's exit changed what
+    the later positions saw (`inference.propagated`).
+
+    Each position's decisions earn its own reward, correct_t - alpha * t * factor (as `rewards`), plus
+    `later_weight` times the discounted agreement of the positions after it in its rollout
+    (`later_agreement`): an exit whose propagated K/V spoil the later tokens pays for each of them. Baseline: the mean return over the K rollouts of the same position.
+    log_probs [K, B, T] (differentiable), exits [K, B, T] (1..E), correct [K, B, T], memorized [B, T],
+    mask [B, T], probs [E, K, B, T] (nan where not reached, for the statistics). The returned step's
+    tables are over the valid positions ([K, N], [E, N]).
+    """
+    if exits.dim() != 3 or log_probs.shape != exits.shape or correct.shape != exits.shape:
+        raise ValueError(f"log_probs, exits and correct must be [K, B, T], got {tuple(log_probs.shape)}, "
+                         f"{tuple(exits.shape)}, {tuple(correct.shape)}")
+    if exits.shape[0] < 2:
+        raise ValueError("a sequence rollout's baseline is the mean over the other rollouts: use k >= 2")
+    valid = mask.bool()
+    task = correct.float()
+    cost = depth_cost(exits, memorized, num_exits, alpha, depth_term)
+    returns = task - cost + later_weight * later_agreement(correct, valid.unsqueeze(0).expand_as(correct), gamma)
+    adv = advantages(returns[:, valid], normalize=normalize_advantages)
+    per_position = -(adv.detach() * log_probs[:, valid]).mean(0)
+    parts = RewardParts(reward=returns[:, valid], task=task[:, valid], depth_cost=cost[:, valid])
+    return PolicyStep(loss=per_position.mean(), parts=parts, advantages=adv, exits=exits[:, valid],
+                      probs=probs[:, :, valid].nanmean(1), instance_loss=per_position)
+
+
 def step_statistics(step: PolicyStep) -> dict[str, torch.Tensor]:
     """What a reward curve shows of one step: mean reward and its parts, advantage spread, loss,
     policy entropy (layers 1..L-1), mean exit layer, and mean exit probability per layer."""
@@ -318,8 +370,9 @@ def step_statistics(step: PolicyStep) -> dict[str, torch.Tensor]:
         "depth_cost": step.parts.depth_cost.mean(),
         "advantage_std": step.advantages.std(),
         "loss": step.loss,
-        "entropy": bernoulli_entropy(step.probs[:-1]).mean(),
+        "entropy": bernoulli_entropy(step.probs[:-1]).nanmean(),
         "exit_layer": step.exits.float().mean(),
     }
-    stats.update({f"p_exit_L{layer + 1}": step.probs[layer].mean() for layer in range(step.probs.shape[0])})
+    # nan marks a layer an instance never reached (rollouts under propagation record only those it did)
+    stats.update({f"p_exit_L{layer + 1}": step.probs[layer].nanmean() for layer in range(step.probs.shape[0])})
     return stats
