@@ -14,6 +14,7 @@ import torch
 
 from ee_lightning.data.base import PadCollator, encode_texts
 from ee_lightning.data.generation import collate_generate, encode_prompt
+from ee_lightning.evaluation.generation_eval import per_prompt
 from ee_lightning.evaluation.text_metrics import trim_generation
 from ee_lightning.exits.rules import ExitRule, build_rule, rule_from_grid
 from ee_lightning.inference.generate import generate_with_exits
@@ -225,10 +226,10 @@ class EarlyExitGenerator:
             out = generate_with_exits(self.decoder, self.parts.exits, rule, batch["input_ids"].to(device),
                                       batch["attention_mask"].to(device), max_new_tokens, eos_token_id=eos,
                                       pad_token_id=pad, policy=self.parts.policy, classifier=self.parts.classifier)
-            for row, layers in zip(out.new_tokens.cpu(), out.exit_layers.cpu()):
-                tokens.append(trim_generation(row.tolist(), eos))
-                layers = layers[layers > 0]  # 0: padding after the row's EOS
-                exit_layers.append(layers.tolist())
-                counts += torch.bincount(layers, minlength=self.num_layers + 1)[1:]
+            batch_tokens, batch_layers = per_prompt(out, eos)
+            tokens += batch_tokens
+            exit_layers += batch_layers
+            for layers in batch_layers:
+                counts += torch.bincount(torch.tensor(layers, dtype=torch.long), minlength=self.num_layers + 1)[1:]
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
         return Generations(texts, tokens, exit_layers, counts.tolist())

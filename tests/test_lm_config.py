@@ -133,6 +133,10 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["method.lm_exits.policy.task_term=reward"], "method.lm_exits.policy.task_term=reward: must be one of ce | correct"),
     (["method.lm_exits.policy.depth_term=hardnes"], "(did you mean hardness?)"),
     (["method.lm_exits.policy.eps_start=1.5"], "method.lm_exits.policy.eps_start=1.5: must be in [0.0, 1.0]"),
+    (["method.lm_exits.policy.propagated.k=1"], "method.lm_exits.policy.propagated.k=1: must be >= 2; each position's "
+                                                "baseline is the mean over the other rollouts"),
+    (["method.lm_exits.policy.propagated.gamma=1.5"], "method.lm_exits.policy.propagated.gamma=1.5: must be in [0.0, 1.0]"),
+    (["method.lm_exits.policy.propagated.epochs=-1"], "method.lm_exits.policy.propagated.epochs=-1: must be >= 0; 0 skips"),
     (["method.lm_exits.hardness.target=fulll"], "method.lm_exits.hardness.target=fulll: must be one of reference | full "
                                                "(did you mean full?)"),
     (["method.lm_exits.adapters.target=model"], "method.lm_exits.adapters.target=model: must be one of reference | full"),

@@ -59,6 +59,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=many",  # wandb offline
                          "data.max_train_samples=8", "data.max_eval_samples=4", "data.max_prompt_length=64",
                          "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=1",
+                         "method.lm_exits.policy.propagated.epochs=1", "method.lm_exits.policy.propagated.batch_size=4",
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
                          "method.generation.rules.static=null", "method.generation.rules.policy=[0.3,0.4,0.5]",
                          "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
@@ -87,9 +88,27 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
         assert (run_dir / name).is_file(), name
     # the encoders' run layout: every stage in the ledger
     assert list(json.loads((run_dir / "stages.json").read_text())) == [
-        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier", "lm_cache_validation",
-        "lm_generation"]
+        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_policy_propagated", "lm_classifier",
+        "lm_cache_validation", "lm_generation"]
+    # the rollouts under propagation trained the policy further (their own reward-curve rows), and the
+    # summary says what the held-out policy agrees on under propagation
+    curve = (run_dir / "reward_curve.csv").read_text()
+    assert "lm_policy_propagated" in curve
+    propagated = saved["training_summary"]["evaluation"]["under_propagation"]
+    assert propagated["tokens"] > 0 and 0.0 <= propagated["policy_agreement_with_full"] <= 1.0
+    assert 1.0 <= propagated["policy_mean_exit"] <= 4.0
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
+    # each prompt's tokens and exit layers under every rule point, in prompt order; the points count them
+    generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [(g["rule"], g["value"], g["prompt"]) for g in generations] == [
+        (p["rule"], p["value"], i) for p in saved["points"] for i in range(4)]
+    for point in saved["points"]:
+        rows = [g for g in generations if (g["rule"], g["value"]) == (point["rule"], point["value"])]
+        layers = [layer for g in rows for layer in g["exit_layers"]]
+        assert len(layers) == point["tokens"] and [layers.count(l) for l in (1, 2, 3, 4)] == point["exit_histogram"]
+        assert all(len(g["exit_layers"]) - len(g["tokens"]) in (0, 1) for g in rows)  # the EOS has an exit, no token
+    assert {g["knob"] for g in generations if g["rule"] == "policy"} == {"tau"}
+    assert saved["report"]["generations"] == str(run_dir / "generations.jsonl")
     # the generation's policy exits at the trained tau went through the exit-histogram callback
     lines = [json.loads(line) for line in (run_dir / "exit_histograms.jsonl").read_text().splitlines()]
     (generated,) = [line for line in lines if line["stage"] == "lm_generation"]
@@ -101,7 +120,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert "test/exit/frac_L1" in header
     # each stage its own wandb run; the generation's has the histogram
     ids = json.loads((run_dir / "wandb_ids.json").read_text())
-    assert set(ids) == {"lm_adapters", "lm_policy", "lm_classifier", "lm_generation"}
+    assert set(ids) == {"lm_adapters", "lm_policy", "lm_policy_propagated", "lm_classifier", "lm_generation"}
     runs = {path.name.rsplit("-", 1)[1]: path for path in (run_dir / "wandb").glob("offline-run-*")}
     assert set(runs) == set(ids.values())
     assert b"test/exit/hist" in (runs[ids["lm_generation"]] / f"run-{ids['lm_generation']}.wandb").read_bytes()

@@ -23,6 +23,7 @@ from ee_lightning.training.lm_pipeline import per_exit_probs, train_lm_exits
 from ee_lightning.training.stages import Stages
 from ee_lightning.training.systems.lm import ExitAdapterSystem, ExitClassifierSystem, TokenPolicySystem, TokenStateDataset
 from tests.conftest import CONF_DIR
+from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from tests.lm_fixtures import LlamaLayers, tiny_chat_tokenizer, tiny_llama
 
 
@@ -212,12 +213,13 @@ def test_adapter_stage_lowers_the_exits_loss():
 def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     L.seed_everything(0)
     dm = jsonl_datamodule(tmp_path)
-    decoder = LlamaLayers(tiny_llama(num_layers=4, hidden=16, vocab=len(dm.tokenizer)))
+    decoder = wrap_decoder(tiny_llama(num_layers=4, hidden=16, vocab=len(dm.tokenizer)))  # the layer-wise adapter
     cfg = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
     cfg.exit_every = 2
     cfg.rank = 4
     for stage in ("adapters", "policy", "classifier"):
         cfg[stage].epochs = 1
+    cfg.policy.propagated.epochs, cfg.policy.propagated.batch_size = 1, 2
     cfg.policy.k = 4
     cfg.policy.task_target = "full"
     cfg.adapters.target = "full"
@@ -227,7 +229,8 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
     for name in ("lm_cache_train/exit_states_train.pt", "lm_scores/scores.pt"):
         assert (folder / name).is_file()
     assert set(json.loads((tmp_path / "out" / "stages.json").read_text())) == {
-        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier", "lm_cache_validation"}
+        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_policy_propagated", "lm_classifier",
+        "lm_cache_validation"}
     summary = run.summary
     train = summary["train"]
     assert len(train["token_acc"]) == 2 and sum(summary["memorized_histogram"]) == train["tokens"]
@@ -239,6 +242,8 @@ def test_train_lm_exits_end_to_end_on_a_tiny_llama(tmp_path):
         len(r) for r in dm.dataset("validation").response_ids)
     assert (folder / "lm_cache_validation" / "exit_states_validation.pt").is_file()
     assert len(held_out["classifier_acc"]) == 1 and 0.0 <= held_out["classifier_acc"][0] <= 1.0
+    propagated = held_out["under_propagation"]  # the same tokens, replayed under propagated K/V
+    assert propagated["tokens"] == held_out["tokens"] and 1.0 <= propagated["policy_mean_exit"] <= 2.0
     assert torch.allclose(per_exit_probs(run.policy, run.cache["states"], chunk=3),
                           per_exit_probs(run.policy, run.cache["states"]))
     mtime = (folder / "lm_cache_train" / "exit_states_train.pt").stat().st_mtime_ns

@@ -64,6 +64,32 @@ def test_batch_order_depends_only_on_seed_and_epoch():
     assert list(a) != list(b)
 
 
+def test_every_process_takes_its_share_of_the_one_batch_order_with_loss_weights():
+    from ee_lightning.data.resumable import GlobalBatches, WeightedRows, process_share
+
+    # 7 rows in batches of 3: [a b c] [d e f] [g]; 2 processes take rows 0, 2 and row 1 of each
+    assert process_share([5, 6, 7], 0, 2) == [(5, 1 / 3), (7, 1 / 3)]
+    assert process_share([5, 6, 7], 1, 2) == [(6, 1 / 3)]
+    assert process_share([9], 0, 2) == [(9, 1.0)]
+    assert process_share([9], 1, 2) == [(9, 0.0)]  # nothing left to take: a stand-in that weighs nothing
+    # a process's loss is sum(weight * row loss) * 2; DDP averages the two: the batch's mean
+    losses = {5: 1.0, 6: 4.0, 7: 7.0}
+    shares = [sum(w * losses[row] for row, w in process_share([5, 6, 7], rank, 2)) * 2 for rank in (0, 1)]
+    assert sum(shares) / 2 == pytest.approx(4.0)
+    # in one process: the batches of EpochShuffle, whole, each row weighing 1 / its batch's rows
+    batches = GlobalBatches(EpochShuffle(7, seed=3), batch_size=3)
+    batches.set_epoch(2)
+    shuffle = EpochShuffle(7, seed=3)
+    shuffle.set_epoch(2)
+    rows = list(shuffle)
+    assert len(batches) == 3 and batches.epoch == 2
+    assert list(batches) == [[(r, 1 / 3) for r in rows[:3]], [(r, 1 / 3) for r in rows[3:6]], [(rows[6], 1.0)]]
+    loader = ResumableLoader(WeightedRows([{"x": torch.tensor(float(i))} for i in range(7)]), batch_sampler=batches)
+    first = next(iter(loader))
+    assert first["row"].tolist() == rows[:3] and first["x"].tolist() == [float(r) for r in rows[:3]]
+    assert first["weight"].dtype == torch.float32 and first["weight"].tolist() == pytest.approx([1 / 3] * 3)
+
+
 def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import random
 
@@ -214,6 +240,7 @@ def tiny_decoder_run(run_dir: Path) -> list[str]:
             "logger=csv", "data.max_train_samples=8", "data.max_eval_samples=2", "data.max_prompt_length=64",
             "method.lm_exits.exit_every=1", "method.lm_exits.adapters.epochs=2", "method.lm_exits.adapters.batch_size=16",
             "method.lm_exits.policy.epochs=2", "method.lm_exits.policy.batch_size=16",
+            "method.lm_exits.policy.propagated.epochs=2", "method.lm_exits.policy.propagated.batch_size=2",
             "method.lm_exits.classifier.epochs=1", "method.generation.max_prompts=2", "method.generation.batch_size=1",
             "method.generation.max_new_tokens=3", "method.generation.rules.static=null",
             "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=[0.5]",
@@ -243,19 +270,20 @@ def test_a_decoder_run_killed_mid_stage_resumes_that_stage_to_the_same_results(t
     reference = tmp_path / "uninterrupted"
     run_to_end(tiny_decoder_run(reference), tmp_path)
     steps = {stage: torch.load(reference / "checkpoints" / stage / "last.ckpt", weights_only=False)["global_step"]
-             for stage in ("lm_adapters", "lm_policy")}
+             for stage in ("lm_adapters", "lm_policy", "lm_policy_propagated")}
 
     run_dir = tmp_path / "killed"
     command = tiny_decoder_run(run_dir)
     killed = {"lm_adapters": run_and_kill(command, tmp_path, run_dir, "lm_adapters", 4),
-              "lm_policy": run_and_kill(command, tmp_path, run_dir, "lm_policy", 4)}
+              "lm_policy": run_and_kill(command, tmp_path, run_dir, "lm_policy", 4),
+              "lm_policy_propagated": run_and_kill(command, tmp_path, run_dir, "lm_policy_propagated", 4)}
     assert all(killed[stage] < steps[stage] for stage in killed), (killed, steps)  # each killed before its end
     ledger = json.loads((run_dir / "stages.json").read_text())
-    assert "lm_adapters" in ledger and "lm_policy" not in ledger  # the second start read lm_adapters back
+    assert "lm_policy" in ledger and "lm_policy_propagated" not in ledger  # each start read the earlier stages back
     run_to_end(command, tmp_path)
 
     assert decoder_results(run_dir) == decoder_results(reference)
-    for stage in ("lm_adapters", "lm_policy", "lm_classifier"):  # the trained weights, bit for bit on a CPU
+    for stage in ("lm_adapters", "lm_policy", "lm_policy_propagated", "lm_classifier"):  # bit for bit on a CPU
         ours = torch.load(run_dir / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
         theirs = torch.load(reference / "checkpoints" / stage / "last.ckpt", weights_only=False)["state_dict"]
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), stage
@@ -265,3 +293,6 @@ def test_a_decoder_run_killed_mid_stage_resumes_that_stage_to_the_same_results(t
         policy_steps = [int(row["step"]) for row in csv.DictReader(handle) if row["stage"] == "lm_policy"]
     before_kill = [step for step in policy_steps if step <= killed["lm_policy"]]
     assert before_kill and before_kill == sorted(set(before_kill)), policy_steps
+    with open(run_dir / "reward_curve.csv", newline="") as handle:  # the rollouts' steps too
+        rollout_steps = [int(row["step"]) for row in csv.DictReader(handle) if row["stage"] == "lm_policy_propagated"]
+    assert rollout_steps == sorted(set(rollout_steps)) and len(rollout_steps) == steps["lm_policy_propagated"]

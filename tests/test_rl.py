@@ -297,3 +297,66 @@ def test_expected_estimator_is_the_exact_expected_reward_and_reinforce_estimates
     assert sampled_grad[:2, 0].tolist() == pytest.approx(exact_grad[:2, 0].tolist(), abs=2e-3)
     with pytest.raises(ValueError, match="estimator 'exactly'"):
         rl.reinforce_objective(logits, k=2, estimator="exactly", **settings)
+
+
+def test_row_noise_gives_an_instance_the_same_draws_in_any_batch():
+    whole = rl.RowNoise(7, 1, torch.tensor([10, 11, 12, 13]))
+    part = rl.RowNoise(7, 1, torch.tensor([12, 10]))
+    a, b = whole.rand((3, 2, 4)), part.rand((3, 2, 2))
+    assert torch.equal(a[..., 2], b[..., 0]) and torch.equal(a[..., 0], b[..., 1])
+    assert not torch.equal(a[..., 0], a[..., 1])  # each row its own stream
+    assert not torch.equal(rl.RowNoise(7, 2, torch.tensor([10])).rand((3, 2, 1))[..., 0], a[..., 0])  # and epoch
+    # the samplers draw from it: a token's rollouts do not depend on its batch
+    probs = torch.tensor([[0.3, 0.6, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0]])
+    exits, _ = rl.rollout(5, probs=probs, generator=rl.RowNoise(0, 0, torch.tensor([10, 11, 12, 13])))
+    alone, _ = rl.rollout(5, probs=probs[:, 2:3], generator=rl.RowNoise(0, 0, torch.tensor([12])))
+    assert torch.equal(exits[:, 2:3], alone)
+    with pytest.raises(ValueError, match="noise for 3 instances from the streams of 4 rows"):
+        whole.rand((2, 3))
+
+
+def test_the_per_instance_loss_averages_to_the_loss():
+    logits = torch.tensor([[0.2, -1.0, 2.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    losses, correct = torch.rand(2, 3), torch.tensor([[1, 0, 1], [1, 1, 0]])
+    for estimator in rl.ESTIMATORS:
+        step = rl.reinforce_objective(logits, losses, correct, torch.tensor([1, 2, 2]), k=4, alpha=0.1,
+                                      estimator=estimator, entropy_bonus=0.05, generator=torch.Generator().manual_seed(0))
+        assert step.instance_loss.shape == (3,) and step.loss == step.instance_loss.mean()
+
+
+def test_later_agreement_is_the_discounted_sum_over_the_valid_positions_after_each_one():
+    from ee_lightning.exits.rl import later_agreement
+
+    correct = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    # row 0: t3 nothing after; t2 = c3 = 1; t1 = c2 + 0.5 * 1 = 1.5; t0 = c1 + 0.5 * 1.5 = 0.75
+    # row 1 (t3 is padding): t2 = 0; t1 = c2 = 1; t0 = c1 + 0.5 * 1 = 1.5
+    expected = torch.tensor([[0.75, 1.5, 1.0, 0.0], [1.5, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(later_agreement(correct, mask, gamma=0.5), expected)
+    torch.testing.assert_close(later_agreement(correct, mask, gamma=1.0)[0], torch.tensor([2.0, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="gamma"):
+        later_agreement(correct, mask, gamma=1.5)
+
+
+def test_sequence_objective_adds_the_later_agreement_and_baselines_over_rollouts():
+    from ee_lightning.exits.rl import sequence_objective
+
+    # K=2 rollouts of one sequence of 3 tokens (the third is padding), E=2 exits, alpha 0.5, plain depth cost
+    exits = torch.tensor([[[1, 2, 1]], [[2, 2, 2]]])
+    correct = torch.tensor([[[0, 1, 0]], [[1, 1, 1]]])
+    mask = torch.tensor([[True, True, False]])
+    log_probs = torch.tensor([[[-1.0, -2.0, -5.0]], [[-3.0, -4.0, -5.0]]], requires_grad=True)
+    probs = torch.tensor([[[[0.4, 0.3, 0.2]], [[0.6, 0.3, 0.2]]], [[[float("nan")] * 3], [[float("nan")] * 3]]])
+    step = sequence_objective(log_probs, exits, correct, None, mask, probs, num_exits=2, alpha=0.5,
+                              later_weight=1.0, gamma=1.0, depth_term="plain")
+    # returns: rollout 0: t0 = 0 - 0.5 + 1 (t1 agrees) = 0.5, t1 = 1 - 1 + 0 = 0; rollout 1: t0 = 1 - 1 + 1 = 1, t1 = 0
+    torch.testing.assert_close(step.parts.reward, torch.tensor([[0.5, 0.0], [1.0, 0.0]]))
+    torch.testing.assert_close(step.advantages, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]))
+    # loss = -mean(A * log pi) over the valid positions: -(-0.25 * -1 + 0.25 * -3) / 4
+    torch.testing.assert_close(step.loss, torch.tensor(0.125))
+    step.loss.backward()
+    torch.testing.assert_close(log_probs.grad, torch.tensor([[[0.0625, 0.0, 0.0]], [[-0.0625, 0.0, 0.0]]]))
+    assert step.exits.tolist() == [[1, 2], [2, 2]]
+    torch.testing.assert_close(step.probs[0], torch.tensor([0.5, 0.3]))
+    with pytest.raises(ValueError, match="k >= 2"):
+        sequence_objective(log_probs[:1], exits[:1], correct[:1], None, mask, probs[:, :1], num_exits=2, alpha=0.5)

@@ -148,13 +148,14 @@ def decoder_run(tmp_path_factory):
         "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=null",
         "method.generation.rules.saturation=null", "method.generation.rules.classifier=[0.5]"], run))
     results = json.loads((run / "results.json").read_text())
+    generations = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     prompts = [json.loads(line)["instruction"] for line in files["test"].read_text().splitlines()]
     references = [json.loads(line)["output"] for line in files["test"].read_text().splitlines()]
     shipped = root / "shipped" / "model"
     shutil.copytree(run / "model", shipped)
     shutil.move(pretrained, root / "moved-away" / "pretrained")
     shutil.move(run, root / "moved-away" / "run")
-    return shipped, {"results": results, "prompts": prompts, "references": references}
+    return shipped, {"results": results, "prompts": prompts, "references": references, "generations": generations}
 
 
 # --------------------------------------------------------------------------------- done-when (a), (b)
@@ -198,30 +199,46 @@ def test_a_decoder_run_loads_in_another_process_and_reproduces_its_generations(d
     from ee_lightning.evaluation.text_metrics import rouge_f1
 
     folder, reference = decoder_run
+    # every rule point of the run that a saved model can generate with (the oracle is a bound, not a rule to use),
+    # each prompt's tokens and exit layers as the run's generations.jsonl holds them
+    ran: dict = {}
+    for row in reference["generations"]:
+        ran.setdefault((row["rule"], row["value"]), {})[row["prompt"]] = row
+    points = sorted(key for key in ran if key[0] != "oracle")
     out = run_elsewhere(f"""
 import json, ee_lightning
 model = ee_lightning.load({str(folder)!r})
 prompts = {reference["prompts"]!r}
-policy = model.generate(prompts)
-full = model.generate(prompts, rule="full")
-classifier = model.generate(prompts, rule="classifier", knob=0.5)
+got = {{"default": model.generate(prompts)}}
+for rule, knob in {points!r}:
+    got[f"{{rule}} {{knob}}"] = model.generate(prompts, rule=rule, knob=knob)
 print(json.dumps({{name: {{"texts": g.texts, "tokens": g.tokens, "exit_layers": g.exit_layers, "counts": g.exit_counts}}
-                  for name, g in (("policy", policy), ("full", full), ("classifier", classifier))}}))
+                  for name, g in got.items()}}))
 """, tmp_path)
     got = last_json_line(out)
     results, references = reference["results"], reference["references"]
-    points = {(p["rule"], p["value"]): p for p in results["points"]}
+    by_point = {(p["rule"], p["value"]): p for p in results["points"]}
     assert results["policy_tau"] == 0.5
-    assert sum(points[("policy", 0.5)]["exit_histogram"][:-1]) > 0  # some tokens leave early
-    for name, key in (("policy", ("policy", 0.5)), ("full", ("full", None)), ("classifier", ("classifier", 0.5))):
-        point, generated = points[key], got[name]
-        # every generated token's exit layer, counted as the run counted them, and the same texts
-        assert generated["counts"] == point["exit_histogram"], name
-        assert sum(len(layers) for layers in generated["exit_layers"]) == point["tokens"], name
-        assert rouge_f1(generated["texts"], references)["rougeL"] == pytest.approx(point["rougeL"]), name
-        assert rouge_f1(generated["texts"], got["full"]["texts"])["rougeL"] == pytest.approx(point["rougeL_vs_full"])
-        assert generated["texts"][0] == results["examples"][name], name
-    assert got["full"]["exit_layers"][0] and set(got["full"]["exit_layers"][0]) == {4}
+    assert sum(by_point[("policy", 0.5)]["exit_histogram"][:-1]) > 0  # some tokens leave early
+    assert {("full", None), ("policy", 0.5), ("classifier", 0.5), ("static", 1)} <= set(points)
+    assert got["default"] == got["policy 0.5"]  # by default, the policy at its trained tau
+    prompts = range(len(reference["prompts"]))
+    for rule, knob in points:
+        point, generated, rows = by_point[(rule, knob)], got[f"{rule} {knob}"], ran[(rule, knob)]
+        assert sorted(rows) == list(prompts), (rule, knob)
+        # every prompt's tokens and every token's exit layer, exactly as the run generated them
+        assert generated["tokens"] == [rows[i]["tokens"] for i in prompts], (rule, knob)
+        assert generated["exit_layers"] == [rows[i]["exit_layers"] for i in prompts], (rule, knob)
+        # and the run's numbers from them
+        assert generated["counts"] == point["exit_histogram"], (rule, knob)
+        assert sum(len(layers) for layers in generated["exit_layers"]) == point["tokens"], (rule, knob)
+        assert rouge_f1(generated["texts"], references)["rougeL"] == pytest.approx(point["rougeL"]), (rule, knob)
+        assert rouge_f1(generated["texts"], got["full None"]["texts"])["rougeL"] == pytest.approx(point["rougeL_vs_full"])
+    # the comparison can tell: exits differ between rules, and within the policy's generation
+    assert len({tuple(map(tuple, got[f"{rule} {knob}"]["exit_layers"])) for rule, knob in points}) > 1
+    assert len({layer for layers in got["policy 0.5"]["exit_layers"] for layer in layers}) > 1
+    assert got["full None"]["exit_layers"][0] and set(got["full None"]["exit_layers"][0]) == {4}
+    assert got["policy 0.5"]["texts"][0] == results["examples"]["policy"]
 
 
 def readme_section(title: str) -> str:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.app.validate import validate_config
 from ee_lightning.data import build_datamodule
-from ee_lightning.evaluation.generation_eval import rule_points_grid, write_generation_report
+from ee_lightning.evaluation.generation_eval import rule_points_grid, write_generation_report, write_generations
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.inference.layer_cache import collect_signals
 from ee_lightning.modeling.export import load_decoder, load_encoder, read_config
@@ -112,6 +112,8 @@ def evaluate_decoder(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     title = f"{config['backbone']['name']} on {datamodule.name} ({cfg.split}, {len(system.references)} prompts)"
     paths = write_generation_report(points, extras, out_dir, title)
+    write_generations(system.generations(), out_dir / "generations.jsonl")
+    paths["generations"] = out_dir / "generations.jsonl"
     report = {"model_dir": str(cfg.model_dir), "split": cfg.split, "points": points,
               "files": {k: str(v) for k, v in paths.items()}}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=str))

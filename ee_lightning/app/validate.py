@@ -272,6 +272,13 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(policy, "tau", q, low=0.0, high=1.0, low_open=True, high_open=True,
                  why="the greedy exit is the first exit whose exit probability exceeds tau")
     check.choice(policy, "task_target", q, TOKEN_TARGETS)
+    propagated, q = policy.propagated, f"{q}propagated."
+    check.number(propagated, "epochs", q, low=0, integer=True, why="0 skips the stage")
+    check.number(propagated, "lr", q, low=0.0, low_open=True)
+    check.number(propagated, "batch_size", q, low=1, integer=True, why="responses per step")
+    check.number(propagated, "k", q, low=2, integer=True, why="each position's baseline is the mean over the other rollouts")
+    check.number(propagated, "later_weight", q, low=0.0)
+    check.number(propagated, "gamma", q, low=0.0, high=1.0, why="the discount of later tokens' agreement")
     check_lora(_value(node, "lora"), check, f"{p}lora.")
 
 

@@ -151,12 +151,26 @@ class LMHardnessConfig:
 
 
 @dataclass
+class PropagatedPolicyStage:
+    """The token policy fine-tuned on rollouts under propagated K/V (systems.lm.PropagatedPolicySystem);
+    epochs 0 skips it."""
+
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    k: int = MISSING
+    later_weight: float = MISSING
+    gamma: float = MISSING
+
+
+@dataclass
 class TokenPolicyStage(PolicyStage):
     """method.policy's knobs (TokenPolicySystem takes them all) plus the token policy's own."""
 
     hidden: int = MISSING
     task_target: str = MISSING
     tau: float = MISSING
+    propagated: PropagatedPolicyStage = field(default_factory=PropagatedPolicyStage)
 
 
 @dataclass

@@ -20,7 +20,9 @@ scores the merged runs.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ from ee_lightning.evaluation.generation_cost import timed
 from ee_lightning.evaluation.frontier import value_at_saving
 from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
+from ee_lightning.files import atomic_write_text
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
 from ee_lightning.inference.generate import generate_with_exits
 
@@ -76,20 +79,39 @@ def policy_at(rules: list, tau: float) -> int | None:
     return next((i for i, (name, value, _) in enumerate(rules) if name == "policy" and value == tau), None)
 
 
+def knob_name(rule: str) -> str | None:
+    """The name of a rule's knob in the report's rows (`tau`, `threshold`, `patience,threshold`), None for none."""
+    return ",".join(GRID_KNOBS[rule]) or None
+
+
 def _texts(tokenizer, sequences: list[list[int]]) -> list[str]:
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sequences]
 
 
+def per_prompt(out, eos) -> tuple[list[list[int]], list[list[int]]]:
+    """Per prompt of a `GenerationResult`: its tokens before the first EOS, and the exit layer (1..L) of
+    every token it generated, the EOS included (padding after a row's EOS has none)."""
+    tokens = [trim_generation(row.tolist(), eos) for row in out.new_tokens.cpu()]
+    exit_layers = [row[row > 0].tolist() for row in out.exit_layers.cpu()]
+    return tokens, exit_layers
+
+
+def flat_exit_layers(run: dict) -> torch.Tensor:
+    """Every generated token's exit layer in a run (`generate_batch`, `merge_runs`), prompt after prompt."""
+    return torch.tensor([layer for layers in run["exit_layers"] for layer in layers], dtype=torch.long)
+
+
 def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,
                    flops=None) -> dict:
-    """One prompt batch with `rule`: trimmed token lists, exit layers and costs of every generated token,
-    the decoding's wall seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass."""
+    """One prompt batch with `rule`: per prompt its trimmed tokens and its tokens' exit layers
+    (`per_prompt`), the costs of every generated token (prompt after prompt) and the decoding's wall
+    seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass."""
     out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
                          max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
                          prompt_cache=batch.get("prompt_cache"))
     mask = out.token_mask
-    run = {"tokens": [trim_generation(row.tolist(), eos) for row in out.new_tokens],
-           "exit_layers": out.exit_layers[mask].cpu(), "seconds": seconds, "generated": int(mask.sum())}
+    tokens, exit_layers = per_prompt(out, eos)
+    run = {"tokens": tokens, "exit_layers": exit_layers, "seconds": seconds, "generated": int(mask.sum())}
     if flops is not None:
         run["flops"] = flops.per_token(out, batch["attention_mask"])[mask.cpu()]
         run["full_flops"] = flops.full_depth_per_token(out, batch["attention_mask"])[mask.cpu()]
@@ -98,12 +120,22 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
 
 def merge_runs(runs: list[dict]) -> dict:
     """One rule's batches (`generate_batch`), in order, as one run over the split."""
-    merged = {"tokens": [tokens for run in runs for tokens in run["tokens"]],
-              "seconds": sum(run["seconds"] for run in runs), "generated": sum(run["generated"] for run in runs)}
-    for key in ("exit_layers", "flops", "full_flops"):
+    merged = {key: [row for run in runs for row in run[key]] for key in ("tokens", "exit_layers")}
+    merged.update(seconds=sum(run["seconds"] for run in runs), generated=sum(run["generated"] for run in runs))
+    for key in ("flops", "full_flops"):
         if key in runs[0]:
             merged[key] = torch.cat([run[key] for run in runs])
     return merged
+
+
+def generation_rows(rules: list, runs: list[dict]) -> list[dict]:
+    """One row per rule point and prompt (`runs` in the order of `rules`, each over the split in prompt
+    order): rule, knob (its name), value, prompt (its index in the split), tokens (before the first EOS)
+    and exit_layers (1-based, one per generated token, the EOS included)."""
+    return [{"rule": name, "knob": knob_name(name), "value": value, "prompt": prompt,
+             "tokens": tokens, "exit_layers": layers}
+            for (name, value, _), run in zip(rules, runs)
+            for prompt, (tokens, layers) in enumerate(zip(run["tokens"], run["exit_layers"]))]
 
 
 def library_generate(decoder, batch, max_new_tokens, eos, pad) -> tuple[float, int]:
@@ -127,12 +159,13 @@ def score_points(rules: list, runs: list[dict], tokenizer, references: list[str]
             full = {**run, "texts": texts}
         rouge = rouge_f1(texts, references)
         agree = corpus_token_agreement(list(zip(run["tokens"], full["tokens"])))
-        avg = float(run["exit_layers"].float().mean()) if run["generated"] else float("nan")
+        exit_layers = flat_exit_layers(run)
+        avg = float(exit_layers.float().mean()) if run["generated"] else float("nan")
         flops_per_token = float(run["flops"].mean()) if run["generated"] else float("nan")
         tokens_per_s = run["generated"] / run["seconds"] if run["seconds"] else float("nan")
         with_prompts = run["generated"] / (run["seconds"] + prefill_seconds)
         point = {
-            "rule": name, "knob": ",".join(GRID_KNOBS[name]) or None, "value": value,
+            "rule": name, "knob": knob_name(name), "value": value,
             "metric": rouge["rougeL"], **rouge, "rougeL_vs_full": rouge_f1(texts, full["texts"])["rougeL"],
             "token_agreement": agree["mean"], "token_agreement_micro": agree["micro"],
             "avg_exit_layer": avg, "layer_saving": 1 - avg / L, "speedup": L / avg,
@@ -140,7 +173,7 @@ def score_points(rules: list, runs: list[dict], tokenizer, references: list[str]
             "tokens": run["generated"], "tokens_per_s": tokens_per_s, "tokens_per_s_with_prompt": with_prompts,
             "speedup_vs_full": tokens_per_s / (full["generated"] / full["seconds"]),
             "speedup_vs_generate": with_prompts / library["tokens_per_s"],
-            "exit_histogram": torch.bincount(run["exit_layers"], minlength=L + 1)[1:].tolist(),
+            "exit_histogram": torch.bincount(exit_layers, minlength=L + 1)[1:].tolist(),
         }
         points.append(point)
         examples.setdefault(name, texts[0])
@@ -213,6 +246,11 @@ def markdown_report(points: list[dict], extras: dict, title: str) -> str:
     lines += ["", "## First test output per rule (first knob)", "", f"- reference: {extras['reference_example']!r}"]
     lines += [f"- {rule}: {text!r}" for rule, text in extras["examples"].items()]
     return "\n".join(lines) + "\n"
+
+
+def write_generations(rows: list[dict], path) -> None:
+    """`generation_rows` as JSON lines (generations.jsonl)."""
+    atomic_write_text(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_generation_report(points: list[dict], extras: dict, out_dir, title: str) -> dict:

@@ -8,6 +8,7 @@ ledger (stages.json) and resumed after a kill:
                        model's top-k at every position of the text: adapters.objective=distill);
   lm_scores            every exit's token and cross-entropy on every cached token, and each token's memorized exit;
   lm_policy            the per-token REINFORCE policy;
+  lm_policy_propagated (optional) the policy fine-tuned on rollouts of whole responses under propagated K/V;
   lm_classifier        CALM's exit classifier;
   lm_cache_<split>     the held-out split's exit states (`lm_exits.evaluate_split`), for the training summary;
   lm_generation        every rule at every knob generates on the held-out prompts (a Lightning test of
@@ -28,20 +29,24 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
-from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
-from ee_lightning.evaluation.generation_eval import comparison_rows, rule_points_grid, write_generation_report
+from ee_lightning.data.resumable import EpochShuffle, GlobalBatches, ResumableLoader, WeightedRows
+from ee_lightning.evaluation.generation_eval import (comparison_rows, rule_points_grid, write_generation_report,
+                                                     write_generations)
 from ee_lightning.exits.hardness import histogram
 from ee_lightning.exits.lm_targets import agrees_with_last, exit_correct, hardness_targets, token_memorized_exit
 from ee_lightning.exits.rules import policy_exits
 from ee_lightning.files import atomic_write_text, load_or_build
+from ee_lightning.inference.propagated import propagated_exits
 from ee_lightning.inference.lm_cache import check_exit_layers, exit_tables, merge_parts, response_only, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.export import save_decoder
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy, exit_layer_list
+from ee_lightning.progress import progress_enabled
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_distill import distillation
 from ee_lightning.training.lm_lora import digest, train_backbone_lora
@@ -51,6 +56,7 @@ from ee_lightning.training.systems.generation import GenerationEvalSystem
 from ee_lightning.training.systems.policy import RL_KEYS
 from ee_lightning.training.trainers import finish_loggers
 from ee_lightning.training.systems.lm import (ExitAdapterSystem, ExitClassifierSystem, ExitStateCacheSystem,
+                                              PropagatedPolicySystem, ResponseRollouts, RolloutCollate,
                                               TokenPolicySystem, TokenStateDataset, _layers_first)
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,30 @@ def exit_summary(cache: dict, tables: dict, policy: TokenExitPolicy | None = Non
     return summary
 
 
+@torch.no_grad()
+def propagated_summary(decoder, exits: LMExitHeads, policy: TokenExitPolicy, datamodule, split: str, cache: dict,
+                       tau: float, batch_size: int) -> dict:
+    """The policy's greedy exits (tau) replayed over the split's responses under propagated K/V, as
+    generation forced to these tokens would take them (`inference.propagated`): its mean exit (1..E)
+    and agreement with the full model's token. Beside `exit_summary`'s numbers from full-depth states,
+    it shows what propagation costs the policy before any text is generated."""
+    rollouts = ResponseRollouts(datamodule.dataset(split), cache, torch.zeros_like(cache["targets"]))
+    loader = DataLoader(rollouts, batch_size=batch_size, collate_fn=RolloutCollate(datamodule.pad_id))
+    device = next(decoder.parameters()).device
+    agree = exit_sum = count = 0
+    for batch in tqdm(loader, desc=f"policy under propagation ({split})", unit="batch", dynamic_ncols=True,
+                      disable=not progress_enabled()):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        roll = propagated_exits(decoder, exits, policy, batch["prompt_ids"], batch["prompt_mask"],
+                                batch["response_ids"], batch["response_mask"], tau=tau)
+        valid = roll.mask
+        agree += int((roll.tokens == batch["full_tokens"])[valid].sum())
+        exit_sum += int(roll.exit_index[valid].sum())
+        count += int(valid.sum())
+    return {"tokens": count, "policy_mean_exit": exit_sum / max(count, 1),
+            "policy_agreement_with_full": agree / max(count, 1)}
+
+
 def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_cfg: LMCacheConfig, stages: Stages,
                 identity: dict | None, top_k: int | None = None) -> dict:
     """Stage lm_cache_<split>: the split's exit-state cache, one predict pass (split across processes
@@ -140,9 +170,10 @@ def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_c
 
     def build() -> dict:
         loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
-        trainer = stages.make_trainer(stage, 1, log=False, **REPLICATED)
+        # every process sees the one batch order and predicts its share of the batches (ExitStateCacheSystem)
+        trainer = stages.make_trainer(stage, 1, log=False, use_distributed_sampler=False, **REPLICATED)
         parts = trainer.predict(ExitStateCacheSystem(decoder, exit_layers, dtype, positions, top_k), dataloaders=loader)
-        return merge_parts([part for shard in all_processes(parts) for part in shard], exit_layers)
+        return merge_parts([part for shard in all_processes(parts) for part in shard if part is not None], exit_layers)
 
     cache = load_or_build(stages.folder(stage) / f"exit_states_{split}.pt", meta, build, save=is_global_zero())
     if not stages.ledger.done(stage):
@@ -150,12 +181,14 @@ def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_c
     return cache
 
 
-def stage_loader(dataset, batch_size: int, seed: int) -> ResumableLoader:
+def stage_loader(dataset, batch_size: int, seed: int, collate_fn=None) -> ResumableLoader:
     """A trained stage's loader: its order depends only on (seed, epoch), and it resumes mid-epoch. Its
-    own generator: a loader's iterator draws a seed when it starts, which must not come from the global
-    stream (a resumed stage starts its iterator at another point of that stream)."""
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed=seed),
-                           generator=torch.Generator().manual_seed(seed))
+    batches are the same in any number of processes, each process taking its share of every batch
+    with loss weights (`data.resumable.GlobalBatches`; its Trainer: TRAINED). Its own generator: a
+    loader's iterator draws a seed when it starts, which must not come from the global stream (a
+    resumed stage starts its iterator at another point of that stream)."""
+    return ResumableLoader(WeightedRows(dataset), batch_sampler=GlobalBatches(EpochShuffle(len(dataset), seed), batch_size),
+                           generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn)
 
 
 def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardness_target: str,
@@ -179,6 +212,9 @@ def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardn
 # These stages call their modules outside a forward pass (the exits' LM head, the policy on cached
 # states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
 REPLICATED = {"replicate": True}
+# The trained stages' Trainers: their loaders shard every batch themselves (`stage_loader`), so that
+# several processes train on the batches of one.
+TRAINED = {**REPLICATED, "use_distributed_sampler": False}
 
 CACHE_FORMAT = 2  # the exit-state cache's layout (inference/lm_cache.py); another value rebuilds old files
 
@@ -190,7 +226,8 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary,
     each a stage of `stages` (a finished one is read back, an interrupted one resumes).
 
-    `decoder(input_ids, attention_mask)` gives the L layer states and has final_norm / lm_head;
+    `decoder` is a layer-wise decoder (`modeling.backbones.decoders`): `decoder(input_ids, attention_mask)`
+    gives the L layer states, and its step interface replays the policy under propagated K/V;
     `datamodule` is a `data.generation.GenerationDataModule`; `cfg` the typed `method.lm_exits`
     (`app.validate.lm_exits_config` types and checks a plain node); `identity` (e.g. the model name)
     goes into the caches' keys, so another model rebuilds them. With `cfg.lora.enabled` the backbone
@@ -236,34 +273,45 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     if adapters.epochs > 0 and distilling:
         system, data, summary["distillation"] = distillation(exits, decoder, text_cache, adapters.vocabulary,
                                                              adapters.lr, adapters.weights)
-        stages.fit("lm_adapters", system, adapters.epochs, trainer=REPLICATED,
+        stages.fit("lm_adapters", system, adapters.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, batch, stages.seed))
     elif adapters.epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights)
         # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
         adapter_targets = hardness_targets(adapters.target, targets, cache["full_tokens"])
         loader = stage_loader(TokenStateDataset(cache["states"], targets=adapter_targets), batch, stages.seed)
-        stages.fit("lm_adapters", system, adapters.epochs, trainer=REPLICATED, train_dataloaders=loader)
+        stages.fit("lm_adapters", system, adapters.epochs, trainer=TRAINED, train_dataloaders=loader)
     exits.to(next(decoder.parameters()).device)
 
     tables, memorized = exit_scores(cache, exits, decoder, batch, cfg.hardness.target, stages)
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
 
     if policy is not None:
-        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS})
+        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS}, seed=stages.seed)
         # the task term scores an exit's token against the reference or the full model's own token
         correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, targets,
                                                                   cache["full_tokens"]))
         ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
         data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
-        stages.fit("lm_policy", system, policy_cfg.epochs, trainer=REPLICATED,
+        stages.fit("lm_policy", system, policy_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, policy_cfg.batch_size, stages.seed))
+        propagated = policy_cfg.propagated
+        if propagated.epochs > 0:
+            system = PropagatedPolicySystem(policy, exits, decoder, k=propagated.k, alpha=policy_cfg.alpha,
+                                            depth_term=policy_cfg.depth_term, later_weight=propagated.later_weight,
+                                            gamma=propagated.gamma,
+                                            normalize_advantages=policy_cfg.normalize_advantages,
+                                            lr=propagated.lr, seed=stages.seed)
+            rollouts = ResponseRollouts(datamodule.dataset("train"), cache, memorized)
+            stages.fit("lm_policy_propagated", system, propagated.epochs, trainer=TRAINED,
+                       train_dataloaders=stage_loader(rollouts, propagated.batch_size, stages.seed,
+                                                      collate_fn=RolloutCollate(datamodule.pad_id)))
     summary["train"] = exit_summary(cache, tables, policy, policy_cfg.tau)
 
     if classifier is not None:
         system = ExitClassifierSystem(classifier, lr=classifier_cfg.lr)
         data = TokenStateDataset(cache["states"], agree=agrees_with_last(tables["tokens"]).T)
-        stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=REPLICATED,
+        stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, classifier_cfg.batch_size, stages.seed))
 
     split = cfg.evaluate_split
@@ -271,6 +319,9 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
         held_out = split_cache(decoder, datamodule, split, exits.exit_layers, cfg.cache, stages, identity)
         summary["evaluation"] = {"split": split, **exit_summary(
             held_out, exit_tables(held_out, exits, decoder, batch_size=batch), policy, policy_cfg.tau, classifier)}
+        if policy is not None:
+            summary["evaluation"]["under_propagation"] = propagated_summary(
+                decoder, exits, policy, datamodule, split, held_out, policy_cfg.tau, cfg.cache.batch_size)
     log.info("lm exits trained: %s", summary)
     return LMExitRun(exits, policy, classifier, cache, summary)
 
@@ -294,10 +345,14 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
     return batches
 
 
+GENERATIONS_FILE = "generations.jsonl"  # every rule point's tokens and exit layers per prompt, in the run directory
+
+
 def generation_stage(run: Run, trained: LMExitRun) -> dict:
     """Stage lm_generation: every rule point generates on the held-out prompts, as a Lightning test
     under the run's strategy (batches split across processes, gathered once). Its report is kept in
-    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again."""
+    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again; each
+    prompt's tokens and exit layers under every rule point go to <run>/generations.jsonl."""
     stages, gen = run.stages, run.method.generation
     path = stages.folder("lm_generation") / "report.json"
     if stages.ledger.done("lm_generation") and path.is_file():
@@ -316,6 +371,7 @@ def generation_stage(run: Run, trained: LMExitRun) -> dict:
     points, extras = system.report()
     report = {"points": points, "extras": extras, "prompts": len(system.references)}
     if is_global_zero():
+        write_generations(system.generations(), run.run_dir / GENERATIONS_FILE)
         atomic_write_text(path, json.dumps(report, indent=2))
     stages.ledger.mark("lm_generation", None)
     finish_loggers(trainer)
@@ -330,7 +386,8 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
     report = generation_stage(run, trained)
     points, extras, gen = report["points"], report["extras"], method.generation
     title = f"{cfg.backbone.name} on {run.datamodule.name} ({gen.split}, {report['prompts']} prompts)"
-    paths = write_generation_report(points, extras, run.run_dir, title) if is_global_zero() else {}
+    paths = ({**write_generation_report(points, extras, run.run_dir, title),
+              "generations": run.run_dir / GENERATIONS_FILE} if is_global_zero() else {})
     seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
     if is_global_zero():  # the saved early-exit model (ee_lightning.load)
         save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,

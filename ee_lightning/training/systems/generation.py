@@ -16,7 +16,7 @@ only where a token exits), and computing them would change the cost being measur
 Under DDP each process generates every world_size-th batch (the Trainer gets
 `use_distributed_sampler=False`: a distributed sampler would pad the last shard with repeated
 prompts); at the test's end every process receives all of them, in batch order, so `report` scores
-the whole split once. The exit counts are per process; the exit-histogram callback sums them.
+the whole split once and `generations` lists each prompt's tokens and exit layers in prompt order. The exit counts are per process; the exit-histogram callback sums them.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import lightning as L
 import torch
 
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
-from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, policy_at,
-                                                     score_points)
+from ee_lightning.evaluation.generation_eval import (flat_exit_layers, generate_batch, generation_rows,
+                                                     library_generate, merge_runs, policy_at, score_points)
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
 from ee_lightning.progress import progress
@@ -103,7 +103,7 @@ class GenerationEvalSystem(L.LightningModule):
                                    f"{run['generated'] / max(run['seconds'], 1e-9):.1f} tokens/s")
             self.runs[index].append(run)
             if index == self.tau_index:
-                self._count_exits(run["exit_layers"])
+                self._count_exits(flat_exit_layers(run))
         seconds, generated = library_generate(decoder, batch, self.max_new_tokens, self.eos, self.pad)
         self.library["seconds"] += seconds
         self.library["generated"] += generated
@@ -134,6 +134,13 @@ class GenerationEvalSystem(L.LightningModule):
         if not self.references:
             raise ValueError("no prompt was generated: the test saw no batch (an empty generation split, or "
                              "trainer.limit_test_batches=0)")
-        runs = [merge_runs(batches) for batches in self.runs]
-        return score_points(self.rules, runs, self.tokenizer, self.references, self.decoder.num_layers,
+        return score_points(self.rules, self._merged(), self.tokenizer, self.references, self.decoder.num_layers,
                             self.prefill_seconds, self.library)
+
+    def generations(self) -> list[dict]:
+        """Every rule point's tokens and exit layers per prompt of the last test, in prompt order
+        (`generation_eval.generation_rows`)."""
+        return generation_rows(self.rules, self._merged())
+
+    def _merged(self) -> list[dict]:
+        return [merge_runs(batches) for batches in self.runs]
