@@ -38,7 +38,7 @@ from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
-from ee_lightning.training.policy_grid import choose_tau, run_frontier
+from ee_lightning.training.policy_grid import choose_tau, run_frontier, save_policies
 from ee_lightning.training.processes import is_global_zero
 from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
@@ -274,13 +274,21 @@ def split_states(run: Run, splits) -> dict[str, dict]:
     return {split: collect_states(run.model, run.datamodule.dataloader(split, by_length=True)) for split in splits}
 
 
-def operating_point(run: Run, validation: dict) -> dict | None:
-    """The policy's tau chosen on the validation split's outputs (`method.choose`); None: method.tau as set."""
+def operating_point(run: Run, validation: dict, frontier: dict | None = None) -> dict | None:
+    """The policy's operating point chosen on the validation split (`method.choose`): {"alpha", "seed", "tau",
+    "within_target", "metric", "layer_saving"} (validation). Where the frontier ran, its choice among every
+    (alpha, RL seed, tau) it trained; else the policy stage's policy (the config's alpha, the run's seed) at
+    the tau chosen for it. None: method.tau as set."""
     tolerance = run.cfg.method.choose.tolerance
     if tolerance is None:
         return None
+    if frontier and "chosen" in frontier:
+        pick = frontier["chosen"]
+        return {k: pick[k] for k in ("alpha", "seed", "tau", "within_target")} | {
+            k: pick["validation"][k] for k in ("metric", "layer_saving")}
     taus = sorted(set(default_grid("policy", run.model.num_layers)) | {run.cfg.method.tau}, reverse=True)
-    return choose_tau(run.model.policy, validation, run.task, taus, tolerance)
+    return {**choose_tau(run.model.policy, validation, run.task, taus, tolerance),
+            "alpha": run.cfg.method.policy.alpha, "seed": run.cfg.seed}
 
 
 def run_consistentee(run: Run) -> RunResults:
@@ -313,14 +321,19 @@ def run_consistentee(run: Run) -> RunResults:
         fit_stage(run, system, "policy", policy_settings["epochs"], train_dataloaders=policy_loader,
                   val_dataloaders=run.datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")
-    frontier_cfg, frontier, states = cfg.method.frontier, None, {}
+    frontier_cfg, frontier, policies, states = cfg.method.frontier, None, {}, {}
+    # Rank 0 alone trains the frontier and so may choose another policy than the policy stage's; under DDP the
+    # other ranks keep that one, which only their share of the test stage's logged exit histograms sees.
     if frontier_cfg.alphas and not cfg.method.joint.enabled and is_global_zero():
         started = time.perf_counter()  # the frontier's policies read stage 1's heads: the joint stage changes them
         states = split_states(run, ("validation", "test"))
-        frontier = run_frontier(run.model.policy, cache, memorized, states, task, policy_settings,
-                                alphas=list(frontier_cfg.alphas),
-                                seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
-                                taus=default_grid("policy", run.model.num_layers), tolerance=tolerance)
+        frontier, policies = run_frontier(run.model.policy, cache, memorized, states, task, policy_settings,
+                                          alphas=list(frontier_cfg.alphas),
+                                          seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
+                                          taus=default_grid("policy", run.model.num_layers), tolerance=tolerance,
+                                          choose_tolerance=cfg.method.choose.tolerance)
+        # kept, so that the chosen policy (saved in <run>/model/) can be traced to its file
+        frontier["policies"] = str(save_policies(run.stages.folder("frontier") / "policies.pt", policies))
         seconds["frontier"] = round(time.perf_counter() - started, 1)
     del cache
 
@@ -336,7 +349,9 @@ def run_consistentee(run: Run) -> RunResults:
 
     started = time.perf_counter()
     validation = states.get("validation") or split_states(run, ("validation",))["validation"]
-    chosen = operating_point(run, validation)
+    chosen = operating_point(run, validation, frontier)
+    if chosen and policies:  # from here on (test, report, saved model) the run's policy is the chosen one
+        run.model.policy.load_state_dict(policies[(chosen["alpha"], chosen["seed"])].state_dict())
     tau = chosen["tau"] if chosen else tau
     seconds["choose"] = round(time.perf_counter() - started, 1)
 
@@ -345,6 +360,9 @@ def run_consistentee(run: Run) -> RunResults:
     results = base_results(run, layer_metrics)
     for key, value in evaluate_methods(test_cache, task, tau=tau, tolerance=tolerance).items():
         setattr(results, key, value)
+    consistentee = results.methods["consistentee"]
+    consistentee.alpha, consistentee.seed = (chosen["alpha"], chosen["seed"]) if chosen else (
+        policy_settings["alpha"], cfg.seed)
     if chosen:
         results.methods["consistentee"].chosen_on = "validation"
         results.methods["consistentee"].target = target_text(cfg.method.choose.tolerance)
@@ -357,6 +375,7 @@ def run_consistentee(run: Run) -> RunResults:
         frontier_rows = frontier["frontier"] if frontier else None
         report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
                                title=title, frontier_rows=frontier_rows, tolerance=cfg.method.choose.tolerance,
+                               policy_choice=frontier if frontier and "chosen" in frontier else None,
                                choose_on=signals_from_states(validation, task.is_regression, run.model.policy)
                                if chosen else None)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
