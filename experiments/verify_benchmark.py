@@ -29,6 +29,15 @@ eight). Verification always uses the full model, so the output is greedy full de
 
     python experiments/verify_benchmark.py                          # 100 test prompts (the issue's bar)
     python experiments/verify_benchmark.py --prompts 8 --timed 4 --select 4   # a quick look
+    python experiments/verify_benchmark.py --run-dir outputs/aclsum_consistentee/runs/<time>   # a run's exits
+
+With `--run-dir` (a finished `aclsum_consistentee` run) the drafters are that run's TRAINED exits
+(`<run>/model`), and verify mode's learned stop rule joins the comparison: a `DraftStopPolicy` per
+draft layer, trained here on the run's training cache (`<run>/checkpoints/lm_cache_train`) by the
+stage's own code (`training.lm_draft.draft_policy_stage`), or the one the run's model folder carries
+at its layer. Its point (draft layer, tau) is chosen on validation like every other point, against
+the best fixed length and the best confidence stop of the same exits and head. Results then go to
+experiments/results/verify_trained/.
 
 Writes experiments/results/verify/{simulated.csv, measured.csv, agreement.csv, report.md, results.json}.
 """
@@ -53,6 +62,8 @@ from ee_lightning.exits.rules import FullRule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.generate import PlainExits, generate_with_exits, prefill
 from ee_lightning.inference.verify import generate_verified, layer_parameters
+from ee_lightning.modeling.draft_policy import DraftStopPolicy
+from ee_lightning.modeling.export import load_decoder
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
 from ee_lightning.progress import progress
@@ -60,6 +71,7 @@ from ee_lightning.progress import progress
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "verify"
 TIE_TOLERANCE = 1e-3  # a top-2 logit gap below this is a float tie (logits are O(10))
+DRAFTING = ("verify", "fixed_draft", "confidence_stop", "draft_policy")  # the methods that run generate_verified
 
 
 def log(*args):
@@ -99,9 +111,10 @@ def references(decoder, exits, prompts, new, eos, batch_size) -> list[list[int]]
 
 
 @torch.no_grad()
-def agreement(decoder, exits, head, prompt, output, layers):
+def agreement(decoder, exits, head, prompt, output, layers, policies=None):
     """Per draft layer: whether the full-head and the restricted-head drafts equal the full model's
-    token at every output position (teacher-forced on the prompt and the output), and their confidence."""
+    token at every output position (teacher-forced on the prompt and the output), and their confidence;
+    with a stop policy of that layer, its stop probability after each draft."""
     sequence = torch.tensor([prompt + output])
     states = decoder(sequence[:, :-1], torch.ones_like(sequence[:, :-1]))
     target, P = torch.tensor(output), len(prompt)
@@ -109,35 +122,47 @@ def agreement(decoder, exits, head, prompt, output, layers):
     for layer in layers:
         h = states[layer - 1][0, P - 1:]
         logits = exits.logits(layer, h, decoder).float()
-        restricted = head(decoder.final_norm(h)).float()
+        restricted = head(decoder.final_norm(exits.adapt(layer, h))).float()
         facts[layer] = {
             "full": ((logits.argmax(-1) == target).tolist(), torch.softmax(logits, -1).max(-1).values.tolist()),
             "frequent": ((head.ids(restricted.argmax(-1)) == target).tolist(),
                          torch.softmax(restricted, -1).max(-1).values.tolist()),
         }
+        if policies and layer in policies:
+            facts[layer]["stop"] = policies[layer].prob(h).tolist()
     return facts
 
 
-def teacher_forced(decoder, exits, head, prompts, args, eos, what):
+def teacher_forced(decoder, exits, head, prompts, args, eos, what, policies=None):
     outputs = references(decoder, exits, prompts, args.new, eos, args.batch)
-    return [agreement(decoder, exits, head, p, o, args.layers)
+    return [agreement(decoder, exits, head, p, o, args.layers, policies)
             for p, o in zip(progress(prompts, f"{what}: teacher forcing", unit="prompt"), outputs)]
 
 
-def simulate(facts_per_prompt, layer, length, head, confidence, L, head_cost, draft_head_cost):
+def simulate(facts_per_prompt, layer, length, head, confidence, L, head_cost, draft_head_cost, stop_tau=None):
+    """A point's rounds from teacher forcing; `stop_tau`: the layer's stop policy ends a round after a
+    draft whose stop probability exceeds it (as `min_confidence` does below its threshold)."""
     drafted = accepted = rounds = tokens = 0
     passes = 0.0
     for facts in facts_per_prompt:
         agree, conf = facts[layer][head]
         confident = None if confidence is None else [c >= confidence for c in conf]
+        if stop_tau is not None:
+            confident = [p <= stop_tau for p in facts[layer]["stop"]]
         d, a = simulate_rounds(agree, length, confident)
         drafted, accepted, rounds, tokens = drafted + sum(d), accepted + sum(a), rounds + len(d), tokens + len(agree)
         passes += sum(round_layer_passes(layer, L, k, head_cost, draft_head_cost if head == "frequent" else head_cost)
                       for k in d)
     return {"draft_layer": layer, "draft_length": length, "draft_head": head, "min_confidence": confidence,
-            "acceptance_rate": accepted / max(drafted, 1), "mean_accepted": accepted / max(rounds, 1),
+            "stop_tau": stop_tau, "acceptance_rate": accepted / max(drafted, 1), "mean_drafted": drafted / max(rounds, 1),
+            "mean_accepted": accepted / max(rounds, 1),
             "tokens_per_round": tokens / max(rounds, 1), "passes_per_token": passes / max(tokens, 1),
             "projected_speedup": projected_speedup(full_depth_passes(L, head_cost), passes / max(tokens, 1))}
+
+
+def fewest(rows):
+    """The point with the fewest layer passes per token."""
+    return min(rows, key=lambda r: r["passes_per_token"])
 
 
 # ----------------------------------------------------------------------------- 3. measured runs
@@ -162,7 +187,7 @@ def top2_gap(logits: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, eos):
+def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, eos, policies=None):
     """(new tokens, seconds, verify result or None) of one method on one prompt, prompt pass excluded."""
     if name == "generate":
         out, seconds = timed(model.generate, input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache),
@@ -180,8 +205,56 @@ def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, e
     out, seconds = timed(generate_verified, decoder, exits, ids, mask, new, draft_layer=spec["draft_layer"],
                          draft_length=spec["draft_length"], eos_token_id=eos,
                          draft_head=head if spec["draft_head"] == "frequent" else None,
-                         min_confidence=spec["min_confidence"], prompt_cache=cache)
+                         min_confidence=spec["min_confidence"], stop=stop_policy(policies, spec), prompt_cache=cache)
     return out.new_tokens[0].tolist(), seconds, out
+
+
+def stop_policy(policies, spec) -> DraftStopPolicy | None:
+    """The point's stop policy at its tau, or None for a point without one."""
+    if spec.get("stop_tau") is None:
+        return None
+    policy = policies[spec["draft_layer"]]
+    policy.tau = spec["stop_tau"]
+    return policy
+
+
+# ----------------------------------------------------------------------------- the run's exits and stop policies
+
+
+def run_model(run_dir: Path):
+    """(decoder, tokenizer, trained exits, the model folder's draft policy or None) of a finished run."""
+    parts, decoder, tokenizer, _ = load_decoder(run_dir / "model")
+    return decoder, tokenizer, parts.exits, parts.draft_policy
+
+
+def train_stop_policies(decoder, exits, run_dir: Path, layers, args) -> dict[int, DraftStopPolicy]:
+    """A stop policy per draft layer, trained on the run's training cache by the stage's own code
+    (the exits' tokens there from the run's trained exits)."""
+    import lightning as L
+    from omegaconf import OmegaConf as Conf
+
+    from ee_lightning.inference.lm_cache import exit_tables
+    from ee_lightning.training.lm_draft import draft_policy_stage
+    from ee_lightning.training.lm_pipeline import stage_loader
+
+    path = run_dir / "checkpoints" / "lm_cache_train" / "exit_states_train.pt"
+    cache = torch.load(path, map_location="cpu", weights_only=True)["tensors"]  # safe: tensors and strings only
+    if [int(x) for x in cache["exit_layers"]] != list(exits.exit_layers):
+        raise ValueError(f"{path} holds exits {cache['exit_layers'].tolist()}, the model {exits.exit_layers}")
+    tokens = exit_tables(cache, exits, decoder, batch_size=256)["tokens"]
+    settings = Conf.create({"k": 16, "estimator": "expected", "lr": args.policy_lr})
+    policies = {}
+    for layer in layers:
+        L.seed_everything(0)
+        policy = DraftStopPolicy(decoder.hidden_size, layer, args.policy_max_drafts)
+        system, data = draft_policy_stage(policy, decoder, exits, cache, tokens, settings)
+        trainer = L.Trainer(max_epochs=args.policy_epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(system, stage_loader(data, 256, seed=0))
+        policies[layer] = policy.eval()
+        log(f"stop policy at layer {layer}: rate {float(trainer.callback_metrics['draft/rate']):.4f} tokens per pass "
+            f"in its last step")
+    return policies
 
 
 # ----------------------------------------------------------------------------- 4. where the time goes
@@ -255,9 +328,12 @@ def fmt(value, spec="{:.3f}"):
 
 
 def markdown(args, measured, simulated_best, agreement, profile, selection, L, head_cost, draft_head_cost,
-             vocab_size) -> str:
+             vocab_size, on_chosen) -> str:
+    drafters = ("Untrained exits as drafters (final norm + tied LM head at layer E" if args.run_dir is None else
+                f"The trained exits of {args.run_dir} as drafters (adapter, final norm and tied LM head at layer E; "
+                f"stop policies trained {args.policy_epochs} epochs on its training cache")
     lines = [f"# Verify mode on SmolLM2-135M (batch 1, {args.threads} threads)", "",
-             f"Untrained exits as drafters (final norm + tied LM head at layer E; `frequent`: the head's rows for the "
+             f"{drafters}; `frequent`: the head's rows for the "
              f"{vocab_size} most frequent ACLSum training tokens). {args.new} new tokens, greedy. Points chosen on "
              f"{args.select} validation prompts. LM head = {head_cost:.2f} layers, restricted head = "
              f"{draft_head_cost:.2f} layers (parameter ratio). Layer passes per token count each pass over a layer's "
@@ -268,12 +344,22 @@ def markdown(args, measured, simulated_best, agreement, profile, selection, L, h
              "| method | point | tokens/s | vs full depth | acceptance | accepted / round | layer passes / token | "
              "GPU projection | outputs differing from full depth | of which top-2 gap < 1e-3 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    on_chosen_lines = ["", f"## The chosen drafting points on all {args.prompts} test prompts (teacher-forced)", "",
+                       "| method | acceptance | drafts / round | accepted / round | tokens / round | layer passes / token | "
+                       "GPU projection |", "|---|---|---|---|---|---|---|"]
+    for name, row in on_chosen.items():
+        on_chosen_lines.append("| " + " | ".join([name, fmt(row["acceptance_rate"]), fmt(row["mean_drafted"], "{:.2f}"),
+                                                  fmt(row["mean_accepted"], "{:.2f}"),
+                                                  fmt(row["tokens_per_round"], "{:.2f}"),
+                                                  fmt(row["passes_per_token"], "{:.2f}"),
+                                                  fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
     for row in measured:
         lines.append("| " + " | ".join([row["method"], row["point"], fmt(row["tokens_per_s"], "{:.2f}"),
                                          fmt(row["vs_full_depth"], "{:.2f}x"), fmt(row["acceptance_rate"]),
                                          fmt(row["mean_accepted"], "{:.2f}"), fmt(row["passes_per_token"], "{:.2f}"),
                                          fmt(row["projected_speedup"], "{:.2f}x"), str(row["differing_prompts"]),
                                          str(row["differing_ties"])]) + " |")
+    lines += on_chosen_lines
     lines += ["", f"## Simulated from teacher forcing on {args.prompts} test prompts (exact for fixed lengths)", "",
               "Best point per draft layer by layer passes per token (the GPU projection); the whole grid is in "
               "`simulated.csv`.", "",
@@ -281,7 +367,8 @@ def markdown(args, measured, simulated_best, agreement, profile, selection, L, h
               "layer passes / token | GPU projection |", "|---|---|---|---|---|---|---|---|---|"]
     for row in simulated_best:
         lines.append("| " + " | ".join([str(row["draft_layer"]), str(row["draft_length"]), row["draft_head"],
-                                         fmt(row["min_confidence"], "{}"), fmt(row["acceptance_rate"]),
+                                         fmt(row["min_confidence"], "{}") if row["stop_tau"] is None
+                                         else f"stop policy, tau {row['stop_tau']}", fmt(row["acceptance_rate"]),
                                          fmt(row["mean_accepted"], "{:.2f}"), fmt(row["tokens_per_round"], "{:.2f}"),
                                          fmt(row["passes_per_token"], "{:.2f}"),
                                          fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
@@ -311,7 +398,9 @@ def main(argv=None):
     parser.add_argument("--timed", type=int, default=20, help="of those, the first N run every method (timed)")
     parser.add_argument("--select", type=int, default=12, help="validation prompts for choosing the points")
     parser.add_argument("--new", type=int, default=48)
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16, 20, 22, 24, 25, 26, 27, 28, 29])
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="draft layers (default: 8 12 16 20 22 24 25 26 27 28 29; with --run-dir its exits "
+                             "from layer 12 below the last)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--confidences", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--assistant-layers", type=int, nargs="+", default=[20, 26, 28])
@@ -321,13 +410,30 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=4096, help="rows of the restricted draft head")
     parser.add_argument("--batch", type=int, default=8, help="batch of the untimed full-depth references")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=None, help="default experiments/results/verify (untrained "
+                                                                    "exits) or verify_trained (--run-dir)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="a finished aclsum_consistentee run: its trained exits draft, and stop policies join")
+    parser.add_argument("--policy-epochs", type=int, default=20, help="epochs of each stop policy (--run-dir)")
+    parser.add_argument("--policy-lr", type=float, default=1e-3)
+    parser.add_argument("--policy-max-drafts", type=int, default=4, help="the stop policies' drafts per round at most")
+    parser.add_argument("--policy-taus", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    decoder, tokenizer = build_decoder(OmegaConf.load(ROOT / "conf" / "backbone" / "smollm2_135m.yaml"))
+    policies = {}
+    if args.run_dir is None:
+        decoder, tokenizer = build_decoder(OmegaConf.load(ROOT / "conf" / "backbone" / "smollm2_135m.yaml"))
+        exits = PlainExits(decoder.num_layers)
+        args.layers = args.layers or [8, 12, 16, 20, 22, 24, 25, 26, 27, 28, 29]
+    else:
+        decoder, tokenizer, exits, saved_policy = run_model(args.run_dir)
+        args.layers = args.layers or [layer for layer in exits.exit_layers[:-1] if layer >= 12]
+        policies = train_stop_policies(decoder, exits, args.run_dir, args.layers, args)
+        if saved_policy is not None:  # the run's own stage trained one: it replaces ours at its layer
+            policies[saved_policy.draft_layer] = saved_policy
+    args.out = args.out or (OUT if args.run_dir is None else OUT.parent / "verify_trained")
     model, L, eos = decoder.model, decoder.num_layers, tokenizer.eos_token_id
-    exits = PlainExits(L)
     head = RestrictedHead(model.lm_head, draft_vocabulary(tokenizer, args.vocab))
     per_layer = layer_parameters(decoder)
     head_cost = head_cost_in_layers(decoder.vocab_size, decoder.hidden_size, per_layer)
@@ -341,17 +447,25 @@ def main(argv=None):
                 for which in ("full", "frequent"):
                     for confidence in [None, *args.confidences]:
                         rows.append(simulate(facts, layer, length, which, confidence, L, head_cost, draft_head_cost))
+            if layer in policies:  # the stop policy drafts with the exit's own head, up to its max_drafts
+                for tau in args.policy_taus:
+                    rows.append(simulate(facts, layer, policies[layer].max_drafts, "full", None, L, head_cost,
+                                         draft_head_cost, stop_tau=tau))
         return rows
 
     # 2. selection on validation prompts
     val = load_prompts(tokenizer, "validation", args.select)
-    val_facts = teacher_forced(decoder, exits, head, val, args, eos, "validation")
+    val_facts = teacher_forced(decoder, exits, head, val, args, eos, "validation", policies)
     val_grid = grid(val_facts)
-    verify_point = min(val_grid, key=lambda r: r["passes_per_token"])
-    fixed_point = min((r for r in val_grid if r["draft_head"] == "full" and r["min_confidence"] is None),
-                      key=lambda r: r["passes_per_token"])
+    verify_point = fewest(r for r in val_grid if r["stop_tau"] is None)
+    fixed_point = fewest(r for r in val_grid if r["draft_head"] == "full" and r["min_confidence"] is None
+                         and r["stop_tau"] is None)
+    confidence_point = fewest(r for r in val_grid if r["draft_head"] == "full" and r["min_confidence"] is not None)
+    policy_point = fewest(r for r in val_grid if r["stop_tau"] is not None) if policies else None
     log("verify point (validation):", verify_point)
     log("fixed point (validation):", fixed_point)
+    log("confidence point (validation):", confidence_point)
+    log("stop policy point (validation):", policy_point)
     assistant_times = {}
     for layer in args.assistant_layers if len(args.assistant_layers) > 1 else []:  # one layer: nothing to choose
         seconds = tokens = 0
@@ -360,13 +474,16 @@ def main(argv=None):
             mask = torch.ones_like(ids)
             cache = prefill(decoder, ids, mask)
             out, s, _ = run_method("assistant_early_exit", {"draft_layer": layer}, decoder, model, exits, head, ids,
-                                   mask, cache, args.new, eos)
+                                   mask, cache, args.new, eos, policies)
             seconds, tokens = seconds + s, tokens + len(out)
         assistant_times[layer] = tokens / seconds
         log(f"assistant_early_exit={layer}: {tokens / seconds:.2f} tokens/s on 1 validation prompt")
     assistant_layer = max(assistant_times, key=assistant_times.get) if assistant_times else args.assistant_layers[0]
-    selection = {"verify": {k: verify_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
-                 "fixed": {k: fixed_point[k] for k in ("draft_layer", "draft_length", "draft_head", "min_confidence")},
+    point_keys = (*("draft_layer", "draft_length", "draft_head", "min_confidence"), "stop_tau")
+    selection = {"verify": {k: verify_point[k] for k in point_keys},
+                 "fixed": {k: fixed_point[k] for k in point_keys},
+                 "confidence_stop": {k: confidence_point[k] for k in point_keys},
+                 "draft_policy": None if policy_point is None else {k: policy_point[k] for k in point_keys},
                  "assistant_early_exit": assistant_layer,
                  "assistant_tokens_per_s_validation": {str(k): round(v, 3) for k, v in assistant_times.items()}}
 
@@ -376,11 +493,17 @@ def main(argv=None):
                ("verify", "E{draft_layer} k{draft_length} {draft_head} head, stop {min_confidence}".format(**verify_point),
                 verify_point),
                ("fixed_draft", "E{draft_layer} k{draft_length} (LayerSkip-style)".format(**fixed_point), fixed_point),
-               ("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer})]
+               ("confidence_stop", "E{draft_layer} k{draft_length} stop below {min_confidence}".format(**confidence_point),
+                confidence_point)]
+    if policy_point is not None:
+        methods.append(("draft_policy", "E{draft_layer} up to k{draft_length}, stop policy tau {stop_tau}".format(
+            **policy_point), policy_point))
+    if args.assistant_prompts > 0:
+        methods.append(("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer}))
     totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0,
                      "accepted": 0, "rounds": 0, "passes": 0.0, "differing": 0, "ties": 0, "gaps": []}
               for name, _, _ in methods}
-    test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test")
+    test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test", policies)
     log("test acceptance from teacher forcing: done")
     warm = torch.tensor([test[0]])
     generate_with_exits(decoder, exits, FullRule(), warm, torch.ones_like(warm), 2)  # one-off allocations
@@ -395,7 +518,8 @@ def main(argv=None):
         for name, _, spec in methods:
             if name == "assistant_early_exit" and index >= args.assistant_prompts:
                 continue
-            output, seconds, result = run_method(name, spec, decoder, model, exits, head, ids, mask, cache, args.new, eos)
+            output, seconds, result = run_method(name, spec, decoder, model, exits, head, ids, mask, cache, args.new, eos,
+                                                 policies)
             total = totals[name]
             total["seconds"] += seconds
             total["tokens"] += len(output)
@@ -424,7 +548,7 @@ def main(argv=None):
     for name, point, spec in methods:
         total = totals[name]
         speed = total["tokens"] / total["seconds"]
-        is_verify = name in ("verify", "fixed_draft")
+        is_verify = name in DRAFTING
         passes = (total["passes"] / total["tokens"] if is_verify else
                   full_depth_passes(L, head_cost) if name in ("generate", "full_depth") else None)
         measured.append({
@@ -442,11 +566,11 @@ def main(argv=None):
     test_grid = grid(test_facts)
     best_per_layer = [min((r for r in test_grid if r["draft_layer"] == layer), key=lambda r: r["passes_per_token"])
                       for layer in args.layers]
-    for name in ("verify", "fixed_draft"):
-        spec = next(s for n, _, s in methods if n == name)
-        log(f"{name} on all {len(test)} test prompts (simulated):",
-            simulate(test_facts, spec["draft_layer"], spec["draft_length"], spec["draft_head"], spec["min_confidence"],
-                     L, head_cost, draft_head_cost))
+    on_chosen = {name: simulate(test_facts, spec["draft_layer"], spec["draft_length"], spec["draft_head"],
+                                spec["min_confidence"], L, head_cost, draft_head_cost, spec.get("stop_tau"))
+                 for name, _, spec in methods if name in DRAFTING}
+    for name, row in on_chosen.items():
+        log(f"{name} on all {len(test)} test prompts (simulated):", row)
     profile = cost_profile(decoder, head, test[0])
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "simulated.csv", test_grid)
@@ -454,14 +578,12 @@ def main(argv=None):
     agreement = agreement_table(test_facts, args.layers, args.lengths, L, head_cost, draft_head_cost)
     write_csv(args.out / "agreement.csv", agreement)
     report = markdown(args, measured, best_per_layer, agreement, profile, selection, L, head_cost, draft_head_cost,
-                      head.rows)
+                      head.rows, on_chosen)
     atomic_write_text(args.out / "report.md", report)
     atomic_write_text(args.out / "results.json", json.dumps({
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "head_cost_layers": head_cost, "draft_head_cost_layers": draft_head_cost, "selection": selection,
-        "measured": measured, "simulated_test_on_chosen": {
-            name: simulate(test_facts, s["draft_layer"], s["draft_length"], s["draft_head"], s["min_confidence"], L,
-                           head_cost, draft_head_cost) for name, _, s in methods if name in ("verify", "fixed_draft")},
+        "measured": measured, "simulated_test_on_chosen": on_chosen,
         "simulated_best_per_layer": best_per_layer, "agreement": agreement, "cost_profile_ms": profile,
         "wall_seconds": round(time.time() - started, 1)}, indent=2))
     log(report)
