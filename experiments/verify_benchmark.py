@@ -227,9 +227,10 @@ def run_model(run_dir: Path):
     return decoder, tokenizer, parts.exits, parts.draft_policy
 
 
-def train_stop_policies(decoder, exits, run_dir: Path, layers, args) -> dict[int, DraftStopPolicy]:
+def train_stop_policies(decoder, exits, run_dir: Path, layers, args, head=None) -> dict[int, DraftStopPolicy]:
     """A stop policy per draft layer, trained on the run's training cache by the stage's own code
-    (the exits' tokens there from the run's trained exits)."""
+    (the exits' tokens there from the run's trained exits; with `head`, a `RestrictedHead`, that head's
+    tokens under the exit's adapter, and its cost)."""
     import lightning as L
     from omegaconf import OmegaConf as Conf
 
@@ -241,13 +242,22 @@ def train_stop_policies(decoder, exits, run_dir: Path, layers, args) -> dict[int
     cache = torch.load(path, map_location="cpu", weights_only=True)["tensors"]  # safe: tensors and strings only
     if [int(x) for x in cache["exit_layers"]] != list(exits.exit_layers):
         raise ValueError(f"{path} holds exits {cache['exit_layers'].tolist()}, the model {exits.exit_layers}")
-    tokens = exit_tables(cache, exits, decoder, batch_size=256)["tokens"]
+    if head is None:
+        tokens, step_cost = exit_tables(cache, exits, decoder, batch_size=256)["tokens"], None
+    else:
+        index = {layer: e for e, layer in enumerate(exits.exit_layers)}
+        tokens = torch.zeros(len(exits.exit_layers), len(cache["full_tokens"]), dtype=torch.long)
+        with torch.no_grad():
+            for layer in layers:
+                states = cache["states"][:, index[layer]].float()
+                tokens[index[layer]] = head.ids(head(decoder.final_norm(exits.adapt(layer, states))).argmax(-1))
+        step_cost = head_cost_in_layers(head.rows, decoder.hidden_size, layer_parameters(decoder))
     settings = Conf.create({"k": 16, "estimator": "expected", "lr": args.policy_lr})
     policies = {}
     for layer in layers:
         L.seed_everything(0)
         policy = DraftStopPolicy(decoder.hidden_size, layer, args.policy_max_drafts)
-        system, data = draft_policy_stage(policy, decoder, exits, cache, tokens, settings)
+        system, data = draft_policy_stage(policy, decoder, exits, cache, tokens, settings, step_cost)
         trainer = L.Trainer(max_epochs=args.policy_epochs, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
         trainer.fit(system, stage_loader(data, 256, seed=0))
@@ -418,6 +428,9 @@ def main(argv=None):
     parser.add_argument("--policy-lr", type=float, default=1e-3)
     parser.add_argument("--policy-max-drafts", type=int, default=4, help="the stop policies' drafts per round at most")
     parser.add_argument("--policy-taus", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--policy-head", choices=("full", "frequent"), default="full",
+                        help="the head the stop policies are trained (and evaluated) with: the exit's own, or the "
+                             "restricted one")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -429,12 +442,14 @@ def main(argv=None):
     else:
         decoder, tokenizer, exits, saved_policy = run_model(args.run_dir)
         args.layers = args.layers or [layer for layer in exits.exit_layers[:-1] if layer >= 12]
-        policies = train_stop_policies(decoder, exits, args.run_dir, args.layers, args)
-        if saved_policy is not None:  # the run's own stage trained one: it replaces ours at its layer
-            policies[saved_policy.draft_layer] = saved_policy
     args.out = args.out or (OUT if args.run_dir is None else OUT.parent / "verify_trained")
     model, L, eos = decoder.model, decoder.num_layers, tokenizer.eos_token_id
     head = RestrictedHead(model.lm_head, draft_vocabulary(tokenizer, args.vocab))
+    if args.run_dir is not None:
+        policies = train_stop_policies(decoder, exits, args.run_dir, args.layers, args,
+                                       head if args.policy_head == "frequent" else None)
+        if saved_policy is not None and args.policy_head == "full":  # the run's own: it replaces ours at its layer
+            policies[saved_policy.draft_layer] = saved_policy
     per_layer = layer_parameters(decoder)
     head_cost = head_cost_in_layers(decoder.vocab_size, decoder.hidden_size, per_layer)
     draft_head_cost = head_cost_in_layers(head.rows, decoder.hidden_size, per_layer)
@@ -447,10 +462,10 @@ def main(argv=None):
                 for which in ("full", "frequent"):
                     for confidence in [None, *args.confidences]:
                         rows.append(simulate(facts, layer, length, which, confidence, L, head_cost, draft_head_cost))
-            if layer in policies:  # the stop policy drafts with the exit's own head, up to its max_drafts
+            if layer in policies:  # the stop policy drafts with the head it was trained with, up to its max_drafts
                 for tau in args.policy_taus:
-                    rows.append(simulate(facts, layer, policies[layer].max_drafts, "full", None, L, head_cost,
-                                         draft_head_cost, stop_tau=tau))
+                    rows.append(simulate(facts, layer, policies[layer].max_drafts, args.policy_head, None, L,
+                                         head_cost, draft_head_cost, stop_tau=tau))
         return rows
 
     # 2. selection on validation prompts

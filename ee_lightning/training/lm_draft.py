@@ -57,16 +57,18 @@ def _exit_index(cache: dict, layer: int) -> int:
     return layers.index(layer)
 
 
-def draft_policy_stage(policy: DraftStopPolicy, decoder, exits, cache: dict, exit_tokens: torch.Tensor, cfg
-                       ) -> tuple[DraftPolicySystem, DraftRounds]:
+def draft_policy_stage(policy: DraftStopPolicy, decoder, exits, cache: dict, exit_tokens: torch.Tensor, cfg,
+                       draft_step_cost: float | None = None) -> tuple[DraftPolicySystem, DraftRounds]:
     """Stage lm_draft_policy's system and its round starts, to fit as the decoder's other stages are.
     cache: the train split's exit-state cache (`lm_pipeline.split_cache`); exit_tokens [E, N] its exits'
-    tokens (`exit_tables`); cfg: `method.lm_exits.draft_policy`."""
+    tokens (`exit_tables`; or another draft head's); cfg: `method.lm_exits.draft_policy`;
+    draft_step_cost: one draft's head in layer units (default the exit's own: `draft_cost`)."""
     layer = policy.draft_layer
     _, index, allowed = draft_windows(cache["rows"], policy.max_drafts)
     data = DraftRounds(cache["states"][:, _exit_index(cache, layer)], draft_agreement(cache, exit_tokens, layer),
                        index, allowed)
-    costs = round_costs(layer, decoder.num_layers, policy.max_drafts, head_cost(decoder), draft_cost(decoder, exits, layer))
+    step = draft_cost(decoder, exits, layer) if draft_step_cost is None else draft_step_cost
+    costs = round_costs(layer, decoder.num_layers, policy.max_drafts, head_cost(decoder), step)
     return DraftPolicySystem(policy, costs, k=cfg.k, estimator=cfg.estimator, lr=cfg.lr), data
 
 
