@@ -319,8 +319,9 @@ def run_consistentee(run: Run) -> RunResults:
                   val_dataloaders=run.datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")
     frontier_cfg, frontier, policies, states = method.frontier, None, {}, {}
-    # Rank 0 alone trains the frontier and so may choose another policy than the policy stage's; under DDP the
-    # other ranks keep that one, which only their share of the test stage's logged exit histograms sees.
+    # Rank 0 alone trains the frontier and so may choose another policy (and tau) than the policy stage's; under
+    # DDP the other ranks keep that one, which only their share of the test stage's logged exit histograms sees
+    # (results, report and saved model are rank 0's).
     if frontier_cfg.alphas and not method.joint.enabled and is_global_zero():
         started = time.perf_counter()  # the frontier's policies read stage 1's heads: the joint stage changes them
         states = split_states(run, ("validation", "test"))
