@@ -108,14 +108,3 @@ def test_a_decoder_run_on_two_cpu_processes_gives_one_process_results(tmp_path):
     assert len(generated["two"]) == 1 and generated["two"] == generated["one"]  # written once, by rank 0
     (at_tau,) = [p for p in two_results["points"] if p["rule"] == "policy" and p["value"] == 0.5]
     assert generated["two"][0]["counts"] == at_tau["exit_histogram"]  # summed over the processes' prompts
-
-
-def close(a, b, tolerance: float) -> bool:
-    """Nested dicts / lists equal, floats within `tolerance`."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], tolerance) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, tolerance) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(a - b) <= tolerance
-    return a == b

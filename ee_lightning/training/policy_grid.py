@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ee_lightning.config.schema import PolicyStage
 from ee_lightning.evaluation.frontier import (choose_member, choose_on_split, frontier, seed_settings, seed_spread,
                                               target_text)
 from ee_lightning.evaluation.rule_points import sweep_rule
@@ -151,15 +152,15 @@ def load_policy(path: str | Path, alpha: float, seed: int) -> dict:
 
 
 def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, states: dict[str, dict], task: TaskSpec,
-                 policy_settings: dict, *, alphas: list[float], seeds: list[int], taus: list[float],
+                 stage: PolicyStage, *, alphas: list[float], seeds: list[int], taus: list[float],
                  tolerance: float, choose_tolerance: float | None = None) -> tuple[dict, dict[tuple, nn.Module]]:
     """The run's policy frontier (results.json `policy_frontier`) and its policies ({(alpha, seed): policy}):
     policies over `alphas` x `seeds` trained on the training set's cached outputs `cache` (`collect_states`)
-    with the policy stage's settings. With `choose_tolerance`, also the operating point chosen on validation
+    with the policy stage's settings `stage`. With `choose_tolerance`, also the operating point chosen on validation
     from every member, and per seed (`choose_in_grid`)."""
-    policies = train_grid(template, CachedLayerDataset(cache, memorized), task, policy_settings, alphas=alphas,
-                          seeds=seeds, lr=policy_settings["lr"], epochs=policy_settings["epochs"],
-                          batch_size=policy_settings["batch_size"], tolerance=tolerance)
+    policies = train_grid(template, CachedLayerDataset(cache, memorized), task, rl_settings(stage), alphas=alphas,
+                          seeds=seeds, lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size,
+                          tolerance=tolerance)
     members = replay_grid(policies, states, task, taus)
     result = policy_frontier(members, tuple(states))
     report = {"alphas": list(alphas), "seeds": list(seeds), "chosen_on": "validation",

@@ -66,7 +66,11 @@ class PolicyTrainingMixin:
         return step
 
 
-def rl_settings(settings: dict) -> dict:
+def rl_settings(settings) -> dict:
+    """The REINFORCE settings (RL_KEYS) of the policy stage's typed node (`config.schema.PolicyStage`)
+    or of a mapping that holds them."""
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
     missing = [key for key in RL_KEYS if key not in settings]
     if missing:
         raise ValueError(f"method.policy lacks {missing}")
