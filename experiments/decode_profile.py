@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ee_lightning.evaluation.generation_eval import library_generate
 from ee_lightning.exits.rules import FullRule, PolicyRule, StaticRule
 from ee_lightning.files import atomic_write_text
+from ee_lightning.inference.deferred import generate_deferred
 from ee_lightning.inference.generate import generate_with_exits, prefill
 from ee_lightning.modeling.export import load_decoder
 from ee_lightning.progress import progress_enabled
@@ -74,12 +75,14 @@ def parse(argv):
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--static", type=int, default=24, help="the static rule's exit layer")
+    parser.add_argument("--tau", type=float, default=None, help="the policy's tau (default: the run's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--kv", nargs="+", default=["propagate", "defer"], choices=("propagate", "defer"))
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
 
-def profile_rule(decoder, parts, rule, batches, new, eos, pad) -> dict:
+def profile_rule(decoder, parts, rule, batches, new, eos, pad, kv: str = "propagate") -> dict:
     """Decode every prompt at batch 1 under `rule`; the per-part seconds and the token count."""
     caches = [prefill(decoder, batch["input_ids"], batch["attention_mask"]) for batch in batches]  # not timed
     timer = PartTimer()
@@ -90,13 +93,18 @@ def profile_rule(decoder, parts, rule, batches, new, eos, pad) -> dict:
     if parts.policy is not None:
         timer.wrap(parts.policy, "logit", "policy")
     timer.wrap(decoder, "start", "step_start")
+    timer.wrap(decoder, "fill_skipped_kv", "kv_fill")
     total, tokens, layers = 0.0, 0, []
     try:
         for batch, cache in tqdm(list(zip(batches, caches)), desc=f"profiling {rule.name}", unit="prompt",
                                  disable=not progress_enabled()):
             start = time.perf_counter()  # generate copies the prompt's cache: that copy is in "other"
-            out = generate_with_exits(decoder, parts.exits, rule, batch["input_ids"], batch["attention_mask"], new,
-                                      eos_token_id=eos, pad_token_id=pad, policy=parts.policy, prompt_cache=cache)
+            if kv == "defer":
+                out = generate_deferred(decoder, parts.exits, rule, batch["input_ids"], None, new, eos_token_id=eos,
+                                        policy=parts.policy, prompt_cache=cache)
+            else:
+                out = generate_with_exits(decoder, parts.exits, rule, batch["input_ids"], batch["attention_mask"], new,
+                                          eos_token_id=eos, pad_token_id=pad, policy=parts.policy, prompt_cache=cache)
             total += time.perf_counter() - start
             tokens += int(out.token_mask.sum())
             layers.append(out.exit_layers[out.token_mask])
@@ -122,12 +130,14 @@ def main(argv=None):
     batches = generation_batches(datamodule, "test", 1, args.prompts)
     eos, pad = tokenizer.eos_token_id, datamodule.pad_id
     tau = float(config["generation"]["tau"])
+    tau = args.tau if args.tau is not None else tau
     rules = [FullRule(), StaticRule(args.static)] + ([PolicyRule(tau)] if parts.policy is not None else [])
     rows = []
     with torch.no_grad():
         profile_rule(decoder, parts, FullRule(), batches[:1], 4, eos, pad)  # warm-up
         for rule in rules:
-            rows.append(profile_rule(decoder, parts, rule, batches, args.new, eos, pad))
+            for kv in args.kv:
+                rows.append({**profile_rule(decoder, parts, rule, batches, args.new, eos, pad, kv), "kv": kv})
             print(json.dumps(rows[-1]), flush=True)
         # transformers' generate at batch 1, its prompt pass included; our prompt pass timed alone
         library, prompt_seconds, library_tokens = 0.0, 0.0, 0
@@ -143,7 +153,7 @@ def main(argv=None):
               "rules": rows, "transformers_generate": {
                   "tokens": library_tokens, "ms_per_token_with_prompt": 1000 * library / library_tokens,
                   "ms_per_token_without_our_prompt_pass": 1000 * (library - prompt_seconds) / library_tokens},
-              "speed_vs_full": {row["rule"]: full / row["ms_per_token"] for row in rows}}
+              "speed_vs_full": {f"{row['rule']} ({row['kv']})": full / row["ms_per_token"] for row in rows}}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "profile.json", json.dumps(report, indent=2))
     atomic_write_text(args.out / "profile.md", markdown(report))
@@ -154,13 +164,14 @@ def markdown(report) -> str:
     parts = sorted({part for row in report["rules"] for part in row["ms_per_token_by_part"]})
     lines = [f"# Batch-1 decoding, ms per generated token by part ({report['prompts']} prompts, "
              f"{report['max_new_tokens']} new tokens, {report['threads']} threads)", "",
-             "| rule | tokens | ms/token | " + " | ".join(parts) + " | speed vs full |",
+             "| rule (skipped layers) | tokens | ms/token | " + " | ".join(parts) + " | speed vs full |",
              "|---|---|---|" + "---|" * len(parts) + "---|"]
     for row in report["rules"]:
         by = row["ms_per_token_by_part"]
-        lines.append(f"| {row['rule']} | {row['tokens']} | {row['ms_per_token']:.1f} | "
+        label = f"{row['rule']} ({row['kv']})"
+        lines.append(f"| {label} | {row['tokens']} | {row['ms_per_token']:.1f} | "
                      + " | ".join(f"{by.get(p, 0.0):.1f}" for p in parts)
-                     + f" | {report['speed_vs_full'][row['rule']]:.2f}x |")
+                     + f" | {report['speed_vs_full'][label]:.2f}x |")
     lib = report["transformers_generate"]
     lines += ["", f"transformers `generate`, batch 1: {lib['ms_per_token_with_prompt']:.1f} ms per token with its "
               f"prompt pass, {lib['ms_per_token_without_our_prompt_pass']:.1f} ms less our prompt pass's time."]
