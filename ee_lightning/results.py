@@ -22,6 +22,8 @@ class MethodResult:
     speedup: float  # L / avg_exit_layer
     exit_histogram: list[int] = field(default_factory=list)  # exits per layer 1..L
     tau: float | None = None  # ConsistentEE's exit threshold
+    alpha: float | None = None  # ConsistentEE: the depth cost its policy was trained at
+    seed: int | None = None  # ConsistentEE: the RL seed its policy was trained from
     chosen_on: str | None = None  # the split that chose the knob (validation), None: set in the config
     target: str | None = None  # what the knob was chosen for
     chosen_point: dict | None = None  # metric and layer_saving on the choosing split

@@ -60,7 +60,7 @@ def test_unbucketed_evaluation_counts_give_the_overall_histogram_only(tmp_path):
     metrics = trainer.test(Unbucketed(), dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))[0]
     (line,) = [json.loads(text) for text in (tmp_path / "exit_histograms.jsonl").read_text().splitlines()]
     assert line["stage"] == "lm_generation" and line["split"] == "test" and line["counts"] == [3, 1, 1]
-    assert line["buckets"] == {} and line["exit_layers"] == [2, 4, 6] and line["num_layers"] == 3
+    assert line["buckets"] == {} and line["exit_layers"] == [2, 4, 6] and line["num_exits"] == 3
     assert metrics["test/exit/frac_L1"] == pytest.approx(0.6)
 
 
@@ -110,7 +110,7 @@ def test_tracking_files_with_csv_and_without_logger(logger, tmp_path):
     assert seen.count(("consistentee-test", "test")) == 1
     assert not any(stage == "finetune" for stage, _ in seen)
     for record in records:
-        assert len(record["counts"]) == record["num_layers"] == 4
+        assert len(record["counts"]) == record["num_exits"] == 4
         if record["split"] != "train":
             assert sum(record["counts"]) == 16  # every evaluation row exits once
         assert set(record["buckets"]) == {"easy", "medium", "hard"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ee_lightning.evaluation.frontier import (best_within, choose_points, frontier, seed_settings, target_text,
-                                              value_at_saving)
+from ee_lightning.evaluation.frontier import (best_within, choose_member, choose_on_split, choose_points, frontier,
+                                              seed_settings, seed_spread, target_text, value_at_saving)
 from ee_lightning.evaluation.generation_eval import comparison_rows
 
 CURVE = [{"layer_saving": 0.0, "metric": 0.90}, {"layer_saving": 0.5, "metric": 0.80},
@@ -95,6 +95,93 @@ def test_frontier_is_chosen_on_validation_not_on_test():
     assert [r["setting"] for r in kept] == [(0.1, 0.5), (0.2, 0.5)]  # ordered by saving, one of a tie
 
 
+def test_choose_on_split_flags_a_target_no_point_reaches():
+    points = [{"metric": 0.80, "layer_saving": 0.5}, {"metric": 0.82, "layer_saving": 0.3},
+              {"metric": 0.82, "layer_saving": 0.4}]
+    assert choose_on_split(points, 0.82, 0.005) == ({"metric": 0.82, "layer_saving": 0.4}, True)
+    # nothing within 0.5 points of 0.9: the best metric (ties: more saving), flagged
+    assert choose_on_split(points, 0.90, 0.005) == ({"metric": 0.82, "layer_saving": 0.4}, False)
+
+
+# One stage 1's grid, full model 0.850 on validation, target within 0.5 points (>= 0.845):
+GRID = [_member(0.05, 0.9, 0, (0.848, 0.30), (0.840, 0.31)),
+        _member(0.05, 0.5, 0, (0.840, 0.40), (0.839, 0.41)),   # outside the target
+        _member(0.10, 0.9, 0, (0.846, 0.45), (0.830, 0.46)),   # seed 0's choice, and the grid's
+        _member(0.05, 0.9, 1, (0.847, 0.32), (0.842, 0.33)),   # seed 1's choice
+        _member(0.10, 0.9, 1, (0.844, 0.47), (0.990, 0.48))]   # the best test point: outside the target on validation
+
+
+def test_choose_member_takes_the_most_validation_saving_over_every_alpha_seed_and_tau():
+    pick = choose_member(GRID, 0.850, 0.005)
+    assert (pick["setting"], pick["seed"], pick["within_target"]) == ((0.10, 0.9), 0, True)
+    assert pick["test"] == {"metric": 0.830, "layer_saving": 0.46}  # read on test only after the choice
+    missed = choose_member(GRID, 0.900, 0.005)  # no member within 0.5 points of 0.9: the best validation metric
+    assert (missed["setting"], missed["seed"], missed["within_target"]) == ((0.05, 0.9), 0, False)
+    with pytest.raises(ValueError, match="method.frontier.alphas"):
+        choose_member([], 0.85, 0.005)
+
+
+def test_seed_spread_chooses_within_each_seed_and_gives_mean_and_max_minus_min():
+    spread = seed_spread(GRID, 0.850, 0.005)
+    assert [(r["seed"], r["setting"], r["within_target"]) for r in spread["seeds"]] == [
+        (0, (0.10, 0.9), True), (1, (0.05, 0.9), True)]
+    assert spread["seeds"][1]["validation"] == {"metric": 0.847, "layer_saving": 0.32}
+    summary = spread["test"]
+    assert summary["metric"] == pytest.approx((0.830 + 0.842) / 2)
+    assert summary["metric_spread"] == pytest.approx(0.012)
+    assert summary["layer_saving"] == pytest.approx((0.46 + 0.33) / 2)
+    assert summary["layer_saving_spread"] == pytest.approx(0.13)
+
+
+def test_choose_in_grid_records_alpha_seed_tau_and_the_split_that_chose_them():
+    from ee_lightning.training.policy_grid import choose_in_grid
+
+    choice = choose_in_grid(GRID, 0.850, 0.005)
+    chosen = choice["chosen"]
+    assert (chosen["alpha"], chosen["seed"], chosen["tau"], chosen["within_target"]) == (0.10, 0, 0.9, True)
+    assert chosen["chosen_on"] == "validation" and chosen["target"] == target_text(0.005)
+    assert chosen["test"] == {"metric": 0.830, "layer_saving": 0.46}
+    per_seed = choice["per_seed"]
+    assert [(r["seed"], r["alpha"], r["tau"]) for r in per_seed["seeds"]] == [(0, 0.10, 0.9), (1, 0.05, 0.9)]
+    assert per_seed["chosen_on"] == "validation" and per_seed["test"]["layer_saving_spread"] == pytest.approx(0.13)
+
+
+def test_the_report_and_the_summary_name_the_chosen_policy_and_its_spread_over_seeds():
+    from ee_lightning.app.train import policy_text, seed_spread_text
+    from ee_lightning.evaluation.pareto import chosen_policy_text
+    from ee_lightning.results import MethodResult
+    from ee_lightning.training.policy_grid import choose_in_grid
+
+    choice = choose_in_grid(GRID, 0.850, 0.005)
+    text = chosen_policy_text(choice, "acc")
+    assert "alpha 0.1, RL seed 0, tau 0.9: test acc 0.8300 at 46.0% layer saving (validation 0.8460 at 45.0%)" in text
+    assert "| 1 | 0.05 | 0.9 | 0.8420 | 33.0% | 0.8470 | 32.0% |" in text
+    assert "| 0.8360 (1.20 points) | 39.5% (13.0 points) |" in text and "No setting reached" not in text
+    assert "No setting reached" in chosen_policy_text(choose_in_grid(GRID, 0.9, 0.005), "acc")
+    line = seed_spread_text("acc", choice["per_seed"])
+    assert "seed 1: alpha 0.05 tau 0.9 -> 0.8420 at 33.0%" in line
+    assert "acc mean 0.8360 (spread 1.20 points), layer saving mean 39.5% (spread 13.0 points)" in line
+    method = MethodResult(metric=0.83, avg_exit_layer=3.0, layer_saving=0.5, speedup=2.0, tau=0.9, alpha=0.1, seed=0,
+                          chosen_on="validation", chosen_point={"within_target": False})
+    assert policy_text(method) == "; alpha 0.1, RL seed 0, tau 0.9, chosen on validation, outside the target"
+
+
+def test_the_grids_policies_are_kept_and_read_back_by_alpha_and_seed(tmp_path):
+    from ee_lightning.modeling.exit_policy import ExitPolicy
+    from ee_lightning.training.policy_grid import fresh_policy, load_policy, save_policies
+
+    template = ExitPolicy(3, 8, 2, hidden=4)
+    policies = {(alpha, seed): fresh_policy(template, seed + int(100 * alpha)) for alpha in (0.05, 0.1) for seed in (0, 1)}
+    path = save_policies(tmp_path / "frontier" / "policies.pt", policies)
+    restored = ExitPolicy(3, 8, 2, hidden=4)
+    restored.load_state_dict(load_policy(path, 0.1, 1))
+    for name, value in restored.state_dict().items():
+        assert torch.equal(value, policies[(0.1, 1)].state_dict()[name])
+    assert not torch.equal(restored.nets[0][0].weight, policies[(0.05, 1)].nets[0][0].weight)
+    with pytest.raises(KeyError, match=r"no policy at alpha=0.2, seed=1.*\(0.05, 0\)"):
+        load_policy(path, 0.2, 1)
+
+
 def test_policy_grid_trains_replays_and_chooses_on_validation():
     """Tiny cached outputs: the grid trains a policy per (alpha, seed); its tau is chosen on validation, so
     another test split (here: other rows) moves the test point but not the chosen tau."""
@@ -140,7 +227,7 @@ def test_policy_grid_trains_replays_and_chooses_on_validation():
 
 
 @pytest.mark.slow
-def test_the_runs_operating_points_are_chosen_on_validation(tmp_path):
+def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     """Another test split (the same rows with their labels flipped) moves every test number of a run, but not
     one chosen knob: the policy's tau, each rule's threshold and the frontier's settings come from validation."""
     import json
@@ -168,6 +255,22 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path):
     assert policy.chosen_on == "validation" and "0.5 points" in policy.target
     assert flipped.methods["consistentee"].tau == policy.tau
     assert flipped.methods["consistentee"].chosen_point == policy.chosen_point
+    # the policy itself is chosen on validation from the whole frontier: its alpha and RL seed do not move either
+    chosen = same.policy_frontier["chosen"]
+    assert (policy.alpha, policy.seed, policy.tau) == (chosen["alpha"], chosen["seed"], chosen["tau"])
+    assert chosen["alpha"] in (0.05, 0.3) and chosen["seed"] in (42, 43) and chosen["chosen_on"] == "validation"
+    assert (flipped.methods["consistentee"].alpha, flipped.methods["consistentee"].seed) == (policy.alpha, policy.seed)
+    assert flipped.policy_frontier["chosen"]["validation"] == chosen["validation"]
+    assert flipped.policy_frontier["chosen"]["test"] != chosen["test"]  # ... while its test point moved
+    per_seed = [(r["seed"], r["alpha"], r["tau"], r["validation"]) for r in same.policy_frontier["per_seed"]["seeds"]]
+    assert [r[0] for r in per_seed] == [42, 43]
+    summary = capsys.readouterr().out
+    assert f"alpha {chosen['alpha']:g}, RL seed {chosen['seed']}, tau {chosen['tau']:g}, chosen on validation" in summary
+    assert "consistentee per RL seed (alpha and tau chosen on validation within each seed): seed 42" in summary
+    report = (tmp_path / "same" / "run" / "pareto.md").read_text()
+    assert f"Chosen: alpha {chosen['alpha']:g}, RL seed {chosen['seed']}, tau {chosen['tau']:g}" in report
+    assert per_seed == [(r["seed"], r["alpha"], r["tau"], r["validation"])
+                        for r in flipped.policy_frontier["per_seed"]["seeds"]]
     assert [(r["rule"], r["value"]) for r in flipped.chosen_points] == [(r["rule"], r["value"]) for r in same.chosen_points]
     assert same.chosen_points and all(r["chosen_on"] == "validation" for r in same.chosen_points)
     frontier = [(r["setting"], r["validation"]) for r in same.policy_frontier["frontier"]]

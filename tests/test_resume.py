@@ -64,6 +64,32 @@ def test_batch_order_depends_only_on_seed_and_epoch():
     assert list(a) != list(b)
 
 
+def test_every_process_takes_its_share_of_the_one_batch_order_with_loss_weights():
+    from ee_lightning.data.resumable import GlobalBatches, WeightedRows, process_share
+
+    # 7 rows in batches of 3: [a b c] [d e f] [g]; 2 processes take rows 0, 2 and row 1 of each
+    assert process_share([5, 6, 7], 0, 2) == [(5, 1 / 3), (7, 1 / 3)]
+    assert process_share([5, 6, 7], 1, 2) == [(6, 1 / 3)]
+    assert process_share([9], 0, 2) == [(9, 1.0)]
+    assert process_share([9], 1, 2) == [(9, 0.0)]  # nothing left to take: a stand-in that weighs nothing
+    # a process's loss is sum(weight * row loss) * 2; DDP averages the two: the batch's mean
+    losses = {5: 1.0, 6: 4.0, 7: 7.0}
+    shares = [sum(w * losses[row] for row, w in process_share([5, 6, 7], rank, 2)) * 2 for rank in (0, 1)]
+    assert sum(shares) / 2 == pytest.approx(4.0)
+    # in one process: the batches of EpochShuffle, whole, each row weighing 1 / its batch's rows
+    batches = GlobalBatches(EpochShuffle(7, seed=3), batch_size=3)
+    batches.set_epoch(2)
+    shuffle = EpochShuffle(7, seed=3)
+    shuffle.set_epoch(2)
+    rows = list(shuffle)
+    assert len(batches) == 3 and batches.epoch == 2
+    assert list(batches) == [[(r, 1 / 3) for r in rows[:3]], [(r, 1 / 3) for r in rows[3:6]], [(rows[6], 1.0)]]
+    loader = ResumableLoader(WeightedRows([{"x": torch.tensor(float(i))} for i in range(7)]), batch_sampler=batches)
+    first = next(iter(loader))
+    assert first["row"].tolist() == rows[:3] and first["x"].tolist() == [float(r) for r in rows[:3]]
+    assert first["weight"].dtype == torch.float32 and first["weight"].tolist() == pytest.approx([1 / 3] * 3)
+
+
 def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import random
 

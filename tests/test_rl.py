@@ -299,6 +299,31 @@ def test_expected_estimator_is_the_exact_expected_reward_and_reinforce_estimates
         rl.reinforce_objective(logits, k=2, estimator="exactly", **settings)
 
 
+def test_row_noise_gives_an_instance_the_same_draws_in_any_batch():
+    whole = rl.RowNoise(7, 1, torch.tensor([10, 11, 12, 13]))
+    part = rl.RowNoise(7, 1, torch.tensor([12, 10]))
+    a, b = whole.rand((3, 2, 4)), part.rand((3, 2, 2))
+    assert torch.equal(a[..., 2], b[..., 0]) and torch.equal(a[..., 0], b[..., 1])
+    assert not torch.equal(a[..., 0], a[..., 1])  # each row its own stream
+    assert not torch.equal(rl.RowNoise(7, 2, torch.tensor([10])).rand((3, 2, 1))[..., 0], a[..., 0])  # and epoch
+    # the samplers draw from it: a token's rollouts do not depend on its batch
+    probs = torch.tensor([[0.3, 0.6, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0]])
+    exits, _ = rl.rollout(5, probs=probs, generator=rl.RowNoise(0, 0, torch.tensor([10, 11, 12, 13])))
+    alone, _ = rl.rollout(5, probs=probs[:, 2:3], generator=rl.RowNoise(0, 0, torch.tensor([12])))
+    assert torch.equal(exits[:, 2:3], alone)
+    with pytest.raises(ValueError, match="noise for 3 instances from the streams of 4 rows"):
+        whole.rand((2, 3))
+
+
+def test_the_per_instance_loss_averages_to_the_loss():
+    logits = torch.tensor([[0.2, -1.0, 2.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    losses, correct = torch.rand(2, 3), torch.tensor([[1, 0, 1], [1, 1, 0]])
+    for estimator in rl.ESTIMATORS:
+        step = rl.reinforce_objective(logits, losses, correct, torch.tensor([1, 2, 2]), k=4, alpha=0.1,
+                                      estimator=estimator, entropy_bonus=0.05, generator=torch.Generator().manual_seed(0))
+        assert step.instance_loss.shape == (3,) and step.loss == step.instance_loss.mean()
+
+
 def test_later_agreement_is_the_discounted_sum_over_the_valid_positions_after_each_one():
     from ee_lightning.exits.rl import later_agreement
 

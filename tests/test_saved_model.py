@@ -84,13 +84,17 @@ def encoder_run(tmp_path_factory):
 
 def run_reference(run: Path) -> dict:
     """What the run's own evaluation gave on its test split, row by row: the policy at the tau it chose (and at the config's tau) replayed on
-    the policy stage's last checkpoint (what the run tested), beside the run's results.json."""
+    the policy stage's last checkpoint with the policy the run chose from its frontier (what the run tested), beside the run's
+    results.json."""
     from ee_lightning.app.evaluate_checkpoint import load_checkpoint_model
     from ee_lightning.data import build_datamodule
     from ee_lightning.inference.layer_cache import collect_signals
+    from ee_lightning.training.policy_grid import load_policy
 
     checkpoint = json.loads((run / "stages.json").read_text())["policy"]["checkpoint"]
     model, tokenizer, task, spec = load_checkpoint_model(checkpoint)
+    frontier = json.loads((run / "results.json").read_text())["policy_frontier"]
+    model.policy.load_state_dict(load_policy(frontier["policies"], frontier["chosen"]["alpha"], frontier["chosen"]["seed"]))
     datamodule = build_datamodule(OmegaConf.create(spec["data"]), tokenizer)
     datamodule.setup()
     cache = collect_signals(model, datamodule.dataloader("test"), task.is_regression)

@@ -45,5 +45,28 @@ def print_summary(run_dir: Path, results: RunResults | LMRunResults) -> None:
         versus = (f"; entropy at that saving {method.entropy_at_same_saving:.4f}"
                   if method.entropy_at_same_saving is not None else "")
         print(f"{name}: {results.metric_name} {method.metric:.4f} at {100 * method.layer_saving:.1f}% "
-              f"layer saving (layer speed-up {method.speedup:.2f}x){versus}")
+              f"layer saving (layer speed-up {method.speedup:.2f}x){versus}{policy_text(method)}")
+    if isinstance(results, RunResults) and results.policy_frontier and "per_seed" in results.policy_frontier:
+        print(seed_spread_text(results.metric_name, results.policy_frontier["per_seed"]))
     print(f"results: {path}")
+
+
+def policy_text(method) -> str:
+    """Which policy and tau a ConsistentEE result is, and how they were chosen."""
+    if method.alpha is None or method.tau is None:
+        return ""
+    how = f"chosen on {method.chosen_on}" if method.chosen_on else "set in the config"
+    missed = ", outside the target" if method.chosen_point and not method.chosen_point.get("within_target", True) else ""
+    return f"; alpha {method.alpha:g}, RL seed {method.seed}, tau {method.tau:g}, {how}{missed}"
+
+
+def seed_spread_text(metric_name: str, per_seed: dict) -> str:
+    """The operating point chosen on validation within each RL seed alone: its test points, mean and spread."""
+    rows, summary = per_seed["seeds"], per_seed["test"]
+    points = ", ".join(f"seed {r['seed']}: alpha {r['alpha']:g} tau {r['tau']:g} -> {r['test']['metric']:.4f} at "
+                       f"{100 * r['test']['layer_saving']:.1f}%" + ("" if r["within_target"] else " (outside the target)")
+                       for r in rows)
+    return (f"consistentee per RL seed (alpha and tau chosen on validation within each seed): {points}; "
+            f"{metric_name} mean {summary['metric']:.4f} (spread {100 * summary['metric_spread']:.2f} points), "
+            f"layer saving mean {100 * summary['layer_saving']:.1f}% (spread "
+            f"{100 * summary['layer_saving_spread']:.1f} points)")

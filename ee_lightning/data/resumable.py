@@ -3,8 +3,10 @@ inside the epoch travels in the checkpoint (Lightning saves and restores a loade
 On resume a loader skips the batches already trained, so the rest of the epoch sees the same batches."""
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochShuffle(Sampler[int]):
@@ -24,6 +26,67 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class GlobalBatches(Sampler[list]):
+    """The batches of an epoch's order (`EpochShuffle`), `batch_size` rows each, whatever the number of
+    processes: under DDP each process takes its share of every batch (rows rank, rank + W, ...), so W
+    processes step through the batches that one process would, each on about 1/W of every batch.
+
+    It yields (row, weight) pairs (read by `WeightedRows`): weight is 1 / the rows of the whole batch,
+    so that a process's loss, its rows' losses times their weights summed and multiplied by W, makes
+    DDP's average of the processes' gradients the gradient of the batch's mean loss. A process whose
+    share of a short last batch is empty gets the batch's first row with weight 0 (every process must
+    step). The processes are read when a pass starts (the process group exists by then)."""
+
+    def __init__(self, order: EpochShuffle, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.order, self.batch_size = order, int(batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __iter__(self):
+        rank, world = process_rank_and_count()
+        rows = list(self.order)
+        for start in range(0, len(rows), self.batch_size):
+            yield process_share(rows[start:start + self.batch_size], rank, world)
+
+
+def process_share(batch: list[int], rank: int, world: int) -> list[tuple[int, float]]:
+    """Process `rank`'s (row, weight) pairs of `batch` among `world` processes (`GlobalBatches`)."""
+    share = [(row, 1.0 / len(batch)) for row in batch[rank::world]]
+    return share or [(batch[0], 0.0)]
+
+
+def process_rank_and_count() -> tuple[int, int]:
+    """(this process's rank, the number of processes) under torch.distributed, (0, 1) without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class WeightedRows(Dataset):
+    """`dataset`'s items, indexed by `GlobalBatches`' (row, weight) pairs: each item dict gets its
+    `row` (its index in `dataset`, which names it in any process) and its loss `weight`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, pair: tuple[int, float]) -> dict:
+        row, weight = pair
+        return {**self.dataset[row], "row": torch.tensor(row), "weight": torch.tensor(weight, dtype=torch.float32)}
 
 
 class ResumableLoader(DataLoader):

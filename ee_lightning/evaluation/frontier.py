@@ -50,6 +50,43 @@ def best_within(points: list[dict], reference: float, tolerance: float) -> dict 
     return max(candidates, key=lambda p: (p["layer_saving"], p["metric"])) if candidates else None
 
 
+def choose_on_split(points: list[dict], reference: float, tolerance: float) -> tuple[dict, bool]:
+    """The point `best_within` picks, and True; where no point is within `tolerance` of `reference`, the point
+    of the best metric (ties: the most saving), and False, so that the miss is reported rather than hidden."""
+    point = best_within(points, reference, tolerance)
+    if point is not None:
+        return point, True
+    return max(points, key=lambda p: (p["metric"], p["layer_saving"])), False
+
+
+def choose_member(members: list[dict], reference: float, tolerance: float, split: str = "validation") -> dict:
+    """Among trained members ({"setting", "seed", <split>: point, ...}: one policy at one knob setting each), the
+    one `choose_on_split` picks by its `split` point, with "within_target". Ties go to the first member."""
+    if not members:
+        raise ValueError("no members to choose from: the policy grid trained nothing (method.frontier.alphas is empty?)")
+    indexed = [{**member[split], "index": index} for index, member in enumerate(members)]
+    point, within = choose_on_split(indexed, reference, tolerance)
+    return {**members[point["index"]], "within_target": within}
+
+
+def seed_spread(members: list[dict], reference: float, tolerance: float, split: str = "validation",
+                reported: str = "test") -> dict:
+    """Whether a chosen point holds across seeds: per seed, the member `choose_member` picks among that seed's
+    members alone ({"seed", "setting", "within_target", <split>, <reported>}), then the `reported` split's
+    mean and spread (max - min) over seeds of metric and layer saving."""
+    rows = []
+    for seed in sorted({m["seed"] for m in members}):
+        pick = choose_member([m for m in members if m["seed"] == seed], reference, tolerance, split)
+        rows.append({"seed": seed, "setting": pick["setting"], "within_target": pick["within_target"],
+                     split: pick[split], reported: pick[reported]})
+    summary = {}
+    for key in ("metric", "layer_saving"):
+        values = [row[reported][key] for row in rows]
+        summary[key] = statistics.mean(values)
+        summary[f"{key}_spread"] = max(values) - min(values)
+    return {"seeds": rows, reported: summary}
+
+
 def target_text(tolerance: float) -> str:
     return f"the most validation layer saving within {100 * tolerance:g} points of the full model's validation metric"
 

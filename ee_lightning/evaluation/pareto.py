@@ -213,11 +213,35 @@ def frontier_table(rows: list[dict], metric_name: str, split: str = "test") -> s
     return "\n".join(lines)
 
 
+def chosen_policy_text(choice: dict, metric_name: str, split: str = "test") -> str:
+    """The policy chosen from the whole frontier, and the same choice within each RL seed (`policy_grid.choose_in_grid`)."""
+    pick, per_seed = choice["chosen"], choice["per_seed"]
+    missed = "" if pick["within_target"] else " No setting reached that target, so the one of the best validation metric is reported."
+    lines = [f"The run's policy is chosen on {pick['chosen_on']} from every (alpha, RL seed, tau) of its frontier, for "
+             f"{pick['target']}.{missed} Chosen: alpha {pick['alpha']:g}, RL seed {pick['seed']}, tau {pick['tau']:g}: "
+             f"{split} {metric_name} {pick[split]['metric']:.4f} at {100 * pick[split]['layer_saving']:.1f}% layer saving "
+             f"(validation {pick['validation']['metric']:.4f} at {100 * pick['validation']['layer_saving']:.1f}%).", "",
+             "The same choice within each RL seed alone (does the point hold across seeds?):", "",
+             f"| RL seed | alpha | tau | {metric_name} | layer saving | validation {metric_name} | validation layer saving |",
+             "|---|---|---|---|---|---|---|"]
+    for row in per_seed["seeds"]:
+        flag = "" if row["within_target"] else " (outside the target)"
+        lines.append(f"| {row['seed']}{flag} | {row['alpha']:g} | {row['tau']:g} | {row[split]['metric']:.4f} | "
+                     f"{100 * row[split]['layer_saving']:.1f}% | {row['validation']['metric']:.4f} | "
+                     f"{100 * row['validation']['layer_saving']:.1f}% |")
+    summary = per_seed[split]
+    lines.append(f"| mean (spread: max - min) | | | {summary['metric']:.4f} ({100 * summary['metric_spread']:.2f} points) | "
+                 f"{100 * summary['layer_saving']:.1f}% ({100 * summary['layer_saving_spread']:.1f} points) | | |")
+    return "\n".join(lines)
+
+
 def encoder_markdown(points: list[dict], metric_name: str, title: str = "", chosen: list[dict] | None = None,
-                     frontier_rows: list[dict] | None = None) -> str:
+                     frontier_rows: list[dict] | None = None, policy_choice: dict | None = None) -> str:
     parts = [f"# {title}\n" if title else ""]
     if chosen:
         parts.append("## Operating points\n\n" + chosen_table(chosen, metric_name) + "\n")
+    if policy_choice:
+        parts.append("## The chosen policy\n\n" + chosen_policy_text(policy_choice, metric_name) + "\n")
     if frontier_rows:
         parts.append("## The policy's frontier\n\n" + frontier_table(frontier_rows, metric_name) + "\n")
     parts.append("## Every rule at every knob\n\n" if chosen or frontier_rows else "")
@@ -303,13 +327,14 @@ def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
 # --- the whole comparison -----------------------------------------------------------------------
 def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
                   tau: float | None = None, title: str = "", choose_on: dict | None = None, tolerance: float | None = None,
-                  frontier_rows: list[dict] | None = None) -> dict:
+                  frontier_rows: list[dict] | None = None, policy_choice: dict | None = None) -> dict:
     """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
     ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`.
 
     choose_on: the validation split's signal cache; each rule's knob is then chosen on it (the most
     saving within `tolerance` of the full model's metric there) and measured on `split`.
-    frontier_rows: the policy's frontier over seeds (`training.policy_grid`), reported beside the rules."""
+    frontier_rows: the policy's frontier over seeds (`training.policy_grid`), reported beside the rules;
+    policy_choice: its operating point chosen on validation, overall and per seed (`policy_grid.choose_in_grid`)."""
     model = model.eval()
     rules = list(report_cfg.rules) if report_cfg.rules is not None else None
     grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
@@ -331,7 +356,7 @@ def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Pat
         for point in points:
             if point["rule"] == "policy" and point["value"] == _value_text(tau):
                 point.update(measured)
-    markdown = encoder_markdown(points, task.metric, title, chosen, frontier_rows)
+    markdown = encoder_markdown(points, task.metric, title, chosen, frontier_rows, policy_choice)
     paths = write_report(points, out_dir, columns=encoder_columns(points, bool(frontier_rows)), markdown=markdown,
                          metric_label=task.metric, title=title, frontier_rows=frontier_rows)
     print(markdown)

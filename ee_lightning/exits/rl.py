@@ -6,6 +6,7 @@ drawn from the policy: an instance still running there exits (forced).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,30 @@ def _check_layers_first(values: torch.Tensor, name: str) -> None:
 # --------------------------------------------------------------------------- sampling
 
 
-def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+class RowNoise:
+    """A generator of uniform noise [..., B] whose column b comes from instance b's own stream, seeded
+    by (seed, epoch, the instance's row id): an instance draws the same rollouts whichever batch, or
+    process, it is in (DDP processes then sample what one process would)."""
+
+    def __init__(self, seed: int, epoch: int, rows: torch.Tensor):
+        self.generators = [torch.Generator().manual_seed(row_seed(seed, epoch, int(row))) for row in rows]
+
+    def rand(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape[-1] != len(self.generators):
+            raise ValueError(f"noise for {shape[-1]} instances from the streams of {len(self.generators)} rows")
+        count = math.prod(shape[:-1])
+        return torch.stack([torch.rand(count, generator=g) for g in self.generators], dim=-1).view(shape)
+
+
+def row_seed(seed: int, epoch: int, row: int) -> int:
+    """A 63-bit seed per (seed, epoch, row), the same in every process (a hash, unlike hash(), that is not salted)."""
+    digest = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(row)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | RowNoise | None) -> torch.Tensor:
+    if isinstance(generator, RowNoise):
+        return generator.rand(shape).to(like.device)
     return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
@@ -203,17 +227,24 @@ def policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, entropy_bonus
     The entropy (of probs [L, B], layers 1..L-1 only, since L is forced) counts only when
     entropy_bonus > 0. Advantages are detached.
     """
-    return -(advantages.detach() * log_probs).mean() - entropy_term(probs, entropy_bonus)
+    return instance_policy_loss(advantages, log_probs, entropy_bonus, probs).mean()
 
 
-def entropy_term(probs: torch.Tensor | None, entropy_bonus: float) -> torch.Tensor | float:
-    """entropy_bonus * the mean entropy of probs [L, B] over layers 1..L-1 (L is forced); 0 without a bonus."""
+def instance_policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, entropy_bonus: float = 0.0,
+                         probs: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] each instance's part of `policy_loss` (their mean is it): -mean_k(A * log pi) - its entropy term."""
+    return -(advantages.detach() * log_probs).mean(0) - instance_entropy_term(probs, entropy_bonus)
+
+
+def instance_entropy_term(probs: torch.Tensor | None, entropy_bonus: float) -> torch.Tensor | float:
+    """[B] entropy_bonus * each instance's mean entropy of probs [L, B] over layers 1..L-1 (L is forced);
+    0 without a bonus."""
     if entropy_bonus <= 0:
         return 0.0
     if probs is None:
         raise ValueError("entropy_bonus > 0 needs probs")
     _check_layers_first(probs, "probs")
-    return entropy_bonus * bernoulli_entropy(probs[:-1]).mean() if probs.shape[0] > 1 else 0.0
+    return entropy_bonus * bernoulli_entropy(probs[:-1]).mean(0) if probs.shape[0] > 1 else 0.0
 
 
 # --------------------------------------------------------------------------- inference and rollouts
@@ -251,13 +282,14 @@ class PolicyStep:
     advantages: torch.Tensor  # [K, B]
     exits: torch.Tensor  # [K, B], 1..L
     probs: torch.Tensor  # [L, B]
+    instance_loss: torch.Tensor  # [B], each instance's part of the loss (their mean)
 
 
 def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor,
                         memorized: torch.Tensor | None, *, k: int, alpha: float, task_term: str = "ce",
                         depth_term: str = "hardness", sampler: str = "bernoulli", eps: float = 0.0,
                         normalize_advantages: bool = False, entropy_bonus: float = 0.0, estimator: str = "reinforce",
-                        generator: torch.Generator | None = None) -> PolicyStep:
+                        generator: torch.Generator | RowNoise | None = None) -> PolicyStep:
     """K rollouts over cached per-layer values [L, B] -> the policy-gradient loss and what went into it.
 
     estimator "reinforce": the score-function estimate from the K rollouts (ConsistentEE's).
@@ -274,12 +306,14 @@ def reinforce_objective(policy_logits: torch.Tensor, losses: torch.Tensor, corre
     adv = advantages(parts.reward, normalize=normalize_advantages)
     probs = torch.sigmoid(policy_logits.float())
     if estimator == "reinforce":
-        loss = policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
+        per_instance = instance_policy_loss(adv, log_probs, entropy_bonus=entropy_bonus, probs=probs)
     else:
         every_layer = torch.arange(1, num_layers + 1, device=policy_logits.device).view(-1, 1).expand_as(policy_logits)
         layer_rewards = rewards(every_layer, losses, correct, memorized, num_layers, alpha, task_term, depth_term).reward
-        loss = -(exit_distribution(policy_logits) * layer_rewards).sum(0).mean() - entropy_term(probs, entropy_bonus)
-    return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits, probs=probs)
+        per_instance = (-(exit_distribution(policy_logits) * layer_rewards).sum(0)
+                        - instance_entropy_term(probs, entropy_bonus))
+    return PolicyStep(loss=per_instance.mean(), parts=parts, advantages=adv, exits=exits, probs=probs,
+                      instance_loss=per_instance)
 
 
 # --------------------------------------------------------------------------- rollouts of whole sequences
@@ -321,10 +355,10 @@ def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: to
     cost = depth_cost(exits, memorized, num_exits, alpha, depth_term)
     returns = task - cost + later_weight * later_agreement(correct, valid.unsqueeze(0).expand_as(correct), gamma)
     adv = advantages(returns[:, valid], normalize=normalize_advantages)
-    loss = -(adv.detach() * log_probs[:, valid]).mean()
+    per_position = -(adv.detach() * log_probs[:, valid]).mean(0)
     parts = RewardParts(reward=returns[:, valid], task=task[:, valid], depth_cost=cost[:, valid])
-    return PolicyStep(loss=loss, parts=parts, advantages=adv, exits=exits[:, valid],
-                      probs=probs[:, :, valid].nanmean(1))
+    return PolicyStep(loss=per_position.mean(), parts=parts, advantages=adv, exits=exits[:, valid],
+                      probs=probs[:, :, valid].nanmean(1), instance_loss=per_position)
 
 
 def step_statistics(step: PolicyStep) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
-from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
+from ee_lightning.data.resumable import EpochShuffle, GlobalBatches, ResumableLoader, WeightedRows
 from ee_lightning.evaluation.generation_eval import (comparison_rows, rule_points_grid, write_generation_report,
                                                      write_generations)
 from ee_lightning.exits.hardness import histogram
@@ -170,9 +170,10 @@ def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_c
 
     def build() -> dict:
         loader = datamodule.dataloader(split, "train", batch_size=cache_cfg.batch_size)
-        trainer = stages.make_trainer(stage, 1, log=False, **REPLICATED)
+        # every process sees the one batch order and predicts its share of the batches (ExitStateCacheSystem)
+        trainer = stages.make_trainer(stage, 1, log=False, use_distributed_sampler=False, **REPLICATED)
         parts = trainer.predict(ExitStateCacheSystem(decoder, exit_layers, dtype, positions, top_k), dataloaders=loader)
-        return merge_parts([part for shard in all_processes(parts) for part in shard], exit_layers)
+        return merge_parts([part for shard in all_processes(parts) for part in shard if part is not None], exit_layers)
 
     cache = load_or_build(stages.folder(stage) / f"exit_states_{split}.pt", meta, build, save=is_global_zero())
     if not stages.ledger.done(stage):
@@ -182,9 +183,11 @@ def split_cache(decoder, datamodule, split: str, exit_layers: list[int], cache_c
 
 def stage_loader(dataset, batch_size: int, seed: int, collate_fn=None) -> ResumableLoader:
     """A trained stage's loader: its order depends only on (seed, epoch), and it resumes mid-epoch. Its
-    own generator: a loader's iterator draws a seed when it starts, which must not come from the global
-    stream (a resumed stage starts its iterator at another point of that stream)."""
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed=seed),
+    batches are the same in any number of processes, each process taking its share of every batch
+    with loss weights (`data.resumable.GlobalBatches`; its Trainer: TRAINED). Its own generator: a
+    loader's iterator draws a seed when it starts, which must not come from the global stream (a
+    resumed stage starts its iterator at another point of that stream)."""
+    return ResumableLoader(WeightedRows(dataset), batch_sampler=GlobalBatches(EpochShuffle(len(dataset), seed), batch_size),
                            generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn)
 
 
@@ -209,6 +212,9 @@ def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardn
 # These stages call their modules outside a forward pass (the exits' LM head, the policy on cached
 # states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
 REPLICATED = {"replicate": True}
+# The trained stages' Trainers: their loaders shard every batch themselves (`stage_loader`), so that
+# several processes train on the batches of one.
+TRAINED = {**REPLICATED, "use_distributed_sampler": False}
 
 CACHE_FORMAT = 2  # the exit-state cache's layout (inference/lm_cache.py); another value rebuilds old files
 
@@ -267,27 +273,27 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     if adapters.epochs > 0 and distilling:
         system, data, summary["distillation"] = distillation(exits, decoder, text_cache, adapters.vocabulary,
                                                              adapters.lr, adapters.weights)
-        stages.fit("lm_adapters", system, adapters.epochs, trainer=REPLICATED,
+        stages.fit("lm_adapters", system, adapters.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, batch, stages.seed))
     elif adapters.epochs > 0:
         system = ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights)
         # the LM loss's token: the reference (teacher forcing) or the full model's own (distillation)
         adapter_targets = hardness_targets(adapters.target, targets, cache["full_tokens"])
         loader = stage_loader(TokenStateDataset(cache["states"], targets=adapter_targets), batch, stages.seed)
-        stages.fit("lm_adapters", system, adapters.epochs, trainer=REPLICATED, train_dataloaders=loader)
+        stages.fit("lm_adapters", system, adapters.epochs, trainer=TRAINED, train_dataloaders=loader)
     exits.to(next(decoder.parameters()).device)
 
     tables, memorized = exit_scores(cache, exits, decoder, batch, cfg.hardness.target, stages)
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
 
     if policy is not None:
-        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS})
+        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS}, seed=stages.seed)
         # the task term scores an exit's token against the reference or the full model's own token
         correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, targets,
                                                                   cache["full_tokens"]))
         ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
         data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
-        stages.fit("lm_policy", system, policy_cfg.epochs, trainer=REPLICATED,
+        stages.fit("lm_policy", system, policy_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, policy_cfg.batch_size, stages.seed))
         propagated = policy_cfg.propagated
         if propagated.epochs > 0:
@@ -297,7 +303,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
                                             normalize_advantages=policy_cfg.normalize_advantages,
                                             lr=propagated.lr, seed=stages.seed)
             rollouts = ResponseRollouts(datamodule.dataset("train"), cache, memorized)
-            stages.fit("lm_policy_propagated", system, propagated.epochs, trainer=REPLICATED,
+            stages.fit("lm_policy_propagated", system, propagated.epochs, trainer=TRAINED,
                        train_dataloaders=stage_loader(rollouts, propagated.batch_size, stages.seed,
                                                       collate_fn=RolloutCollate(datamodule.pad_id)))
     summary["train"] = exit_summary(cache, tables, policy, policy_cfg.tau)
@@ -305,7 +311,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     if classifier is not None:
         system = ExitClassifierSystem(classifier, lr=classifier_cfg.lr)
         data = TokenStateDataset(cache["states"], agree=agrees_with_last(tables["tokens"]).T)
-        stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=REPLICATED,
+        stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, classifier_cfg.batch_size, stages.seed))
 
     split = cfg.evaluate_split

@@ -9,12 +9,16 @@ of policy-net arithmetic, where a Trainer per member would cost its loggers and 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ee_lightning.evaluation.frontier import best_within, frontier, seed_settings
+from ee_lightning.config.schema import PolicyStage
+from ee_lightning.evaluation.frontier import (choose_member, choose_on_split, frontier, seed_settings, seed_spread,
+                                              target_text)
 from ee_lightning.evaluation.rule_points import sweep_rule
+from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.layer_cache import CachedLayerDataset, signals_from_states
 from ee_lightning.progress import progress
 from ee_lightning.tasks import TaskSpec
@@ -61,29 +65,34 @@ def policy_curve(policy: nn.Module, states: dict, task: TaskSpec, taus: list[flo
     return sweep_rule(task, signals_from_states(states, task.is_regression, policy), "policy", taus)
 
 
+def full_metric(states: dict, task: TaskSpec) -> float:
+    """The full model's (last layer's) metric on a split's cached layer outputs: what the target is measured from."""
+    return sweep_rule(task, signals_from_states(states, task.is_regression), "full", [None])[0]["metric"]
+
+
 def choose_tau(policy: nn.Module, states: dict, task: TaskSpec, taus: list[float], tolerance: float) -> dict:
     """The policy's point ({"tau", "metric", "layer_saving", ...}) at the tau with the most saving on `states`
     (validation) within `tolerance` of the full model's metric there. Where no tau is within it, the tau of
     the best metric, with "within_target": False."""
-    full = sweep_rule(task, signals_from_states(states, task.is_regression), "full", [None])[0]["metric"]
-    curve = policy_curve(policy, states, task, taus)
-    point = best_within(curve, full, tolerance)
-    within = point is not None
-    if not within:
-        point = max(curve, key=lambda p: (p["metric"], p["layer_saving"]))
+    point, within = choose_on_split(policy_curve(policy, states, task, taus), full_metric(states, task), tolerance)
     return {"tau": point["value"], "within_target": within, **point}
 
 
-def grid_members(template: nn.Module, dataset: CachedLayerDataset, states: dict[str, dict], task: TaskSpec,
-                 rl: dict, *, alphas: list[float], seeds: list[int], taus: list[float], lr: float, epochs: int,
-                 batch_size: int, tolerance: float) -> list[dict]:
-    """One policy per (alpha, seed), each at every tau on every split of `states` ({split: collect_states
-    cache}): one member per (alpha, seed, tau), {"setting": (alpha, tau), "seed", <split>: point}."""
-    members = []
+def train_grid(template: nn.Module, dataset: CachedLayerDataset, task: TaskSpec, rl: dict, *, alphas: list[float],
+               seeds: list[int], lr: float, epochs: int, batch_size: int, tolerance: float) -> dict[tuple, nn.Module]:
+    """One policy per (alpha, seed), each fresh from `seed`: {(alpha, seed): policy}."""
     grid = [(alpha, seed) for alpha in alphas for seed in seeds]
-    for alpha, seed in progress(grid, "policy grid (alpha, seed)", unit="policy"):
-        policy = train_policy(fresh_policy(template, seed), dataset, task, {**rl, "alpha": alpha}, lr=lr,
-                              epochs=epochs, batch_size=batch_size, seed=seed, tolerance=tolerance)
+    return {(alpha, seed): train_policy(fresh_policy(template, seed), dataset, task, {**rl, "alpha": alpha}, lr=lr,
+                                        epochs=epochs, batch_size=batch_size, seed=seed, tolerance=tolerance)
+            for alpha, seed in progress(grid, "policy grid (alpha, seed)", unit="policy")}
+
+
+def replay_grid(policies: dict[tuple, nn.Module], states: dict[str, dict], task: TaskSpec,
+                taus: list[float]) -> list[dict]:
+    """Every policy of `train_grid` at every tau on every split of `states` ({split: collect_states cache}): one
+    member per (alpha, seed, tau), {"setting": (alpha, tau), "seed", <split>: point}."""
+    members = []
+    for (alpha, seed), policy in policies.items():
         curves = {split: policy_curve(policy, split_states, task, taus) for split, split_states in states.items()}
         for index, tau in enumerate(taus):
             members.append({"setting": (alpha, tau), "seed": seed,
@@ -92,22 +101,71 @@ def grid_members(template: nn.Module, dataset: CachedLayerDataset, states: dict[
     return members
 
 
+def grid_members(template: nn.Module, dataset: CachedLayerDataset, states: dict[str, dict], task: TaskSpec,
+                 rl: dict, *, alphas: list[float], seeds: list[int], taus: list[float], lr: float, epochs: int,
+                 batch_size: int, tolerance: float) -> list[dict]:
+    """`train_grid`, then `replay_grid`: the members alone, for studies that do not keep the policies."""
+    policies = train_grid(template, dataset, task, rl, alphas=alphas, seeds=seeds, lr=lr, epochs=epochs,
+                          batch_size=batch_size, tolerance=tolerance)
+    return replay_grid(policies, states, task, taus)
+
+
 def policy_frontier(members: list[dict], splits=("validation", "test")) -> dict:
     """Every setting's mean and spread over seeds, and the frontier chosen on validation."""
     settings = seed_settings(members, splits)
     return {"settings": settings, "frontier": frontier(settings, "validation")}
 
 
+def _grid_point(member: dict, splits) -> dict:
+    """A chosen member in results.json's terms: alpha, tau and its point on each split."""
+    alpha, tau = member["setting"]
+    return {"alpha": alpha, "tau": tau, "within_target": member["within_target"], **{s: member[s] for s in splits}}
+
+
+def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test")) -> dict:
+    """The run's operating point from its whole grid, chosen on validation (`frontier.choose_member`: every
+    (alpha, seed, tau) a candidate), and the same choice made within each RL seed alone (`seed_spread`), which
+    says how far the point moves with the seed. Both record the split that chose them and the target."""
+    pick = choose_member(members, full_validation, tolerance)
+    spread = seed_spread(members, full_validation, tolerance)
+    meta = {"chosen_on": "validation", "target": target_text(tolerance)}
+    return {"chosen": {**meta, "seed": pick["seed"], **_grid_point(pick, splits)},
+            "per_seed": {**meta, "seeds": [{"seed": row["seed"], **_grid_point(row, splits)} for row in spread["seeds"]],
+                         "test": spread["test"]}}
+
+
+def save_policies(path: Path, policies: dict[tuple, nn.Module]) -> Path:
+    """The grid's policies, tensors and plain containers only (read back with weights_only=True)."""
+    rows = [{"alpha": alpha, "seed": seed, "state_dict": policy.state_dict()} for (alpha, seed), policy in policies.items()]
+    atomic_torch_save({"policies": rows}, Path(path))
+    return Path(path)
+
+
+def load_policy(path: str | Path, alpha: float, seed: int) -> dict:
+    """The state dict of the grid's policy at (alpha, seed) from `save_policies`' file."""
+    rows = torch.load(path, map_location="cpu", weights_only=True)["policies"]
+    found = [row["state_dict"] for row in rows if row["alpha"] == alpha and row["seed"] == seed]
+    if not found:
+        held = sorted((row["alpha"], row["seed"]) for row in rows)
+        raise KeyError(f"{path} holds no policy at alpha={alpha}, seed={seed}; it holds (alpha, seed) {held}")
+    return found[0]
+
+
 def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, states: dict[str, dict], task: TaskSpec,
-                 policy_settings: dict, *, alphas: list[float], seeds: list[int], taus: list[float],
-                 tolerance: float) -> dict:
-    """The run's policy frontier (results.json `policy_frontier`): policies over `alphas` x `seeds` trained
-    on the training set's cached outputs `cache` (`collect_states`) with the policy stage's settings."""
-    members = grid_members(template, CachedLayerDataset(cache, memorized), states, task, policy_settings,
-                           alphas=alphas, seeds=seeds, taus=taus, lr=policy_settings["lr"],
-                           epochs=policy_settings["epochs"], batch_size=policy_settings["batch_size"],
-                           tolerance=tolerance)
+                 stage: PolicyStage, *, alphas: list[float], seeds: list[int], taus: list[float],
+                 tolerance: float, choose_tolerance: float | None = None) -> tuple[dict, dict[tuple, nn.Module]]:
+    """The run's policy frontier (results.json `policy_frontier`) and its policies ({(alpha, seed): policy}):
+    policies over `alphas` x `seeds` trained on the training set's cached outputs `cache` (`collect_states`)
+    with the policy stage's settings `stage`. With `choose_tolerance`, also the operating point chosen on validation
+    from every member, and per seed (`choose_in_grid`)."""
+    policies = train_grid(template, CachedLayerDataset(cache, memorized), task, rl_settings(stage), alphas=alphas,
+                          seeds=seeds, lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size,
+                          tolerance=tolerance)
+    members = replay_grid(policies, states, task, taus)
     result = policy_frontier(members, tuple(states))
-    return {"alphas": list(alphas), "seeds": list(seeds), "chosen_on": "validation",
-            "settings": [{**row, "setting": list(row["setting"])} for row in result["settings"]],
-            "frontier": result["frontier"]}
+    report = {"alphas": list(alphas), "seeds": list(seeds), "chosen_on": "validation",
+              "settings": [{**row, "setting": list(row["setting"])} for row in result["settings"]],
+              "frontier": result["frontier"]}
+    if choose_tolerance is not None:
+        report.update(choose_in_grid(members, full_metric(states["validation"], task), choose_tolerance, tuple(states)))
+    return report, policies

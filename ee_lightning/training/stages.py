@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ee_lightning.evaluation.pareto import compare_rules
 from ee_lightning.evaluation.rule_points import evaluate_methods
@@ -36,9 +36,9 @@ from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
 from ee_lightning.training.systems.finetune import FinetuneSystem
 from ee_lightning.training.systems.joint import JointSystem
-from ee_lightning.training.systems.policy import PolicySystem
+from ee_lightning.training.systems.policy import PolicySystem, rl_settings
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
-from ee_lightning.training.policy_grid import choose_tau, run_frontier
+from ee_lightning.training.policy_grid import choose_tau, run_frontier, save_policies
 from ee_lightning.training.processes import is_global_zero
 from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.trainers import best_or_last, finish_loggers, make_trainer
@@ -140,10 +140,6 @@ class Run:
     def task(self) -> TaskSpec:
         return self.datamodule.task
 
-    def settings(self, key: str) -> dict:
-        """A config node of the method (e.g. "finetune", "policy") as a plain dict."""
-        return OmegaConf.to_container(self.cfg.method[key], resolve=True)
-
 
 def interrupted_checkpoint(run_dir: Path, stage: str) -> str | None:
     """The last checkpoint a stage wrote before the run stopped, to resume its fit."""
@@ -193,16 +189,16 @@ def base_results(run: Run, test: list[float]) -> RunResults:
 
 
 def finetune_system(run: Run) -> FinetuneSystem:
-    settings = run.settings("finetune")
-    settings.pop("epochs")
-    return FinetuneSystem(run.model, run.task, run.spec, **settings)
+    stage = run.method.finetune
+    return FinetuneSystem(run.model, run.task, run.spec, lr=stage.lr, weight_decay=stage.weight_decay,
+                          warmup_ratio=stage.warmup_ratio, layer_weights=stage.layer_weights)
 
 
 def run_finetune(run: Run) -> RunResults:
     """Stage 1: fit backbone + heads, then test every layer."""
     ledger = run.stages.ledger
     system = finetune_system(run)
-    checkpoint = fit_stage(run, system, "finetune", run.cfg.method.finetune.epochs, datamodule=run.datamodule)
+    checkpoint = fit_stage(run, system, "finetune", run.method.finetune.epochs, datamodule=run.datamodule)
     trainer_metrics = system.trainer.callback_metrics
     val = system.layer_results("val") if any(k.startswith("val/") for k in trainer_metrics) else None
     results = base_results(run, test_stage(run, system, "finetune")[0])
@@ -225,7 +221,7 @@ def stage_one(run: Run, ledger: StageLedger) -> str | None:
     if ledger.done("finetune") and ledger.checkpoint("finetune"):
         load_stage_weights(run, ledger.checkpoint("finetune"), ("backbone", "heads"), key="stages.json finetune")
         return ledger.checkpoint("finetune")
-    return fit_stage(run, finetune_system(run), "finetune", run.cfg.method.finetune.epochs, datamodule=run.datamodule)
+    return fit_stage(run, finetune_system(run), "finetune", run.method.finetune.epochs, datamodule=run.datamodule)
 
 
 def training_set_outputs(run: Run, checkpoint: str | None):
@@ -237,7 +233,7 @@ def training_set_outputs(run: Run, checkpoint: str | None):
     meta = None
     if checkpoint:
         meta = hardness_lib.hardness_meta(checkpoint, run.model.num_layers, run.task, split_size,
-                                          cfg.method.hardness.tolerance, hash_contents=False, data=cfg.data.name,
+                                          run.method.hardness.tolerance, hash_contents=False, data=cfg.data.name,
                                           max_train_samples=cfg.data.get("max_train_samples"),
                                           pooling=cfg.head.pooling)
     def build() -> dict:
@@ -245,7 +241,7 @@ def training_set_outputs(run: Run, checkpoint: str | None):
 
     if checkpoint:
         cache = load_or_build(Path(checkpoint).with_suffix(".train_outputs.pt"), meta, build,
-                              save=cfg.method.hardness.cache_train_outputs and is_global_zero())
+                              save=run.method.hardness.cache_train_outputs and is_global_zero())
     else:
         cache = build()
     return cache, memorized_layers(run, cache, checkpoint, meta, split_size)
@@ -259,7 +255,7 @@ def memorized_layers(run: Run, cache: dict, checkpoint: str | None, meta: dict |
     if table is not None and bool((table[cache["idx"]] > 0).all()):
         rank_zero_info(f"memorized layers reused from {artefact}")
         return table
-    correct = hardness_lib.correct_table(run.task, cache["logits"], cache["labels"], run.cfg.method.hardness.tolerance)
+    correct = hardness_lib.correct_table(run.task, cache["logits"], cache["labels"], run.method.hardness.tolerance)
     memorized = hardness_lib.memorized_layer(correct)
     if artefact and is_global_zero():
         hardness_lib.save_hardness(artefact, memorized, cache["idx"], meta)
@@ -274,21 +270,31 @@ def split_states(run: Run, splits) -> dict[str, dict]:
     return {split: collect_states(run.model, run.datamodule.dataloader(split, by_length=True)) for split in splits}
 
 
-def operating_point(run: Run, validation: dict) -> dict | None:
-    """The policy's tau chosen on the validation split's outputs (`method.choose`); None: method.tau as set."""
-    tolerance = run.cfg.method.choose.tolerance
+def operating_point(run: Run, validation: dict, frontier: dict | None = None) -> dict | None:
+    """The policy's operating point chosen on the validation split (`method.choose`): {"alpha", "seed", "tau",
+    "within_target", "metric", "layer_saving"} (validation). Where the frontier ran, its choice among every
+    (alpha, RL seed, tau) it trained; else the policy stage's policy (the config's alpha, the run's seed) at
+    the tau chosen for it. None: method.tau as set."""
+    tolerance = run.method.choose.tolerance
     if tolerance is None:
         return None
-    taus = sorted(set(default_grid("policy", run.model.num_layers)) | {run.cfg.method.tau}, reverse=True)
-    return choose_tau(run.model.policy, validation, run.task, taus, tolerance)
+    if frontier and "chosen" in frontier:
+        pick = frontier["chosen"]
+        return {k: pick[k] for k in ("alpha", "seed", "tau", "within_target")} | {
+            k: pick["validation"][k] for k in ("metric", "layer_saving")}
+    taus = sorted(set(default_grid("policy", run.model.num_layers)) | {run.method.tau}, reverse=True)
+    return {**choose_tau(run.model.policy, validation, run.task, taus, tolerance),
+            "alpha": run.method.policy.alpha, "seed": run.cfg.seed}
 
 
 def run_consistentee(run: Run) -> RunResults:
     cfg, task = run.cfg, run.task
     ledger = run.stages.ledger
     seconds = {}
-    tau, tolerance = cfg.method.tau, cfg.method.hardness.tolerance
-    policy_settings = run.settings("policy")
+    method = run.method
+    tau, tolerance = method.tau, method.hardness.tolerance
+    policy_stage = method.policy
+    rl = rl_settings(policy_stage)
 
     started = time.perf_counter()
     stage1_checkpoint = stage_one(run, ledger)
@@ -302,41 +308,48 @@ def run_consistentee(run: Run) -> RunResults:
     hardness_hist = hardness_lib.histogram(memorized, run.model.num_layers).tolist()
     rank_zero_info(f"memorized-layer histogram (layers 1..{run.model.num_layers}): {hardness_hist}")
 
-    system = PolicySystem(run.model, task, run.spec, rl=policy_settings, lr=policy_settings["lr"], tau=tau,
-                          tolerance=tolerance)
+    system = PolicySystem(run.model, task, run.spec, rl=rl, lr=policy_stage.lr, tau=tau, tolerance=tolerance)
     if ledger.done("policy"):
         load_stage_weights(run, ledger.checkpoint("policy"), ("policy",), key="stages.json policy")
     else:
-        policy_loader = ResumableLoader(CachedLayerDataset(cache, memorized), batch_size=policy_settings["batch_size"],
+        policy_loader = ResumableLoader(CachedLayerDataset(cache, memorized), batch_size=policy_stage.batch_size,
                                         sampler=EpochShuffle(len(memorized), seed=cfg.seed),
                                         generator=torch.Generator().manual_seed(cfg.seed))
-        fit_stage(run, system, "policy", policy_settings["epochs"], train_dataloaders=policy_loader,
+        fit_stage(run, system, "policy", policy_stage.epochs, train_dataloaders=policy_loader,
                   val_dataloaders=run.datamodule.val_dataloader())
     seconds["policy"] = ledger.stages["policy"].get("seconds")
-    frontier_cfg, frontier, states = cfg.method.frontier, None, {}
-    if frontier_cfg.alphas and not cfg.method.joint.enabled and is_global_zero():
+    frontier_cfg, frontier, policies, states = method.frontier, None, {}, {}
+    # Rank 0 alone trains the frontier and so may choose another policy (and tau) than the policy stage's; under
+    # DDP the other ranks keep that one, which only their share of the test stage's logged exit histograms sees
+    # (results, report and saved model are rank 0's).
+    if frontier_cfg.alphas and not method.joint.enabled and is_global_zero():
         started = time.perf_counter()  # the frontier's policies read stage 1's heads: the joint stage changes them
         states = split_states(run, ("validation", "test"))
-        frontier = run_frontier(run.model.policy, cache, memorized, states, task, policy_settings,
-                                alphas=list(frontier_cfg.alphas),
-                                seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
-                                taus=default_grid("policy", run.model.num_layers), tolerance=tolerance)
+        frontier, policies = run_frontier(run.model.policy, cache, memorized, states, task, policy_stage,
+                                          alphas=list(frontier_cfg.alphas),
+                                          seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
+                                          taus=default_grid("policy", run.model.num_layers), tolerance=tolerance,
+                                          choose_tolerance=method.choose.tolerance)
+        # kept, so that the chosen policy (saved in <run>/model/) can be traced to its file
+        frontier["policies"] = str(save_policies(run.stages.folder("frontier") / "policies.pt", policies))
         seconds["frontier"] = round(time.perf_counter() - started, 1)
     del cache
 
-    if cfg.method.joint.enabled:
-        joint = run.settings("joint")
-        system = JointSystem(run.model, task, run.spec, rl=policy_settings, lr_model=joint["lr_model"],
-                             lr_policy=joint["lr_policy"], memorized=table, tau=tau, tolerance=tolerance)
+    joint = method.joint
+    if joint.enabled:
+        system = JointSystem(run.model, task, run.spec, rl=rl, lr_model=joint.lr_model, lr_policy=joint.lr_policy,
+                             memorized=table, tau=tau, tolerance=tolerance)
         if ledger.done("joint"):
             load_stage_weights(run, ledger.checkpoint("joint"), ("backbone", "heads", "policy"), key="stages.json joint")
         else:
-            fit_stage(run, system, "joint", joint["epochs"], datamodule=run.datamodule)
+            fit_stage(run, system, "joint", joint.epochs, datamodule=run.datamodule)
         seconds["joint"] = ledger.stages["joint"].get("seconds")
 
     started = time.perf_counter()
     validation = states.get("validation") or split_states(run, ("validation",))["validation"]
-    chosen = operating_point(run, validation)
+    chosen = operating_point(run, validation, frontier)
+    if chosen and policies:  # from here on (test, report, saved model) the run's policy is the chosen one
+        run.model.policy.load_state_dict(policies[(chosen["alpha"], chosen["seed"])].state_dict())
     tau = chosen["tau"] if chosen else tau
     seconds["choose"] = round(time.perf_counter() - started, 1)
 
@@ -345,9 +358,12 @@ def run_consistentee(run: Run) -> RunResults:
     results = base_results(run, layer_metrics)
     for key, value in evaluate_methods(test_cache, task, tau=tau, tolerance=tolerance).items():
         setattr(results, key, value)
+    consistentee = results.methods["consistentee"]
+    consistentee.alpha, consistentee.seed = (chosen["alpha"], chosen["seed"]) if chosen else (
+        policy_stage.alpha, cfg.seed)
     if chosen:
         results.methods["consistentee"].chosen_on = "validation"
-        results.methods["consistentee"].target = target_text(cfg.method.choose.tolerance)
+        results.methods["consistentee"].target = target_text(method.choose.tolerance)
         results.methods["consistentee"].chosen_point = {k: chosen[k] for k in ("metric", "layer_saving",
                                                                                 "within_target")}
     seconds["evaluate"] = round(time.perf_counter() - started, 1)
@@ -356,7 +372,8 @@ def run_consistentee(run: Run) -> RunResults:
         title = f"{cfg.backbone.name} on {task.name} (test)"
         frontier_rows = frontier["frontier"] if frontier else None
         report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
-                               title=title, frontier_rows=frontier_rows, tolerance=cfg.method.choose.tolerance,
+                               title=title, frontier_rows=frontier_rows, tolerance=method.choose.tolerance,
+                               policy_choice=frontier if frontier and "chosen" in frontier else None,
                                choose_on=signals_from_states(validation, task.is_regression, run.model.policy)
                                if chosen else None)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}

@@ -5,7 +5,8 @@ greedy exits at tau (accumulated by the system in `exit_counts`) are logged as
   - scalars `<split>/exit/frac_L<l>` and `<split>/exit/<bucket>/frac_L<l>` (every logger, CSV included),
   - a wandb.Histogram `<split>/exit/hist` (one bin per layer, and one per bucket), a bar chart
     `<split>/exit/bar` and a line chart `<split>/exit/by_bucket` (wandb only),
-  - one JSON line in `<run dir>/exit_histograms.jsonl` (stage, split, epoch, step, counts, buckets).
+  - one JSON line in `<run dir>/exit_histograms.jsonl` (stage, split, epoch, step, num_exits, counts,
+    buckets, exit_layers).
 During policy training the exits sampled by the K rollouts are counted the same way and logged
 once per epoch as split `train`, bucketed by the training rows' memorized layers.
 On an evaluation split, the bucket of a row comes from its own memorized layer on that split. A
@@ -47,11 +48,11 @@ class ExitHistogram(StageCallback):
     def _emit_evaluation(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
         if not (isinstance(pl_module, CountsExits) and pl_module.evaluates_policy):
             return
-        num_layers = pl_module.num_exits
+        num_exits = pl_module.num_exits
         bucketed = pl_module.exit_buckets  # [3 buckets, E] counts, else one row [E]
         counts = pl_module.exit_counts.get(split)
         if counts is None:  # no batch on this process: still take part in the reduction
-            counts = torch.zeros((3, num_layers) if bucketed else (num_layers,), dtype=torch.long,
+            counts = torch.zeros((3, num_exits) if bucketed else (num_exits,), dtype=torch.long,
                                  device=pl_module.device)
         counts = _sum_over_processes(trainer, counts.to(pl_module.device))
         self._emit(trainer, pl_module, split, counts.sum(0) if bucketed else counts, counts if bucketed else None)
@@ -69,14 +70,14 @@ class ExitHistogram(StageCallback):
         if step is None or step is self._seen_step:
             return
         self._seen_step = step
-        num_layers = pl_module.num_exits
+        num_exits = pl_module.num_exits
         exits = step.exits.detach().cpu()
-        total = torch.bincount(exits.reshape(-1).long() - 1, minlength=num_layers)
+        total = torch.bincount(exits.reshape(-1).long() - 1, minlength=num_exits)
         self._train_total = total if self._train_total is None else self._train_total + total
         memorized = pl_module.last_policy_memorized
         if memorized is not None:
-            buckets = hardness_buckets(memorized.detach().cpu(), num_layers).view(1, -1)
-            counts = bucket_exit_counts(exits, buckets, num_layers)
+            buckets = hardness_buckets(memorized.detach().cpu(), num_exits).view(1, -1)
+            counts = bucket_exit_counts(exits, buckets, num_exits)
             self._train_buckets = counts if self._train_buckets is None else self._train_buckets + counts
         self._train_epoch = trainer.current_epoch
 
@@ -85,11 +86,11 @@ class ExitHistogram(StageCallback):
         # set from a stage's start).
         if not (self.train and isinstance(pl_module, TrainsPolicy)):
             return
-        num_layers = pl_module.num_exits
+        num_exits = pl_module.num_exits
         # Every process reduces both tensors (zeros where it has none), so the collectives match.
-        total = self._train_total if self._train_total is not None else torch.zeros(num_layers, dtype=torch.long)
+        total = self._train_total if self._train_total is not None else torch.zeros(num_exits, dtype=torch.long)
         total = _sum_over_processes(trainer, total.to(pl_module.device))
-        buckets = self._train_buckets if self._train_buckets is not None else torch.zeros(3, num_layers,
+        buckets = self._train_buckets if self._train_buckets is not None else torch.zeros(3, num_exits,
                                                                                            dtype=torch.long)
         buckets = _sum_over_processes(trainer, buckets.to(pl_module.device))
         # No memorized layers (joint stage without a hardness table): no buckets.
@@ -113,7 +114,7 @@ class ExitHistogram(StageCallback):
         total = total.cpu()
         if int(total.sum()) == 0:
             return
-        num_layers = total.numel()
+        num_exits = total.numel()
         per_bucket = {}
         if buckets is not None:
             per_bucket = {name: buckets[i].cpu() for i, name in enumerate(BUCKET_NAMES)}
@@ -127,7 +128,7 @@ class ExitHistogram(StageCallback):
             return
         append_jsonl(self.out_dir(trainer) / self.filename, {
             "stage": self.stage_name(trainer), "split": split, "epoch": trainer.current_epoch,
-            "step": trainer.global_step, "num_layers": num_layers, "counts": total.tolist(),
+            "step": trainer.global_step, "num_exits": num_exits, "counts": total.tolist(),
             "buckets": {name: counts.tolist() for name, counts in per_bucket.items()},
             "exit_layers": list(pl_module.exit_layers),
         })
@@ -145,8 +146,8 @@ def wandb_exit_charts(split: str, total: torch.Tensor, per_bucket: dict, stage: 
     import numpy as np
     import wandb
 
-    num_layers = total.numel()
-    edges = np.arange(num_layers + 1) + 0.5  # bins centred on layers 1..L
+    num_exits = total.numel()
+    edges = np.arange(num_exits + 1) + 0.5  # bins centred on exits 1..E
 
     def histogram(counts):
         return wandb.Histogram(np_histogram=(counts.numpy().astype(np.int64), edges))
@@ -154,7 +155,7 @@ def wandb_exit_charts(split: str, total: torch.Tensor, per_bucket: dict, stage: 
     title = f"{stage}: {split} exits per layer" if stage else f"{split} exits per layer"
     fractions = (total.double() / total.sum()).tolist()
     table = wandb.Table(columns=["layer", "fraction"], data=[[name, f] for name, f in
-                                                             zip(layer_names(num_layers), fractions)])
+                                                             zip(layer_names(num_exits), fractions)])
     values = {
         f"{split}/exit/hist": histogram(total),
         f"{split}/exit/bar": wandb.plot.bar(table, "layer", "fraction", title=title),
@@ -165,7 +166,7 @@ def wandb_exit_charts(split: str, total: torch.Tensor, per_bucket: dict, stage: 
     if nonempty:
         series = {"all": total, **nonempty}
         values[f"{split}/exit/by_bucket"] = wandb.plot.line_series(
-            xs=list(range(1, num_layers + 1)),
+            xs=list(range(1, num_exits + 1)),
             ys=[(c.double() / c.sum()).tolist() for c in series.values()],
             keys=list(series), title=f"{title}, by memorized-layer bucket", xname="layer")
     return values

@@ -12,7 +12,7 @@ import torch
 
 from ee_lightning.exits.distill import distill_loss
 from ee_lightning.modeling.lm_exits import LMExitHeads
-from ee_lightning.training.systems.lm import ExitAdapterSystem
+from ee_lightning.training.systems.lm import ExitAdapterSystem, batch_loss
 
 
 class ExitDistillSystem(ExitAdapterSystem):
@@ -26,14 +26,18 @@ class ExitDistillSystem(ExitAdapterSystem):
 
     def losses(self, batch) -> torch.Tensor:
         """[E'] mean distillation loss of each trained exit."""
+        return self.position_losses(batch).mean(1)
+
+    def position_losses(self, batch) -> torch.Tensor:
+        """[E', B] distillation loss of each trained exit at each position."""
         logits = self.exit_logits(batch["states"], self.trained, self.vocabulary)
-        return torch.stack([distill_loss(each, batch["top_ids"], batch["top_logp"]).mean() for each in logits])
+        return torch.stack([distill_loss(each, batch["top_ids"], batch["top_logp"]) for each in logits])
 
     def training_step(self, batch, batch_idx):
-        losses = self.losses(batch)
-        loss = (self.weights * losses).sum()
+        losses = self.position_losses(batch)
+        per_row = (self.weights.unsqueeze(1) * losses).sum(0)
         size = len(batch["top_ids"])
-        self.log("distill/loss", loss, prog_bar=True, batch_size=size)
-        for layer, value in zip(self.trained, losses):
+        self.log("distill/loss", per_row.detach().mean(), prog_bar=True, batch_size=size)
+        for layer, value in zip(self.trained, losses.detach().mean(1)):
             self.log(f"distill/loss_L{layer}", value, batch_size=size)
-        return loss
+        return batch_loss(self, per_row, batch)

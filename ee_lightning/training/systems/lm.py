@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ee_lightning.exits.lm_targets import exit_loss_weights
-from ee_lightning.exits.rl import sequence_objective, step_statistics
+from ee_lightning.exits.rl import RowNoise, sequence_objective, step_statistics
 from ee_lightning.inference.lm_cache import exit_state_parts, predicting_positions
 from ee_lightning.inference.propagated import propagated_exits
 from ee_lightning.modeling.lm_exits import ExitClassifier, LMExitHeads, TokenExitPolicy
@@ -53,6 +53,17 @@ class TokenStateDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"states": self.states[i].float(), **{name: values[i] for name, values in self.per_token.items()}}
+
+
+def batch_loss(module: L.LightningModule, per_row: torch.Tensor, batch: dict) -> torch.Tensor:
+    """What this process minimises for the mean of `per_row` [B] over the batch. A batch of
+    `data.resumable.GlobalBatches` is this process's share of the batch: its rows weighted by 1 / the
+    batch's rows, times the number of processes, because DDP averages the processes' gradients; the
+    update is then the one of the whole batch's mean, as in one process. A batch without weights (a
+    plain loader) is the whole batch: its mean."""
+    if "weight" not in batch:
+        return per_row.mean()
+    return (per_row * batch["weight"]).sum() * module.trainer.world_size
 
 
 def _layers_first(batch_states: torch.Tensor) -> torch.Tensor:
@@ -92,11 +103,11 @@ class ExitAdapterSystem(L.LightningModule):
                 for layer in layers]
 
     def training_step(self, batch, batch_idx):
-        ce = torch.stack([F.cross_entropy(logits, batch["targets"])
-                          for logits in self.exit_logits(batch["states"], self.trained)])
-        loss = (self.weights * ce).sum()
-        self.log("adapter/loss", loss, prog_bar=True, batch_size=len(batch["targets"]))
-        return loss
+        ce = torch.stack([F.cross_entropy(logits, batch["targets"], reduction="none")
+                          for logits in self.exit_logits(batch["states"], self.trained)])  # [E', B]
+        per_row = (self.weights.unsqueeze(1) * ce).sum(0)
+        self.log("adapter/loss", per_row.detach().mean(), prog_bar=True, batch_size=len(per_row))
+        return batch_loss(self, per_row, batch)
 
     def validation_step(self, batch, batch_idx):
         size = len(batch["targets"])
@@ -117,7 +128,7 @@ class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
     def __init__(self, policy: TokenExitPolicy, k: int = 16, alpha: float = 0.1, task_term: str = "correct",
                  depth_term: str = "hardness", sampler: str = "bernoulli", eps_start: float = 0.3,
                  eps_end: float = 0.0, eps_decay_steps: float = 200, normalize_advantages: bool = False,
-                 entropy_bonus: float = 0.0, estimator: str = "reinforce", lr: float = 1e-3):
+                 entropy_bonus: float = 0.0, estimator: str = "reinforce", lr: float = 1e-3, seed: int = 0):
         super().__init__()
         self.policy = policy
         self.save_hyperparameters(ignore=["policy"])
@@ -137,8 +148,12 @@ class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
         return torch.stack([self.policy.logit(layer, per_exit[e]) for e, layer in enumerate(self.policy.exit_layers)])
 
     def training_step(self, batch, batch_idx):
-        return self.policy_step(self.exit_logits(batch["states"]), batch["ce"].T, batch["correct"].T,
-                                batch["memorized"]).loss
+        # A token named by its row draws its rollouts from its own stream (seed, epoch, row): the same
+        # in any batch and any process. Without rows (a plain loader), from the global stream.
+        noise = RowNoise(self.hparams.seed, self.current_epoch, batch["row"]) if "row" in batch else None
+        step = self.policy_step(self.exit_logits(batch["states"]), batch["ce"].T, batch["correct"].T,
+                                batch["memorized"], generator=noise)
+        return batch_loss(self, step.instance_loss, batch)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.lr, weight_decay=0.0)
@@ -269,11 +284,11 @@ class ExitClassifierSystem(L.LightningModule):
         layers = self.classifier.exit_layers[:-1]
         logits = torch.stack([self.classifier.logit(layer, per_exit[e]) for e, layer in enumerate(layers)])
         labels = batch["agree"].T.float()
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        size = len(labels[0])
-        self.log("classifier/loss", loss, prog_bar=True, batch_size=size)
+        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+        size = len(per_row)
+        self.log("classifier/loss", per_row.detach().mean(), prog_bar=True, batch_size=size)
         self.log("classifier/acc", ((logits > 0).float() == labels).float().mean(), batch_size=size)
-        return loss
+        return batch_loss(self, per_row, batch)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.classifier.parameters(), lr=self.lr)
@@ -281,7 +296,9 @@ class ExitClassifierSystem(L.LightningModule):
 
 class ExitStateCacheSystem(L.LightningModule):
     """The cache pass as a Lightning predict: each batch's exit states (`inference.lm_cache.exit_state_parts`).
-    Under DDP each process predicts its shard; `lm_cache.merge_parts` over all of them orders the tokens."""
+    Under DDP each process predicts every world_size-th batch of the one batch order (its Trainer has
+    `use_distributed_sampler=False`), so every sequence is padded as in one process and its states are
+    the same; `lm_cache.merge_parts` over all processes' parts orders the tokens."""
 
     def __init__(self, decoder, exit_layers: list[int], cache_dtype: str = "float32", positions: str = "response",
                  top_k: int | None = None):
@@ -294,6 +311,8 @@ class ExitStateCacheSystem(L.LightningModule):
         self._decoder.model.to(self.device).eval()
 
     def predict_step(self, batch, batch_idx):
+        if batch_idx % self.trainer.world_size != self.trainer.global_rank:
+            return None  # another process's batch
         return exit_state_parts(self._decoder.model, batch, self.exit_layers, self.cache_dtype, self.positions,
                                 self.top_k)
 

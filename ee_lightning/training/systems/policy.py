@@ -55,8 +55,8 @@ class PolicyTrainingMixin:
     last_policy_step = None
     last_policy_memorized = None
 
-    def policy_step(self, exit_logits, losses, correct, memorized):
-        step, eps = rl_step(self.rl, self.global_step, exit_logits, losses, correct, memorized)
+    def policy_step(self, exit_logits, losses, correct, memorized, generator=None):
+        step, eps = rl_step(self.rl, self.global_step, exit_logits, losses, correct, memorized, generator)
         size = losses.shape[1]
         stats = {f"policy/{name}": value for name, value in step_statistics(step).items()}
         self.log_dict({**stats, "policy/eps": torch.tensor(eps)}, batch_size=size, on_step=True, on_epoch=False)
@@ -66,7 +66,11 @@ class PolicyTrainingMixin:
         return step
 
 
-def rl_settings(settings: dict) -> dict:
+def rl_settings(settings) -> dict:
+    """The REINFORCE settings (RL_KEYS) of the policy stage's typed node (`config.schema.PolicyStage`)
+    or of a mapping that holds them."""
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
     missing = [key for key in RL_KEYS if key not in settings]
     if missing:
         raise ValueError(f"method.policy lacks {missing}")
