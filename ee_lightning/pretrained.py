@@ -17,6 +17,7 @@ from ee_lightning.data.generation import collate_generate, encode_prompt
 from ee_lightning.evaluation.generation_eval import per_prompt
 from ee_lightning.evaluation.text_metrics import trim_generation
 from ee_lightning.exits.rules import ExitRule, build_rule, rule_from_grid
+from ee_lightning.inference.deferred import generate_deferred_each
 from ee_lightning.inference.generate import generate_with_exits
 from ee_lightning.inference.runner import EarlyExitRunner
 from ee_lightning.inference.verify import generate_verified
@@ -203,7 +204,8 @@ class EarlyExitGenerator:
 
     def generate(self, prompts, max_new_tokens: int | None = None, rule: str | ExitRule | None = None, knob=None,
                  mode: str = "exit", batch_size: int | None = None, draft_layer: int | None = None,
-                 draft_length: int | None = None, min_confidence: float | None = None) -> Generations:
+                 draft_length: int | None = None, min_confidence: float | None = None,
+                 kv: str | None = None) -> Generations:
         """prompts: user messages (each goes into the chat template, with the run's system prompt);
         max_new_tokens: default the run's; rule / knob: any exit rule (policy, softmax_margin, saturation,
         classifier, entropy, maxprob, patience, pcee, static, full), default the policy at its trained tau;
@@ -212,7 +214,9 @@ class EarlyExitGenerator:
         text is the full model's greedy text; one prompt at a time, no rule). Where the run trained a
         draft policy (stage lm_draft_policy), verify mode drafts at its layer by default, up to its
         max_drafts, and stops a round where it says so (also with draft_layer set to its layer; another
-        layer drafts without it); batch_size: default the run's generation batch."""
+        layer drafts without it); batch_size: default the run's generation batch; kv (mode "exit"): what
+        an exited token gives the layers it skipped, "propagate" (K/V from its exit state) or "defer" (the
+        real layers, run when a later token climbs past them; one prompt at a time), default the run's."""
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode={mode!r} is not available; modes: {', '.join(GENERATION_MODES)}")
         if isinstance(prompts, str):
@@ -228,6 +232,9 @@ class EarlyExitGenerator:
             raise ValueError("the oracle rule needs the full model's token at every step: it is a bound for "
                              "evaluation, not a way to generate")
         rule = make_rule(rule, knob, self.num_layers, self.tau)
+        kv = kv or self.generation.get("kv", "propagate")
+        if kv not in ("propagate", "defer"):
+            raise ValueError(f"kv={kv!r}: use 'propagate' or 'defer'")
         max_new_tokens = int(max_new_tokens or self.generation["max_new_tokens"])
         batch_size = int(batch_size or self.generation.get("batch_size") or 8)
         eos, pad = self.generation["eos_token_id"], self.generation["pad_token_id"]
@@ -236,9 +243,10 @@ class EarlyExitGenerator:
         tokens, exit_layers, counts = [], [], torch.zeros(self.num_layers, dtype=torch.long)
         for start in progress(range(0, len(rows), batch_size), "generate", unit="batch"):
             batch = collate_generate(rows[start:start + batch_size], pad)
-            out = generate_with_exits(self.decoder, self.parts.exits, rule, batch["input_ids"].to(device),
-                                      batch["attention_mask"].to(device), max_new_tokens, eos_token_id=eos,
-                                      pad_token_id=pad, policy=self.parts.policy, classifier=self.parts.classifier)
+            generate_rows = generate_deferred_each if kv == "defer" else generate_with_exits
+            out = generate_rows(self.decoder, self.parts.exits, rule, batch["input_ids"].to(device),
+                                batch["attention_mask"].to(device), max_new_tokens, eos_token_id=eos,
+                                pad_token_id=pad, policy=self.parts.policy, classifier=self.parts.classifier)
             batch_tokens, batch_layers = per_prompt(out, eos)
             tokens += batch_tokens
             exit_layers += batch_layers

@@ -149,6 +149,7 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["method.lm_exits.classifier.lr=0"], "method.lm_exits.classifier.lr=0.0: must be > 0"),
     (["method.lm_exits.policy.batch_size=0"], "method.lm_exits.policy.batch_size=0: must be >= 1"),
     (["method.generation.max_new_tokens=0"], "method.generation.max_new_tokens=0: must be >= 1"),
+    (["method.generation.kv=later"], "method.generation.kv=later: must be one of propagate | defer"),
     (["method.generation.batch_size=0"], "method.generation.batch_size=0: must be >= 1"),
     (["method.generation.max_prompts=0"], "method.generation.max_prompts=0: must be >= 1; or null for every prompt"),
     (["method.generation.split=dev"], "method.generation.split=dev: must be one of train | validation | test"),

@@ -94,7 +94,8 @@ def run_reference(run: Path) -> dict:
     checkpoint = json.loads((run / "stages.json").read_text())["policy"]["checkpoint"]
     model, tokenizer, task, spec = load_checkpoint_model(checkpoint)
     frontier = json.loads((run / "results.json").read_text())["policy_frontier"]
-    model.policy.load_state_dict(load_policy(frontier["policies"], frontier["chosen"]["alpha"], frontier["chosen"]["seed"]))
+    model.policy.load_state_dict(load_policy(run / frontier["policies"], frontier["chosen"]["alpha"],
+                                             frontier["chosen"]["seed"]))
     datamodule = build_datamodule(OmegaConf.create(spec["data"]), tokenizer)
     datamodule.setup()
     cache = collect_signals(model, datamodule.dataloader("test"), task.is_regression)

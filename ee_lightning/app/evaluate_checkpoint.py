@@ -104,7 +104,7 @@ def evaluate_decoder(cfg: DictConfig) -> dict:
     rules = rule_points_grid(gen["rules"], parts.exits.exit_layers, has_policy, has_classifier, decoder.vocab_size,
                              tau=tau if has_policy else None)
     system = GenerationEvalSystem(decoder, tokenizer, parts.exits, rules, gen["max_new_tokens"], parts.policy,
-                                  parts.classifier, tau=tau if has_policy else None)
+                                  parts.classifier, tau=tau if has_policy else None, kv=gen.get("kv", "propagate"))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_enabled())
     trainer.test(system, dataloaders=DataLoader(batches, batch_size=None), verbose=False)

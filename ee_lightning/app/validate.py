@@ -340,6 +340,7 @@ def check_generation(node: DictConfig, check: Checker, depth: int | None = None)
     check.number(node, "max_prompts", p, low=1, integer=True, optional=True, why="or null for every prompt")
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
+    check.choice(node, "kv", p, ("propagate", "defer"))
     # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
     # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."

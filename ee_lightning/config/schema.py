@@ -245,6 +245,7 @@ class GenerationConfig:
     max_prompts: Optional[int] = MISSING
     batch_size: int = MISSING
     max_new_tokens: int = MISSING
+    kv: str = MISSING
     rules: GenerationRules = field(default_factory=GenerationRules)
 
 

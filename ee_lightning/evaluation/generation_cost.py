@@ -5,6 +5,8 @@ FlopCounterMode plus the CPU fused-attention formula). Per generated token that 
 with a context of S tokens (its real prompt and the tokens before it):
     sum_{l<=t} layer_l(S)              the layers it ran (attention over S keys)
   + (L - t) * kv_fill                  K/V of every skipped layer (input norm + K/V projections)
+                                       under propagation; where the skipped layers really run for
+                                       later tokens' K/V (deferred, or at once), layer_l(S) for them
   + lm_calls * exit_head               every LM-head call the rule made (a rule that reads the
                                        exit's softmax, e.g. softmax_margin or the oracle, pays one
                                        per exit evaluated; every rule one at its exit)
@@ -45,7 +47,10 @@ class GenerationFlops:
     def per_token(self, result, attention_mask: torch.Tensor) -> torch.Tensor:
         """FLOPs (float64 [B, N]) of every generated token of `result` (0 on padding after EOS)."""
         context = self.context(result, attention_mask)
-        flops = (self.layers_up_to(context, result.exit_layers.cpu())
+        depth = result.exit_layers.cpu()
+        if result.layers_after_exit is not None:  # the skipped layers ran too (later or at once), not filled
+            depth = depth + result.layers_after_exit.cpu()
+        flops = (self.layers_up_to(context, depth)
                  + result.kv_fills.cpu() * self.kv_fill + result.lm_head_calls.cpu() * self.exit_head
                  + result.policy_calls.cpu() * self.policy + result.classifier_calls.cpu() * self.classifier)
         return flops.masked_fill(~result.token_mask.cpu(), 0.0)

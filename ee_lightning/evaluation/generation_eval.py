@@ -32,6 +32,7 @@ from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
 from ee_lightning.files import atomic_write_text
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
+from ee_lightning.inference.deferred import generate_deferred_each
 from ee_lightning.inference.generate import generate_with_exits
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,29 @@ def flat_exit_layers(run: dict) -> torch.Tensor:
     return torch.tensor([layer for layers in run["exit_layers"] for layer in layers], dtype=torch.long)
 
 
+KV_MODES = ("propagate", "defer", "real")
+
+
 def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,
-                   flops=None) -> dict:
+                   flops=None, kv: str = "propagate") -> dict:
     """One prompt batch with `rule`: per prompt its trimmed tokens and its tokens' exit layers
     (`per_prompt`), the costs of every generated token (prompt after prompt) and the decoding's wall
-    seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass."""
-    out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
-                         max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
-                         prompt_cache=batch.get("prompt_cache"))
+    seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass.
+
+    kv: what an exited token gives the layers it skipped. "propagate": K/V from its exit state, at once
+    (CALM; batched). "defer": nothing until a later token climbs past them, then the real layers run on it
+    (`inference.deferred`; one prompt at a time, the shared prompt pass unused). "real": the real layers
+    at once, keeping the exited token running for its K/V only: defer's tokens and exits, batched, with
+    no saving in time (how the oracle runs under defer, and a fast way to score defer's text)."""
+    if kv not in KV_MODES:
+        raise ValueError(f"kv={kv!r}: use one of {KV_MODES}")
+    if kv == "defer" and not rule.needs_labels:
+        out, seconds = timed(generate_deferred_each, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
+                             max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier)
+    else:
+        out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
+                             max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
+                             prompt_cache=batch.get("prompt_cache"), propagate_kv=kv == "propagate")
     mask = out.token_mask
     tokens, exit_layers = per_prompt(out, eos)
     run = {"tokens": tokens, "exit_layers": exit_layers, "seconds": seconds, "generated": int(mask.sum())}

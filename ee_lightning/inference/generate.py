@@ -58,6 +58,9 @@ class GenerationResult:
     classifier_calls: torch.Tensor
     cache: object = None  # the KV cache at the end (every row, every layer)
     logits: torch.Tensor | None = None  # [B, N, V] each token's exit logits, with output_logits=True
+    # [B, N] layers a token ran past its exit for later tokens' K/V: in later steps (`inference.deferred`)
+    # or at once (propagate_kv=False); None: none (propagation fills K/V instead, counted in kv_fills)
+    layers_after_exit: torch.Tensor | None = None
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -182,8 +185,11 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     def stack(key):
         return torch.stack(records[key], dim=1) if records[key] else torch.zeros(batch, 0, dtype=torch.long)
 
-    return GenerationResult(sequences, prompt_length, stack("exit"), stack("lm"), stack("kv"), stack("policy"), stack("classifier"), cache,
-                            torch.stack(kept_logits, dim=1) if output_logits and kept_logits else None)
+    exit_layers = stack("exit")
+    after = None if propagate_kv else (decoder.num_layers - exit_layers).masked_fill(exit_layers == 0, 0)
+    return GenerationResult(sequences, prompt_length, exit_layers, stack("lm"), stack("kv"), stack("policy"),
+                            stack("classifier"), cache, torch.stack(kept_logits, dim=1) if output_logits and kept_logits
+                            else None, layers_after_exit=after)
 
 
 def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv):

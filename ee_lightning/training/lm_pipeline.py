@@ -378,7 +378,7 @@ def generation_stage(run: Run, trained: LMExitRun) -> dict:
     rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
                              trained.classifier is not None, decoder.vocab_size, tau=tau)
     system = GenerationEvalSystem(decoder, run.tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
-                                  trained.classifier, tau=tau)
+                                  trained.classifier, tau=tau, kv=gen.kv)
     # The model's own dtypes (no autocast): the measured generation is the one reported. Each process
     # takes every world_size-th batch itself (a distributed sampler would pad the last shard with repeats).
     trainer = stages.make_trainer("lm_generation", 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)
@@ -410,7 +410,7 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
                      draft_policy=trained.draft_policy,
                      generation={"rules": dataclasses.asdict(gen.rules), "tau": method.lm_exits.policy.tau,
                                  "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
-                                 "max_prompts": gen.max_prompts},
+                                 "max_prompts": gen.max_prompts, "kv": gen.kv},
                      data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
     return LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": run.datamodule.name,

@@ -330,8 +330,10 @@ def run_consistentee(run: Run) -> RunResults:
                                           seeds=[cfg.seed + i for i in range(frontier_cfg.seeds)],
                                           taus=default_grid("policy", run.model.num_layers), tolerance=tolerance,
                                           choose_tolerance=method.choose.tolerance)
-        # kept, so that the chosen policy (saved in <run>/model/) can be traced to its file
-        frontier["policies"] = str(save_policies(run.stages.folder("frontier") / "policies.pt", policies))
+        # kept, so that the chosen policy (saved in <run>/model/) can be traced to its file; relative to the
+        # run directory, as results.json must not depend on where the run lives (resume and seed checks compare it)
+        path = save_policies(run.stages.folder("frontier") / "policies.pt", policies)
+        frontier["policies"] = str(Path(path).relative_to(run.run_dir))
         seconds["frontier"] = round(time.perf_counter() - started, 1)
     del cache
 

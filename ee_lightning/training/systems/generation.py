@@ -41,12 +41,12 @@ class GenerationEvalSystem(L.LightningModule):
     exit_buckets = False     # one row of counts over the exits, no memorized-exit buckets (see the module)
 
     def __init__(self, decoder, tokenizer, exits, rules: list, max_new_tokens: int, policy=None, classifier=None,
-                 tau: float | None = None):
+                 tau: float | None = None, kv: str = "propagate"):
         super().__init__()
         self._held = Held(decoder)  # Lightning neither moves, saves nor switches it
         self.tokenizer = tokenizer
         self.exits, self.policy, self.classifier = exits, policy, classifier
-        self.rules, self.max_new_tokens = list(rules), int(max_new_tokens)
+        self.rules, self.max_new_tokens, self.kv = list(rules), int(max_new_tokens), kv
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.tau_index = policy_at(self.rules, tau) if policy is not None and tau is not None else None
@@ -98,7 +98,7 @@ class GenerationEvalSystem(L.LightningModule):
         points = progress(self.rules, f"generation, prompt batch {batch_idx + 1}", unit="rule")
         for index, (name, value, rule) in enumerate(points):
             run = generate_batch(decoder, exits, rule, batch, self.max_new_tokens, self.eos, self.pad, self.policy,
-                                 self.classifier, self.flops)
+                                 self.classifier, self.flops, kv=self.kv)
             points.set_postfix_str(f"{name} {'' if value is None else value}: "
                                    f"{run['generated'] / max(run['seconds'], 1e-9):.1f} tokens/s")
             self.runs[index].append(run)
