@@ -119,7 +119,22 @@ class ExitAdapterSystem(L.LightningModule):
         return torch.optim.AdamW(self.exits.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
+class TrainsTokenPolicy:
+    """What the callbacks read of a stage that trains the token policy (`callbacks.protocols.HasExits`),
+    from that policy: one bin per exit."""
+
+    policy: TokenExitPolicy
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.policy.exit_layers)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.policy.exit_layers)
+
+
+class TokenPolicySystem(TrainsTokenPolicy, PolicyTrainingMixin, L.LightningModule):
     """Stage 2: REINFORCE per token over cached exit states and exit scores (ce, correct, memorized),
     the encoders' policy step (`systems.policy.PolicyTrainingMixin`) with tokens for rows and exits
     for layers. Logs `policy/*` (reward and its parts, advantage spread, loss, entropy, mean exit,
@@ -133,14 +148,6 @@ class TokenPolicySystem(PolicyTrainingMixin, L.LightningModule):
         self.policy = policy
         self.save_hyperparameters(ignore=["policy"])
         self.rl = rl_settings(dict(self.hparams))
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.policy.exit_layers)
-
-    @property
-    def exit_layers(self) -> list[int]:
-        return list(self.policy.exit_layers)
 
     def exit_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[B, E, H] -> [E, B] policy logits."""
@@ -209,7 +216,7 @@ class RolloutCollate:
         return batch
 
 
-class PropagatedPolicySystem(L.LightningModule):
+class PropagatedPolicySystem(TrainsTokenPolicy, L.LightningModule):
     """Stage 2b: the token policy fine-tuned on K rollouts per training response under propagated K/V
     (`inference.propagated`): each position's reward is stage 2's (its exit's token against the full
     model's, less alpha * t * (1 - m/E)) plus `later_weight` times the discounted agreement of the later
@@ -228,14 +235,6 @@ class PropagatedPolicySystem(L.LightningModule):
         exits.requires_grad_(False)
         self._decoder, self._exits = Held(decoder), Held(exits)
         self.save_hyperparameters(ignore=["policy", "exits", "decoder"])
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.policy.exit_layers)
-
-    @property
-    def exit_layers(self) -> list[int]:
-        return list(self.policy.exit_layers)
 
     def on_fit_start(self):
         self._decoder.model.to(self.device).eval()
