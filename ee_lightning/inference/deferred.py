@@ -28,8 +28,8 @@ import copy
 import torch
 
 from ee_lightning.exits.rules import require_signals
-from ee_lightning.exits.signals import GENERATION_SIGNALS, LOGIT_SIGNALS, layer_signals, saturation
-from ee_lightning.inference.generate import GenerationResult, _as_list, prefill
+from ee_lightning.exits.signals import GENERATION_SIGNALS
+from ee_lightning.inference.generate import GenerationResult, _as_list, exit_signals, prefill
 
 
 def _cached(cache, index: int) -> int:
@@ -67,7 +67,7 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
     cache = copy.deepcopy(prompt_cache) if prompt_cache is not None else prefill(decoder, input_ids, torch.ones_like(input_ids))
     prompt_length = input_ids.shape[1]
     sequence = input_ids[0].tolist()
-    exit_set, logit_needs = set(exits.exit_layers), [name for name in rule.needs if name in LOGIT_SIGNALS]
+    exit_set = set(exits.exit_layers)
     states: dict[int, torch.Tensor] = {}  # position -> its state after the deepest layer it ran (not yet all L)
     records = {key: [] for key in ("exit", "lm", "policy", "classifier")}
     for _ in range(max_new_tokens):
@@ -96,19 +96,10 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
             out = hidden[:, -1]
             if layer == L:
                 break
-            signals, exit_logits = {}, None
-            if logit_needs:
-                exit_logits = exits.logits(layer, out, decoder)
-                lm_calls += 1
-                signals.update(layer_signals(exit_logits, needs=logit_needs))
-            if "saturation" in rule.needs:
-                signals["saturation"] = saturation(out, previous)
-            if "classifier_prob" in rule.needs:
-                signals["classifier_prob"] = torch.sigmoid(classifier.logit(layer, out).float())
-                classifier_calls += 1
-            if "exit_prob" in rule.needs:
-                signals["exit_prob"] = torch.sigmoid(policy.logit(layer, out).float())
-                policy_calls += 1
+            signals, exit_logits, calls = exit_signals(rule, layer, out, previous, exits, decoder, policy, classifier)
+            lm_calls += calls["lm"]
+            classifier_calls += calls["classifier"]
+            policy_calls += calls["policy"]
             leave, state = rule.decide(layer, signals, state)
             previous = out
             if bool(leave.any()):

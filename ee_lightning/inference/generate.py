@@ -192,6 +192,28 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
                             else None, layers_after_exit=after)
 
 
+def exit_signals(rule, layer: int, out: torch.Tensor, previous: torch.Tensor, exits, decoder, policy=None,
+                 classifier=None) -> tuple[dict, torch.Tensor | None, dict[str, int]]:
+    """What `rule` reads at exit `layer` of states `out` [R, H], and nothing else: (signals, the exit's
+    logits when a signal needed them, else None, the calls made per row: {"lm", "classifier", "policy"}).
+    previous [R, H]: the states at the previous exit (saturation)."""
+    logit_needs = [name for name in rule.needs if name in LOGIT_SIGNALS]
+    signals, exit_logits, calls = {}, None, {"lm": 0, "classifier": 0, "policy": 0}
+    if logit_needs:
+        exit_logits = exits.logits(layer, out, decoder)
+        calls["lm"] = 1
+        signals.update(layer_signals(exit_logits, needs=logit_needs))
+    if "saturation" in rule.needs:
+        signals["saturation"] = saturation(out, previous)
+    if "classifier_prob" in rule.needs:
+        signals["classifier_prob"] = torch.sigmoid(classifier.logit(layer, out).float())
+        calls["classifier"] = 1
+    if "exit_prob" in rule.needs:
+        signals["exit_prob"] = torch.sigmoid(policy.logit(layer, out).float())
+        calls["policy"] = 1
+    return signals, exit_logits, calls
+
+
 def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier, propagate_kv):
     """One new token per row through the layers. Returns its logits [B, V] and per-row counts."""
     batch, L = hidden.shape[0], decoder.num_layers
@@ -206,7 +228,6 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
     classifier_calls = torch.zeros_like(lm_calls)
     previous = hidden[:, -1].clone()  # the state at the previous exit (saturation)
     full_tokens = _full_depth_tokens(decoder, hidden, ctx) if rule.needs_labels else None
-    logit_needs = [name for name in rule.needs if name in LOGIT_SIGNALS]
     state = rule.init_state(int(running.sum()), device)  # rows of `state` = running rows, in order
     for index in range(L):
         layer = index + 1
@@ -219,19 +240,11 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
         if layer == L:
             leave = torch.ones(rows.numel(), dtype=torch.bool, device=device)
         else:
-            signals = {}
-            if logit_needs:
-                exit_logits = exits.logits(layer, out, decoder)
-                lm_calls[rows] += 1
-                signals.update(layer_signals(exit_logits, needs=logit_needs))
-            if "saturation" in rule.needs:
-                signals["saturation"] = saturation(out, previous[rows])
-            if "classifier_prob" in rule.needs:
-                signals["classifier_prob"] = torch.sigmoid(classifier.logit(layer, out).float())
-                classifier_calls[rows] += 1
-            if "exit_prob" in rule.needs:
-                signals["exit_prob"] = torch.sigmoid(policy.logit(layer, out).float())
-                policy_calls[rows] += 1
+            signals, exit_logits, calls = exit_signals(rule, layer, out, previous[rows], exits, decoder, policy,
+                                                       classifier)
+            lm_calls[rows] += calls["lm"]
+            classifier_calls[rows] += calls["classifier"]
+            policy_calls[rows] += calls["policy"]
             labels = full_tokens[rows] if full_tokens is not None else None
             leave, state = rule.decide(layer, signals, state, labels=labels)
             leave = leave.to(device)
