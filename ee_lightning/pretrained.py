@@ -14,7 +14,7 @@ import torch
 
 from ee_lightning.data.base import PadCollator, encode_texts
 from ee_lightning.data.generation import collate_generate, encode_prompt
-from ee_lightning.evaluation.generation_eval import per_prompt
+from ee_lightning.evaluation.generation_eval import GENERATION_KV, per_prompt
 from ee_lightning.evaluation.text_metrics import trim_generation
 from ee_lightning.exits.rules import ExitRule, build_rule, rule_from_grid
 from ee_lightning.inference.deferred import generate_deferred_each
@@ -233,8 +233,8 @@ class EarlyExitGenerator:
                              "evaluation, not a way to generate")
         rule = make_rule(rule, knob, self.num_layers, self.tau)
         kv = kv or self.generation.get("kv", "propagate")
-        if kv not in ("propagate", "defer"):
-            raise ValueError(f"kv={kv!r}: use 'propagate' or 'defer'")
+        if kv not in GENERATION_KV:
+            raise ValueError(f"kv={kv!r}: use one of {GENERATION_KV}")
         max_new_tokens = int(max_new_tokens or self.generation["max_new_tokens"])
         batch_size = int(batch_size or self.generation.get("batch_size") or 8)
         eos, pad = self.generation["eos_token_id"], self.generation["pad_token_id"]

@@ -22,6 +22,7 @@ from ee_lightning.config.schema import (DATA_SCHEMAS, DECODER_METHODS, GENERATIO
                                         LMExitsConfig, PromptResponseData)
 
 from ee_lightning.data.glue import MNLI_EVAL
+from ee_lightning.evaluation.generation_eval import GENERATION_KV
 from ee_lightning.exits.distill import OBJECTIVES as ADAPTER_OBJECTIVES
 from ee_lightning.exits.distill import VOCABULARIES as DISTILL_VOCABULARIES
 from ee_lightning.exits.lm_targets import HARDNESS_TARGETS as TOKEN_TARGETS
@@ -340,7 +341,7 @@ def check_generation(node: DictConfig, check: Checker, depth: int | None = None)
     check.number(node, "max_prompts", p, low=1, integer=True, optional=True, why="or null for every prompt")
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
-    check.choice(node, "kv", p, ("propagate", "defer"))
+    check.choice(node, "kv", p, GENERATION_KV)
     # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
     # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."

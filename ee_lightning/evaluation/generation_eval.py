@@ -102,7 +102,8 @@ def flat_exit_layers(run: dict) -> torch.Tensor:
     return torch.tensor([layer for layers in run["exit_layers"] for layer in layers], dtype=torch.long)
 
 
-KV_MODES = ("propagate", "defer", "real")
+GENERATION_KV = ("propagate", "defer")  # method.generation.kv and the saved model's generate(kv=)
+KV_MODES = (*GENERATION_KV, "real")      # and the batched path that scores defer's tokens
 
 
 def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,

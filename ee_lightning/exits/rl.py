@@ -348,7 +348,8 @@ def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: to
 
     Each position's decisions earn its own reward, correct_t - alpha * t * factor (as `rewards`), plus
     `later_weight` times the discounted agreement of the positions after it in its rollout
-    (`later_agreement`): an exit whose propagated K/V spoil the later tokens pays for each of them. Baseline: the mean return over the K rollouts of the same position.
+    (`later_agreement`): an exit whose propagated K/V spoil the later tokens pays for each of them.
+    Baseline: the mean return over the K rollouts of the same position.
     log_probs [K, B, T] (differentiable), exits [K, B, T] (1..E), correct [K, B, T], memorized [B, T],
     mask [B, T], probs [E, K, B, T] (nan where not reached, for the statistics). The returned step's
     tables are over the valid positions ([K, N], [E, N]).
@@ -363,7 +364,7 @@ def sequence_objective(log_probs: torch.Tensor, exits: torch.Tensor, correct: to
     cost = depth_cost(exits, memorized, num_exits, alpha, depth_term)
     returns = task - cost + later_weight * later_agreement(correct, valid.unsqueeze(0).expand_as(correct), gamma)
     adv = advantages(returns[:, valid], normalize=normalize_advantages)
-    per_position = -(adv.detach() * log_probs[:, valid]).mean(0)
+    per_position = instance_policy_loss(adv, log_probs[:, valid])
     parts = RewardParts(reward=returns[:, valid], task=task[:, valid], depth_cost=cost[:, valid])
     return PolicyStep(loss=per_position.mean(), parts=parts, advantages=adv, exits=exits[:, valid],
                       probs=probs[:, :, valid].nanmean(1), instance_loss=per_position)
