@@ -22,8 +22,8 @@ eight). Verification always uses the full model, so the output is greedy full de
    interleaved per prompt, prompt pass excluded on every side (the prompt's K/V are prefilled once
    and copied; transformers' `generate` gets them through `cache=`): plain greedy `model.generate`,
    full depth through the project's generate code, verify mode, the fixed point, and
-   `assistant_early_exit` (its assistant does not share the cache, so it re-reads the prompt through
-   its E layers: part of that design; it runs on the timed prompts only, being slow). Tokens/s,
+   `assistant_early_exit` (on the bare prompt, its prompt pass timed with it: handed a prefilled cache,
+   transformers' assisted decoding changes the output; it runs on the timed prompts only, being slow). Tokens/s,
    acceptance, mean accepted length, layer passes per token.
 4. Where the time goes on this CPU: one layer over 1 and over k tokens, the LM head, the
    restricted head (median and quartiles of repeated, interleaved timings). And the projection where
@@ -233,9 +233,10 @@ def run_method(name, spec, decoder, model, exits, head, ids, mask, cache, new, e
                              max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos)
         return out[0, ids.shape[1]:].tolist(), seconds, None
     if name == "assistant_early_exit":
-        out, seconds = timed(model.generate, input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache),
-                             max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                             assistant_early_exit=spec["draft_layer"])
+        # on the bare prompt, its prompt pass timed with it: handed a prefilled cache through `cache=`,
+        # transformers' assisted decoding changes the output (on SmolLM2 from the first token)
+        out, seconds = timed(model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos, assistant_early_exit=spec["draft_layer"])
         return out[0, ids.shape[1]:].tolist(), seconds, None
     if name == "full_depth":
         out, seconds = timed(generate_with_exits, decoder, exits, FullRule(), ids, mask, new, eos_token_id=eos,
@@ -398,7 +399,7 @@ def markdown(args, measured, simulated_best, agreement, profile, selection, L, h
              f"code at batch 1, whose logits give the full model's top-2 gap where an output first differs). Timed "
              f"on the first {args.timed} prompts, interleaved per prompt, prompt pass excluded; "
              f"`assistant_early_exit` ran on the first {args.assistant_prompts} only (its ratio is against full depth "
-             f"on those). Acceptance, accepted drafts per round and layer passes per token are over every prompt the "
+             f"on those; its time includes its own prompt pass). Acceptance, accepted drafts per round and layer passes per token are over every prompt the "
              f"method ran. On untimed prompts a point that makes the same computation as another (one draft per "
              f"round: a stop rule cannot act) reuses that point's output (`reused`).", "",
              "| method | point | tokens/s | vs full depth | prompts | reused | acceptance | accepted / round | "

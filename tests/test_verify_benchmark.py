@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tiny_decoders import left_padded_prompts, tiny_lm
+from tiny_decoders import EOS, left_padded_prompts, tiny_lm
 from ee_lightning.inference.generate import PlainExits
 from ee_lightning.inference.verify import generate_verified
 from ee_lightning.modeling.draft_policy import DraftStopPolicy
@@ -73,3 +73,17 @@ def test_with_one_draft_per_round_a_stop_rule_changes_nothing():
         other = generate_verified(decoder, exits, ids, mask, 10, draft_layer=2, draft_length=1, **options)
         assert torch.equal(other.sequences, plain.sequences)
         assert (other.drafted, other.verified, other.accepted) == (plain.drafted, plain.verified, plain.accepted)
+
+
+def test_assistant_early_exit_keeps_greedy_output_as_the_benchmark_runs_it():
+    """The benchmark runs transformers' assisted decoding on the bare prompt (handed a prefilled cache it
+    changed SmolLM2's output from the first token; this tiny model does not show that), and gets greedy output."""
+    bench = benchmark()
+    model, decoder = tiny_lm("llama")
+    ids, mask = left_padded_prompts()
+    ids, mask = ids[:1, mask[0].bool()], mask[:1, mask[0].bool()]
+    cache = bench.prefill(decoder, ids, mask)
+    output, seconds, _ = bench.run_method("assistant_early_exit", {"draft_layer": 2}, decoder, model, None, None, ids,
+                                          mask, cache, 10, EOS)
+    greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=EOS)
+    assert output == greedy[0, ids.shape[1]:].tolist() and seconds > 0
