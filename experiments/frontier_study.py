@@ -205,6 +205,7 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
              f"{seconds / 60:.1f} min.", ""]
     header = f"| layer saving | policy {metric} | " + " | ".join(COMPARED) + " | policy - entropy |"
     lines += ["## Test metric at matched layer savings", "", header, "|" + "---|" * (len(COMPARED) + 3)]
+    curves_total = sum(len({m["seed"] for m in r["members"]}) for r in results.values())
     for index, saving in enumerate(SAVINGS):
         policy_values, entropy_gap, rules = [], [], {rule: [] for rule in COMPARED}
         for seed_result in results.values():
@@ -216,7 +217,9 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
                 policy_values.append(value)
                 if row["entropy"] is not None:
                     entropy_gap.append(value - row["entropy"])
-        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy_values)) if policy_values else "-"]
+        # A mean over the seeds whose frontier reaches this saving: say when that is not all of them.
+        reached = "" if len(policy_values) == curves_total else f" ({len(policy_values)} of {curves_total} seeds)"
+        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy_values)) + reached if policy_values else "-"]
         cells += [f"{statistics.mean(v):.4f}" if v else "-" for v in rules.values()]
         cells.append(_pm(*interval(entropy_gap), 100, digits=2, signed=True) + " pt" if entropy_gap else "-")
         lines.append("| " + " | ".join(cells) + " |")
