@@ -117,7 +117,10 @@ class LMRunResults(ResultsFile):
     flops_full_depth_per_token: float
     seconds: dict
     report: dict  # pareto file paths
-    policy_tau: float | None = None  # the policy's trained threshold (method.lm_exits.policy.tau)
+    policy_tau: float | None = None  # the policy's point: its calibrated tau, else method.lm_exits.policy.tau
+    # method.generation.calibration: {split, prompts, level, key, chosen: {rule: {value, validation,
+    # validation_layer_saving}}}; None when the run calibrated nothing
+    calibration: dict | None = None
 
     @property
     def full(self) -> float:
@@ -125,12 +128,15 @@ class LMRunResults(ResultsFile):
 
     @property
     def methods(self) -> dict[str, MethodResult]:
-        """The full model, and ConsistentEE at its trained tau (else its middle knob), in the encoders' terms."""
+        """The full model, and ConsistentEE at policy_tau (else its middle knob), in the encoders' terms."""
         def method(point: dict) -> MethodResult:
+            calibrated = point.get("calibrated") is not None
             return MethodResult(metric=point["metric"], avg_exit_layer=point["avg_exit_layer"],
                                 layer_saving=point["layer_saving"], speedup=point["speedup"],
                                 exit_histogram=point.get("exit_histogram", []),
-                                tau=point["value"] if point["rule"] == "policy" else None)
+                                tau=point["value"] if point["rule"] == "policy" else None,
+                                chosen_on=self.calibration["split"] if calibrated else None,
+                                target=(f"rougeL_vs_full >= {self.calibration['level']}" if calibrated else None))
 
         policy = [p for p in self.points if p["rule"] == "policy"]
         out = {"full": method(next(p for p in self.points if p["rule"] == "full"))}

@@ -34,10 +34,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ee_lightning.evaluation.calibration import calibrate
+from ee_lightning.evaluation.calibration import calibrated_on
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
-from ee_lightning.evaluation.generation_eval import (generate_batch, library_generate, merge_runs, rule_points_grid,
-                                                     score_points)
+from ee_lightning.evaluation.generation_eval import (calibration_note, calibration_section, generate_batch,
+                                                     library_generate, merge_runs, rule_points_grid, score_points)
 from ee_lightning.evaluation.pareto import plot_pareto
 from ee_lightning.evaluation.text_metrics import bootstrap_interval, rouge_per_pair
 from ee_lightning.exits.rules import FullRule
@@ -142,13 +142,8 @@ def markdown(points, meta) -> str:
             f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% | {p['layer_equivalents']:.1f} | "
             f"{p['tokens_per_s']:.1f} ({p['speedup_vs_full']:.2f}x) | {b1} | {p['speedup_vs_generate']:.2f}x | "
             f"{'yes' if p['pareto_flops_saving'] else ''} / {'yes' if p['pareto_speed'] else ''} |")
-    calibrated = [p for p in points if p.get("calibrated")]
     if meta.get("calibration"):
-        lines += ["", f"## Calibrated on validation (CALM-style)", "", meta["calibration"], "",
-                  "| rule | knob (chosen on validation) | validation ROUGE-L (full) | test ROUGE-L (ref) | test ROUGE-L (full) | "
-                  "test layer saving | test FLOPs saving |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['rule']} | {p['value']} | {p['calibrated']:.3f} | {p['rougeL']:.3f} | {p['rougeL_vs_full']:.3f} | "
-                  f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% |" for p in calibrated]
+        lines += calibration_section(points, meta["calibration"])
     lines += ["", f"Seconds: {json.dumps(meta['seconds'])}", "", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -182,22 +177,19 @@ def main(argv=None):
                                              flops, "validation", library=False, kv=batch_kv)
         val_points, _ = score_points(rules, val_runs, tokenizer, val_refs, decoder.num_layers, val_prefill,
                                      {"seconds": 1.0, "generated": 1})
-        chosen = {(rule, p["value"]): p["rougeL_vs_full"] for rule, p in calibrate(val_points, args.level).items()}
-        calibration = (f"Each rule's knob with the most layer saving whose ROUGE-L against the full output on the "
-                       f"first {len(val_refs)} validation prompts is at least {args.level}; its test numbers below. "
-                       f"A rule missing here reached {args.level} at none of its knobs.")
+        calibration = calibration_note(args.level, len(val_refs), "validation")
         seconds["validation"] = time.time() - clock
     clock = time.time()
     runs, prefill_seconds, library = run_rules(decoder, exits, rules, batches, args.new, eos, pad, policy, classifier,
                                                flops, f"batch {args.batch}", kv=batch_kv)
     seconds[f"batch {args.batch}"] = time.time() - clock
     points, extras = score_points(rules, runs, tokenizer, references, decoder.num_layers, prefill_seconds, library)
+    if calibration:
+        calibrated_on(points, val_points, args.level)
     with_intervals(points, runs, tokenizer, references, args.resamples)
     unit = (extras["flops_full_depth_per_token"] - flops.exit_head) / decoder.num_layers  # one average layer
     for p in points:
         p["layer_equivalents"] = p["flops"] / unit
-        if calibration:
-            p["calibrated"] = chosen.get((p["rule"], p["value"]))
     if args.speed_prompts:
         clock = time.time()
         single = generation_batches(datamodule, "test", 1, args.speed_prompts)

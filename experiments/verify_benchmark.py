@@ -16,18 +16,21 @@ eight). Verification always uses the full model, so the output is greedy full de
    fixed LayerSkip-style point (full LM head, fixed length) with the fewest layer passes per
    token; transformers' `generate(assistant_early_exit=E)` at the fastest of a few layers
    (timed). Never on test.
-3. Measured on TEST prompts, interleaved per prompt, prompt pass excluded on every side (the
-   prompt's K/V are prefilled once and copied; transformers' `generate` gets them through
-   `cache=`): plain greedy `model.generate`, full depth through the project's generate code,
-   verify mode, the fixed point, and `assistant_early_exit` (its assistant does not share the
-   cache, so it re-reads the prompt through its E layers: part of that design). Tokens/s,
-   acceptance, mean accepted length, layer passes per token, and every position where an output
-   differs from full depth, with the full model's top-2 logit gap there.
+3. On TEST prompts, every method runs on every prompt and its output is compared with full depth's
+   (this project's code at batch 1, with its logits: the full model's top-2 gap where an output first
+   differs tells a float tie from a real change). The first `--timed` prompts are timed, the methods
+   interleaved per prompt, prompt pass excluded on every side (the prompt's K/V are prefilled once
+   and copied; transformers' `generate` gets them through `cache=`): plain greedy `model.generate`,
+   full depth through the project's generate code, verify mode, the fixed point, and
+   `assistant_early_exit` (its assistant does not share the cache, so it re-reads the prompt through
+   its E layers: part of that design; it runs on the timed prompts only, being slow). Tokens/s,
+   acceptance, mean accepted length, layer passes per token.
 4. Where the time goes on this CPU: one layer over 1 and over k tokens, the LM head, the
-   restricted head. And the projection where a pass costs its weight reads (batch 1 on a GPU):
-   full depth's passes per token over verify mode's. A projection, not a measurement.
+   restricted head (median and quartiles of repeated, interleaved timings). And the projection where
+   a pass costs its weight reads (batch 1 on a GPU): full depth's passes per token over verify
+   mode's. A projection, not a measurement.
 
-    python experiments/verify_benchmark.py                          # 100 test prompts (the issue's bar)
+    python experiments/verify_benchmark.py                          # 100 test prompts (the benchmark's)
     python experiments/verify_benchmark.py --prompts 8 --timed 4 --select 4   # a quick look
     python experiments/verify_benchmark.py --run-dir outputs/aclsum_consistentee/runs/<time>   # a run's exits
 
@@ -174,6 +177,42 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def shown(path: Path | None) -> str | None:
+    """A path as the report names it: relative to the repository when inside it, else its folder name
+    (a run's absolute or temporary location says nothing to a reader of the results)."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def median_spread(samples: list[float]) -> dict:
+    """Median, quartiles and count of timing samples (the quartiles show how noisy the clock was)."""
+    if not samples:
+        raise ValueError("no timing samples")
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
+    return {"median": median, "q1": q1, "q3": q3, "n": len(samples)}
+
+
+def same_run(spec: dict, other: dict) -> bool:
+    """Whether two drafting points make the same computation: with one draft per round a stop rule
+    (confidence or policy) can only end drafting after that draft, where it ends anyway."""
+    def effective(point):
+        keys = ("draft_layer", "draft_length", "draft_head") if point["draft_length"] == 1 else \
+            ("draft_layer", "draft_length", "draft_head", "min_confidence", "stop_tau")
+        return {k: point.get(k) for k in keys}
+    return effective(spec) == effective(other)
+
+
+def difference(output: list[int], reference: list[int], reference_logits: torch.Tensor) -> tuple[int, float | None] | None:
+    """(first position where `output` leaves the full-depth `reference`, the full model's top-2 logit
+    gap there) or None when they are equal; the gap is None past the reference's end."""
+    position = first_difference(output, reference)
+    if position is None:
+        return None
+    return position, (top2_gap(reference_logits[position]) if position < reference_logits.shape[0] else None)
+
+
 def first_difference(output: list[int], reference: list[int]) -> int | None:
     for position, (a, b) in enumerate(zip(output, reference)):
         if a != b:
@@ -271,31 +310,33 @@ def train_stop_policies(decoder, exits, run_dir: Path, layers, args, head=None) 
 
 
 @torch.no_grad()
-def cost_profile(decoder, head, prompt, repeats: int = 7) -> dict:
-    """Median ms of: one layer over 1 and over k new tokens (with the prompt cached), the LM head and
-    the restricted head on one state."""
+def cost_profile(decoder, head, prompt, repeats: int = 31) -> dict:
+    """Milliseconds (median, quartiles) of one layer over 1, 2, 4 and 8 new tokens (with the prompt
+    cached; a pass over all layers, divided by their number), the LM head and the restricted head on
+    one state. The measures take turns within each repeat, so a busy spell of the machine spreads
+    over all of them instead of landing on one."""
     ids = torch.tensor([prompt])
     cache = prefill(decoder, ids, torch.ones_like(ids))
-    out = {}
-    for k in (1, 2, 4, 8):
-        samples = []
-        for _ in range(repeats):
+    state = torch.randn(1, decoder.hidden_size)
+    samples = {f"layer_ms_{k}_tokens": [] for k in (1, 2, 4, 8)}
+    samples.update(lm_head_ms=[], restricted_head_ms=[])
+    for repeat in progress(range(repeats + 1), "cost profile", unit="repeat"):
+        times = {}
+        for k in (1, 2, 4, 8):
             c = copy.deepcopy(cache)
             hidden, ctx = decoder.start(ids[:, -k:], torch.ones(1, ids.shape[1] - 1 + k, dtype=torch.long), c)
             start = time.perf_counter()
             for index in range(decoder.num_layers):
                 hidden = decoder.step(index, hidden, ctx)
-            samples.append((time.perf_counter() - start) / decoder.num_layers)
-        out[f"layer_ms_{k}_tokens"] = 1e3 * statistics.median(samples)
-    state = torch.randn(1, decoder.hidden_size)
-    for name, fn in (("lm_head_ms", decoder.lm_head), ("restricted_head_ms", head)):
-        samples = []
-        for _ in range(repeats):
+            times[f"layer_ms_{k}_tokens"] = (time.perf_counter() - start) / decoder.num_layers
+        for name, fn in (("lm_head_ms", decoder.lm_head), ("restricted_head_ms", head)):
             start = time.perf_counter()
             fn(state)
-            samples.append(time.perf_counter() - start)
-        out[name] = 1e3 * statistics.median(samples)
-    return out
+            times[name] = time.perf_counter() - start
+        if repeat > 0:  # the first repeat warms up
+            for name, seconds in times.items():
+                samples[name].append(1e3 * seconds)
+    return {name: median_spread(values) for name, values in samples.items()}
 
 
 def agreement_table(facts_per_prompt, layers, lengths, L, head_cost, draft_head_cost) -> list[dict]:
@@ -338,38 +379,57 @@ def fmt(value, spec="{:.3f}"):
 
 
 def markdown(args, measured, simulated_best, agreement, profile, selection, L, head_cost, draft_head_cost,
-             vocab_size, on_chosen) -> str:
+             vocab_size, on_chosen, command, wall) -> str:
     drafters = ("Untrained exits as drafters (final norm + tied LM head at layer E" if args.run_dir is None else
-                f"The trained exits of {args.run_dir} as drafters (adapter, final norm and tied LM head at layer E; "
-                f"stop policies trained {args.policy_epochs} epochs on its training cache")
+                f"The trained exits of the run `{shown(args.run_dir)}` as drafters (adapter, final norm and tied LM "
+                f"head at layer E; stop policies trained {args.policy_epochs} epochs on its training cache")
+    full = full_depth_passes(L, head_cost)
     lines = [f"# Verify mode on SmolLM2-135M (batch 1, {args.threads} threads)", "",
              f"{drafters}; `frequent`: the head's rows for the "
              f"{vocab_size} most frequent ACLSum training tokens). {args.new} new tokens, greedy. Points chosen on "
              f"{args.select} validation prompts. LM head = {head_cost:.2f} layers, restricted head = "
              f"{draft_head_cost:.2f} layers (parameter ratio). Layer passes per token count each pass over a layer's "
-             f"weights once, however many tokens it carries; full depth = {full_depth_passes(L, head_cost):.2f}.", "",
-             f"## Measured on {args.timed} test prompts (prompt pass excluded; interleaved per prompt)", "",
-             f"`assistant_early_exit` ran on the first {args.assistant_prompts} of them only; its ratio is against "
-             "full depth on those same prompts.", "",
-             "| method | point | tokens/s | vs full depth | acceptance | accepted / round | layer passes / token | "
-             "GPU projection | outputs differing from full depth | of which top-2 gap < 1e-3 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    on_chosen_lines = ["", f"## The chosen drafting points on all {args.prompts} test prompts (teacher-forced)", "",
-                       "| method | acceptance | drafts / round | accepted / round | tokens / round | layer passes / token | "
-                       "GPU projection |", "|---|---|---|---|---|---|---|"]
-    for name, row in on_chosen.items():
-        on_chosen_lines.append("| " + " | ".join([name, fmt(row["acceptance_rate"]), fmt(row["mean_drafted"], "{:.2f}"),
-                                                  fmt(row["mean_accepted"], "{:.2f}"),
-                                                  fmt(row["tokens_per_round"], "{:.2f}"),
-                                                  fmt(row["passes_per_token"], "{:.2f}"),
-                                                  fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
+             f"weights once, however many tokens it carries; full depth = {full:.2f}. GPU projection: where a pass "
+             f"costs its weight reads (batch 1 on a GPU), full depth's passes per token over the method's "
+             f"({full:.2f} / passes), from the rounds the method made; a projection, not a measurement.", "",
+             f"Command: `{command}`; wall time {wall / 60:.1f} min.", "",
+             f"## Every method on {args.prompts} test prompts; timed on the first {args.timed}", "",
+             f"Every method ran on every test prompt and its output was compared with full depth's (this project's "
+             f"code at batch 1, whose logits give the full model's top-2 gap where an output first differs). Timed "
+             f"on the first {args.timed} prompts, interleaved per prompt, prompt pass excluded; "
+             f"`assistant_early_exit` ran on the first {args.assistant_prompts} only (its ratio is against full depth "
+             f"on those). Acceptance, accepted drafts per round and layer passes per token are over every prompt the "
+             f"method ran. On untimed prompts a point that makes the same computation as another (one draft per "
+             f"round: a stop rule cannot act) reuses that point's output (`reused`).", "",
+             "| method | point | tokens/s | vs full depth | prompts | reused | acceptance | accepted / round | "
+             "tokens / round | layer passes / token | GPU projection | outputs differing from full depth | "
+             f"of which top-2 gap < {TIE_TOLERANCE:g} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in measured:
         lines.append("| " + " | ".join([row["method"], row["point"], fmt(row["tokens_per_s"], "{:.2f}"),
-                                         fmt(row["vs_full_depth"], "{:.2f}x"), fmt(row["acceptance_rate"]),
-                                         fmt(row["mean_accepted"], "{:.2f}"), fmt(row["passes_per_token"], "{:.2f}"),
-                                         fmt(row["projected_speedup"], "{:.2f}x"), str(row["differing_prompts"]),
-                                         str(row["differing_ties"])]) + " |")
-    lines += on_chosen_lines
+                                         fmt(row["vs_full_depth"], "{:.2f}x"), str(row["prompts"]),
+                                         str(row["reused_prompts"]), fmt(row["acceptance_rate"]),
+                                         fmt(row["mean_accepted"], "{:.2f}"), fmt(row["tokens_per_round"], "{:.2f}"),
+                                         fmt(row["passes_per_token"], "{:.2f}"),
+                                         fmt(row["projected_speedup"], "{:.2f}x"),
+                                         "reference" if row["differing_prompts"] is None else str(row["differing_prompts"]),
+                                         fmt(row["differing_ties"])]) + " |")
+    differing = [(row["method"], d) for row in measured for d in row["differences"]]
+    if differing:
+        lines += ["", "Where outputs first differ from full depth (prompt index, new-token position, the full model's "
+                  "top-2 logit gap there):", ""]
+        lines += [f"- {name}: prompt {d['prompt']}, position {d['position']}, gap {fmt(d['top2_gap'], '{:.5f}')}"
+                  for name, d in differing]
+    lines += ["", f"## The chosen drafting points on all {args.prompts} test prompts (teacher-forced)", "",
+              "`simulate_rounds` on the teacher-forced facts; beside the rounds the methods made above, a check of the "
+              "simulation.", "",
+              "| method | acceptance | drafts / round | accepted / round | tokens / round | layer passes / token | "
+              "GPU projection |", "|---|---|---|---|---|---|---|"]
+    for name, row in on_chosen.items():
+        lines.append("| " + " | ".join([name, fmt(row["acceptance_rate"]), fmt(row["mean_drafted"], "{:.2f}"),
+                                         fmt(row["mean_accepted"], "{:.2f}"), fmt(row["tokens_per_round"], "{:.2f}"),
+                                         fmt(row["passes_per_token"], "{:.2f}"),
+                                         fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
     lines += ["", f"## Simulated from teacher forcing on {args.prompts} test prompts (exact for fixed lengths)", "",
               "Best point per draft layer by layer passes per token (the GPU projection); the whole grid is in "
               "`simulated.csv`.", "",
@@ -383,29 +443,33 @@ def markdown(args, measured, simulated_best, agreement, profile, selection, L, h
                                          fmt(row["passes_per_token"], "{:.2f}"),
                                          fmt(row["projected_speedup"], "{:.2f}x")]) + " |")
     lines += ["", "## What the drafters would need", "",
-              "Teacher-forced agreement of each untrained exit with the full model's token on the test prompts, "
-              "beside the per-draft acceptance that would give 1.0x and 1.1x fewer layer passes per token than full "
-              "depth with the restricted draft head (best draft length, drafts independent; `-`: out of reach).", "",
+              f"Teacher-forced agreement of each {'untrained' if args.run_dir is None else 'trained'} exit with the "
+              "full model's token on the test prompts, beside the per-draft acceptance that would give 1.0x and 1.1x "
+              "fewer layer passes per token than full depth with the restricted draft head (best draft length, "
+              "drafts independent; `-`: out of reach).", "",
               "| draft layer | agreement (full head) | agreement (restricted head) | needed for 1.0x | needed for 1.1x |",
               "|---|---|---|---|---|"]
     for row in agreement:
         lines.append("| " + " | ".join([str(row["draft_layer"]), fmt(row["agreement_full_head"]),
                                          fmt(row["agreement_frequent_head"]), fmt(row["needed_for_1.0x"]),
                                          fmt(row["needed_for_1.1x"])]) + " |")
-    lines += ["", "## Where the time goes on this CPU (median ms)", "",
+    keys = ("layer_ms_1_tokens", "layer_ms_2_tokens", "layer_ms_4_tokens", "layer_ms_8_tokens", "lm_head_ms",
+            "restricted_head_ms")
+    lines += ["", f"## Where the time goes on this CPU (ms: median [quartiles] of {profile[keys[0]]['n']} repeats)", "",
+              "One layer: a pass over all layers with the prompt cached, divided by their number.", "",
               "| one layer, 1 token | one layer, 2 tokens | one layer, 4 tokens | one layer, 8 tokens | LM head | "
               "restricted head |", "|---|---|---|---|---|---|",
-              "| " + " | ".join(f"{profile[k]:.2f}" for k in ("layer_ms_1_tokens", "layer_ms_2_tokens",
-                                                            "layer_ms_4_tokens", "layer_ms_8_tokens", "lm_head_ms",
-                                                            "restricted_head_ms")) + " |", "",
+              "| " + " | ".join(f"{profile[k]['median']:.2f} [{profile[k]['q1']:.2f}-{profile[k]['q3']:.2f}]"
+                                for k in keys) + " |", "",
               "Selection (validation): " + json.dumps(selection), ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=100, help="test prompts for the teacher-forced acceptance")
-    parser.add_argument("--timed", type=int, default=20, help="of those, the first N run every method (timed)")
+    parser.add_argument("--prompts", type=int, default=100,
+                        help="test prompts: every method runs on each and its output is compared with full depth's")
+    parser.add_argument("--timed", type=int, default=20, help="of those, the first N are timed (interleaved per prompt)")
     parser.add_argument("--select", type=int, default=12, help="validation prompts for choosing the points")
     parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--layers", type=int, nargs="+", default=None,
@@ -414,9 +478,12 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--confidences", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--assistant-layers", type=int, nargs="+", default=[20, 26, 28])
-    parser.add_argument("--assistant-prompts", type=int, default=5,
-                        help="of the timed prompts, the first N also run assistant_early_exit (it is slow: "
-                             "its drafts start at 20 tokens per round)")
+    parser.add_argument("--assistant-prompts", type=int, default=None,
+                        help="of the timed prompts, the first N also run assistant_early_exit (default: all timed; "
+                             "it is slow: its drafts start at 20 tokens per round)")
+    parser.add_argument("--assistant-select", type=int, default=1,
+                        help="validation prompts timed per --assistant-layers layer to choose the fastest")
+    parser.add_argument("--profile-repeats", type=int, default=31, help="repeats of each cost-profile timing")
     parser.add_argument("--vocab", type=int, default=4096, help="rows of the restricted draft head")
     parser.add_argument("--batch", type=int, default=8, help="batch of the untimed full-depth references")
     parser.add_argument("--threads", type=int, default=2)
@@ -481,10 +548,14 @@ def main(argv=None):
     log("fixed point (validation):", fixed_point)
     log("confidence point (validation):", confidence_point)
     log("stop policy point (validation):", policy_point)
+    warm = torch.tensor([val[0]])
+    generate_with_exits(decoder, exits, FullRule(), warm, torch.ones_like(warm), 2)  # one-off allocations
+    model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False,
+                   pad_token_id=eos)
     assistant_times = {}
     for layer in args.assistant_layers if len(args.assistant_layers) > 1 else []:  # one layer: nothing to choose
         seconds = tokens = 0
-        for prompt in val[:1]:
+        for prompt in val[:args.assistant_select]:
             ids = torch.tensor([prompt])
             mask = torch.ones_like(ids)
             cache = prefill(decoder, ids, mask)
@@ -492,7 +563,8 @@ def main(argv=None):
                                    mask, cache, args.new, eos, policies)
             seconds, tokens = seconds + s, tokens + len(out)
         assistant_times[layer] = tokens / seconds
-        log(f"assistant_early_exit={layer}: {tokens / seconds:.2f} tokens/s on 1 validation prompt")
+        log(f"assistant_early_exit={layer}: {tokens / seconds:.2f} tokens/s on {args.assistant_select} validation "
+            "prompt(s)")
     assistant_layer = max(assistant_times, key=assistant_times.get) if assistant_times else args.assistant_layers[0]
     point_keys = (*("draft_layer", "draft_length", "draft_head", "min_confidence"), "stop_tau")
     selection = {"verify": {k: verify_point[k] for k in point_keys},
@@ -502,8 +574,10 @@ def main(argv=None):
                  "assistant_early_exit": assistant_layer,
                  "assistant_tokens_per_s_validation": {str(k): round(v, 3) for k, v in assistant_times.items()}}
 
-    # 1 + 3. test prompts: references and teacher-forced acceptance; timed methods on the first `timed`
+    # 1 + 3. test prompts: teacher-forced acceptance; every method on every prompt, timed on the first `timed`
     test = load_prompts(tokenizer, "test", args.prompts)
+    args.timed = min(args.timed, len(test))
+    args.assistant_prompts = args.timed if args.assistant_prompts is None else min(args.assistant_prompts, args.timed)
     methods = [("generate", "greedy", None), ("full_depth", "ee_lightning", None),
                ("verify", "E{draft_layer} k{draft_length} {draft_head} head, stop {min_confidence}".format(**verify_point),
                 verify_point),
@@ -515,68 +589,86 @@ def main(argv=None):
             **policy_point), policy_point))
     if args.assistant_prompts > 0:
         methods.append(("assistant_early_exit", f"E{assistant_layer}", {"draft_layer": assistant_layer}))
-    totals = {name: {"seconds": 0.0, "tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "drafted": 0,
-                     "accepted": 0, "rounds": 0, "passes": 0.0, "differing": 0, "ties": 0, "gaps": []}
+    totals = {name: {"seconds": 0.0, "timed_tokens": 0, "assistant_seconds": 0.0, "assistant_tokens": 0, "prompts": 0,
+                     "tokens": 0, "reused": 0, "drafted": 0, "accepted": 0, "rounds": 0, "passes": 0.0,
+                     "differences": []}
               for name, _, _ in methods}
     test_facts = teacher_forced(decoder, exits, head, test, args, eos, "test", policies)
     log("test acceptance from teacher forcing: done")
-    warm = torch.tensor([test[0]])
-    generate_with_exits(decoder, exits, FullRule(), warm, torch.ones_like(warm), 2)  # one-off allocations
-    for index, prompt in enumerate(progress(test[:args.timed], "timed test prompts", unit="prompt")):
+    for index, prompt in enumerate(progress(test, "test prompts, every method", unit="prompt")):
+        is_timed = index < args.timed
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
         cache = prefill(decoder, ids, mask)
-        # the reference: full depth at batch 1 through the project's code, with its logits (untimed)
-        full = generate_with_exits(decoder, exits, FullRule(), ids, mask, args.new, eos_token_id=eos,
-                                   output_logits=True, prompt_cache=cache)
-        reference, full_logits = full.new_tokens[0].tolist(), full.logits[0]
+        runs = {}  # name -> (spec, output, verify result)
         for name, _, spec in methods:
             if name == "assistant_early_exit" and index >= args.assistant_prompts:
                 continue
-            output, seconds, result = run_method(name, spec, decoder, model, exits, head, ids, mask, cache, args.new, eos,
-                                                 policies)
             total = totals[name]
-            total["seconds"] += seconds
+            # untimed, a drafting point that makes the same computation as one already run reuses its output
+            twin = None if is_timed or name not in DRAFTING else next(
+                (other for other, (other_spec, _, _) in runs.items() if other in DRAFTING and same_run(spec, other_spec)),
+                None)
+            if twin is not None:
+                output, result = runs[twin][1], runs[twin][2]
+                total["reused"] += 1
+            elif name == "full_depth":  # the reference: its logits give the top-2 gap where another output differs
+                full, seconds = timed(generate_with_exits, decoder, exits, FullRule(), ids, mask, args.new,
+                                      eos_token_id=eos, output_logits=True, prompt_cache=cache)
+                output, result = full.new_tokens[0].tolist(), None
+                reference, reference_logits = output, full.logits[0]
+            else:
+                output, seconds, result = run_method(name, spec, decoder, model, exits, head, ids, mask, cache, args.new,
+                                                     eos, policies)
+            runs[name] = (spec, output, result)
+            if is_timed and twin is None:
+                total["seconds"] += seconds
+                total["timed_tokens"] += len(output)
+                if index < args.assistant_prompts:  # full depth on the assistant's prompts, for its ratio
+                    total["assistant_seconds"] += seconds
+                    total["assistant_tokens"] += len(output)
+            total["prompts"] += 1
             total["tokens"] += len(output)
-            if index < args.assistant_prompts:  # full depth on the assistant's prompts, for its ratio
-                total["assistant_seconds"] += seconds
-                total["assistant_tokens"] += len(output)
             if result is not None:
                 total["drafted"] += sum(result.drafted)
                 total["accepted"] += sum(result.accepted)
                 total["rounds"] += result.rounds
                 total["passes"] += result.layer_passes(head_cost, draft_head_cost if spec["draft_head"] == "frequent"
                                                        else None)
-            position = first_difference(output, reference)
-            if position is not None:
-                total["differing"] += 1
-                gap = top2_gap(full_logits[position]) if position < full_logits.shape[0] else None
-                total["gaps"].append(gap)
-                total["ties"] += int(gap is not None and gap < TIE_TOLERANCE)
-        log(f"prompt {index + 1}/{args.timed}: " + ", ".join(
-            f"{name} {totals[name]['tokens'] / totals[name]['seconds']:.2f} tok/s" for name, _, _ in methods
-            if totals[name]["seconds"]))
+        for name, (_, output, _) in runs.items():
+            found = difference(output, reference, reference_logits)
+            if found is not None and name != "full_depth":
+                totals[name]["differences"].append({"prompt": index, "position": found[0],
+                                                    "top2_gap": None if found[1] is None else round(found[1], 6)})
+        if is_timed:
+            log(f"prompt {index + 1} (timed): " + ", ".join(
+                f"{name} {totals[name]['timed_tokens'] / totals[name]['seconds']:.2f} tok/s" for name, _, _ in methods
+                if totals[name]["seconds"]))
 
-    full_speed = totals["full_depth"]["tokens"] / totals["full_depth"]["seconds"]
+    full_speed = totals["full_depth"]["timed_tokens"] / totals["full_depth"]["seconds"]
     full_speed_assistant = totals["full_depth"]["assistant_tokens"] / max(totals["full_depth"]["assistant_seconds"], 1e-9)
     measured = []
     for name, point, spec in methods:
         total = totals[name]
-        speed = total["tokens"] / total["seconds"]
+        speed = total["timed_tokens"] / total["seconds"]
         is_verify = name in DRAFTING
         passes = (total["passes"] / total["tokens"] if is_verify else
                   full_depth_passes(L, head_cost) if name in ("generate", "full_depth") else None)
+        gaps = [d["top2_gap"] for d in total["differences"]]
         measured.append({
-            "method": name, "point": point, "tokens": total["tokens"],
-            "prompts": min(args.timed, len(test), args.assistant_prompts if name == "assistant_early_exit" else args.timed),
-            "seconds": round(total["seconds"], 2), "tokens_per_s": speed,
+            "method": name, "point": point,
+            "timed_prompts": args.assistant_prompts if name == "assistant_early_exit" else args.timed,
+            "timed_tokens": total["timed_tokens"], "seconds": round(total["seconds"], 2), "tokens_per_s": speed,
             "vs_full_depth": speed / (full_speed_assistant if name == "assistant_early_exit" else full_speed),
+            "prompts": total["prompts"], "tokens": total["tokens"], "reused_prompts": total["reused"],
             "acceptance_rate": total["accepted"] / max(total["drafted"], 1) if is_verify else None,
             "mean_accepted": total["accepted"] / max(total["rounds"], 1) if is_verify else None,
+            "tokens_per_round": total["tokens"] / max(total["rounds"], 1) if is_verify else None,
             "passes_per_token": passes,
             "projected_speedup": projected_speedup(full_depth_passes(L, head_cost), passes) if passes else None,
-            "differing_prompts": total["differing"], "differing_ties": total["ties"],
-            "differing_gaps": [round(g, 5) if g is not None else None for g in total["gaps"]],
+            "differing_prompts": None if name == "full_depth" else len(total["differences"]),
+            "differing_ties": None if name == "full_depth" else sum(g is not None and g < TIE_TOLERANCE for g in gaps),
+            "differences": total["differences"],
         })
     test_grid = grid(test_facts)
     best_per_layer = [min((r for r in test_grid if r["draft_layer"] == layer), key=lambda r: r["passes_per_token"])
@@ -586,23 +678,28 @@ def main(argv=None):
                  for name, _, spec in methods if name in DRAFTING}
     for name, row in on_chosen.items():
         log(f"{name} on all {len(test)} test prompts (simulated):", row)
-    profile = cost_profile(decoder, head, test[0])
+    profile = cost_profile(decoder, head, test[0], args.profile_repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "simulated.csv", test_grid)
-    write_csv(args.out / "measured.csv", [{k: v for k, v in row.items() if k != "differing_gaps"} for row in measured])
+    write_csv(args.out / "measured.csv", [{k: v for k, v in row.items() if k != "differences"} for row in measured])
     agreement = agreement_table(test_facts, args.layers, args.lengths, L, head_cost, draft_head_cost)
     write_csv(args.out / "agreement.csv", agreement)
+    wall = time.time() - started
+    command = " ".join(["python", "experiments/verify_benchmark.py",
+                        *(shown(a) if args.run_dir is not None and Path(a) == args.run_dir else a
+                          for a in (sys.argv[1:] if argv is None else argv))])
     report = markdown(args, measured, best_per_layer, agreement, profile, selection, L, head_cost, draft_head_cost,
-                      head.rows, on_chosen)
+                      head.rows, on_chosen, command, wall)
     atomic_write_text(args.out / "report.md", report)
     atomic_write_text(args.out / "results.json", json.dumps({
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": command,
+        "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "head_cost_layers": head_cost, "draft_head_cost_layers": draft_head_cost, "selection": selection,
         "measured": measured, "simulated_test_on_chosen": on_chosen,
         "simulated_best_per_layer": best_per_layer, "agreement": agreement, "cost_profile_ms": profile,
-        "wall_seconds": round(time.time() - started, 1)}, indent=2))
+        "wall_seconds": round(wall, 1)}, indent=2))
     log(report)
-    log(f"wrote {args.out} in {time.time() - started:.0f} s")
+    log(f"wrote {shown(args.out)} in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,11 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["method.generation.batch_size=0"], "method.generation.batch_size=0: must be >= 1"),
     (["method.generation.max_prompts=0"], "method.generation.max_prompts=0: must be >= 1; or null for every prompt"),
     (["method.generation.split=dev"], "method.generation.split=dev: must be one of train | validation | test"),
+    (["method.generation.calibration.split=test"], "method.generation.calibration.split=test: is also "
+                                                   "method.generation.split, where the chosen points are measured"),
+    (["method.generation.calibration.split=dev"], "method.generation.calibration.split=dev: must be one of train | "
+                                                  "validation | test"),
+    (["method.generation.calibration.level=1.5"], "method.generation.calibration.level=1.5: must be in [0.0, 1.0]"),
     (["method.generation.rules.static=[0,3]"], "method.generation.rules.static=[0, 3]: rule 'static': knob k=0 must "
                                                "be >= 1; null: every exit layer below the last"),
     (["method.generation.rules.softmax_margin=[0.5,1.2]"],

@@ -80,8 +80,20 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
 
     read = RunResults.read(run_dir)
     assert isinstance(read, LMRunResults) and read.full == full["metric"]
-    # ConsistentEE is the policy at its trained tau (0.5), not the grid's middle point
-    assert read.methods["consistentee"].tau == 0.5 and read.methods["full"].layer_saving == 0.0
+    # ConsistentEE is the policy at the tau calibrated on validation prompts (else its trained tau, 0.5),
+    # never the grid's middle point; the validation generation's own report chose it
+    calibration = saved["calibration"]
+    assert calibration["split"] == "validation" and calibration["prompts"] == 4 and calibration["level"] == 0.6
+    validation = json.loads((run_dir / "checkpoints" / "lm_calibration" / "report.json").read_text())["points"]
+    from ee_lightning.evaluation.calibration import calibrate
+
+    assert calibration["chosen"] == {rule: {"value": p["value"], "validation": p["rougeL_vs_full"],
+                                            "validation_layer_saving": p["layer_saving"]}
+                                     for rule, p in calibrate(validation, 0.6).items()}
+    tau = calibration["chosen"].get("policy", {"value": 0.5})["value"]
+    assert read.methods["consistentee"].tau == tau == saved["policy_tau"] and read.methods["full"].layer_saving == 0.0
+    assert [(p["rule"], p["value"]) for p in saved["points"] if p["calibrated"] is not None] == [
+        (rule, c["value"]) for rule, c in calibration["chosen"].items()]
     for name in ("pareto.csv", "pareto.md", "pareto.png", "reward_curve.csv", "stages.json",
                  "checkpoints/lm_adapters/last.ckpt", "checkpoints/lm_policy/last.ckpt",
                  "checkpoints/lm_classifier/last.ckpt", "checkpoints/lm_generation/report.json"):
@@ -89,7 +101,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     # the encoders' run layout: every stage in the ledger
     assert list(json.loads((run_dir / "stages.json").read_text())) == [
         "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_policy_propagated", "lm_classifier",
-        "lm_cache_validation", "lm_generation"]
+        "lm_cache_validation", "lm_calibration", "lm_generation"]
     # the rollouts under propagation trained the policy further (their own reward-curve rows), and the
     # summary says what the held-out policy agrees on under propagation
     curve = (run_dir / "reward_curve.csv").read_text()
@@ -98,6 +110,7 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert propagated["tokens"] > 0 and 0.0 <= propagated["policy_agreement_with_full"] <= 1.0
     assert 1.0 <= propagated["policy_mean_exit"] <= 4.0
     assert "ConsistentEE beside CALM" in (run_dir / "pareto.md").read_text()
+    assert "Calibrated on validation (CALM-style)" in (run_dir / "pareto.md").read_text()
     # each prompt's tokens and exit layers under every rule point, in prompt order; the points count them
     generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     assert [(g["rule"], g["value"], g["prompt"]) for g in generations] == [
@@ -120,7 +133,8 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
     assert "test/exit/frac_L1" in header
     # each stage its own wandb run; the generation's has the histogram
     ids = json.loads((run_dir / "wandb_ids.json").read_text())
-    assert set(ids) == {"lm_adapters", "lm_policy", "lm_policy_propagated", "lm_classifier", "lm_generation"}
+    assert set(ids) == {"lm_adapters", "lm_policy", "lm_policy_propagated", "lm_classifier", "lm_calibration",
+                        "lm_generation"}
     runs = {path.name.rsplit("-", 1)[1]: path for path in (run_dir / "wandb").glob("offline-run-*")}
     assert set(runs) == set(ids.values())
     assert b"test/exit/hist" in (runs[ids["lm_generation"]] / f"run-{ids['lm_generation']}.wandb").read_bytes()

@@ -53,11 +53,14 @@ def print_summary(run_dir: Path, results: RunResults | LMRunResults) -> None:
 
 def policy_text(method) -> str:
     """Which policy and tau a ConsistentEE result is, and how they were chosen."""
-    if method.alpha is None or method.tau is None:
+    if method.tau is None:
         return ""
     how = f"chosen on {method.chosen_on}" if method.chosen_on else "set in the config"
+    if method.target and method.alpha is None:  # a decoder's tau, calibrated for its target
+        how += f" for {method.target}"
     missed = ", outside the target" if method.chosen_point and not method.chosen_point.get("within_target", True) else ""
-    return f"; alpha {method.alpha:g}, RL seed {method.seed}, tau {method.tau:g}, {how}{missed}"
+    trained = f"; alpha {method.alpha:g}, RL seed {method.seed}," if method.alpha is not None else ";"
+    return f"{trained} tau {method.tau:g}, {how}{missed}"
 
 
 def seed_spread_text(metric_name: str, per_seed: dict) -> str:

@@ -342,6 +342,13 @@ def check_generation(node: DictConfig, check: Checker, depth: int | None = None)
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
     check.choice(node, "kv", p, GENERATION_KV)
+    calibration, c = node.calibration, f"{p}calibration."
+    check.choice(calibration, "split", c, SPLITS, optional=True)
+    if _value(calibration, "split") is not None and _value(calibration, "split") == _value(node, "split"):
+        check.add(f"{c}split", calibration.split, f"is also {p}split, where the chosen points are measured: choose "
+                  "on another split (validation), or null for no calibration")
+    check.number(calibration, "max_prompts", c, low=1, integer=True, optional=True, why="or null for every prompt")
+    check.number(calibration, "level", c, low=0.0, high=1.0, why="the ROUGE-L against the full output to keep")
     # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
     # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."

@@ -240,6 +240,16 @@ class GenerationRules:
 
 
 @dataclass
+class GenerationCalibration:
+    """CALM's calibration: each rule's knob chosen on `split`'s prompts (never the test split) as the
+    most layer saving whose ROUGE-L against the full model's own output is at least `level`."""
+
+    split: Optional[str] = MISSING  # null: no calibration (the policy's point is lm_exits.policy.tau)
+    max_prompts: Optional[int] = MISSING
+    level: float = MISSING
+
+
+@dataclass
 class GenerationConfig:
     split: str = MISSING
     max_prompts: Optional[int] = MISSING
@@ -247,6 +257,7 @@ class GenerationConfig:
     max_new_tokens: int = MISSING
     kv: str = MISSING
     rules: GenerationRules = field(default_factory=GenerationRules)
+    calibration: GenerationCalibration = field(default_factory=GenerationCalibration)
 
 
 @dataclass

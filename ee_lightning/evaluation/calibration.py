@@ -23,3 +23,16 @@ def calibrate(points: list[dict], level: float, key: str = "rougeL_vs_full",
         if best is None or (point[saving], point[key]) > (best[saving], best[key]):
             chosen[point["rule"]] = point
     return chosen
+
+
+def calibrated_on(test_points: list[dict], validation_points: list[dict], level: float,
+                  key: str = "rougeL_vs_full") -> dict[str, dict]:
+    """Calibrates on `validation_points` and marks each test point with `calibrated`: its knob's
+    validation `key` if that knob is its rule's choice, else None. Returns {rule: {value, validation,
+    validation_layer_saving}} for the rules that reach `level`; the test points only receive marks."""
+    chosen = calibrate(validation_points, level, key)
+    for point in test_points:
+        pick = chosen.get(point["rule"])
+        point["calibrated"] = pick[key] if pick is not None and pick["value"] == point["value"] else None
+    return {rule: {"value": p["value"], "validation": p[key], "validation_layer_saving": p["layer_saving"]}
+            for rule, p in chosen.items()}

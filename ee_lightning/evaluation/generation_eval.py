@@ -204,7 +204,7 @@ def score_points(rules: list, runs: list[dict], tokenizer, references: list[str]
 # --- report -------------------------------------------------------------------------------------
 CSV_COLUMNS = ("rule", "knob", "value", "rouge1", "rouge2", "rougeL", "rougeL_vs_full", "token_agreement",
                "token_agreement_micro", "avg_exit_layer", "layer_saving", "flops", "flops_saving", "tokens",
-               "tokens_per_s", "tokens_per_s_with_prompt", "speedup_vs_full", "speedup_vs_generate", "pareto")
+               "tokens_per_s", "tokens_per_s_with_prompt", "speedup_vs_full", "speedup_vs_generate", "pareto", "calibrated")
 CALM_RULES = ("softmax_margin", "saturation", "classifier")
 
 
@@ -229,7 +229,26 @@ def _cell(value, fmt="{:.4f}"):
     return fmt.format(value) if isinstance(value, float) else str(value)
 
 
-def markdown_report(points: list[dict], extras: dict, title: str) -> str:
+def calibration_note(level: float, prompts: int, split: str) -> str:
+    return (f"Each rule's knob with the most layer saving whose ROUGE-L against the full output on {prompts} {split} "
+            f"prompts is at least {level}, then measured on the test prompts. A rule missing here reached {level} at "
+            "none of its knobs.")
+
+
+def calibration_section(points: list[dict], note: str) -> list[str]:
+    """Markdown lines: the knobs chosen on validation (the points `calibration.calibrated_on` marked)
+    with their test numbers."""
+    lines = ["", "## Calibrated on validation (CALM-style)", "", note, "",
+             "| rule | knob (chosen on validation) | validation ROUGE-L (full) | test ROUGE-L (ref) | test ROUGE-L (full) | "
+             "test layer saving | test FLOPs saving |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['rule']} | {p['value']} | {p['calibrated']:.3f} | {p['rougeL']:.3f} | {p['rougeL_vs_full']:.3f} | "
+              f"{100 * p['layer_saving']:.1f}% | {100 * p['flops_saving']:.1f}% |"
+              for p in points if p.get("calibrated") is not None]
+    return lines
+
+
+def markdown_report(points: list[dict], extras: dict, title: str, calibration: dict | None = None) -> str:
+    """`calibration`: results.json's (split, prompts, level), when the run chose its knobs on validation."""
     header = ["rule", "knob", "ROUGE-L (ref)", "ROUGE-L (full)", "ROUGE-1", "ROUGE-2", "token agreement", "avg exit layer",
               "layer saving", "FLOPs saving", "GFLOPs / token", "tokens/s", "vs full (same code)", "vs generate", "Pareto"]
     lines = [f"# {title}", "",
@@ -260,6 +279,9 @@ def markdown_report(points: list[dict], extras: dict, title: str) -> str:
                 a, b = r[f"{rule}_rougeL"], r[f"{rule}_rougeL_vs_full"]
                 cells.append("-" if a is None else f"{a:.4f} ({b:.4f})")
             lines.append("| " + " | ".join(cells) + " |")
+    if calibration is not None:
+        lines += calibration_section(points, calibration_note(calibration["level"], calibration["prompts"],
+                                                              calibration["split"]))
     lines += ["", "## First test output per rule (first knob)", "", f"- reference: {extras['reference_example']!r}"]
     lines += [f"- {rule}: {text!r}" for rule, text in extras["examples"].items()]
     return "\n".join(lines) + "\n"
@@ -270,6 +292,8 @@ def write_generations(rows: list[dict], path) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def write_generation_report(points: list[dict], extras: dict, out_dir, title: str) -> dict:
-    return write_report(points, out_dir, columns=list(CSV_COLUMNS), markdown=markdown_report(points, extras, title),
+def write_generation_report(points: list[dict], extras: dict, out_dir, title: str,
+                            calibration: dict | None = None) -> dict:
+    return write_report(points, out_dir, columns=list(CSV_COLUMNS),
+                        markdown=markdown_report(points, extras, title, calibration),
                         metric_label="ROUGE-L (reference)", title=title)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from ee_lightning.config.schema import ConsistentEELMMethod, LMCacheConfig, LMExitsConfig
 from ee_lightning.data.resumable import EpochShuffle, GlobalBatches, ResumableLoader, WeightedRows
+from ee_lightning.evaluation.calibration import calibrated_on
 from ee_lightning.evaluation.generation_eval import (comparison_rows, rule_points_grid, write_generation_report,
                                                      write_generations)
 from ee_lightning.exits.hardness import histogram
@@ -364,14 +365,17 @@ def generation_batches(datamodule, split: str, batch_size: int, max_prompts: int
 GENERATIONS_FILE = "generations.jsonl"  # every rule point's tokens and exit layers per prompt, in the run directory
 
 
-def generation_stage(run: Run, trained: LMExitRun) -> dict:
+def generation_stage(run: Run, trained: LMExitRun, stage: str = "lm_generation") -> dict:
     """Stage lm_generation: every rule point generates on the held-out prompts, as a Lightning test
     under the run's strategy (batches split across processes, gathered once). Its report is kept in
-    checkpoints/lm_generation/report.json, so a rerun after it finished does not generate again; each
-    prompt's tokens and exit layers under every rule point go to <run>/generations.jsonl."""
+    checkpoints/<stage>/report.json, so a rerun after it finished does not generate again; each
+    prompt's tokens and exit layers under every rule point go to <run>/generations.jsonl.
+    Stage lm_calibration does the same on the calibration split's prompts (no generations file)."""
     stages, gen = run.stages, run.method.generation
-    path = stages.folder("lm_generation") / "report.json"
-    if stages.ledger.done("lm_generation") and path.is_file():
+    split, max_prompts = ((gen.split, gen.max_prompts) if stage == "lm_generation"
+                          else (gen.calibration.split, gen.calibration.max_prompts))
+    path = stages.folder(stage) / "report.json"
+    if stages.ledger.done(stage) and path.is_file():
         return json.loads(path.read_text())
     decoder = run.model
     tau = run.method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
@@ -381,15 +385,16 @@ def generation_stage(run: Run, trained: LMExitRun) -> dict:
                                   trained.classifier, tau=tau, kv=gen.kv)
     # The model's own dtypes (no autocast): the measured generation is the one reported. Each process
     # takes every world_size-th batch itself (a distributed sampler would pad the last shard with repeats).
-    trainer = stages.make_trainer("lm_generation", 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)
-    batches = generation_batches(run.datamodule, gen.split, gen.batch_size, gen.max_prompts)
+    trainer = stages.make_trainer(stage, 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)
+    batches = generation_batches(run.datamodule, split, gen.batch_size, max_prompts)
     trainer.test(system, dataloaders=DataLoader(batches, batch_size=None))  # the batches as they are
     points, extras = system.report()
     report = {"points": points, "extras": extras, "prompts": len(system.references)}
     if is_global_zero():
-        write_generations(system.generations(), run.run_dir / GENERATIONS_FILE)
+        if stage == "lm_generation":
+            write_generations(system.generations(), run.run_dir / GENERATIONS_FILE)
         atomic_write_text(path, json.dumps(report, indent=2))
-    stages.ledger.mark("lm_generation", None)
+    stages.ledger.mark(stage, None)
     finish_loggers(trainer)
     return report
 
@@ -399,16 +404,26 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
     method, cfg = run.method, run.cfg
     identity = {"backbone": cfg.backbone.name, "pretrained_path": str(cfg.backbone.pretrained_path)}
     trained = train_lm_exits(run.model, run.datamodule, method.lm_exits, run.stages, identity=identity)
+    gen = method.generation
+    # CALM's calibration: each rule's knob is chosen on prompts the test never sees, before the test
+    chosen_on = generation_stage(run, trained, "lm_calibration") if gen.calibration.split else None
     report = generation_stage(run, trained)
-    points, extras, gen = report["points"], report["extras"], method.generation
+    points, extras = report["points"], report["extras"]
+    calibration = None
+    if chosen_on is not None:
+        calibration = {"split": gen.calibration.split, "prompts": chosen_on["prompts"], "level": gen.calibration.level,
+                       "key": "rougeL_vs_full",
+                       "chosen": calibrated_on(points, chosen_on["points"], gen.calibration.level)}
+    # the policy's point: its calibrated tau, else the tau it was trained with
+    tau = (calibration or {}).get("chosen", {}).get("policy", {}).get("value", method.lm_exits.policy.tau)
     title = f"{cfg.backbone.name} on {run.datamodule.name} ({gen.split}, {report['prompts']} prompts)"
-    paths = ({**write_generation_report(points, extras, run.run_dir, title),
+    paths = ({**write_generation_report(points, extras, run.run_dir, title, calibration),
               "generations": run.run_dir / GENERATIONS_FILE} if is_global_zero() else {})
     seconds = {stage: info.get("seconds") for stage, info in run.stages.ledger.stages.items() if "seconds" in info}
     if is_global_zero():  # the saved early-exit model (ee_lightning.load)
         save_decoder(run.run_dir / "model", run.model, run.tokenizer, trained.exits, trained.policy, trained.classifier,
                      draft_policy=trained.draft_policy,
-                     generation={"rules": dataclasses.asdict(gen.rules), "tau": method.lm_exits.policy.tau,
+                     generation={"rules": dataclasses.asdict(gen.rules), "tau": tau,
                                  "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
                                  "max_prompts": gen.max_prompts, "kv": gen.kv},
                      data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
@@ -418,5 +433,5 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
         "prompts": report["prompts"], "max_new_tokens": gen.max_new_tokens, "metric_name": "rougeL", "points": points,
         "consistentee_vs_calm": comparison_rows(points), "training_summary": trained.summary, **extras,
         "seconds": seconds, "report": {k: str(v) for k, v in paths.items()},
-        "policy_tau": method.lm_exits.policy.tau if trained.policy is not None else None,
+        "policy_tau": tau if trained.policy is not None else None, "calibration": calibration,
     })
