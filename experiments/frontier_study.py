@@ -10,8 +10,10 @@ step (`ee_lightning.training.policy_grid`):
     python experiments/frontier_study.py sst2 --glue-dir <folder with SST-2/>
     python experiments/frontier_study.py bbc_news
     python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --variants   # policy variants, validation only
+    python experiments/frontier_study.py bbc_news -- method.finetune.epochs=1   # after --: stage-1 overrides
 
-Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}).
+Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}), or under
+--results DIR (a dry run that must not replace the committed results).
 """
 from __future__ import annotations
 
@@ -186,8 +188,10 @@ def _chosen_rule(curves: dict, rule: str, full_val: float) -> dict | None:
 
 
 # --- reports --------------------------------------------------------------------------------------
-def _pm(mean: float, half: float, scale: float = 1.0, fmt: str = "{:.4f}") -> str:
-    return f"{fmt.format(scale * mean)} ± {fmt.format(scale * half)}"
+def _pm(mean: float, half: float, scale: float = 1.0, digits: int = 4, signed: bool = False) -> str:
+    """"mean ± half": a signed mean (a gap) keeps its sign, the half-width never has one."""
+    sign = "+" if signed else ""
+    return f"{scale * mean:{sign}.{digits}f} ± {scale * half:.{digits}f}"
 
 
 def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) -> str:
@@ -201,6 +205,7 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
              f"{seconds / 60:.1f} min.", ""]
     header = f"| layer saving | policy {metric} | " + " | ".join(COMPARED) + " | policy - entropy |"
     lines += ["## Test metric at matched layer savings", "", header, "|" + "---|" * (len(COMPARED) + 3)]
+    curves_total = sum(len({m["seed"] for m in r["members"]}) for r in results.values())
     for index, saving in enumerate(SAVINGS):
         policy_values, entropy_gap, rules = [], [], {rule: [] for rule in COMPARED}
         for seed_result in results.values():
@@ -212,9 +217,11 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
                 policy_values.append(value)
                 if row["entropy"] is not None:
                     entropy_gap.append(value - row["entropy"])
-        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy_values)) if policy_values else "-"]
+        # A mean over the seeds whose frontier reaches this saving: say when that is not all of them.
+        reached = "" if len(policy_values) == curves_total else f" ({len(policy_values)} of {curves_total} seeds)"
+        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy_values)) + reached if policy_values else "-"]
         cells += [f"{statistics.mean(v):.4f}" if v else "-" for v in rules.values()]
-        cells.append(_pm(*interval(entropy_gap), 100, "{:+.2f}") + " pt" if entropy_gap else "-")
+        cells.append(_pm(*interval(entropy_gap), 100, digits=2, signed=True) + " pt" if entropy_gap else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Operating points chosen on validation (the most saving within 0.5 points of the full model's "
               "validation metric), measured on test", ""]
@@ -306,7 +313,7 @@ def variant_settings(overrides: dict) -> dict:
     return {**BASE, **{k: v for k, v in overrides.items() if k != "rl"}, "rl": {**BASE_RL, **overrides.get("rl", {})}}
 
 
-def variants(study: str, checkpoint: str, alphas, rl_seeds, names) -> None:
+def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: Path) -> None:
     states, task = split_states(checkpoint)
     curves = rule_curves(states, task)
     full_val = curves["validation"]["full"][0]["metric"]
@@ -322,8 +329,8 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names) -> None:
                         "seconds": round(time.perf_counter() - started, 1)}
         print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
                                 "seconds": report[name]["seconds"]}), flush=True)
-        (RESULTS / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"frontier_variants_{study}.md").write_text(variants_markdown(study, report, alphas, rl_seeds))
+        (results_dir / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
+        (results_dir / f"frontier_variants_{study}.md").write_text(variants_markdown(study, report, alphas, rl_seeds))
     print(variants_markdown(study, report, alphas, rl_seeds))
 
 
@@ -363,23 +370,31 @@ def main() -> None:
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                         help="sst2: the folder holding GLUE's SST-2/ (default: $GLUE_DIR)")
     parser.add_argument("--variants", nargs="*", help="compare policy variants on validation (no names: all)")
-    args = parser.parse_args()
-    extra = []
+    parser.add_argument("--results", default=str(RESULTS), help="where the reports go (a dry run: somewhere else)")
+    argv = sys.argv[1:]
+    # After "--": ee-train overrides for stage 1 (subset sizes, epochs); the study reads them back from the checkpoint.
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if extra and args.stage1:
+        parser.error(f"stage-1 overrides {extra} do nothing with --stage1 (that checkpoint is already trained); "
+                     "drop one of them")
     if args.study == "sst2" and not args.stage1:
         if not args.glue_dir or not (Path(args.glue_dir) / "SST-2").is_dir():
             parser.error(f"sst2 needs GLUE's SST-2 folder: pass --glue-dir DIR (or set GLUE_DIR) with DIR/SST-2/"
                          f"{{train,dev,test}}.tsv; got {args.glue_dir!r}")
-        extra = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        extra = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}", *extra]
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     out = Path(args.out) / args.study
     checkpoints = {seed: args.stage1 or stage_one(args.study, seed, extra, out) for seed in args.seeds}
     if args.variants is not None:
-        variants(args.study, next(iter(checkpoints.values())), args.alphas, args.rl_seeds, args.variants or list(VARIANTS))
+        variants(args.study, next(iter(checkpoints.values())), args.alphas, args.rl_seeds, args.variants or list(VARIANTS),
+                 results_dir)
         return
     results = run_study(args.study, checkpoints, variant_settings(STUDY_VARIANT), args.alphas, args.rl_seeds)
     seconds = time.perf_counter() - started
-    stem = RESULTS / f"frontier_{args.study}"
+    stem = results_dir / f"frontier_{args.study}"
     stem.with_suffix(".json").write_text(json.dumps({"alphas": args.alphas, "rl_seeds": args.rl_seeds,
                                                      "variant": STUDY_VARIANT, "seconds": seconds,
                                                      "results": _jsonable(results)}, indent=1))
