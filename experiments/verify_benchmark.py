@@ -62,6 +62,7 @@ from ee_lightning.data.generation import aclsum_dir, encode_item, read_aclsum
 from ee_lightning.exits.drafting import (break_even_acceptance, full_depth_passes, head_cost_in_layers, projected_speedup,
                                          round_layer_passes, simulate_rounds)
 from ee_lightning.exits.rules import FullRule
+from ee_lightning.evaluation.generation_cost import timed
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.generate import PlainExits, generate_with_exits, prefill
 from ee_lightning.inference.verify import generate_verified, layer_parameters
@@ -169,12 +170,6 @@ def fewest(rows):
 
 
 # ----------------------------------------------------------------------------- 3. measured runs
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 def shown(path: Path | None) -> str | None:
