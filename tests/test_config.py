@@ -141,6 +141,7 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
     (["method.policy.k=1"], "method.policy.k=1: must be >= 2; the baseline is the mean reward"),
     (["method.policy.alpha=-0.1"], "method.policy.alpha=-0.1: must be >= 0"),
     (["method.finetune.lr=0"], "method.finetune.lr=0.0: must be > 0"),
+    (["method.finetune.head_lr=-1e-3"], "method.finetune.head_lr=-0.001: must be > 0"),
     (["method.policy.lr=-1e-3"], "method.policy.lr=-0.001: must be > 0"),
     (["method.joint.enabled=true", "method.joint.lr_model=0"], "method.joint.lr_model=0.0: must be > 0"),
     (["method.finetune.epochs=0"], "method.finetune.epochs=0: must be >= 1"),

@@ -68,6 +68,22 @@ def test_finetune_learns_and_checkpoints(tmp_path):
     assert "val/acc_L4" in header and "val/acc_L1" in header
 
 
+def test_exit_heads_learn_at_head_lr_and_the_backbone_at_lr(tmp_path):
+    """method.finetune.head_lr gives the freshly initialised heads their own rate; the checkpoint's optimizer says so."""
+    import torch
+
+    run = tmp_path / "run"
+    cfg = compose_train(["backbone=tiny_bert", *data_overrides("glue", tmp_path), "method=finetune",
+                         "method.finetune.lr=1e-5", "method.finetune.head_lr=1e-3", "data.batch_size=8", *FAST], run)
+    train(cfg)
+    checkpoint = torch.load(run / "checkpoints" / "finetune" / "last.ckpt", weights_only=False)
+    tensors_at = {}
+    for group in checkpoint["optimizer_states"][0]["param_groups"]:
+        tensors_at[group["initial_lr"]] = tensors_at.get(group["initial_lr"], 0) + len(group["params"])
+    assert tensors_at[1e-3] == 2 * 4  # a weight and a bias for each of tiny_bert's 4 exit heads
+    assert set(tensors_at) == {1e-5, 1e-3} and tensors_at[1e-5] > 8
+
+
 def test_unknown_backbone_lists_the_options(tmp_path):
     with pytest.raises(MissingConfigException, match="tiny_bert"):
         compose_train(["backbone=not_a_model"], tmp_path / "run")

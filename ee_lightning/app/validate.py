@@ -475,6 +475,7 @@ def check_finetune(stage: DictConfig, check: Checker) -> None:
     check.number(stage, "lr", p, low=0.0, low_open=True)
     check.number(stage, "weight_decay", p, low=0.0)
     check.number(stage, "warmup_ratio", p, low=0.0, high=1.0, high_open=True)
+    check.number(stage, "head_lr", p, low=0.0, low_open=True, optional=True)
     weights = _value(stage, "layer_weights")
     if weights is _MISSING:
         return

@@ -65,6 +65,7 @@ class FinetuneStage:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     layer_weights: Any = MISSING  # linear | uniform | a list of one weight per layer
+    head_lr: Optional[float] = MISSING  # null: the exit heads learn at lr, as the backbone
 
 
 @dataclass

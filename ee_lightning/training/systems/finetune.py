@@ -41,15 +41,26 @@ def train_only(model, *parts: str) -> None:
             pooler.requires_grad_(False)
 
 
+def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups of a module's trainable parameters: weight decay on matrices only, biases and norms without."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [group for group in ({"params": decay, "weight_decay": weight_decay, "lr": lr},
+                                {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if group["params"]]
+
+
 class FinetuneSystem(EarlyExitSystem):
     """Stage 1: backbone and every exit head, sum_l w_l * loss_l / sum_l w_l."""
 
     def __init__(self, model, task, spec, *, lr: float, weight_decay: float, warmup_ratio: float,
-                 layer_weights):
+                 layer_weights, head_lr: float | None = None):
         super().__init__(model, task, spec)
         self.save_hyperparameters({"stage": "finetune", "lr": lr, "weight_decay": weight_decay,
-                                   "warmup_ratio": warmup_ratio, "layer_weights": layer_weights})
+                                   "warmup_ratio": warmup_ratio, "layer_weights": layer_weights, "head_lr": head_lr})
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.head_lr = lr if head_lr is None else head_lr
         self.register_buffer("loss_weights", layer_loss_weights(layer_weights, self.num_layers),
                              persistent=False)
         train_only(self.model, "backbone", "heads")
@@ -63,13 +74,9 @@ class FinetuneSystem(EarlyExitSystem):
         return loss
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            parameter_groups(self.model.backbone, self.lr, self.weight_decay)
+            + parameter_groups(self.model.heads, self.head_lr, self.weight_decay),
             lr=self.lr,
         )
         scheduler = linear_warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, self.warmup_ratio)
