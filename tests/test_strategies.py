@@ -236,6 +236,11 @@ def test_default_grids_go_from_no_saving_to_full_saving():
             assert grid == [None]
     assert default_grid("patience", 4) == [3, 2, 1]
     assert default_grid("static", 4) == [4, 3, 2, 1]
+    # The policy's grid starts at tau 1, which never exits, even where a saturated sigmoid gives p = 1.
+    assert default_grid("policy", 4)[:3] == [1.0, 0.999, 0.99]
+    saturated = torch.sigmoid(torch.full((4, 5), 40.0))
+    assert bool((saturated == 1.0).all())
+    assert replay(rule_from_grid("policy", 1.0, num_layers=4), {"exit_prob": saturated}).tolist() == [4] * 5
     assert default_grid("entropy", 4, num_classes=3)[-1] > math.log(3)
     assert set(GRID_KNOBS) == set(RULES)
     assert set(ENCODER_RULES) == set(RULES) - {"saturation", "classifier"}

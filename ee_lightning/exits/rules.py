@@ -387,7 +387,7 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
 
     entropy: thresholds 0 .. ln(C) (41 points, the last just above ln C so everything exits at 1);
     maxprob: thresholds 1.0 .. 1/C; softmax_margin, classifier: thresholds 1.0 .. 0.0 (21 points);
-    saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1; policy: tau 0.95 .. 0.05;
+    saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1; policy: tau 1 (never exits), 0.999, 0.99, 0.95 .. 0.05;
     pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 normalised-entropy thresholds;
     oracle / full: [None] (no knob).
     """
@@ -410,7 +410,8 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
     if rule_name == "static":
         return list(range(L, 0, -1))
     if rule_name == "policy":
-        return [round(0.95 - 0.05 * i, 2) for i in range(19)]
+        # Trained policies put most probabilities near 0 or 1, so the top of the grid is dense; tau 1 never exits.
+        return [1.0, 0.999, 0.99] + [round(0.95 - 0.05 * i, 2) for i in range(19)]
     if rule_name == "pcee":
         patiences = sorted({min(p, max(L - 1, 1)) for p in (3, 2, 1)}, reverse=True)
         thresholds = [0.05, 0.1, 0.2, 0.4, 0.7, 1.001]  # normalised entropy
