@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from ee_lightning.app.validate import ConfigError, typed, validate_config
-from ee_lightning.config.schema import ConsistentEEMethod, FinetuneMethod, GlueData, PolicyStage
+from ee_lightning.config.schema import ConsistentEEMethod, FinetuneMethod, GlueData, EncoderPolicyStage
 from tests.conftest import CONF_DIR, DATA_OPTIONS, ROOT, compose_train, data_overrides
 
 GROUPS = ["backbone", "head", "policy", "method", "report", "trainer", "logger", "callbacks", "debug",
@@ -68,7 +68,7 @@ def test_every_option_of_every_group_composes_and_validates(group, option, tmp_p
 def test_the_schema_types_every_group(tmp_path):
     cfg = compose_train(["data=glue"], tmp_path / "run")
     assert OmegaConf.get_type(cfg.method) is ConsistentEEMethod  # the default experiment's method
-    assert OmegaConf.get_type(cfg.method.policy) is PolicyStage
+    assert OmegaConf.get_type(cfg.method.policy) is EncoderPolicyStage
     assert OmegaConf.get_type(cfg.data) is GlueData
     for group in ("backbone", "head", "policy", "report"):
         assert OmegaConf.get_type(cfg[group]).__module__ == "ee_lightning.config.schema", group
@@ -146,6 +146,7 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
     (["method.joint.enabled=true", "method.joint.lr_model=0"], "method.joint.lr_model=0.0: must be > 0"),
     (["method.finetune.epochs=0"], "method.finetune.epochs=0: must be >= 1"),
     (["method.policy.epochs=0"], "method.policy.epochs=0: must be >= 1"),
+    (["method.policy.validate_every=0"], "method.policy.validate_every=0: must be >= 1"),
     (["method.policy.eps_start=1.5"], "method.policy.eps_start=1.5: must be in [0.0, 1.0]"),
     (["method.policy.eps_decay_steps=0"], "method.policy.eps_decay_steps=0: must be >= 1"),
     (["method.policy.task_term=reward"], "method.policy.task_term=reward: must be one of ce | correct"),

@@ -90,6 +90,17 @@ def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
     assert sum(written["hardness_histogram"]) == 48
 
 
+@pytest.mark.parametrize("epochs, every, validated", [(4, 2, [1, 3]), (2, 4, [1])])
+def test_the_policy_stage_validates_every_n_epochs_and_at_least_once(tmp_path, epochs, every, validated):
+    run = tmp_path / "run"
+    cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), f"method.policy.epochs={epochs}",
+                         f"method.policy.validate_every={every}", "method.frontier.alphas=[]"], run)
+    train(cfg)
+    records = [json.loads(line) for line in (run / "exit_histograms.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["stage"] == "policy" and r["split"] == "val"] == validated
+    assert [r["epoch"] for r in records if r["stage"] == "policy" and r["split"] == "train"] == list(range(epochs))
+
+
 class FailOnSecondPolicyEpoch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 1:

@@ -525,6 +525,7 @@ def check_policy_stage(stage: DictConfig, check: Checker) -> None:
     check.number(stage, "epochs", p, low=1, integer=True)
     check.number(stage, "lr", p, low=0.0, low_open=True)
     check.number(stage, "batch_size", p, low=1, integer=True)
+    check.number(stage, "validate_every", p, low=1, integer=True)
     check_reinforce(stage, check, p)
 
 

@@ -112,6 +112,11 @@ class FrontierConfig:
 
 
 @dataclass
+class EncoderPolicyStage(PolicyStage):
+    validate_every: int = MISSING  # epochs between validations (each runs the backbone over the validation split)
+
+
+@dataclass
 class FinetuneMethod:
     name: str = MISSING
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
@@ -121,7 +126,7 @@ class FinetuneMethod:
 class ConsistentEEMethod(FinetuneMethod):
     tau: float = MISSING
     hardness: HardnessStage = field(default_factory=HardnessStage)
-    policy: PolicyStage = field(default_factory=PolicyStage)
+    policy: EncoderPolicyStage = field(default_factory=EncoderPolicyStage)
     joint: JointStage = field(default_factory=JointStage)
     choose: ChooseConfig = field(default_factory=ChooseConfig)
     frontier: FrontierConfig = field(default_factory=FrontierConfig)

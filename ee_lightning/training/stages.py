@@ -316,7 +316,8 @@ def run_consistentee(run: Run) -> RunResults:
                                         sampler=EpochShuffle(len(memorized), seed=cfg.seed),
                                         generator=torch.Generator().manual_seed(cfg.seed))
         fit_stage(run, system, "policy", policy_stage.epochs, train_dataloaders=policy_loader,
-                  val_dataloaders=run.datamodule.val_dataloader())
+                  val_dataloaders=run.datamodule.val_dataloader(),
+                  trainer={"check_val_every_n_epoch": min(policy_stage.validate_every, policy_stage.epochs)})
     seconds["policy"] = ledger.stages["policy"].get("seconds")
     frontier_cfg, frontier, policies, states = method.frontier, None, {}, {}
     # Rank 0 alone trains the frontier and so may choose another policy (and tau) than the policy stage's; under
