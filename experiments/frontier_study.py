@@ -49,8 +49,8 @@ TOLERANCE = 0.005  # operating points: the most validation saving within 0.5 poi
 # The policy stage's settings (conf/method/consistentee.yaml); a variant overrides some of them.
 BASE_RL = {"k": 16, "task_term": "correct", "depth_term": "hardness", "sampler": "bernoulli", "eps_start": 0.3,
            "eps_end": 0.0, "eps_decay_steps": 200, "normalize_advantages": False, "entropy_bonus": 0.0,
-           "estimator": "reinforce"}
-BASE = {"rl": BASE_RL, "lr": 1e-3, "epochs": 4, "batch_size": 64, "hidden": 32, "use_confidence": False}
+           "estimator": "expected"}
+BASE = {"rl": BASE_RL, "lr": 1e-3, "epochs": 16, "batch_size": 64, "hidden": 32, "use_confidence": False}
 
 
 def ee_train(args: list[str]) -> None:
@@ -59,12 +59,16 @@ def ee_train(args: list[str]) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
 
 
+# make train's exit-head recipe (conf/experiment/rt_consistentee.yaml), on every study's stage 1.
+HEADS = ["method.finetune.layer_weights=uniform", "method.finetune.head_lr=1e-3"]
+
+
 def stage_one(study: str, seed: int, extra: list[str], out: Path) -> str:
     run_dir = out / f"stage1-seed{seed}"
     if not (run_dir / "stages.json").is_file():
         preset = PRESETS[study]
-        ee_train(["method=finetune", *preset["data"], *preset["finetune"], f"seed={seed}", f"task_name={study}",
-                  f"hydra.run.dir={run_dir}", *QUIET, *extra])
+        ee_train(["method=finetune", *preset["data"], *preset["finetune"], *HEADS, f"seed={seed}",
+                  f"task_name={study}", f"hydra.run.dir={run_dir}", *QUIET, *extra])
     return json.loads((run_dir / "stages.json").read_text())["finetune"]["checkpoint"]
 
 
@@ -198,7 +202,7 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
     first = next(iter(results.values()))
     metric = first["metric"]
     lines = [f"# {study}: the policy's frontier against the exit rules", "",
-             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 0.95..0.05. "
+             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 1 (never exits), 0.999, 0.99, 0.95..0.05. "
              "The policy's frontier at each RL seed is its (alpha, tau) settings that are Pareto-optimal on "
              "validation, read on test and interpolated at each saving; mean ± 95% t-interval over every "
              f"(stage-1 seed, RL seed). The rules' curves are their test curves (one knob, no choice). Wall time "
@@ -298,14 +302,16 @@ def _jsonable(results: dict) -> dict:
 
 # --- policy variants, on validation ------------------------------------------------------------
 VARIANTS = {
-    "base (REINFORCE, K=16)": {},
-    "normalised advantages": {"rl": {"normalize_advantages": True}},
-    "K=64 rollouts": {"rl": {"k": 64}},
-    "exact expected reward": {"rl": {"estimator": "expected"}},
-    "confidence inputs": {"use_confidence": True},
-    "exact expected reward + confidence inputs": {"rl": {"estimator": "expected"}, "use_confidence": True},
-    "plain depth cost": {"rl": {"depth_term": "plain"}},
+    "shipped (exact expected reward, 16 epochs)": {},
+    "4 epochs": {"epochs": 4},
     "8 epochs": {"epochs": 8},
+    "REINFORCE (K=16)": {"rl": {"estimator": "reinforce"}},
+    "REINFORCE, normalised advantages": {"rl": {"estimator": "reinforce", "normalize_advantages": True}},
+    "REINFORCE, K=64 rollouts": {"rl": {"estimator": "reinforce", "k": 64}},
+    "confidence inputs": {"use_confidence": True},
+    "hidden 128": {"hidden": 128},
+    "lr 3e-3": {"lr": 3e-3},
+    "plain depth cost": {"rl": {"depth_term": "plain"}},
 }
 
 
@@ -364,7 +370,7 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(PRESETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="stage-1 (data) seeds")
     parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.15])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.03, 0.04, 0.05, 0.06])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "studies"))
     parser.add_argument("--stage1", help="reuse this stage-1 checkpoint (one seed), e.g. make train's")
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
@@ -404,7 +410,7 @@ def main() -> None:
     print(markdown)
 
 
-STUDY_VARIANT: dict = {"rl": {"estimator": "expected"}}  # the shipped policy settings (conf/method/consistentee.yaml)
+STUDY_VARIANT: dict = {}  # BASE is the shipped policy (conf/method/consistentee.yaml)
 
 if __name__ == "__main__":
     main()
