@@ -41,11 +41,13 @@ def train_only(model, *parts: str) -> None:
             pooler.requires_grad_(False)
 
 
-def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups of a module's trainable parameters: weight decay on matrices only, biases and norms without."""
+def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, skip=()) -> list[dict]:
+    """AdamW groups of a module's trainable parameters, less those in `skip`: weight decay on matrices only,
+    biases and norms without."""
+    skipped = {id(param) for param in skip}
     decay, no_decay = [], []
     for param in module.parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in skipped:
             (no_decay if param.ndim < 2 else decay).append(param)
     return [group for group in ({"params": decay, "weight_decay": weight_decay, "lr": lr},
                                 {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if group["params"]]
@@ -76,7 +78,8 @@ class FinetuneSystem(EarlyExitSystem):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model.backbone, self.lr, self.weight_decay)
-            + parameter_groups(self.model.heads, self.head_lr, self.weight_decay),
+            # a pre-norm family's heads read the backbone's final norm (heads.output_norm): it learns as the backbone
+            + parameter_groups(self.model.heads, self.head_lr, self.weight_decay, skip=self.model.backbone.parameters()),
             lr=self.lr,
         )
         scheduler = linear_warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, self.warmup_ratio)
