@@ -202,7 +202,8 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
     first = next(iter(results.values()))
     metric = first["metric"]
     lines = [f"# {study}: the policy's frontier against the exit rules", "",
-             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 1 (never exits), 0.999, 0.99, 0.95..0.05. "
+             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 1 (never "
+             "exits), 0.999, 0.99, 0.95..0.05. "
              "The policy's frontier at each RL seed is its (alpha, tau) settings that are Pareto-optimal on "
              "validation, read on test and interpolated at each saving; mean ± 95% t-interval over every "
              f"(stage-1 seed, RL seed). The rules' curves are their test curves (one knob, no choice). Wall time "
@@ -370,7 +371,7 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(PRESETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="stage-1 (data) seeds")
     parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.03, 0.04, 0.05, 0.06])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.03, 0.04, 0.05, 0.06])  # make train's frontier
     parser.add_argument("--out", default=str(ROOT / "outputs" / "studies"))
     parser.add_argument("--stage1", help="reuse this stage-1 checkpoint (one seed), e.g. make train's")
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),

@@ -89,8 +89,8 @@ def tiny_consistentee(tmp_path, logger: str) -> list[str]:
     folder = write_sentiment_files(tmp_path / "SST-2", n_train=40, n_eval=16)
     return ["method=consistentee", "backbone=tiny_bert", "data=glue", "data.task=sst2", f"data.data_dir={folder}",
             "method.finetune.epochs=1", "method.policy.epochs=2", "method.policy.validate_every=1",
-            "method.policy.batch_size=16", "method.policy.k=8", "report.latency.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1"]
+            "method.policy.batch_size=16", "method.policy.k=8", "report.latency.enabled=false", f"logger={logger}",
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
 def read_jsonl(path):

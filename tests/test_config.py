@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from ee_lightning.app.validate import ConfigError, typed, validate_config
-from ee_lightning.config.schema import ConsistentEEMethod, FinetuneMethod, GlueData, EncoderPolicyStage
+from ee_lightning.config.schema import ConsistentEEMethod, EncoderPolicyStage, FinetuneMethod, GlueData
 from tests.conftest import CONF_DIR, DATA_OPTIONS, ROOT, compose_train, data_overrides
 
 GROUPS = ["backbone", "head", "policy", "method", "report", "trainer", "logger", "callbacks", "debug",

@@ -69,7 +69,8 @@ def test_finetune_learns_and_checkpoints(tmp_path):
 
 
 def test_exit_heads_learn_at_head_lr_and_the_backbone_at_lr(tmp_path):
-    """method.finetune.head_lr gives the freshly initialised heads their own rate; the checkpoint's optimizer says so."""
+    """method.finetune.head_lr gives the freshly initialised heads their own rate; the checkpoint's optimizer
+    says so."""
     import torch
 
     run = tmp_path / "run"

@@ -387,7 +387,8 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
 
     entropy: thresholds 0 .. ln(C) (41 points, the last just above ln C so everything exits at 1);
     maxprob: thresholds 1.0 .. 1/C; softmax_margin, classifier: thresholds 1.0 .. 0.0 (21 points);
-    saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1; policy: tau 1 (never exits), 0.999, 0.99, 0.95 .. 0.05;
+    saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1;
+    policy: tau 1 (never exits), 0.999, 0.99, 0.95 .. 0.05;
     pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 normalised-entropy thresholds;
     oracle / full: [None] (no knob).
     """

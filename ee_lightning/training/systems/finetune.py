@@ -79,7 +79,8 @@ class FinetuneSystem(EarlyExitSystem):
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model.backbone, self.lr, self.weight_decay)
             # a pre-norm family's heads read the backbone's final norm (heads.output_norm): it learns as the backbone
-            + parameter_groups(self.model.heads, self.head_lr, self.weight_decay, skip=self.model.backbone.parameters()),
+            + parameter_groups(self.model.heads, self.head_lr, self.weight_decay,
+                               skip=self.model.backbone.parameters()),
             lr=self.lr,
         )
         scheduler = linear_warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, self.warmup_ratio)
