@@ -39,6 +39,7 @@ from ee_lightning.exits.rules import default_grid
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_states, signals_from_states
 from ee_lightning.modeling.exit_policy import ExitPolicy
 from ee_lightning.training.policy_grid import grid_members
+from ee_lightning.training.systems.policy import rl_settings
 
 # The data presets (and where results go) are the reward study's: the two studies compare on the same runs.
 from reward_study import PRESETS, QUIET, RESULTS, ROOT  # noqa: E402  (a sibling script on sys.path)
@@ -46,11 +47,13 @@ from reward_study import PRESETS, QUIET, RESULTS, ROOT  # noqa: E402  (a sibling
 COMPARED = ("entropy", "patience", "maxprob", "pcee", "static")
 SAVINGS = [round(0.2 + 0.05 * i, 2) for i in range(10)]  # 20% .. 65%
 TOLERANCE = 0.005  # operating points: the most validation saving within 0.5 points of the full model's
-# The policy stage's settings (conf/method/consistentee.yaml); a variant overrides some of them.
-BASE_RL = {"k": 16, "task_term": "correct", "depth_term": "hardness", "sampler": "bernoulli", "eps_start": 0.3,
-           "eps_end": 0.0, "eps_decay_steps": 200, "normalize_advantages": False, "entropy_bonus": 0.0,
-           "estimator": "expected"}
-BASE = {"rl": BASE_RL, "lr": 1e-3, "epochs": 16, "batch_size": 64, "hidden": 32, "use_confidence": False}
+# The shipped policy settings, read from the config tree so that the studies and make train cannot drift
+# apart; a variant overrides some of them (train_grid sets alpha per member).
+SHIPPED = OmegaConf.load(ROOT / "conf" / "method" / "consistentee.yaml").policy
+POLICY_NET = OmegaConf.load(ROOT / "conf" / "policy" / "default.yaml")
+BASE_RL = rl_settings(OmegaConf.to_container(SHIPPED))
+BASE = {"rl": BASE_RL, "lr": SHIPPED.lr, "epochs": SHIPPED.epochs, "batch_size": SHIPPED.batch_size,
+        "hidden": POLICY_NET.hidden, "use_confidence": POLICY_NET.use_confidence}
 
 
 def ee_train(args: list[str]) -> None:
@@ -60,7 +63,8 @@ def ee_train(args: list[str]) -> None:
 
 
 # make train's exit-head recipe (conf/experiment/rt_consistentee.yaml), on every study's stage 1.
-HEADS = ["method.finetune.layer_weights=uniform", "method.finetune.head_lr=1e-3"]
+_MAKE_TRAIN_STAGE1 = OmegaConf.load(ROOT / "conf" / "experiment" / "rt_consistentee.yaml").method.finetune
+HEADS = [f"method.finetune.{key}={_MAKE_TRAIN_STAGE1[key]}" for key in ("layer_weights", "head_lr")]
 
 
 def stage_one(study: str, seed: int, extra: list[str], out: Path) -> str:
