@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from ee_lightning.data.generation import ACLSumDataModule
 from ee_lightning.exits.lm_targets import exit_correct
-from ee_lightning.files import atomic_torch_save, atomic_write_text, load_or_build
+from ee_lightning.files import atomic_write_text, load_or_build
 from ee_lightning.inference.lm_cache import collect_exit_states, exit_tables, source_meta
 from ee_lightning.modeling.backbones.decoder_build import build_decoder, cache_dir
 from ee_lightning.modeling.lm_exits import LMExitHeads
@@ -68,8 +68,41 @@ def cached(decoder, datamodule, split: str, exit_layers, top_k: int, folder: Pat
         decoder, loader, exit_layers, dtype="float16", positions="all", top_k=top_k))
 
 
-def train_key(cache: dict) -> str:
-    return f"{len(cache['targets'])}pos"
+UNTRAINED = "untrained (final norm + LM head)"
+# Settings that do not change what a report's rows measure.
+NOT_MEASURED = ("adapters", "out")
+
+
+def distilled(exits: LMExitHeads, kind: str, args, decoder, train: dict, folder: Path) -> dict:
+    """Distil `exits` on `train`, or read back the weights an earlier run distilled with the same settings
+    (saved beside the caches for later studies); returns distillation's info."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_MEASURED + ("val_rows",)}
+    meta = {"adapter": kind, "settings": settings, "train_positions": len(train["targets"])}
+    path = folder / f"exits_{kind}_{len(train['targets'])}pos_e{args.epochs}_r{args.rank}_k{args.top_k}.pt"
+
+    def build() -> dict:
+        info = distill_exits(exits, decoder, train, trainer(args.epochs), vocabulary=args.vocabulary, lr=args.lr,
+                             batch_size=args.batch_size)
+        return {**exits.state_dict(), "vocabulary_size": torch.tensor(info["vocabulary_size"])}
+
+    tensors = load_or_build(path, meta, build)
+    vocabulary_size = int(tensors.pop("vocabulary_size"))
+    exits.load_state_dict(tensors)
+    return {"vocabulary_size": vocabulary_size}
+
+
+def earlier_report(args, train: dict, held_out: dict) -> dict:
+    """The report already at `args.out` when it measured the same thing (every setting but the adapter kinds
+    asked for, the same positions), else {}."""
+    path = args.out / "exit_agreement.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    mine = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_MEASURED}
+    theirs = {k: v for k, v in report.get("settings", {}).items() if k not in NOT_MEASURED}
+    same_text = (report.get("train_positions"), report.get("val_positions")) == (len(train["targets"]),
+                                                                                  len(held_out["targets"]))
+    return report if mine == theirs and same_text else {}
 
 
 def agreement(cache: dict, exits, decoder) -> dict:
@@ -128,24 +161,31 @@ def main(argv=None) -> dict:
     times["validation cache"] = time.time() - started - times["train cache"]
     print(f"cached {len(train['targets'])} training and {len(held_out['targets'])} validation positions", flush=True)
 
-    results, params, info = {}, {}, {}
-    clock = time.time()
-    untrained = LMExitHeads(decoder.num_layers, decoder.hidden_size, args.exit_every, rank=1)
-    results["untrained (final norm + LM head)"] = agreement(held_out, untrained, decoder)
-    times["scoring untrained"] = time.time() - clock
-    print("untrained:", results["untrained (final norm + LM head)"], flush=True)
+    # A study too long for one sitting is run again with the same settings: what the report already holds for
+    # them is kept, and exits already distilled for them are read back instead of trained again.
+    earlier = earlier_report(args, train, held_out)
+    results, params, info = dict(earlier.get("exits", {})), dict(earlier.get("parameters_per_exit", {})), {}
+    info["vocabulary_size"] = earlier.get("vocabulary_size")
+    times.update({k: v for k, v in earlier.get("seconds", {}).items() if k.startswith(("scoring", "distilling"))})
+    if UNTRAINED not in results:
+        clock = time.time()
+        untrained = LMExitHeads(decoder.num_layers, decoder.hidden_size, args.exit_every, rank=1)
+        results[UNTRAINED] = agreement(held_out, untrained, decoder)
+        times["scoring untrained"] = time.time() - clock
+    print("untrained:", results[UNTRAINED], flush=True)
     for kind in args.adapters:
+        name = f"distilled {kind}" + (f" (rank {args.rank})" if kind == "lowrank" else " (norm + MLP block)")
+        if name in results:
+            print(f"{name}: kept from the earlier report", flush=True)
+            continue
         torch.manual_seed(args.seed)
         exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, args.exit_every, rank=args.rank, adapter=kind,
                             layers=decoder.layers())
         params[kind] = sum(p.numel() for p in exits.adapters[str(exit_layers[0])].parameters())
         clock = time.time()
-        info = distill_exits(exits, decoder, train, trainer(args.epochs), vocabulary=args.vocabulary, lr=args.lr,
-                             batch_size=args.batch_size)
+        info = distilled(exits, kind, args, decoder, train, folder)
         times[f"distilling {kind}"] = time.time() - clock
-        atomic_torch_save(exits.state_dict(), folder / f"exits_{kind}_{train_key(train)}.pt")  # for later studies
         clock = time.time()
-        name = f"distilled {kind}" + (f" (rank {args.rank})" if kind == "lowrank" else " (norm + MLP block)")
         results[name] = agreement(held_out, exits.eval(), decoder)
         times[f"scoring {kind}"] = time.time() - clock
         print(name, results[name], flush=True)
