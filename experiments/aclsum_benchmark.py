@@ -161,6 +161,8 @@ def main(argv=None):
     rules = rule_points_grid(grids, exits.exit_layers, policy is not None, classifier is not None, decoder.vocab_size,
                              tau=config["generation"]["tau"] if policy is not None else None)
     kv = args.kv or config["generation"].get("kv", "propagate")
+    if kv == "defer" and not args.speed_prompts:  # before any generation: nothing is lost
+        raise SystemExit("--kv defer measures speed at batch 1 only: give --speed-prompts > 0")
     batch_kv = "real" if kv == "defer" else kv  # the same tokens and exits as defer (tests/test_deferred.py), batched
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -200,8 +202,6 @@ def main(argv=None):
             p["tokens_per_s_b1"] = run["generated"] / run["seconds"]
             p["speedup_vs_full_b1"] = p["tokens_per_s_b1"] / full_rate
         seconds["batch 1"] = time.time() - clock
-    if kv == "defer" and not args.speed_prompts:
-        raise SystemExit("--kv defer measures speed at batch 1 only: give --speed-prompts > 0")
     speed = "tokens_per_s_b1" if kv == "defer" else "tokens_per_s"
     pareto_by(points, "flops_saving")
     pareto_by(points, speed)
