@@ -31,6 +31,7 @@ from ee_lightning.inference.lm_cache import DTYPES
 from ee_lightning.modeling.heads import POOLINGS
 from ee_lightning.modeling.lm_exits import ADAPTERS as ADAPTER_KINDS
 from ee_lightning.tasks import TASK_KINDS
+from ee_lightning.training.lm_responses import RESPONSE_SOURCES
 from ee_lightning.training.systems.finetune import LAYER_WEIGHTS
 
 CACHE_DTYPES = tuple(DTYPES)
@@ -253,6 +254,7 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(node, "rank", p, low=1, integer=True)
     check.choice(node, "adapter", p, ADAPTER_KINDS)
     check.choice(node, "evaluate_split", p, SPLITS, optional=True)
+    check.choice(node, "responses", p, RESPONSE_SOURCES)
     check.choice(node.cache, "dtype", f"{p}cache.", CACHE_DTYPES)
     check.number(node.cache, "batch_size", f"{p}cache.", low=1, integer=True)
     adapters = node.adapters

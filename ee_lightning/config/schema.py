@@ -223,6 +223,7 @@ class LMExitsConfig:
     rank: int = MISSING
     adapter: str = MISSING
     evaluate_split: Optional[str] = MISSING
+    responses: str = MISSING  # the text the caches are teacher-forced on: reference | model (its own greedy output)
     cache: LMCacheConfig = field(default_factory=LMCacheConfig)
     adapters: LMAdapterStage = field(default_factory=LMAdapterStage)
     hardness: LMHardnessConfig = field(default_factory=LMHardnessConfig)

@@ -355,6 +355,15 @@ class GenerationDataModule(L.LightningDataModule):
         self.setup()
         return self._splits[split]
 
+    def use_responses(self, split: str, response_ids: list[list[int]]) -> None:
+        """Teacher-force `split` on other responses from now on (e.g. the model's own, `training.lm_responses`):
+        its training batches and caches read them; its prompts and reference texts (what generation is
+        scored against) stay."""
+        current = self.dataset(split)
+        if len(response_ids) != len(current):
+            raise DataError(f"{len(response_ids)} responses for the {len(current)} items of the {split} split")
+        self._splits[split] = PromptResponseSplit(current.items, current.prompt_ids, [list(r) for r in response_ids])
+
     def dataloader(self, split: str, kind: str = "train", shuffle: bool = False,
                    batch_size: int | None = None, seed: int | None = None) -> DataLoader:
         """Batches of `kind` ("train": prompt + reference; "generate": prompts). `shuffle` with a `seed`:

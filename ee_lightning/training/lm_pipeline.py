@@ -54,6 +54,7 @@ from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_distill import distillation
 from ee_lightning.training.lm_draft import draft_policy_stage, draft_summary, make_draft_policy
 from ee_lightning.training.lm_lora import digest, train_backbone_lora
+from ee_lightning.training.lm_responses import model_responses
 from ee_lightning.training.processes import all_processes, is_global_zero
 from ee_lightning.training.stages import Run, Stages
 from ee_lightning.training.systems.generation import GenerationEvalSystem
@@ -259,6 +260,10 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
         lora_outcome = train_backbone_lora(decoder, exits, datamodule, cfg.lora, stages, identity,
                                            exits_lr=cfg.adapters.lr, weights=cfg.adapters.weights)
         identity = {**(identity or {}), "lora": lora_outcome.digest}
+    if cfg.responses == "model":  # every cache on the text generation produces (training/lm_responses.py)
+        for split in dict.fromkeys(["train", *([cfg.evaluate_split] if cfg.evaluate_split else [])]):
+            datamodule.use_responses(split, model_responses(decoder, datamodule, split, stages, identity,
+                                                            cfg.cache.batch_size))
     # --- distillation (adapters.objective=distill): one pass caches every position of the text with the
     # full model's top-k; the later stages read its response tokens, as they read a response cache
     distilling = cfg.adapters.objective == "distill"
@@ -268,7 +273,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     # ---
     targets = cache["targets"]
     batch = cfg.adapters.batch_size
-    summary: dict = {"exit_layers": exits.exit_layers}
+    summary: dict = {"exit_layers": exits.exit_layers, "responses": cfg.responses}
     # the exits before their own stage (untrained, or trained with LoRA): the same on every rerun
     before = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
     if lora_outcome is None:
