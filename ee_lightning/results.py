@@ -121,6 +121,7 @@ class LMRunResults(ResultsFile):
     # method.generation.calibration: {split, prompts, level, key, chosen: {rule: {value, validation,
     # validation_layer_saving}}}; None when the run calibrated nothing
     calibration: dict | None = None
+    timing: str | None = None  # how tokens/s were clocked, where not over every prompt (kv=defer with timed_per_batch)
 
     @property
     def full(self) -> float:

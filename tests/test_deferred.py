@@ -2,6 +2,8 @@
 states (real deeper states, computed at once), and the full model's greedy output when nothing exits."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ from test_generate import HiddenPolicy
 from tiny_decoders import PAD, left_padded_prompts, tiny_lm
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
 from ee_lightning.exits import rules as r
-from ee_lightning.inference.deferred import generate_deferred, generate_deferred_each
+from ee_lightning.evaluation.generation_eval import decoding_rates, generate_batch, merge_runs
+from ee_lightning.inference.deferred import generate_deferred, generate_deferred_each, prefill_each
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 
 NEW = 8
@@ -74,6 +77,47 @@ def test_never_exiting_is_greedy_generate_and_eos_stops_the_row():
     assert bool((ours.exit_layers[0, 3:] == 0).all()) and int(ours.exit_layers[0, 2]) == 4  # nothing after EOS
 
 
+def test_the_prompts_own_passes_given_apart_leave_the_tokens_unchanged():
+    _, decoder = tiny_lm("llama", layers=6)
+    exits = PlainExits(6, exit_every=2)
+    ids, mask = left_padded_prompts()
+    rule = r.PolicyRule(0.5)
+    alone = generate_deferred_each(decoder, exits, rule, ids, mask, NEW, pad_token_id=PAD, policy=HiddenPolicy())
+    caches = prefill_each(decoder, ids, mask)
+    given = generate_deferred_each(decoder, exits, rule, ids, mask, NEW, pad_token_id=PAD, policy=HiddenPolicy(),
+                                   prompt_caches=caches)
+    assert torch.equal(given.sequences, alone.sequences) and torch.equal(given.exit_layers, alone.exit_layers)
+    again = generate_deferred_each(decoder, exits, rule, ids, mask, NEW, pad_token_id=PAD, policy=HiddenPolicy(),
+                                   prompt_caches=caches)
+    assert torch.equal(again.sequences, alone.sequences)  # the caches were copied, not consumed
+    with pytest.raises(ValueError, match="2 prompt caches for a batch of 3 prompts"):
+        generate_deferred_each(decoder, exits, rule, ids, mask, NEW, prompt_caches=caches[:2], policy=HiddenPolicy())
+
+
+def test_a_timed_subset_keeps_every_prompts_deferred_tokens_and_times_only_its_own():
+    _, decoder = tiny_lm("llama", layers=6)
+    exits = PlainExits(6, exit_every=2)
+    ids, mask = left_padded_prompts()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for rule in (r.PolicyRule(0.5), r.StaticRule(2)):
+        every = generate_batch(decoder, exits, rule, batch, NEW, None, PAD, policy=HiddenPolicy(), kv="defer")
+        subset = generate_batch(decoder, exits, rule, batch, NEW, None, PAD, policy=HiddenPolicy(), kv="defer",
+                                timed_rows=1)
+        assert subset["tokens"] == every["tokens"] and subset["exit_layers"] == every["exit_layers"]
+        timing = subset["timed"]
+        assert timing["generated"] == len(every["exit_layers"][0]) and timing["seconds"] > 0
+        assert timing["prompt_seconds"] > 0 and "timed" not in every
+    oracle = generate_batch(decoder, exits, r.OracleRule(), batch, NEW, None, PAD, kv="defer", timed_rows=1)
+    assert "timed" not in oracle  # a bound: never timed
+    runs = [{"tokens": [[1]], "exit_layers": [[2]], "seconds": 1.0, "generated": 1,
+             "timed": {"seconds": s, "generated": g, "prompt_seconds": 0.5}} for s, g in ((2.0, 4), (1.0, 2))]
+    assert merge_runs(runs)["timed"] == {"seconds": 3.0, "generated": 6, "prompt_seconds": 1.0}
+    # the rates: decoding alone, and with the prompts' pass; a run without a timed subset among timed ones is not timed
+    assert decoding_rates({"timed": {"seconds": 2.0, "generated": 8, "prompt_seconds": 2.0}}, 9.0, True) == (4.0, 2.0)
+    assert decoding_rates({"seconds": 2.0, "generated": 8}, 2.0, False) == (4.0, 2.0)
+    assert all(math.isnan(v) for v in decoding_rates({"seconds": 2.0, "generated": 8}, 2.0, True))
+
+
 def test_deferred_generation_refuses_what_it_cannot_do():
     _, decoder = tiny_lm("llama")
     ids, mask = left_padded_prompts()
@@ -124,9 +168,13 @@ def test_a_decoder_run_with_deferred_layers_reports_layer_saving_without_flops_s
                          "method.generation.max_prompts=2", "method.generation.max_new_tokens=4",
                          "method.generation.rules.static=[2]", "method.generation.rules.policy=[0.5]",
                          "method.generation.rules.softmax_margin=null", "method.generation.rules.saturation=null",
-                         "method.generation.rules.classifier=null"], run_dir)
+                         "method.generation.rules.classifier=null", "method.generation.timed_per_batch=1"], run_dir)
     train(cfg)
     points = {p["rule"]: p for p in json.loads((run_dir / "results.json").read_text())["points"]}
+    # the text from the batched pass, the clock from one prompt per batch run deferred; the oracle is not timed
+    assert all(p["tokens_per_s"] > 0 for rule, p in points.items() if rule != "oracle")
+    assert math.isnan(points["oracle"]["tokens_per_s"])
+    assert "first 1 prompt(s) of each batch decoded one at a time" in (run_dir / "pareto.md").read_text()
     static = points["static"]
     assert static["avg_exit_layer"] == 2.0 and static["layer_saving"] == 0.5
     # every layer still runs for the K/V, except the skipped layers of each prompt's last step, which no

@@ -344,6 +344,8 @@ def check_generation(node: DictConfig, check: Checker, depth: int | None = None)
     check.number(node, "batch_size", p, low=1, integer=True)
     check.number(node, "max_new_tokens", p, low=1, integer=True)
     check.choice(node, "kv", p, GENERATION_KV)
+    check.number(node, "timed_per_batch", p, low=1, integer=True, optional=True,
+                 why="prompts of each batch timed one at a time under kv=defer; null: every prompt")
     calibration, c = node.calibration, f"{p}calibration."
     check.choice(calibration, "split", c, SPLITS, optional=True)
     if _value(calibration, "split") is not None and _value(calibration, "split") == _value(node, "split"):

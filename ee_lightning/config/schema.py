@@ -263,6 +263,7 @@ class GenerationConfig:
     batch_size: int = MISSING
     max_new_tokens: int = MISSING
     kv: str = MISSING
+    timed_per_batch: Optional[int] = MISSING  # kv=defer: prompts per batch decoded deferred and timed; null: all
     rules: GenerationRules = field(default_factory=GenerationRules)
     calibration: GenerationCalibration = field(default_factory=GenerationCalibration)
 

@@ -32,7 +32,7 @@ from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
 from ee_lightning.files import atomic_write_text
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
-from ee_lightning.inference.deferred import generate_deferred_each
+from ee_lightning.inference.deferred import generate_deferred_each, prefill_each, unpadded_prompts
 from ee_lightning.inference.generate import generate_with_exits
 
 log = logging.getLogger(__name__)
@@ -107,21 +107,32 @@ KV_MODES = (*GENERATION_KV, "real")      # and the batched path that scores defe
 
 
 def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,
-                   flops=None, kv: str = "propagate") -> dict:
+                   flops=None, kv: str = "propagate", timed_rows: int | None = None) -> dict:
     """One prompt batch with `rule`: per prompt its trimmed tokens and its tokens' exit layers
     (`per_prompt`), the costs of every generated token (prompt after prompt) and the decoding's wall
-    seconds. `batch["prompt_cache"]` (optional) is the prompts' shared pass.
+    seconds (the prompt pass left out). `batch["prompt_cache"]` (optional) is the prompts' shared pass.
 
     kv: what an exited token gives the layers it skipped. "propagate": K/V from its exit state, at once
     (CALM; batched). "defer": nothing until a later token climbs past them, then the real layers run on it
-    (`inference.deferred`; one prompt at a time, the shared prompt pass unused). "real": the real layers
+    (`inference.deferred`; one prompt at a time, each with its own prompt pass). "real": the real layers
     at once, keeping the exited token running for its K/V only: defer's tokens and exits, batched, with
-    no saving in time (how the oracle runs under defer, and a fast way to score defer's text)."""
+    no saving in time (how the oracle runs under defer, and a fast way to score defer's text).
+    timed_rows (with kv="defer"): every prompt's tokens come from "real", batched, and only the batch's first
+    `timed_rows` prompts run deferred, one at a time, for the clock: the run's "timed" ({"seconds",
+    "generated", "prompt_seconds"}) is theirs."""
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r}: use one of {KV_MODES}")
+    if kv == "defer" and timed_rows is not None:
+        run = generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy, classifier, flops, "real")
+        if not rule.needs_labels:  # the oracle has no deferred run: its speed is not measured
+            run["timed"] = deferred_timing(decoder, exits, rule, batch, timed_rows, max_new_tokens, eos, pad, policy,
+                                           classifier)
+        return run
     if kv == "defer" and not rule.needs_labels:
+        caches, _ = timed(prefill_each, decoder, batch["input_ids"], batch["attention_mask"])
         out, seconds = timed(generate_deferred_each, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
-                             max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier)
+                             max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
+                             prompt_caches=caches)
     else:
         out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
                              max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
@@ -135,10 +146,25 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
     return run
 
 
+def deferred_timing(decoder, exits, rule, batch, rows: int, max_new_tokens, eos, pad, policy=None,
+                    classifier=None) -> dict:
+    """The batch's first `rows` prompts generated one at a time with deferred skipped layers: decoding's wall
+    seconds (each prompt's pass timed apart, in "prompt_seconds") and the tokens generated."""
+    ids, mask = batch["input_ids"][:rows], batch["attention_mask"][:rows]
+    if not len(ids):
+        return {"seconds": 0.0, "generated": 0, "prompt_seconds": 0.0}
+    caches, prompt_seconds = timed(prefill_each, decoder, ids, mask)
+    out, seconds = timed(generate_deferred_each, decoder, exits, rule, ids, mask, max_new_tokens, eos_token_id=eos,
+                         pad_token_id=pad, policy=policy, classifier=classifier, prompt_caches=caches)
+    return {"seconds": seconds, "generated": int(out.token_mask.sum()), "prompt_seconds": prompt_seconds}
+
+
 def merge_runs(runs: list[dict]) -> dict:
     """One rule's batches (`generate_batch`), in order, as one run over the split."""
     merged = {key: [row for run in runs for row in run[key]] for key in ("tokens", "exit_layers")}
     merged.update(seconds=sum(run["seconds"] for run in runs), generated=sum(run["generated"] for run in runs))
+    if all("timed" in run for run in runs):
+        merged["timed"] = {key: sum(run["timed"][key] for run in runs) for key in runs[0]["timed"]}
     for key in ("flops", "full_flops"):
         if key in runs[0]:
             merged[key] = torch.cat([run[key] for run in runs])
@@ -155,12 +181,35 @@ def generation_rows(rules: list, runs: list[dict]) -> list[dict]:
             for prompt, (tokens, layers) in enumerate(zip(run["tokens"], run["exit_layers"]))]
 
 
-def library_generate(decoder, batch, max_new_tokens, eos, pad) -> tuple[float, int]:
-    """(wall seconds, generated tokens) of the library's own greedy `generate` on one prompt batch."""
+def library_generate(decoder, batch, max_new_tokens, eos, pad, rows: int | None = None) -> tuple[float, int]:
+    """(wall seconds, generated tokens) of the library's own greedy `generate` on one prompt batch, its prompts'
+    pass included; with `rows`, on the batch's first `rows` prompts one at a time (as deferral's clock runs)."""
+    if rows is not None:
+        seconds = generated = 0
+        for ids in unpadded_prompts(batch["input_ids"][:rows], batch["attention_mask"][:rows]):
+            part = library_generate(decoder, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens,
+                                    eos, pad)
+            seconds, generated = seconds + part[0], generated + part[1]
+        return seconds, generated
     out, seconds = timed(decoder.model.generate, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     new = out[:, batch["input_ids"].shape[1]:]
     return seconds, sum(len(trim_generation(row.tolist(), eos)) + int(eos in row.tolist()) for row in new)
+
+
+def decoding_rates(run: dict, prefill_seconds: float, timed_subset: bool = False) -> tuple[float, float]:
+    """(tokens/s of decoding, tokens/s with the prompts' pass) of a run; from its "timed" prompts where the
+    runs were timed on a subset (`generate_batch(timed_rows=)`), NaN for a run without one (the oracle)."""
+    nan = float("nan")
+    if timed_subset:
+        timing = run.get("timed")
+        if not timing or not timing["seconds"]:
+            return nan, nan
+        return (timing["generated"] / timing["seconds"],
+                timing["generated"] / (timing["seconds"] + timing["prompt_seconds"]))
+    if not run["seconds"]:
+        return nan, nan
+    return run["generated"] / run["seconds"], run["generated"] / (run["seconds"] + prefill_seconds)
 
 
 def score_points(rules: list, runs: list[dict], tokenizer, references: list[str], num_layers: int,
@@ -179,8 +228,7 @@ def score_points(rules: list, runs: list[dict], tokenizer, references: list[str]
         exit_layers = flat_exit_layers(run)
         avg = float(exit_layers.float().mean()) if run["generated"] else float("nan")
         flops_per_token = float(run["flops"].mean()) if run["generated"] else float("nan")
-        tokens_per_s = run["generated"] / run["seconds"] if run["seconds"] else float("nan")
-        with_prompts = run["generated"] / (run["seconds"] + prefill_seconds)
+        tokens_per_s, with_prompts = decoding_rates(run, prefill_seconds, timed_subset="timed" in full)
         point = {
             "rule": name, "knob": knob_name(name), "value": value,
             "metric": rouge["rougeL"], **rouge, "rougeL_vs_full": rouge_f1(texts, full["texts"])["rougeL"],
@@ -188,7 +236,7 @@ def score_points(rules: list, runs: list[dict], tokenizer, references: list[str]
             "avg_exit_layer": avg, "layer_saving": 1 - avg / L, "speedup": L / avg,
             "flops": flops_per_token, "flops_saving": 1 - flops_per_token / float(run["full_flops"].mean()),
             "tokens": run["generated"], "tokens_per_s": tokens_per_s, "tokens_per_s_with_prompt": with_prompts,
-            "speedup_vs_full": tokens_per_s / (full["generated"] / full["seconds"]),
+            "speedup_vs_full": tokens_per_s / decoding_rates(full, prefill_seconds, "timed" in full)[0],
             "speedup_vs_generate": with_prompts / library["tokens_per_s"],
             "exit_histogram": torch.bincount(exit_layers, minlength=L + 1)[1:].tolist(),
         }
@@ -247,6 +295,13 @@ def calibration_section(points: list[dict], note: str) -> list[str]:
     return lines
 
 
+def deferred_timing_note(rows: int) -> str:
+    return (f"Skipped layers deferred: each prompt's text comes from a batched pass that gives deferral's tokens and "
+            f"exits; tokens/s from the first {rows} prompt(s) of each batch decoded one at a time with the layers "
+            "deferred (each prompt's pass left out), and 'vs generate' against transformers' `generate` on the same "
+            "prompts one at a time (the prompt's pass included on both sides). The oracle is not timed.")
+
+
 def markdown_report(points: list[dict], extras: dict, title: str, calibration: dict | None = None) -> str:
     """`calibration`: results.json's (split, prompts, level), when the run chose its knobs on validation."""
     header = ["rule", "knob", "ROUGE-L (ref)", "ROUGE-L (full)", "ROUGE-1", "ROUGE-2", "token agreement", "avg exit layer",
@@ -256,7 +311,8 @@ def markdown_report(points: list[dict], extras: dict, title: str, calibration: d
              "model's own output; FLOPs include the K/V fill of skipped layers and every LM-head call a rule makes; "
              "tokens/s are wall-clock decoding in one process (the prompts' pass is shared by all rules), against full depth "
              "through the same code; 'vs generate' includes the prompts' pass on both sides, against transformers' `generate` "
-             f"({extras['transformers_generate']['tokens_per_s']:.1f} tokens/s with prompts). The oracle is a bound (never Pareto).", "",
+             f"({extras['transformers_generate']['tokens_per_s']:.1f} tokens/s with prompts). The oracle is a bound (never Pareto)."
+             + (f" {extras['timing']}" if extras.get("timing") else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in points:
         lines.append("| " + " | ".join([

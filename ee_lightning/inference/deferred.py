@@ -137,19 +137,37 @@ def _through(cache, position: int, num_layers: int) -> bool:
     return _cached(cache, num_layers - 1) > position
 
 
-def generate_deferred_each(decoder, exits, rule, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           max_new_tokens: int, eos_token_id=None, pad_token_id=None, **options) -> GenerationResult:
-    """`generate_deferred` on each row of a LEFT-padded batch [B, P], one prompt at a time, gathered into
-    one `GenerationResult` (new tokens padded with `pad_token_id` after a row's EOS, counts 0 there)."""
+def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of a LEFT-padded batch [B, P] without its padding, as [1, P_b]."""
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    pad = int(pad_token_id) if pad_token_id is not None else (_as_list(eos_token_id) or [0])[0]
     rows = []
     for ids, mask in zip(input_ids, attention_mask.bool()):
         if not bool(mask[-1]):
             raise ValueError("prompts must be LEFT-padded (every row's last column a real token)")
-        rows.append(generate_deferred(decoder, exits, rule, ids[mask][None], None, max_new_tokens, eos_token_id,
-                                      **options))
+        rows.append(ids[mask][None])
+    return rows
+
+
+def prefill_each(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    """Each row's own prompt pass (`generate.prefill` of the unpadded prompt): for `generate_deferred_each`'s
+    `prompt_caches`, so that a timing of it leaves the prompt pass out, as the batched paths' timings do."""
+    return [prefill(decoder, ids, torch.ones_like(ids)) for ids in unpadded_prompts(input_ids, attention_mask)]
+
+
+def generate_deferred_each(decoder, exits, rule, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           max_new_tokens: int, eos_token_id=None, pad_token_id=None, prompt_caches=None,
+                           **options) -> GenerationResult:
+    """`generate_deferred` on each row of a LEFT-padded batch [B, P], one prompt at a time, gathered into
+    one `GenerationResult` (new tokens padded with `pad_token_id` after a row's EOS, counts 0 there).
+    prompt_caches: `prefill_each` of the batch (else each row's prompt pass runs here)."""
+    prompts = unpadded_prompts(input_ids, attention_mask)
+    caches = prompt_caches if prompt_caches is not None else [None] * len(prompts)
+    if len(caches) != len(prompts):
+        raise ValueError(f"{len(caches)} prompt caches for a batch of {len(prompts)} prompts")
+    pad = int(pad_token_id) if pad_token_id is not None else (_as_list(eos_token_id) or [0])[0]
+    rows = [generate_deferred(decoder, exits, rule, ids, None, max_new_tokens, eos_token_id, prompt_cache=cache,
+                              **options) for ids, cache in zip(prompts, caches)]
     steps = max(r.exit_layers.shape[1] for r in rows)
 
     def padded(tensors, fill):

@@ -387,7 +387,7 @@ def generation_stage(run: Run, trained: LMExitRun, stage: str = "lm_generation")
     rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
                              trained.classifier is not None, decoder.vocab_size, tau=tau)
     system = GenerationEvalSystem(decoder, run.tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
-                                  trained.classifier, tau=tau, kv=gen.kv)
+                                  trained.classifier, tau=tau, kv=gen.kv, timed_rows=gen.timed_per_batch)
     # The model's own dtypes (no autocast): the measured generation is the one reported. Each process
     # takes every world_size-th batch itself (a distributed sampler would pad the last shard with repeats).
     trainer = stages.make_trainer(stage, 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)

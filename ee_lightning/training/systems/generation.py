@@ -24,8 +24,9 @@ import lightning as L
 import torch
 
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
-from ee_lightning.evaluation.generation_eval import (flat_exit_layers, generate_batch, generation_rows,
-                                                     library_generate, merge_runs, policy_at, score_points)
+from ee_lightning.evaluation.generation_eval import (deferred_timing_note, flat_exit_layers, generate_batch,
+                                                     generation_rows, library_generate, merge_runs, policy_at,
+                                                     score_points)
 from ee_lightning.exits.rules import FullRule
 from ee_lightning.inference.generate import prefill
 from ee_lightning.progress import progress
@@ -41,12 +42,14 @@ class GenerationEvalSystem(L.LightningModule):
     exit_buckets = False     # one row of counts over the exits, no memorized-exit buckets (see the module)
 
     def __init__(self, decoder, tokenizer, exits, rules: list, max_new_tokens: int, policy=None, classifier=None,
-                 tau: float | None = None, kv: str = "propagate"):
+                 tau: float | None = None, kv: str = "propagate", timed_rows: int | None = None):
         super().__init__()
         self._held = Held(decoder)  # Lightning neither moves, saves nor switches it
         self.tokenizer = tokenizer
         self.exits, self.policy, self.classifier = exits, policy, classifier
         self.rules, self.max_new_tokens, self.kv = list(rules), int(max_new_tokens), kv
+        # kv=defer: the text from the batched pass with deferral's tokens, the clock from this many prompts per batch
+        self.timed_rows = timed_rows if kv == "defer" else None
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.tau_index = policy_at(self.rules, tau) if policy is not None and tau is not None else None
@@ -98,13 +101,14 @@ class GenerationEvalSystem(L.LightningModule):
         points = progress(self.rules, f"generation, prompt batch {batch_idx + 1}", unit="rule")
         for index, (name, value, rule) in enumerate(points):
             run = generate_batch(decoder, exits, rule, batch, self.max_new_tokens, self.eos, self.pad, self.policy,
-                                 self.classifier, self.flops, kv=self.kv)
+                                 self.classifier, self.flops, kv=self.kv, timed_rows=self.timed_rows)
             points.set_postfix_str(f"{name} {'' if value is None else value}: "
                                    f"{run['generated'] / max(run['seconds'], 1e-9):.1f} tokens/s")
             self.runs[index].append(run)
             if index == self.tau_index:
                 self._count_exits(flat_exit_layers(run))
-        seconds, generated = library_generate(decoder, batch, self.max_new_tokens, self.eos, self.pad)
+        seconds, generated = library_generate(decoder, batch, self.max_new_tokens, self.eos, self.pad,
+                                              rows=self.timed_rows)
         self.library["seconds"] += seconds
         self.library["generated"] += generated
 
@@ -134,8 +138,11 @@ class GenerationEvalSystem(L.LightningModule):
         if not self.references:
             raise ValueError("no prompt was generated: the test saw no batch (an empty generation split, or "
                              "trainer.limit_test_batches=0)")
-        return score_points(self.rules, self._merged(), self.tokenizer, self.references, self.decoder.num_layers,
-                            self.prefill_seconds, self.library)
+        points, extras = score_points(self.rules, self._merged(), self.tokenizer, self.references,
+                                      self.decoder.num_layers, self.prefill_seconds, self.library)
+        if self.timed_rows is not None:
+            extras["timing"] = deferred_timing_note(self.timed_rows)
+        return points, extras
 
     def generations(self) -> list[dict]:
         """Every rule point's tokens and exit layers per prompt of the last test, in prompt order
