@@ -154,11 +154,17 @@ def test_a_saved_decoder_generates_with_deferred_layers_the_tokens_of_real_deepe
 
 
 @pytest.mark.slow
-def test_a_decoder_run_with_deferred_layers_reports_layer_saving_without_flops_saving(tmp_path):
+def test_a_decoder_run_with_deferred_layers_reports_layer_saving_without_flops_saving(tmp_path, monkeypatch):
     import json
 
     from conftest import compose_train
     from ee_lightning.app.train import train
+    from ee_lightning.evaluation import generation_eval
+
+    deferred_calls = []
+    original = generation_eval.generate_deferred_each
+    monkeypatch.setattr(generation_eval, "generate_deferred_each",
+                        lambda *a, **k: deferred_calls.append(a[2].name) or original(*a, **k))
 
     run_dir = tmp_path / "run"
     cfg = compose_train(["experiment=aclsum_consistentee", "backbone=tiny_llama", "logger=csv",
@@ -175,6 +181,8 @@ def test_a_decoder_run_with_deferred_layers_reports_layer_saving_without_flops_s
     assert all(p["tokens_per_s"] > 0 for rule, p in points.items() if rule != "oracle")
     assert math.isnan(points["oracle"]["tokens_per_s"])
     assert "first 1 prompt(s) of each batch decoded one at a time" in (run_dir / "pareto.md").read_text()
+    # one deferred clock per timed rule on the one test batch; the calibration, which reads only the text, ran none
+    assert sorted(deferred_calls) == ["full", "policy", "static"]
     static = points["static"]
     assert static["avg_exit_layer"] == 2.0 and static["layer_saving"] == 0.5
     # every layer still runs for the K/V, except the skipped layers of each prompt's last step, which no

@@ -386,8 +386,10 @@ def generation_stage(run: Run, trained: LMExitRun, stage: str = "lm_generation")
     tau = run.method.lm_exits.policy.tau  # the policy's trained threshold: its exits go to the exit histogram
     rules = rule_points_grid(dataclasses.asdict(gen.rules), trained.exits.exit_layers, trained.policy is not None,
                              trained.classifier is not None, decoder.vocab_size, tau=tau)
+    # The calibration reads only the text, so under deferral it takes the batched pass with deferral's tokens
+    kv = "real" if stage == "lm_calibration" and gen.kv == "defer" else gen.kv
     system = GenerationEvalSystem(decoder, run.tokenizer, trained.exits, rules, gen.max_new_tokens, trained.policy,
-                                  trained.classifier, tau=tau, kv=gen.kv, timed_rows=gen.timed_per_batch)
+                                  trained.classifier, tau=tau, kv=kv, timed_rows=gen.timed_per_batch)
     # The model's own dtypes (no autocast): the measured generation is the one reported. Each process
     # takes every world_size-th batch itself (a distributed sampler would pad the last shard with repeats).
     trainer = stages.make_trainer(stage, 1, precision="32-true", use_distributed_sampler=False, **REPLICATED)
