@@ -80,8 +80,8 @@ def test_a_decoder_run_on_two_cpu_processes_gives_one_process_results(tmp_path):
     two, one = runs["two"], runs["one"]
     ledger = json.loads((two / "stages.json").read_text())
     assert list(ledger) == list(json.loads((one / "stages.json").read_text())) == [
-        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_classifier", "lm_cache_validation",
-        "lm_calibration", "lm_generation"]
+        "lm_responses_train", "lm_responses_validation", "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy",
+        "lm_classifier", "lm_cache_validation", "lm_calibration", "lm_generation"]
 
     for split in ("train", "validation"):
         path = f"checkpoints/lm_cache_{split}/exit_states_{split}.pt"

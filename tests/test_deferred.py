@@ -12,7 +12,8 @@ from tiny_decoders import PAD, left_padded_prompts, tiny_lm
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
 from ee_lightning.exits import rules as r
 from ee_lightning.evaluation.generation_eval import decoding_rates, generate_batch, merge_runs
-from ee_lightning.inference.deferred import generate_deferred, generate_deferred_each, prefill_each
+from ee_lightning.inference.deferred import (deferred_layers_after_exit, generate_deferred, generate_deferred_each,
+                                             prefill_each)
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
 
 NEW = 8
@@ -94,16 +95,29 @@ def test_the_prompts_own_passes_given_apart_leave_the_tokens_unchanged():
         generate_deferred_each(decoder, exits, rule, ids, mask, NEW, prompt_caches=caches[:2], policy=HiddenPolicy())
 
 
+def test_a_token_runs_later_up_to_the_deepest_exit_after_it():
+    exit_layers = torch.tensor([[2, 6, 2, 4, 2, 0], [3, 1, 2, 0, 0, 0]])
+    assert deferred_layers_after_exit(exit_layers).tolist() == [[4, 0, 2, 0, 0, 0], [0, 1, 0, 0, 0, 0]]
+    _, decoder = tiny_lm("llama", layers=6)
+    ids, mask = left_padded_prompts()
+    out = generate_deferred_each(decoder, PlainExits(6, exit_every=2), r.PolicyRule(0.5), ids, mask, NEW,
+                                 pad_token_id=PAD, policy=HiddenPolicy())
+    assert torch.equal(deferred_layers_after_exit(out.exit_layers), out.layers_after_exit)
+
+
 def test_a_timed_subset_keeps_every_prompts_deferred_tokens_and_times_only_its_own():
     _, decoder = tiny_lm("llama", layers=6)
     exits = PlainExits(6, exit_every=2)
     ids, mask = left_padded_prompts()
     batch = {"input_ids": ids, "attention_mask": mask}
+    flops = measure_generation_flops(decoder, exits, HiddenPolicy())
     for rule in (r.PolicyRule(0.5), r.StaticRule(2)):
-        every = generate_batch(decoder, exits, rule, batch, NEW, None, PAD, policy=HiddenPolicy(), kv="defer")
+        every = generate_batch(decoder, exits, rule, batch, NEW, None, PAD, policy=HiddenPolicy(), kv="defer",
+                               flops=flops)
         subset = generate_batch(decoder, exits, rule, batch, NEW, None, PAD, policy=HiddenPolicy(), kv="defer",
-                                timed_rows=1)
+                                timed_rows=1, flops=flops)
         assert subset["tokens"] == every["tokens"] and subset["exit_layers"] == every["exit_layers"]
+        torch.testing.assert_close(subset["flops"], every["flops"])  # charged the layers deferral runs
         timing = subset["timed"]
         assert timing["generated"] == len(every["exit_layers"][0]) and timing["seconds"] > 0
         assert timing["prompt_seconds"] > 0 and "timed" not in every

@@ -63,7 +63,8 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                          "method.generation.max_prompts=4", "method.generation.max_new_tokens=4",
                          "method.generation.rules.static=null", "method.generation.rules.policy=[0.3,0.4,0.5]",
                          "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
-                         "method.generation.rules.classifier=[0.5]"], run_dir)
+                         "method.generation.rules.classifier=[0.5]",
+                         "method.generation.kv=propagate"], run_dir)  # deferral: tests/test_deferred.py
     results = train(cfg)
     saved = json.loads((run_dir / "results.json").read_text())
     rules = [p["rule"] for p in saved["points"]]
@@ -99,8 +100,10 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                  "checkpoints/lm_classifier/last.ckpt", "checkpoints/lm_generation/report.json"):
         assert (run_dir / name).is_file(), name
     # the encoders' run layout: every stage in the ledger
+    # the experiment's caches are on the model's own responses, generated first
+    assert saved["training_summary"]["responses"] == "model"
     assert list(json.loads((run_dir / "stages.json").read_text())) == [
-        "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_policy_propagated", "lm_classifier",
+        "lm_responses_train", "lm_responses_validation", "lm_cache_train", "lm_adapters", "lm_scores", "lm_policy", "lm_policy_propagated", "lm_classifier",
         "lm_cache_validation", "lm_calibration", "lm_generation"]
     # the rollouts under propagation trained the policy further (their own reward-curve rows), and the
     # summary says what the held-out policy agrees on under propagation

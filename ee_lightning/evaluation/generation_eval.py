@@ -32,7 +32,8 @@ from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
 from ee_lightning.files import atomic_write_text
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
-from ee_lightning.inference.deferred import generate_deferred_each, prefill_each, unpadded_prompts
+from ee_lightning.inference.deferred import (deferred_layers_after_exit, generate_deferred_each, prefill_each,
+                                             unpadded_prompts)
 from ee_lightning.inference.generate import generate_with_exits
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ KV_MODES = (*GENERATION_KV, "real")      # and the batched path that scores defe
 
 
 def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy=None, classifier=None,
-                   flops=None, kv: str = "propagate", timed_rows: int | None = None) -> dict:
+                   flops=None, kv: str = "propagate", timed_rows: int | None = None,
+                   deferred_costs: bool = False) -> dict:
     """One prompt batch with `rule`: per prompt its trimmed tokens and its tokens' exit layers
     (`per_prompt`), the costs of every generated token (prompt after prompt) and the decoding's wall
     seconds (the prompt pass left out). `batch["prompt_cache"]` (optional) is the prompts' shared pass.
@@ -119,11 +121,13 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
     no saving in time (how the oracle runs under defer, and a fast way to score defer's text).
     timed_rows (with kv="defer"): every prompt's tokens come from "real", batched, and only the batch's first
     `timed_rows` prompts run deferred, one at a time, for the clock: the run's "timed" ({"seconds",
-    "generated", "prompt_seconds"}) is theirs."""
+    "generated", "prompt_seconds"}) is theirs, and the FLOPs are deferral's (`deferred_costs`: a kv="real" run's
+    tokens charged the layers deferral runs, not every layer)."""
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r}: use one of {KV_MODES}")
     if kv == "defer" and timed_rows is not None:
-        run = generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy, classifier, flops, "real")
+        run = generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy, classifier, flops,
+                             "real", deferred_costs=not rule.needs_labels)  # the oracle runs every layer
         if not rule.needs_labels:  # the oracle has no deferred run: its speed is not measured
             run["timed"] = deferred_timing(decoder, exits, rule, batch, timed_rows, max_new_tokens, eos, pad, policy,
                                            classifier)
@@ -137,6 +141,8 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
         out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
                              max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
                              prompt_cache=batch.get("prompt_cache"), propagate_kv=kv == "propagate")
+    if deferred_costs and out.layers_after_exit is not None:
+        out.layers_after_exit = deferred_layers_after_exit(out.exit_layers)
     mask = out.token_mask
     tokens, exit_layers = per_prompt(out, eos)
     run = {"tokens": tokens, "exit_layers": exit_layers, "seconds": seconds, "generated": int(mask.sum())}

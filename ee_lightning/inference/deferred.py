@@ -137,6 +137,18 @@ def _through(cache, position: int, num_layers: int) -> bool:
     return _cached(cache, num_layers - 1) > position
 
 
+def deferred_layers_after_exit(exit_layers: torch.Tensor) -> torch.Tensor:
+    """[B, N] exit layers (0 after a row's end) -> [B, N] the layers each token runs in later tokens' steps under
+    deferral: a later token that climbs to layer j takes every earlier token still below j along, so token i ends
+    at the deepest exit among itself and the tokens after it (the last token's skipped layers never run)."""
+    later = torch.zeros_like(exit_layers)
+    deepest = torch.zeros_like(exit_layers[:, 0])
+    for step in range(exit_layers.shape[1] - 1, -1, -1):
+        later[:, step] = deepest
+        deepest = torch.maximum(deepest, exit_layers[:, step])
+    return (later - exit_layers).clamp(min=0).masked_fill(exit_layers == 0, 0)
+
+
 def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """Each row of a LEFT-padded batch [B, P] without its padding, as [1, P_b]."""
     if attention_mask.shape != input_ids.shape:
