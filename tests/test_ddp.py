@@ -33,9 +33,11 @@ def test_ddp_two_cpu_processes_sync_metrics_over_the_whole_split(tmp_path):
 
 
 def decoder_command(run_dir, *extra) -> list[str]:
-    # 8 ACLSum pairs, every stage, 3 prompts generated one per batch (an odd count: the processes' shares differ)
+    # 8 ACLSum pairs, every stage, 3 prompts generated one per batch (an odd count: the processes' shares differ);
+    # the random model's responses run to max_response_length: 37 tokens leave a short last batch of 16
     return [sys.executable, "-m", "ee_lightning.app.cli", "experiment=aclsum_consistentee", "backbone=tiny_llama",
             "logger=csv", "data.max_train_samples=8", "data.max_eval_samples=3", "data.max_prompt_length=64",
+            "data.max_response_length=37",
             "method.lm_exits.exit_every=1", "method.lm_exits.adapters.epochs=1", "method.lm_exits.adapters.batch_size=16",
             "method.lm_exits.policy.epochs=1", "method.lm_exits.policy.batch_size=16",
             "method.lm_exits.classifier.epochs=1", "method.lm_exits.classifier.batch_size=16",
