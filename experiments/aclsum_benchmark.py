@@ -223,6 +223,9 @@ def main(argv=None):
                if kv == "defer" else " (K/V of skipped layers from the exit state)") + ".")
     meta = {"title": title, "note": note, "batch": args.batch, "kv": kv, "calibration": calibration, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "command": "python experiments/aclsum_benchmark.py " + " ".join(argv or sys.argv[1:])}
+    if calibration:  # every knob's validation point, not only the chosen ones: how near the level each came
+        meta["validation_points"] = [{k: p[k] for k in ("rule", "value", "rougeL_vs_full", "layer_saving", "rougeL")}
+                                     for p in val_points]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "benchmark.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
