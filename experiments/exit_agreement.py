@@ -164,8 +164,8 @@ def main(argv=None) -> dict:
     # A study too long for one sitting is run again with the same settings: what the report already holds for
     # them is kept, and exits already distilled for them are read back instead of trained again.
     earlier = earlier_report(args, train, held_out)
-    results, params, info = dict(earlier.get("exits", {})), dict(earlier.get("parameters_per_exit", {})), {}
-    info["vocabulary_size"] = earlier.get("vocabulary_size")
+    results, params = dict(earlier.get("exits", {})), dict(earlier.get("parameters_per_exit", {}))
+    info = {"vocabulary_size": earlier.get("vocabulary_size")}
     times.update({k: v for k, v in earlier.get("seconds", {}).items() if k.startswith(("scoring", "distilling"))})
     if UNTRAINED not in results:
         clock = time.time()

@@ -32,9 +32,8 @@ from ee_lightning.evaluation.pareto import mark_pareto, write_report
 from ee_lightning.evaluation.text_metrics import corpus_token_agreement, rouge_f1, trim_generation
 from ee_lightning.files import atomic_write_text
 from ee_lightning.exits.rules import GRID_KNOBS, RULES, FullRule, default_grid, rule_from_grid
-from ee_lightning.inference.deferred import (deferred_layers_after_exit, generate_deferred_each, prefill_each,
-                                             unpadded_prompts)
-from ee_lightning.inference.generate import generate_with_exits
+from ee_lightning.inference.deferred import deferred_layers_after_exit, generate_deferred_each, prefill_each
+from ee_lightning.inference.generate import generate_with_exits, unpadded_prompts
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +132,8 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
                                            classifier)
         return run
     if kv == "defer" and not rule.needs_labels:
-        caches, _ = timed(prefill_each, decoder, batch["input_ids"], batch["attention_mask"])
-        out, seconds = timed(generate_deferred_each, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
-                             max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
-                             prompt_caches=caches)
+        out, seconds, _ = deferred_run(decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
+                                       max_new_tokens, eos, pad, policy, classifier)
     else:
         out, seconds = timed(generate_with_exits, decoder, exits, rule, batch["input_ids"], batch["attention_mask"],
                              max_new_tokens, eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier,
@@ -152,16 +149,25 @@ def generate_batch(decoder, exits, rule, batch, max_new_tokens, eos, pad, policy
     return run
 
 
+def deferred_run(decoder, exits, rule, input_ids, attention_mask, max_new_tokens, eos, pad, policy=None,
+                 classifier=None):
+    """(`generate_deferred_each`'s result, its decoding's wall seconds, the prompts' own passes' seconds): each
+    prompt's pass runs first and apart, so the clock leaves it out, as the batched paths' clocks do."""
+    caches, prompt_seconds = timed(prefill_each, decoder, input_ids, attention_mask)
+    out, seconds = timed(generate_deferred_each, decoder, exits, rule, input_ids, attention_mask, max_new_tokens,
+                         eos_token_id=eos, pad_token_id=pad, policy=policy, classifier=classifier, prompt_caches=caches)
+    return out, seconds, prompt_seconds
+
+
 def deferred_timing(decoder, exits, rule, batch, rows: int, max_new_tokens, eos, pad, policy=None,
                     classifier=None) -> dict:
-    """The batch's first `rows` prompts generated one at a time with deferred skipped layers: decoding's wall
-    seconds (each prompt's pass timed apart, in "prompt_seconds") and the tokens generated."""
+    """The batch's first `rows` prompts generated one at a time with deferred skipped layers (`deferred_run`):
+    decoding's wall seconds, the prompts' passes' ("prompt_seconds") and the tokens generated."""
     ids, mask = batch["input_ids"][:rows], batch["attention_mask"][:rows]
     if not len(ids):
         return {"seconds": 0.0, "generated": 0, "prompt_seconds": 0.0}
-    caches, prompt_seconds = timed(prefill_each, decoder, ids, mask)
-    out, seconds = timed(generate_deferred_each, decoder, exits, rule, ids, mask, max_new_tokens, eos_token_id=eos,
-                         pad_token_id=pad, policy=policy, classifier=classifier, prompt_caches=caches)
+    out, seconds, prompt_seconds = deferred_run(decoder, exits, rule, ids, mask, max_new_tokens, eos, pad, policy,
+                                                classifier)
     return {"seconds": seconds, "generated": int(out.token_mask.sum()), "prompt_seconds": prompt_seconds}
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ee_lightning.exits.rules import require_signals
 from ee_lightning.exits.signals import GENERATION_SIGNALS
-from ee_lightning.inference.generate import GenerationResult, _as_list, exit_signals, prefill
+from ee_lightning.inference.generate import GenerationResult, _as_list, exit_signals, prefill, unpadded_prompts
 
 
 def _cached(cache, index: int) -> int:
@@ -147,18 +147,6 @@ def deferred_layers_after_exit(exit_layers: torch.Tensor) -> torch.Tensor:
         later[:, step] = deepest
         deepest = torch.maximum(deepest, exit_layers[:, step])
     return (later - exit_layers).clamp(min=0).masked_fill(exit_layers == 0, 0)
-
-
-def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """Each row of a LEFT-padded batch [B, P] without its padding, as [1, P_b]."""
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    rows = []
-    for ids, mask in zip(input_ids, attention_mask.bool()):
-        if not bool(mask[-1]):
-            raise ValueError("prompts must be LEFT-padded (every row's last column a real token)")
-        rows.append(ids[mask][None])
-    return rows
 
 
 def prefill_each(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:

@@ -105,6 +105,18 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return cache
 
 
+def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of a LEFT-padded batch [B, P] without its padding, as [1, P_b]."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask.bool()):
+        if not bool(mask[-1]):
+            raise ValueError("prompts must be LEFT-padded (every row's last column a real token)")
+        rows.append(ids[mask][None])
+    return rows
+
+
 def _as_list(ids):
     if ids is None:
         return []

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ee_lightning.exits.drafting import head_cost_in_layers, round_layer_passes, round_tokens
-from ee_lightning.inference.generate import _as_list, prefill
+from ee_lightning.inference.generate import _as_list, prefill, unpadded_prompts
 from ee_lightning.modeling.draft_head import RestrictedHead
 from ee_lightning.modeling.draft_policy import DraftStopPolicy
 
@@ -243,12 +243,5 @@ def generate_verified_each(decoder, exits, input_ids: torch.Tensor, attention_ma
     """`generate_verified` on each row of a LEFT-padded batch [B, P], one prompt at a time (the
     padding is dropped, so each row's output is its batch-1 greedy output). `options` as there
     (draft_layer, draft_length, eos_token_id, draft_head, min_confidence, stop)."""
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    results = []
-    for ids, mask in zip(input_ids, attention_mask.bool()):
-        if not bool(mask[-1]):
-            raise ValueError("prompts must be LEFT-padded (every row's last column a real token)")
-        prompt = ids[mask][None]
-        results.append(generate_verified(decoder, exits, prompt, torch.ones_like(prompt), max_new_tokens, **options))
-    return results
+    return [generate_verified(decoder, exits, prompt, torch.ones_like(prompt), max_new_tokens, **options)
+            for prompt in unpadded_prompts(input_ids, attention_mask)]
