@@ -32,7 +32,7 @@ from omegaconf import OmegaConf, open_dict
 
 from ee_lightning.app.evaluate_checkpoint import load_checkpoint_model
 from ee_lightning.data import build_datamodule
-from ee_lightning.evaluation.frontier import best_within, frontier, mean_sd, seed_settings, value_at_saving
+from ee_lightning.evaluation.frontier import best_within, frontier, mean_sd, seed_settings, seed_spread, value_at_saving
 from ee_lightning.evaluation.rule_points import sweep_rule
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import default_grid
@@ -52,7 +52,8 @@ TOLERANCE = 0.005  # operating points: the most validation saving within 0.5 poi
 SHIPPED = OmegaConf.load(ROOT / "conf" / "method" / "consistentee.yaml").policy
 POLICY_NET = OmegaConf.load(ROOT / "conf" / "policy" / "default.yaml")
 BASE_RL = rl_settings(OmegaConf.to_container(SHIPPED))
-BASE = {"rl": BASE_RL, "lr": SHIPPED.lr, "epochs": SHIPPED.epochs, "batch_size": SHIPPED.batch_size,
+BASE = {"rl": BASE_RL, "lr": SHIPPED.lr, "schedule": SHIPPED.get("schedule", "constant"), "epochs": SHIPPED.epochs,
+        "batch_size": SHIPPED.batch_size,
         "hidden": POLICY_NET.hidden, "use_confidence": POLICY_NET.use_confidence}
 
 
@@ -115,7 +116,8 @@ def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: li
     taus = default_grid("policy", num_layers)
     return grid_members(template, dataset, {"validation": states["validation"], "test": states["test"]}, task,
                         variant["rl"], alphas=alphas, seeds=seeds, taus=taus, lr=variant["lr"],
-                        epochs=variant["epochs"], batch_size=variant["batch_size"], tolerance=0.5)
+                        epochs=variant["epochs"], batch_size=variant["batch_size"], tolerance=0.5,
+                        schedule=variant["schedule"])
 
 
 def seed_curve(members: list[dict], seed: int, split: str) -> list[dict]:
@@ -317,6 +319,9 @@ VARIANTS = {
     "hidden 128": {"hidden": 128},
     "lr 3e-3": {"lr": 3e-3},
     "plain depth cost": {"rl": {"depth_term": "plain"}},
+    "32 epochs": {"epochs": 32},
+    "cosine lr decay": {"schedule": "cosine"},
+    "cosine lr decay, 32 epochs": {"schedule": "cosine", "epochs": 32},
 }
 
 
@@ -337,6 +342,8 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
         report[name] = {"matched_validation": rows, "gaps": gaps, "chosen": chosen_by_alpha(members, full_val, alphas,
                                                                                              rl_seeds),
                         "matched_test": matched(members, curves, rl_seeds, "test"),
+                        # make train's check: per seed, its choice over every alpha and tau; the test spread
+                        "per_seed": seed_spread(members, full_val, TOLERANCE),
                         "seconds": round(time.perf_counter() - started, 1)}
         print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
                                 "seconds": report[name]["seconds"]}), flush=True)
@@ -352,8 +359,9 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
              "not reach it). Chosen: per alpha, the tau with the most validation saving within 0.5 points of the "
              "full model, its test point: mean, and half the range over RL seeds (alphas where every seed reached "
              "the target).", "",
-             "| variant | " + " | ".join(f"{100 * s:.0f}%" for s in SAVINGS) + " | min gap | chosen (alpha: test acc, saving, ranges) | s |",
-             "|---|" + "---|" * (len(SAVINGS) + 3)]
+             "| variant | " + " | ".join(f"{100 * s:.0f}%" for s in SAVINGS)
+             + " | min gap | chosen (alpha: test acc, saving, ranges) | per seed over all alphas (test acc, saving, ranges) | s |",
+             "|---|" + "---|" * (len(SAVINGS) + 4)]
     for name, result in report.items():
         gaps = {s: g for s, g in result["gaps"]}
         cells = [f"{100 * gaps[s]:+.2f}" if s in gaps else "-" for s in SAVINGS]
@@ -365,8 +373,11 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
                               f"(±{100 * (max(acc) - min(acc)) / 2:.2f}, ±{100 * (max(sav) - min(sav)) / 2:.1f})")
             else:
                 chosen.append(f"{alpha}: {len(rows)} of {len(rl_seeds)} seeds reached the target")
+        per_seed = result["per_seed"]["test"]
+        spread = (f"{per_seed['metric']:.4f}, {100 * per_seed['layer_saving']:.1f}% "
+                  f"({100 * per_seed['metric_spread']:.2f}, {100 * per_seed['layer_saving_spread']:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * min(gaps.values(), default=math.nan):+.2f} | "
-                     + "; ".join(chosen) + f" | {result['seconds']:.0f} |")
+                     + "; ".join(chosen) + f" | {spread} | {result['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

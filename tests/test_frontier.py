@@ -2,6 +2,8 @@
 and the policy's frontier over seeds: hand-computed numbers."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -224,6 +226,25 @@ def test_policy_grid_trains_replays_and_chooses_on_validation():
                                      tolerance=0.5)]
     assert [m["validation"] for m in moved] == [m["validation"] for m in members]
     assert [m["test"] for m in moved] != [m["test"] for m in members]
+
+
+def test_the_policy_grids_cosine_schedule_decays_to_zero_by_the_last_step():
+    from ee_lightning.training.policy_grid import lr_scheduler
+
+    def rates(schedule, steps=4):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, seen = lr_scheduler(optimizer, schedule, steps), []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen + [optimizer.param_groups[0]["lr"]]
+
+    assert rates("constant") == [1.0] * 5
+    assert rates("cosine") == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                             (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        rates("linear")
 
 
 @pytest.mark.slow

@@ -144,7 +144,10 @@ def run_to_end(command: list[str], tmp_path: Path) -> None:
 
 
 def run_and_kill(command: list[str], tmp_path: Path, run_dir: Path, stage: str, step: int) -> int:
-    """Start the run and SIGKILL it as soon as the stage's last.ckpt holds global step >= `step`."""
+    """Start the run and SIGKILL it as soon as the stage's last.ckpt holds global step >= `step`.
+
+    The run is stopped (SIGSTOP) while its checkpoint is read: a busy machine could otherwise let it train on
+    past the stage's end between the read and the kill."""
     checkpoint = run_dir / "checkpoints" / stage / "last.ckpt"
     process = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -153,12 +156,14 @@ def run_and_kill(command: list[str], tmp_path: Path, run_dir: Path, stage: str, 
         while time.monotonic() < deadline:
             assert process.poll() is None, f"the run ended before {stage} reached step {step}"
             if checkpoint.exists() and checkpoint.stat().st_mtime_ns != seen:
-                seen = checkpoint.stat().st_mtime_ns
+                process.send_signal(signal.SIGSTOP)
+                seen = checkpoint.stat().st_mtime_ns  # the file as the stopped run left it
                 saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
                 if saved >= step:
                     process.send_signal(signal.SIGKILL)
                     process.wait()
                     return saved
+                process.send_signal(signal.SIGCONT)
             time.sleep(0.01)
         raise AssertionError(f"{stage} did not reach step {step} in time")
     finally:

@@ -36,13 +36,25 @@ def fresh_policy(template: nn.Module, seed: int) -> nn.Module:
     return policy.train()
 
 
+def lr_scheduler(optimizer, schedule: str, total_steps: int):
+    """The policy's learning-rate schedule, stepped once per optimizer step: "constant", or "cosine" (decays to
+    zero by the last step, so the final weights are not one noisy step's)."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    raise ValueError(f"method.policy.schedule={schedule!r}: use 'constant' or 'cosine'")
+
+
 def train_policy(policy: nn.Module, dataset: CachedLayerDataset, task: TaskSpec, rl: dict, *, lr: float,
-                 epochs: int, batch_size: int, seed: int, tolerance: float) -> nn.Module:
+                 epochs: int, batch_size: int, seed: int, tolerance: float, schedule: str = "constant") -> nn.Module:
     """Fit `policy` on cached layer outputs: AdamW, shuffled batches, the policy stage's step. `seed` draws
     the batch order and the rollouts."""
     rl = rl_settings(rl)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = -(-len(dataset) // batch_size)
+    scheduler = lr_scheduler(optimizer, schedule, epochs * steps_per_epoch)
     step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(dataset), generator=generator)
@@ -56,6 +68,7 @@ def train_policy(policy: nn.Module, dataset: CachedLayerDataset, task: TaskSpec,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             step += 1
     return policy.eval()
 
@@ -79,11 +92,13 @@ def choose_tau(policy: nn.Module, states: dict, task: TaskSpec, taus: list[float
 
 
 def train_grid(template: nn.Module, dataset: CachedLayerDataset, task: TaskSpec, rl: dict, *, alphas: list[float],
-               seeds: list[int], lr: float, epochs: int, batch_size: int, tolerance: float) -> dict[tuple, nn.Module]:
+               seeds: list[int], lr: float, epochs: int, batch_size: int, tolerance: float,
+               schedule: str = "constant") -> dict[tuple, nn.Module]:
     """One policy per (alpha, seed), each fresh from `seed`: {(alpha, seed): policy}."""
     grid = [(alpha, seed) for alpha in alphas for seed in seeds]
     return {(alpha, seed): train_policy(fresh_policy(template, seed), dataset, task, {**rl, "alpha": alpha}, lr=lr,
-                                        epochs=epochs, batch_size=batch_size, seed=seed, tolerance=tolerance)
+                                        epochs=epochs, batch_size=batch_size, seed=seed, tolerance=tolerance,
+                                        schedule=schedule)
             for alpha, seed in progress(grid, "policy grid (alpha, seed)", unit="policy")}
 
 
@@ -103,10 +118,10 @@ def replay_grid(policies: dict[tuple, nn.Module], states: dict[str, dict], task:
 
 def grid_members(template: nn.Module, dataset: CachedLayerDataset, states: dict[str, dict], task: TaskSpec,
                  rl: dict, *, alphas: list[float], seeds: list[int], taus: list[float], lr: float, epochs: int,
-                 batch_size: int, tolerance: float) -> list[dict]:
+                 batch_size: int, tolerance: float, schedule: str = "constant") -> list[dict]:
     """`train_grid`, then `replay_grid`: the members alone, for studies that do not keep the policies."""
     policies = train_grid(template, dataset, task, rl, alphas=alphas, seeds=seeds, lr=lr, epochs=epochs,
-                          batch_size=batch_size, tolerance=tolerance)
+                          batch_size=batch_size, tolerance=tolerance, schedule=schedule)
     return replay_grid(policies, states, task, taus)
 
 
