@@ -228,6 +228,33 @@ CACHE_FORMAT = 2  # the exit-state cache's layout (inference/lm_cache.py); anoth
 REINFORCE_KEYS = (*RL_KEYS, "lr")
 
 
+def policy_stage(policy: TokenExitPolicy, policy_cfg, cache: dict, tables: dict, memorized: torch.Tensor,
+                 seed: int) -> tuple[TokenPolicySystem, TokenStateDataset]:
+    """Stage lm_policy's system and its cached tokens (states, each exit's score, the memorized exit), under
+    the typed `method.lm_exits.policy` settings."""
+    system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS}, seed=seed)
+    # the task term scores an exit's token against the reference or the full model's own token
+    correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, cache["targets"],
+                                                              cache["full_tokens"]))
+    ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
+    return system, TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
+
+
+def policy_points(policy: TokenExitPolicy, cache: dict, tables: dict, taus: list[float], num_layers: int) -> list[dict]:
+    """The policy at every tau on a cache, teacher-forced: its layer saving (1 - mean exit layer / L), the share
+    of tokens whose exit keeps the full model's token, and how many tokens leave at each exit."""
+    agree = exit_correct(tables["tokens"], cache["full_tokens"])
+    layers = torch.tensor(policy.exit_layers)
+    probs = per_exit_probs(policy, cache["states"])
+    points = []
+    for tau in taus:
+        at = policy_exits(probs, tau).long() - 1  # 0..E-1
+        points.append({"tau": tau, "layer_saving": 1 - layers[at].float().mean().item() / num_layers,
+                       "agreement_with_full": agree.gather(0, at.unsqueeze(0)).float().mean().item(),
+                       "exits": torch.bincount(at, minlength=len(layers)).tolist()})
+    return points
+
+
 def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, identity: dict | None = None) -> LMExitRun:
     """Cache -> adapters -> exit scores -> memorized exits -> policy -> classifier -> held-out summary,
     each a stage of `stages` (a finished one is read back, an interrupted one resumes).
@@ -299,12 +326,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
 
     if policy is not None:
-        system = TokenPolicySystem(policy, **{key: getattr(policy_cfg, key) for key in REINFORCE_KEYS}, seed=stages.seed)
-        # the task term scores an exit's token against the reference or the full model's own token
-        correct = exit_correct(tables["tokens"], hardness_targets(policy_cfg.task_target, targets,
-                                                                  cache["full_tokens"]))
-        ce = tables["ce" if policy_cfg.task_target == "reference" else "ce_full"]
-        data = TokenStateDataset(cache["states"], ce=ce.T, correct=correct.T, memorized=memorized)
+        system, data = policy_stage(policy, policy_cfg, cache, tables, memorized, stages.seed)
         stages.fit("lm_policy", system, policy_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, policy_cfg.batch_size, stages.seed))
         propagated = policy_cfg.propagated

@@ -1,0 +1,165 @@
+"""Study: the decoder's token policy trained other ways, on a finished run's own caches, scored teacher-forced
+on its held-out responses. How much layer saving does each keep at which agreement with the full model?
+
+A run of `ee-train experiment=aclsum_consistentee` leaves its training cache (every exit's state on every
+response token), every exit's scores and memorized exit there, and a held-out cache of the validation
+responses. Each variant trains the run's policy stage again (`lm_pipeline.policy_stage`: the same system,
+loader and settings, with some settings changed) per alpha and seed, then replays it at every tau on the
+held-out cache (`lm_pipeline.policy_points`). About 10 seconds per policy on 2 cores: this is where a
+depth cost is chosen before any generation.
+
+    python experiments/token_policy_variants.py --run-dir <run> --alphas 0.05 0.1 0.15 0.2 0.25
+    python experiments/token_policy_variants.py --run-dir <run> --alphas 0.15 --variants "exact expected reward"
+
+Writes token_policy_variants.{md,json} to --out (default experiments/results/token_policy_variants/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from ee_lightning import load
+from ee_lightning.app.validate import lm_exits_config
+from ee_lightning.files import atomic_write_text
+from ee_lightning.inference.lm_cache import exit_tables, response_only
+from ee_lightning.modeling.lm_exits import TokenExitPolicy
+from ee_lightning.progress import progress
+from ee_lightning.training.lm_pipeline import policy_points, policy_stage, stage_loader
+from ee_lightning.training.resume import seed_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "token_policy_variants"
+TAUS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+LEVELS = [0.99, 0.97, 0.95, 0.9]  # agreement with the full model's token to keep
+# Each variant changes some keys of method.lm_exits.policy (alpha is set per member).
+VARIANTS = {
+    "run's settings": {},
+    "exact expected reward": {"estimator": "expected"},
+    "plain depth cost (alpha x t)": {"depth_term": "plain"},
+    "cross-entropy task term": {"task_term": "ce"},
+    "normalised advantages": {"normalize_advantages": True},
+}
+
+
+def read_tensors(path: Path) -> dict:
+    """A run's cached artefact (`files.save_artefact`): its tensors, whatever settings it was made for."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: pass the directory of a finished aclsum_consistentee run "
+                                "(its lm_cache_train, lm_scores and lm_cache_<held-out split> stages)")
+    return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+
+
+def run_parts(run_dir: Path) -> dict:
+    """What the study reads from a finished run: its policy settings, model, caches and exit scores."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: --run-dir must be an ee-train run directory")
+    cfg = lm_exits_config(OmegaConf.load(config).method.lm_exits)
+    split = cfg.evaluate_split
+    if not split:
+        raise ValueError(f"{run_dir}: the run held nothing out (method.lm_exits.evaluate_split=null); rerun it with "
+                         "a held-out split")
+    model = load(run_dir / "model")
+    checkpoints = run_dir / "checkpoints"
+    train = response_only(read_tensors(checkpoints / "lm_cache_train" / "exit_states_train.pt"))
+    held_out = response_only(read_tensors(checkpoints / f"lm_cache_{split}" / f"exit_states_{split}.pt"))
+    scores = read_tensors(checkpoints / "lm_scores" / "scores.pt")
+    if scores["tokens"].shape[1] != len(train["targets"]):
+        raise ValueError(f"{run_dir}: lm_scores holds {scores['tokens'].shape[1]} tokens, the training cache "
+                         f"{len(train['targets'])}: the run's stages do not belong together")
+    return {"cfg": cfg, "split": split, "model": model, "train": train, "held_out": held_out, "scores": scores,
+            "held_out_tables": exit_tables(held_out, model.parts.exits, model.decoder,
+                                           batch_size=cfg.adapters.batch_size)}
+
+
+def train_member(parts: dict, changes: dict, seed: int) -> TokenExitPolicy:
+    """The run's policy stage with `changes` to method.lm_exits.policy, trained from `seed`."""
+    cfg, decoder, exits = parts["cfg"], parts["model"].decoder, parts["model"].parts.exits
+    policy_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.policy), changes))
+    torch.manual_seed(seed)
+    policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, hidden=policy_cfg.hidden,
+                             exit_layers=list(exits.exit_layers))
+    scores = parts["scores"]
+    tables = {key: scores[key] for key in ("tokens", "ce", "ce_full")}
+    system, data = policy_stage(policy, policy_cfg, parts["train"], tables, scores["memorized"], seed)
+    seed_stage(seed, "lm_policy")
+    trainer = L.Trainer(max_epochs=policy_cfg.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        use_distributed_sampler=False)
+    trainer.fit(system, train_dataloaders=stage_loader(data, policy_cfg.batch_size, seed))
+    return policy.eval()
+
+
+def most_saving(points: list[dict], level: float) -> dict | None:
+    """The point with the most layer saving whose agreement with the full model is at least `level`."""
+    kept = [p for p in points if p["agreement_with_full"] >= level]
+    return max(kept, key=lambda p: p["layer_saving"]) if kept else None
+
+
+def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int]) -> dict:
+    members = [(name, alpha, seed) for name in names for alpha in alphas for seed in seeds]
+    num_layers = parts["model"].decoder.num_layers
+    report = {}
+    for name, alpha, seed in progress(members, "token policy (variant, alpha, seed)", unit="policy"):
+        started = time.perf_counter()
+        policy = train_member(parts, {**VARIANTS[name], "alpha": alpha}, seed)
+        points = policy_points(policy, parts["held_out"], parts["held_out_tables"], TAUS, num_layers)
+        report.setdefault(name, []).append({"alpha": alpha, "seed": seed, "points": points,
+                                            "seconds": round(time.perf_counter() - started, 1)})
+    return report
+
+
+def markdown(report: dict, run_dir: Path, parts: dict, command: str) -> str:
+    held_out = parts["held_out"]
+    lines = [f"# The token policy's variants on {run_dir.name}'s caches, teacher-forced on {parts['split']}", "",
+             f"{len(held_out['targets'])} held-out response tokens (the full model's own responses where the run "
+             f"cached them: responses={parts['cfg'].responses}). Per variant, alpha and seed: the most layer "
+             f"saving over taus {TAUS} at which the policy's exit keeps the full model's token on at least each "
+             "share of the tokens ('-': no tau does), and at tau 0.5 the saving, the agreement and the tokens per "
+             "exit.", "",
+             "| variant | alpha | seed | " + " | ".join(f"saving at >= {level:.0%}" for level in LEVELS)
+             + " | tau 0.5: saving, agreement | tokens per exit at tau 0.5 |",
+             "|---|---|---|" + "---|" * (len(LEVELS) + 2)]
+    for name, members in report.items():
+        for member in members:
+            cells = []
+            for level in LEVELS:
+                point = most_saving(member["points"], level)
+                cells.append(f"{point['layer_saving']:.1%} (tau {point['tau']})" if point else "-")
+            half = next(p for p in member["points"] if p["tau"] == 0.5)
+            lines.append(f"| {name} | {member['alpha']} | {member['seed']} | " + " | ".join(cells)
+                         + f" | {half['layer_saving']:.1%}, {half['agreement_with_full']:.3f} | {half['exits']} |")
+    lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a finished aclsum_consistentee run directory")
+    parser.add_argument("--alphas", type=float, nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=["run's settings"])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    parts = run_parts(args.run_dir)
+    report = study(parts, args.variants, args.alphas, args.seeds)
+    command = "python experiments/token_policy_variants.py " + " ".join(
+        f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "token_policy_variants.json",
+                      json.dumps({"run": str(args.run_dir), "split": parts["split"], "taus": TAUS, "levels": LEVELS,
+                                  "variants": report, "command": command}, indent=1))
+    text = markdown(report, args.run_dir, parts, command)
+    atomic_write_text(args.out / "token_policy_variants.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""experiments/token_policy_variants.py: the decoder's token policy retrained on a finished run's caches and
+scored teacher-forced on its held-out responses; and the scoring it uses (`lm_pipeline.policy_points`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ee_lightning.modeling.backbones.decoder_build import build_decoder
+from ee_lightning.modeling.lm_exits import TokenExitPolicy
+from ee_lightning.training.lm_pipeline import policy_points
+from tests.conftest import ROOT, backbone_cfg
+from tests.test_saved_model import write_prompt_files
+
+
+def fixed_policy(exit_logits: dict[int, float]) -> TokenExitPolicy:
+    """A policy over exits 1, 2, 3 of 3 layers whose logit at each exit below the last is a constant."""
+    policy = TokenExitPolicy(3, 4, hidden=2)
+    with torch.no_grad():
+        for layer, logit in exit_logits.items():
+            last = policy.heads[str(layer)][-1]
+            last.weight.zero_()
+            last.bias.fill_(logit)
+    return policy
+
+
+def test_policy_points_count_saving_agreement_and_exits_by_hand():
+    # 4 tokens; exit 1 keeps the full token on tokens 0 and 1, exit 2 on tokens 0, 1 and 2, exit 3 always
+    cache = {"states": torch.randn(4, 3, 4), "full_tokens": torch.tensor([5, 6, 7, 8])}
+    tables = {"tokens": torch.tensor([[5, 6, 0, 0], [5, 6, 7, 0], [5, 6, 7, 8]])}
+    policy = fixed_policy({1: -2.0, 2: 0.0})  # p = 0.12 at exit 1, 0.5 at exit 2
+    low, mid, high = policy_points(policy, cache, tables, [0.1, 0.3, 0.6], num_layers=3)
+    assert low["exits"] == [4, 0, 0] and low["layer_saving"] == pytest.approx(2 / 3)
+    assert low["agreement_with_full"] == pytest.approx(0.5)
+    assert mid["exits"] == [0, 4, 0] and mid["layer_saving"] == pytest.approx(1 / 3)
+    assert mid["agreement_with_full"] == pytest.approx(0.75)
+    assert high["exits"] == [0, 0, 4] and high["layer_saving"] == 0 and high["agreement_with_full"] == 1
+
+
+def test_most_saving_keeps_the_level_or_reports_none():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from token_policy_variants import most_saving
+
+    points = [{"tau": 0.1, "layer_saving": 0.3, "agreement_with_full": 0.9},
+              {"tau": 0.5, "layer_saving": 0.2, "agreement_with_full": 0.97},
+              {"tau": 0.9, "layer_saving": 0.1, "agreement_with_full": 0.99}]
+    assert most_saving(points, 0.95)["tau"] == 0.5
+    assert most_saving(points, 0.9)["tau"] == 0.1
+    assert most_saving(points, 0.995) is None
+
+
+@pytest.mark.slow
+def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out_cache(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    decoder, tokenizer = build_decoder(backbone_cfg("tiny_llama"))
+    decoder.model.save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    files = write_prompt_files(tmp_path / "data")
+    run = tmp_path / "run"
+    subprocess.run([
+        sys.executable, "-m", "ee_lightning.app.cli", "experiment=aclsum_consistentee", "backbone=tiny_llama",
+        f"backbone.pretrained_path={pretrained}", "logger=csv", "data=jsonl_generation",
+        f"data.train_file={files['train']}", f"data.validation_file={files['validation']}",
+        f"data.test_file={files['test']}", "data.max_eval_samples=null", "data.max_prompt_length=64",
+        "method.lm_exits.exit_every=1", "method.lm_exits.policy.epochs=2", "method.generation.max_prompts=2",
+        "method.generation.batch_size=2", "method.generation.max_new_tokens=3", "method.generation.rules.static=null",
+        "method.generation.rules.policy=[0.5]", "method.generation.rules.softmax_margin=null",
+        "method.generation.rules.saturation=null", "method.generation.rules.classifier=null",
+        "method.generation.calibration.split=null", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"],
+        cwd=ROOT, check=True, capture_output=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+
+    out = tmp_path / "study"
+    command = [sys.executable, "experiments/token_policy_variants.py", "--run-dir", str(run), "--alphas", "0.1", "0.3",
+               "--variants", "run's settings", "exact expected reward", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    report = json.loads((out / "token_policy_variants.json").read_text())
+    assert report["split"] == "validation"
+    summary = json.loads((run / "results.json").read_text())["training_summary"]["evaluation"]
+    for name in ("run's settings", "exact expected reward"):
+        members = report["variants"][name]
+        assert [(m["alpha"], m["seed"]) for m in members] == [(0.1, 42), (0.3, 42)]
+        for member in members:
+            assert [p["tau"] for p in member["points"]] == report["taus"]
+            for point in member["points"]:
+                assert sum(point["exits"]) == summary["tokens"]  # every held-out response token, once
+                assert 0 <= point["layer_saving"] < 1 and 0 <= point["agreement_with_full"] <= 1
+    assert "| exact expected reward | 0.3 | 42 |" in (out / "token_policy_variants.md").read_text()
+
+    # the same member twice: a seed fixes the policy
+    again = tmp_path / "again"
+    subprocess.run(command[:5] + ["0.3", "--variants", "exact expected reward", "--out", str(again)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=600)
+    assert (json.loads((again / "token_policy_variants.json").read_text())["variants"]["exact expected reward"][0]
+            ["points"] == report["variants"]["exact expected reward"][1]["points"])
+
+    failed = subprocess.run([*command[:2], "--run-dir", str(tmp_path / "nowhere"), "--alphas", "0.1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "must be an ee-train run directory" in failed.stderr
