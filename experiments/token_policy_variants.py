@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=["run's settings"])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per policy: no banner each time
     parts = run_parts(args.run_dir)
     report = study(parts, args.variants, args.alphas, args.seeds)
     command = "python experiments/token_policy_variants.py " + " ".join(

@@ -43,7 +43,7 @@ def lr_scheduler(optimizer, schedule: str, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    raise ValueError(f"method.policy.schedule={schedule!r}: use 'constant' or 'cosine'")
+    raise ValueError(f"the policy's learning-rate schedule {schedule!r} is unknown: use 'constant' or 'cosine'")
 
 
 def train_policy(policy: nn.Module, dataset: CachedLayerDataset, task: TaskSpec, rl: dict, *, lr: float,
