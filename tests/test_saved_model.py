@@ -127,14 +127,19 @@ def write_prompt_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def save_tiny_llama(folder: Path) -> Path:
+    """A random tiny Llama and its tokenizer saved as a pretrained folder (what backbone.pretrained_path reads)."""
+    decoder, tokenizer = build_decoder(backbone_cfg("tiny_llama"))
+    decoder.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory):
     """A tiny consistentee_lm run (random Llama saved as a pretrained folder, then moved away)."""
     root = tmp_path_factory.mktemp("decoder")
-    pretrained = root / "pretrained"
-    decoder, tokenizer = build_decoder(backbone_cfg("tiny_llama"))
-    decoder.model.save_pretrained(pretrained)
-    tokenizer.save_pretrained(pretrained)
+    pretrained = save_tiny_llama(root / "pretrained")
     files = write_prompt_files(root / "data")
     run = root / "run"
     from ee_lightning.app.train import train

@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.lm_exits import TokenExitPolicy
 from ee_lightning.training.lm_pipeline import policy_points
-from tests.conftest import ROOT, backbone_cfg
-from tests.test_saved_model import write_prompt_files
+from tests.conftest import ROOT
+from tests.test_saved_model import save_tiny_llama, write_prompt_files
 
 
 def fixed_policy(exit_logits: dict[int, float]) -> TokenExitPolicy:
@@ -55,10 +54,7 @@ def test_most_saving_keeps_the_level_or_reports_none():
 
 @pytest.mark.slow
 def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out_cache(tmp_path):
-    pretrained = tmp_path / "pretrained"
-    decoder, tokenizer = build_decoder(backbone_cfg("tiny_llama"))
-    decoder.model.save_pretrained(pretrained)
-    tokenizer.save_pretrained(pretrained)
+    pretrained = save_tiny_llama(tmp_path / "pretrained")
     files = write_prompt_files(tmp_path / "data")
     run = tmp_path / "run"
     subprocess.run([
