@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ee_lightning.evaluation.frontier import (best_within, choose_member, choose_on_split, choose_points, frontier,
-                                              seed_settings, seed_spread, target_text, value_at_saving)
+from ee_lightning.evaluation.frontier import (best_within, choose_on_split, choose_points, choose_setting, frontier,
+                                              seed_settings, target_text, value_at_saving)
 from ee_lightning.evaluation.generation_eval import comparison_rows
 
 CURVE = [{"layer_saving": 0.0, "metric": 0.90}, {"layer_saving": 0.5, "metric": 0.80},
@@ -105,47 +105,46 @@ def test_choose_on_split_flags_a_target_no_point_reaches():
     assert choose_on_split(points, 0.90, 0.005) == ({"metric": 0.82, "layer_saving": 0.4}, False)
 
 
-# One stage 1's grid, full model 0.850 on validation, target within 0.5 points (>= 0.845):
+# One stage 1's grid, two RL seeds, full model 0.850 on validation, target within 0.5 points (>= 0.845):
 GRID = [_member(0.05, 0.9, 0, (0.848, 0.30), (0.840, 0.31)),
-        _member(0.05, 0.5, 0, (0.840, 0.40), (0.839, 0.41)),   # outside the target
-        _member(0.10, 0.9, 0, (0.846, 0.45), (0.830, 0.46)),   # seed 0's choice, and the grid's
-        _member(0.05, 0.9, 1, (0.847, 0.32), (0.842, 0.33)),   # seed 1's choice
-        _member(0.10, 0.9, 1, (0.844, 0.47), (0.990, 0.48))]   # the best test point: outside the target on validation
+        _member(0.05, 0.9, 1, (0.846, 0.32), (0.842, 0.33)),   # mean 0.847 at 0.31: within the target
+        _member(0.10, 0.9, 0, (0.850, 0.45), (0.830, 0.46)),
+        _member(0.10, 0.9, 1, (0.842, 0.47), (0.836, 0.48)),   # mean 0.846 at 0.46: the most saving within it
+        _member(0.10, 0.5, 0, (0.846, 0.60), (0.990, 0.61)),   # seed 0 alone would take this one ...
+        _member(0.10, 0.5, 1, (0.830, 0.62), (0.820, 0.63))]   # ... but the mean, 0.838, is outside the target
 
 
-def test_choose_member_takes_the_most_validation_saving_over_every_alpha_seed_and_tau():
-    pick = choose_member(GRID, 0.850, 0.005)
-    assert (pick["setting"], pick["seed"], pick["within_target"]) == ((0.10, 0.9), 0, True)
-    assert pick["test"] == {"metric": 0.830, "layer_saving": 0.46}  # read on test only after the choice
-    missed = choose_member(GRID, 0.900, 0.005)  # no member within 0.5 points of 0.9: the best validation metric
-    assert (missed["setting"], missed["seed"], missed["within_target"]) == ((0.05, 0.9), 0, False)
+def test_choose_setting_takes_one_setting_for_every_seed_from_their_mean_on_validation():
+    choice = choose_setting(GRID, 0.850, 0.005)
+    assert (choice["setting"], choice["within_target"]) == ((0.10, 0.9), True)
+    assert choice["validation"] == {"metric": pytest.approx(0.846), "layer_saving": pytest.approx(0.46)}
+    assert [(r["seed"], r["setting"]) for r in choice["seeds"]] == [(0, (0.10, 0.9)), (1, (0.10, 0.9))]
+    assert choice["seeds"][1]["test"] == {"metric": 0.836, "layer_saving": 0.48}  # read on test only after the choice
+    summary = choice["test"]
+    assert summary["metric"] == pytest.approx(0.833) and summary["metric_spread"] == pytest.approx(0.006)
+    assert summary["layer_saving"] == pytest.approx(0.47) and summary["layer_saving_spread"] == pytest.approx(0.02)
+    missed = choose_setting(GRID, 0.900, 0.005)  # no mean within 0.5 points of 0.9: the best mean validation metric
+    assert (missed["setting"], missed["within_target"]) == ((0.05, 0.9), False)
     with pytest.raises(ValueError, match="method.frontier.alphas"):
-        choose_member([], 0.85, 0.005)
+        choose_setting([], 0.85, 0.005)
 
 
-def test_seed_spread_chooses_within_each_seed_and_gives_mean_and_max_minus_min():
-    spread = seed_spread(GRID, 0.850, 0.005)
-    assert [(r["seed"], r["setting"], r["within_target"]) for r in spread["seeds"]] == [
-        (0, (0.10, 0.9), True), (1, (0.05, 0.9), True)]
-    assert spread["seeds"][1]["validation"] == {"metric": 0.847, "layer_saving": 0.32}
-    summary = spread["test"]
-    assert summary["metric"] == pytest.approx((0.830 + 0.842) / 2)
-    assert summary["metric_spread"] == pytest.approx(0.012)
-    assert summary["layer_saving"] == pytest.approx((0.46 + 0.33) / 2)
-    assert summary["layer_saving_spread"] == pytest.approx(0.13)
-
-
-def test_choose_in_grid_records_alpha_seed_tau_and_the_split_that_chose_them():
+def test_choose_in_grid_records_alpha_tau_the_runs_seed_and_the_split_that_chose_them():
     from ee_lightning.training.policy_grid import choose_in_grid
 
     choice = choose_in_grid(GRID, 0.850, 0.005)
     chosen = choice["chosen"]
     assert (chosen["alpha"], chosen["seed"], chosen["tau"], chosen["within_target"]) == (0.10, 0, 0.9, True)
     assert chosen["chosen_on"] == "validation" and chosen["target"] == target_text(0.005)
+    assert chosen["validation"] == {"metric": 0.850, "layer_saving": 0.45}  # the run's own policy: seed 0's
     assert chosen["test"] == {"metric": 0.830, "layer_saving": 0.46}
+    assert chosen["mean"]["validation"]["metric"] == pytest.approx(0.846)
     per_seed = choice["per_seed"]
-    assert [(r["seed"], r["alpha"], r["tau"]) for r in per_seed["seeds"]] == [(0, 0.10, 0.9), (1, 0.05, 0.9)]
-    assert per_seed["chosen_on"] == "validation" and per_seed["test"]["layer_saving_spread"] == pytest.approx(0.13)
+    assert [(r["seed"], r["alpha"], r["tau"]) for r in per_seed["seeds"]] == [(0, 0.10, 0.9), (1, 0.10, 0.9)]
+    assert per_seed["chosen_on"] == "validation" and per_seed["test"]["layer_saving_spread"] == pytest.approx(0.02)
+    assert choose_in_grid(GRID, 0.850, 0.005, run_seed=1)["chosen"]["test"] == {"metric": 0.836, "layer_saving": 0.48}
+    with pytest.raises(ValueError, match="no RL seed 7"):
+        choose_in_grid(GRID, 0.850, 0.005, run_seed=7)
 
 
 def test_the_report_and_the_summary_name_the_chosen_policy_and_its_spread_over_seeds():
@@ -156,13 +155,16 @@ def test_the_report_and_the_summary_name_the_chosen_policy_and_its_spread_over_s
 
     choice = choose_in_grid(GRID, 0.850, 0.005)
     text = chosen_policy_text(choice, "acc")
-    assert "alpha 0.1, RL seed 0, tau 0.9: test acc 0.8300 at 46.0% layer saving (validation 0.8460 at 45.0%)" in text
-    assert "| 1 | 0.05 | 0.9 | 0.8420 | 33.0% | 0.8470 | 32.0% |" in text
-    assert "| 0.8360 (1.20 points) | 39.5% (13.0 points) |" in text and "No setting reached" not in text
+    assert "Chosen: alpha 0.1, tau 0.9 (validation mean 0.8460 at 46.0%)" in text
+    assert "RL seed 0: test acc 0.8300 at 46.0% layer saving (validation 0.8500 at 45.0%)" in text
+    assert "| 1 | 0.8360 | 48.0% | 0.8420 | 47.0% |" in text
+    assert "| 0.8330 (0.60 points) | 47.0% (2.0 points) |" in text and "No setting reached" not in text
     assert "No setting reached" in chosen_policy_text(choose_in_grid(GRID, 0.9, 0.005), "acc")
     line = seed_spread_text("acc", choice["per_seed"])
-    assert "seed 1: alpha 0.05 tau 0.9 -> 0.8420 at 33.0%" in line
-    assert "acc mean 0.8360 (spread 1.20 points), layer saving mean 39.5% (spread 13.0 points)" in line
+    assert line == ("consistentee per RL seed at alpha 0.1 tau 0.9 (chosen on validation over the seeds' mean): "
+                    "seed 0 -> 0.8300 at 46.0%, seed 1 -> 0.8360 at 48.0%; acc mean 0.8330 (spread 0.60 points), "
+                    "layer saving mean 47.0% (spread 2.0 points)")
+    assert ", outside the target)" in seed_spread_text("acc", choose_in_grid(GRID, 0.9, 0.005)["per_seed"])
     method = MethodResult(metric=0.83, avg_exit_layer=3.0, layer_saving=0.5, speedup=2.0, tau=0.9, alpha=0.1, seed=0,
                           chosen_on="validation", chosen_point={"within_target": False})
     assert policy_text(method) == "; alpha 0.1, RL seed 0, tau 0.9, chosen on validation, outside the target"
@@ -279,7 +281,7 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     # the policy itself is chosen on validation from the whole frontier: its alpha and RL seed do not move either
     chosen = same.policy_frontier["chosen"]
     assert (policy.alpha, policy.seed, policy.tau) == (chosen["alpha"], chosen["seed"], chosen["tau"])
-    assert chosen["alpha"] in (0.05, 0.3) and chosen["seed"] in (42, 43) and chosen["chosen_on"] == "validation"
+    assert chosen["alpha"] in (0.05, 0.3) and chosen["seed"] == 42 and chosen["chosen_on"] == "validation"
     assert (flipped.methods["consistentee"].alpha, flipped.methods["consistentee"].seed) == (policy.alpha, policy.seed)
     assert flipped.policy_frontier["chosen"]["validation"] == chosen["validation"]
     assert flipped.policy_frontier["chosen"]["test"] != chosen["test"]  # ... while its test point moved
@@ -287,9 +289,10 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     assert [r[0] for r in per_seed] == [42, 43]
     summary = capsys.readouterr().out
     assert f"alpha {chosen['alpha']:g}, RL seed {chosen['seed']}, tau {chosen['tau']:g}, chosen on validation" in summary
-    assert "consistentee per RL seed (alpha and tau chosen on validation within each seed): seed 42" in summary
+    assert (f"consistentee per RL seed at alpha {chosen['alpha']:g} tau {chosen['tau']:g} (chosen on validation over "
+            "the seeds' mean") in summary and "seed 42 -> " in summary
     report = (tmp_path / "same" / "run" / "pareto.md").read_text()
-    assert f"Chosen: alpha {chosen['alpha']:g}, RL seed {chosen['seed']}, tau {chosen['tau']:g}" in report
+    assert f"Chosen: alpha {chosen['alpha']:g}, tau {chosen['tau']:g}" in report and "RL seed 42: test acc" in report
     assert per_seed == [(r["seed"], r["alpha"], r["tau"], r["validation"])
                         for r in flipped.policy_frontier["per_seed"]["seeds"]]
     assert [(r["rule"], r["value"]) for r in flipped.chosen_points] == [(r["rule"], r["value"]) for r in same.chosen_points]

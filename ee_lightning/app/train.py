@@ -64,12 +64,12 @@ def policy_text(method) -> str:
 
 
 def seed_spread_text(metric_name: str, per_seed: dict) -> str:
-    """The operating point chosen on validation within each RL seed alone: its test points, mean and spread."""
+    """Every RL seed's test point at the (alpha, tau) chosen on validation over the seeds' mean: mean and spread."""
     rows, summary = per_seed["seeds"], per_seed["test"]
-    points = ", ".join(f"seed {r['seed']}: alpha {r['alpha']:g} tau {r['tau']:g} -> {r['test']['metric']:.4f} at "
-                       f"{100 * r['test']['layer_saving']:.1f}%" + ("" if r["within_target"] else " (outside the target)")
+    missed = "" if per_seed["within_target"] else ", outside the target"
+    points = ", ".join(f"seed {r['seed']} -> {r['test']['metric']:.4f} at {100 * r['test']['layer_saving']:.1f}%"
                        for r in rows)
-    return (f"consistentee per RL seed (alpha and tau chosen on validation within each seed): {points}; "
-            f"{metric_name} mean {summary['metric']:.4f} (spread {100 * summary['metric_spread']:.2f} points), "
-            f"layer saving mean {100 * summary['layer_saving']:.1f}% (spread "
-            f"{100 * summary['layer_saving_spread']:.1f} points)")
+    return (f"consistentee per RL seed at alpha {per_seed['alpha']:g} tau {per_seed['tau']:g} (chosen on validation over "
+            f"the seeds' mean{missed}): {points}; {metric_name} mean {summary['metric']:.4f} (spread "
+            f"{100 * summary['metric_spread']:.2f} points), layer saving mean {100 * summary['layer_saving']:.1f}% "
+            f"(spread {100 * summary['layer_saving_spread']:.1f} points)")

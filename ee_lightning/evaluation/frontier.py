@@ -59,32 +59,29 @@ def choose_on_split(points: list[dict], reference: float, tolerance: float) -> t
     return max(points, key=lambda p: (p["metric"], p["layer_saving"])), False
 
 
-def choose_member(members: list[dict], reference: float, tolerance: float, split: str = "validation") -> dict:
-    """Among trained members ({"setting", "seed", <split>: point, ...}: one policy at one knob setting each), the
-    one `choose_on_split` picks by its `split` point, with "within_target". Ties go to the first member."""
+def choose_setting(members: list[dict], reference: float, tolerance: float, split: str = "validation",
+                   reported: str = "test") -> dict:
+    """One knob setting for every seed: the setting (e.g. (alpha, tau)) whose mean `split` point over the seeds
+    `choose_on_split` picks, and each seed's member at it ({"setting", "within_target", "seeds": [{"seed",
+    "setting", <split>, <reported>}], <reported>: mean and spread (max - min) over seeds of metric and layer
+    saving}).
+
+    Letting each seed choose its own setting would make every seed read its own share of the split's noise:
+    the seed whose validation metric happens to sit high at some setting takes more saving, and the points
+    drift apart although each setting's policies agree. One setting is what a user sets in the config."""
     if not members:
         raise ValueError("no members to choose from: the policy grid trained nothing (method.frontier.alphas is empty?)")
-    indexed = [{**member[split], "index": index} for index, member in enumerate(members)]
-    point, within = choose_on_split(indexed, reference, tolerance)
-    return {**members[point["index"]], "within_target": within}
-
-
-def seed_spread(members: list[dict], reference: float, tolerance: float, split: str = "validation",
-                reported: str = "test") -> dict:
-    """Whether a chosen point holds across seeds: per seed, the member `choose_member` picks among that seed's
-    members alone ({"seed", "setting", "within_target", <split>, <reported>}), then the `reported` split's
-    mean and spread (max - min) over seeds of metric and layer saving."""
-    rows = []
-    for seed in sorted({m["seed"] for m in members}):
-        pick = choose_member([m for m in members if m["seed"] == seed], reference, tolerance, split)
-        rows.append({"seed": seed, "setting": pick["setting"], "within_target": pick["within_target"],
-                     split: pick[split], reported: pick[reported]})
+    means = [{**row[split], "setting": row["setting"]} for row in seed_settings(members, (split,))]
+    point, within = choose_on_split(means, reference, tolerance)
+    rows = [{"seed": m["seed"], "setting": m["setting"], split: m[split], reported: m[reported]}
+            for m in sorted((m for m in members if m["setting"] == point["setting"]), key=lambda m: m["seed"])]
     summary = {}
     for key in ("metric", "layer_saving"):
         values = [row[reported][key] for row in rows]
         summary[key] = statistics.mean(values)
         summary[f"{key}_spread"] = max(values) - min(values)
-    return {"seeds": rows, reported: summary}
+    return {"setting": point["setting"], "within_target": within, split: {k: point[k] for k in ("metric", "layer_saving")},
+            "seeds": rows, reported: summary}
 
 
 def target_text(tolerance: float) -> str:

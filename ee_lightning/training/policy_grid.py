@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ee_lightning.config.schema import PolicyStage
-from ee_lightning.evaluation.frontier import (choose_member, choose_on_split, frontier, seed_settings, seed_spread,
-                                              target_text)
+from ee_lightning.evaluation.frontier import choose_on_split, choose_setting, frontier, seed_settings, target_text
 from ee_lightning.evaluation.rule_points import sweep_rule
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.layer_cache import CachedLayerDataset, signals_from_states
@@ -131,22 +130,24 @@ def policy_frontier(members: list[dict], splits=("validation", "test")) -> dict:
     return {"settings": settings, "frontier": frontier(settings, "validation")}
 
 
-def _grid_point(member: dict, splits) -> dict:
-    """A chosen member in results.json's terms: alpha, tau and its point on each split."""
-    alpha, tau = member["setting"]
-    return {"alpha": alpha, "tau": tau, "within_target": member["within_target"], **{s: member[s] for s in splits}}
-
-
-def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test")) -> dict:
-    """The run's operating point from its whole grid, chosen on validation (`frontier.choose_member`: every
-    (alpha, seed, tau) a candidate), and the same choice made within each RL seed alone (`seed_spread`), which
-    says how far the point moves with the seed. Both record the split that chose them and the target."""
-    pick = choose_member(members, full_validation, tolerance)
-    spread = seed_spread(members, full_validation, tolerance)
-    meta = {"chosen_on": "validation", "target": target_text(tolerance)}
-    return {"chosen": {**meta, "seed": pick["seed"], **_grid_point(pick, splits)},
-            "per_seed": {**meta, "seeds": [{"seed": row["seed"], **_grid_point(row, splits)} for row in spread["seeds"]],
-                         "test": spread["test"]}}
+def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test"),
+                   run_seed: int | None = None) -> dict:
+    """The run's operating point, chosen on validation: the (alpha, tau) whose mean over the RL seeds' policies
+    meets the target (`frontier.choose_setting`), the run's policy being `run_seed`'s (default: the grid's first
+    seed) at it; and every seed's point at that setting, which says whether the point holds across seeds. Both
+    record the split that chose them and the target."""
+    choice = choose_setting(members, full_validation, tolerance, split=splits[0], reported=splits[-1])
+    rows = choice["seeds"]
+    run_seed = members[0]["seed"] if run_seed is None else run_seed
+    mine = next((row for row in rows if row["seed"] == run_seed), None)
+    if mine is None:
+        raise ValueError(f"the policy grid has no RL seed {run_seed}: its seeds are {[row['seed'] for row in rows]}")
+    meta = {"chosen_on": splits[0], "target": target_text(tolerance), "within_target": choice["within_target"]}
+    alpha, tau = choice["setting"]
+    point = {"alpha": alpha, "tau": tau, **meta}
+    return {"chosen": {**point, "seed": run_seed, "mean": {splits[0]: choice[splits[0]]}, **{s: mine[s] for s in splits}},
+            "per_seed": {**point, "seeds": [{"seed": row["seed"], **point, **{s: row[s] for s in splits}} for row in rows],
+                         splits[-1]: choice[splits[-1]]}}
 
 
 def save_policies(path: Path, policies: dict[tuple, nn.Module]) -> Path:
@@ -172,7 +173,7 @@ def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, stat
     """The run's policy frontier (results.json `policy_frontier`) and its policies ({(alpha, seed): policy}):
     policies over `alphas` x `seeds` trained on the training set's cached outputs `cache` (`collect_states`)
     with the policy stage's settings `stage`. With `choose_tolerance`, also the operating point chosen on validation
-    from every member, and per seed (`choose_in_grid`)."""
+    (`choose_in_grid`: one (alpha, tau) for every seed; the run's policy is the first seed's, `seeds[0]`)."""
     policies = train_grid(template, CachedLayerDataset(cache, memorized), task, rl_settings(stage), alphas=alphas,
                           seeds=seeds, lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size,
                           tolerance=tolerance)
@@ -182,5 +183,6 @@ def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, stat
               "settings": [{**row, "setting": list(row["setting"])} for row in result["settings"]],
               "frontier": result["frontier"]}
     if choose_tolerance is not None:
-        report.update(choose_in_grid(members, full_metric(states["validation"], task), choose_tolerance, tuple(states)))
+        report.update(choose_in_grid(members, full_metric(states["validation"], task), choose_tolerance, tuple(states),
+                                     run_seed=seeds[0]))
     return report, policies
