@@ -10,6 +10,12 @@ depth cost is chosen before any generation.
 
     python experiments/token_policy_variants.py --run-dir <run> --alphas 0.05 0.1 0.15 0.2 0.25
     python experiments/token_policy_variants.py --run-dir <run> --alphas 0.15 --variants "exact expected reward"
+    python experiments/token_policy_variants.py --run-dir <run> --alphas 0.1 0.15 --cross-fit 2
+
+The run's exits learned its training tokens, and its policy learns where to exit from their scores on those
+same tokens, which flatter them. With `--cross-fit K` the policy learns instead from out-of-fold scores: the
+training responses fall into K folds, and each fold's tokens are scored by exits trained (the run's adapter
+stage, its settings) on the other folds only. The held-out evaluation still uses the run's own exits.
 
 Writes token_policy_variants.{md,json} to --out (default experiments/results/token_policy_variants/).
 """
@@ -28,12 +34,14 @@ from omegaconf import OmegaConf
 
 from ee_lightning import load
 from ee_lightning.app.validate import lm_exits_config
+from ee_lightning.exits.lm_targets import hardness_targets, token_memorized_exit
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.lm_cache import exit_tables, response_only
-from ee_lightning.modeling.lm_exits import TokenExitPolicy
+from ee_lightning.modeling.lm_exits import LMExitHeads, TokenExitPolicy
 from ee_lightning.progress import progress
 from ee_lightning.training.lm_pipeline import policy_points, policy_stage, stage_loader
 from ee_lightning.training.resume import seed_stage
+from ee_lightning.training.systems.lm import ExitAdapterSystem, TokenStateDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "token_policy_variants"
@@ -80,21 +88,66 @@ def run_parts(run_dir: Path) -> dict:
                                            batch_size=cfg.adapters.batch_size)}
 
 
-def train_member(parts: dict, changes: dict, seed: int) -> TokenExitPolicy:
-    """The run's policy stage with `changes` to method.lm_exits.policy, trained from `seed`."""
+def quiet_trainer(epochs: int) -> L.Trainer:
+    """A plain CPU Trainer for one of the study's small fits: no logger, checkpoints or progress bar."""
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     use_distributed_sampler=False)
+
+
+def response_folds(rows: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Each cached token's fold (0..folds-1), whole responses together: a response's tokens share its prefix,
+    so splitting them would let an exit see most of a held-out token's context in training."""
+    if folds < 2:
+        raise ValueError(f"--cross-fit {folds}: cross-fitting needs at least 2 folds")
+    responses = rows.unique()
+    if len(responses) < folds:
+        raise ValueError(f"--cross-fit {folds}: the run cached only {len(responses)} training responses")
+    order = responses[torch.randperm(len(responses), generator=torch.Generator().manual_seed(seed))]
+    fold_of = torch.empty(int(responses.max()) + 1, dtype=torch.long)
+    fold_of[order] = torch.arange(len(order)) % folds
+    return fold_of[rows]
+
+
+def cross_fitted_scores(parts: dict, folds: int, seed: int) -> dict:
+    """The lm_scores stage's tables (tokens, ce, ce_full [E, N]) and memorized exits [N] over the training
+    cache, every token scored by exits trained by the run's adapter stage on the other folds' responses."""
+    cfg, decoder, train = parts["cfg"], parts["model"].decoder, parts["train"]
+    adapters = cfg.adapters
+    fold = response_folds(train["rows"], folds, seed)
+    adapter_targets = hardness_targets(adapters.target, train["targets"], train["full_tokens"])
+    tables = {key: torch.empty_like(value) for key, value in parts["scores"].items() if key in ("tokens", "ce", "ce_full")}
+    for k in range(folds):
+        seed_stage(seed + k, "lm_adapters")
+        exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=cfg.exit_every, rank=cfg.rank,
+                            adapter=cfg.adapter, layers=decoder.layers() if cfg.adapter == "block" else None)
+        fit_on, scored = fold != k, fold == k
+        data = TokenStateDataset(train["states"][fit_on], targets=adapter_targets[fit_on])
+        quiet_trainer(adapters.epochs).fit(ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights),
+                                           train_dataloaders=stage_loader(data, adapters.batch_size, seed + k))
+        held = {key: train[key][scored] for key in ("states", "targets", "full_tokens")}
+        part = exit_tables({**held, "exit_layers": train["exit_layers"]}, exits.eval(), decoder,
+                           batch_size=adapters.batch_size)
+        for key in tables:
+            tables[key][:, scored] = part[key]
+    memorized = token_memorized_exit(tables["tokens"], hardness_targets(cfg.hardness.target, train["targets"],
+                                                                        train["full_tokens"]))
+    return {**tables, "memorized": memorized}
+
+
+def train_member(parts: dict, changes: dict, seed: int, scores: dict | None = None) -> TokenExitPolicy:
+    """The run's policy stage with `changes` to method.lm_exits.policy, trained from `seed` on `scores` (default:
+    the run's own lm_scores)."""
     cfg, decoder, exits = parts["cfg"], parts["model"].decoder, parts["model"].parts.exits
     policy_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.policy), changes))
     torch.manual_seed(seed)
     policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, hidden=policy_cfg.hidden,
                              exit_layers=list(exits.exit_layers))
-    scores = parts["scores"]
+    scores = parts["scores"] if scores is None else scores
     tables = {key: scores[key] for key in ("tokens", "ce", "ce_full")}
     system, data = policy_stage(policy, policy_cfg, parts["train"], tables, scores["memorized"], seed)
     seed_stage(seed, "lm_policy")
-    trainer = L.Trainer(max_epochs=policy_cfg.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        use_distributed_sampler=False)
-    trainer.fit(system, train_dataloaders=stage_loader(data, policy_cfg.batch_size, seed))
+    quiet_trainer(policy_cfg.epochs).fit(system, train_dataloaders=stage_loader(data, policy_cfg.batch_size, seed))
     return policy.eval()
 
 
@@ -104,24 +157,32 @@ def most_saving(points: list[dict], level: float) -> dict | None:
     return max(kept, key=lambda p: p["layer_saving"]) if kept else None
 
 
-def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int]) -> dict:
+def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int], cross_fit: int = 0) -> dict:
+    """Per variant, alpha and seed: the policy's teacher-forced points on the held-out cache. With `cross_fit`
+    folds, each seed's policies learn from that seed's out-of-fold scores (`cross_fitted_scores`)."""
     members = [(name, alpha, seed) for name in names for alpha in alphas for seed in seeds]
     num_layers = parts["model"].decoder.num_layers
+    scores = ({seed: cross_fitted_scores(parts, cross_fit, seed)
+               for seed in progress(seeds, f"cross-fitted exit scores ({cross_fit} folds)", unit="seed")}
+              if cross_fit else dict.fromkeys(seeds))
     report = {}
     for name, alpha, seed in progress(members, "token policy (variant, alpha, seed)", unit="policy"):
         started = time.perf_counter()
-        policy = train_member(parts, {**VARIANTS[name], "alpha": alpha}, seed)
+        policy = train_member(parts, {**VARIANTS[name], "alpha": alpha}, seed, scores[seed])
         points = policy_points(policy, parts["held_out"], parts["held_out_tables"], TAUS, num_layers)
         report.setdefault(name, []).append({"alpha": alpha, "seed": seed, "points": points,
                                             "seconds": round(time.perf_counter() - started, 1)})
     return report
 
 
-def markdown(report: dict, run_dir: Path, parts: dict, command: str) -> str:
+def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: int = 0) -> str:
     held_out = parts["held_out"]
+    scores = (f"Each policy learned from out-of-fold exit scores ({cross_fit} folds of the training responses, "
+              "exits retrained on the other folds); the held-out tokens are scored by the run's exits. "
+              if cross_fit else "")
     lines = [f"# The token policy's variants on {run_dir.name}'s caches, teacher-forced on {parts['split']}", "",
              f"{len(held_out['targets'])} held-out response tokens (the full model's own responses where the run "
-             f"cached them: responses={parts['cfg'].responses}). Per variant, alpha and seed: the most layer "
+             f"cached them: responses={parts['cfg'].responses}). {scores}Per variant, alpha and seed: the most layer "
              f"saving over taus {TAUS} at which the policy's exit keeps the full model's token on at least each "
              "share of the tokens ('-': no tau does), and at tau 0.5 the saving, the agreement and the tokens per "
              "exit.", "",
@@ -147,18 +208,21 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=["run's settings"])
+    parser.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                        help="train the policies on out-of-fold exit scores from K folds of the training responses "
+                             "(0: the run's own scores)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per policy: no banner each time
     parts = run_parts(args.run_dir)
-    report = study(parts, args.variants, args.alphas, args.seeds)
+    report = study(parts, args.variants, args.alphas, args.seeds, args.cross_fit)
     command = "python experiments/token_policy_variants.py " + " ".join(
         f'"{a}"' if " " in a else a for a in sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "token_policy_variants.json",
                       json.dumps({"run": str(args.run_dir), "split": parts["split"], "taus": TAUS, "levels": LEVELS,
-                                  "variants": report, "command": command}, indent=1))
-    text = markdown(report, args.run_dir, parts, command)
+                                  "cross_fit": args.cross_fit, "variants": report, "command": command}, indent=1))
+    text = markdown(report, args.run_dir, parts, command, args.cross_fit)
     atomic_write_text(args.out / "token_policy_variants.md", text)
     print(text)
 

@@ -52,6 +52,22 @@ def test_most_saving_keeps_the_level_or_reports_none():
     assert most_saving(points, 0.995) is None
 
 
+def test_response_folds_keep_each_response_whole_and_fill_every_fold():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from token_policy_variants import response_folds
+
+    rows = torch.tensor([0, 0, 0, 3, 3, 5, 5, 5, 7])  # the responses' dataset rows, one per cached token
+    fold = response_folds(rows, 2, seed=0)
+    for row in rows.unique():
+        assert fold[rows == row].unique().numel() == 1  # a response's tokens share one fold
+    assert sorted(fold[[0, 3, 5, 8]].tolist()) == [0, 0, 1, 1]  # 4 responses: 2 per fold
+    assert torch.equal(fold, response_folds(rows, 2, seed=0))  # the seed fixes them
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        response_folds(rows, 1, seed=0)
+    with pytest.raises(ValueError, match="only 4 training responses"):
+        response_folds(rows, 5, seed=0)
+
+
 @pytest.mark.slow
 def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out_cache(tmp_path):
     pretrained = save_tiny_llama(tmp_path / "pretrained")
@@ -92,6 +108,25 @@ def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out
                    check=True, capture_output=True, timeout=600)
     assert (json.loads((again / "token_policy_variants.json").read_text())["variants"]["exact expected reward"][0]
             ["points"] == report["variants"]["exact expected reward"][1]["points"])
+
+    # cross-fitted: every training token scored by exits that did not train on its response
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from ee_lightning.exits.lm_targets import token_memorized_exit
+    from token_policy_variants import cross_fitted_scores, run_parts
+
+    parts = run_parts(run)
+    scores = cross_fitted_scores(parts, 2, seed=42)
+    for key in ("tokens", "ce", "ce_full"):
+        assert scores[key].shape == parts["scores"][key].shape
+    assert not torch.equal(scores["ce_full"], parts["scores"]["ce_full"])  # not the run's exits' own scores
+    # the experiment's memorized exit is against the full model's token
+    assert torch.equal(scores["memorized"], token_memorized_exit(scores["tokens"], parts["train"]["full_tokens"]))
+    crossed = tmp_path / "crossed"
+    subprocess.run(command[:5] + ["0.3", "--cross-fit", "2", "--out", str(crossed)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    report = json.loads((crossed / "token_policy_variants.json").read_text())
+    assert report["cross_fit"] == 2 and [m["alpha"] for m in report["variants"]["run's settings"]] == [0.3]
+    assert "out-of-fold exit scores (2 folds" in (crossed / "token_policy_variants.md").read_text()
 
     failed = subprocess.run([*command[:2], "--run-dir", str(tmp_path / "nowhere"), "--alphas", "0.1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
