@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "token_policy_variants"
 TAUS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 LEVELS = [0.99, 0.97, 0.95, 0.9]  # agreement with the full model's token to keep
+CLASSIFIER_THRESHOLDS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
 # Each variant changes some keys of method.lm_exits.policy (alpha is set per member).
 VARIANTS = {
     "run's settings": {},
@@ -175,7 +176,27 @@ def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int], 
     return report
 
 
-def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: int = 0) -> str:
+def classifier_points(parts: dict) -> list[dict] | None:
+    """The run's own CALM classifier (trained on the same states to predict "this exit's token is the last
+    exit's") as an exit rule at every threshold, on the same held-out cache: what those states tell of an
+    exit's agreement without any reward. None when the run trained none."""
+    classifier = parts["model"].parts.classifier
+    if classifier is None:
+        return None
+    return policy_points(classifier, parts["held_out"], parts["held_out_tables"], CLASSIFIER_THRESHOLDS,
+                         parts["model"].decoder.num_layers)
+
+
+def _level_cells(points: list[dict]) -> list[str]:
+    cells = []
+    for level in LEVELS:
+        point = most_saving(points, level)
+        cells.append(f"{point['layer_saving']:.1%} (tau {point['tau']})" if point else "-")
+    return cells
+
+
+def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: int = 0,
+             classifier: list[dict] | None = None) -> str:
     held_out = parts["held_out"]
     scores = (f"Each policy learned from out-of-fold exit scores ({cross_fit} folds of the training responses, "
               "exits retrained on the other folds); the held-out tokens are scored by the run's exits. "
@@ -185,19 +206,22 @@ def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: 
              f"cached them: responses={parts['cfg'].responses}). {scores}Per variant, alpha and seed: the most layer "
              f"saving over taus {TAUS} at which the policy's exit keeps the full model's token on at least each "
              "share of the tokens ('-': no tau does), and at tau 0.5 the saving, the agreement and the tokens per "
-             "exit.", "",
+             "exit. The last row, where the run trained one: its CALM classifier as the exit rule (the first exit "
+             f"whose P(exit token = last exit's token) exceeds the threshold, over {CLASSIFIER_THRESHOLDS}), trained "
+             "on the same states without a reward.", "",
              "| variant | alpha | seed | " + " | ".join(f"saving at >= {level:.0%}" for level in LEVELS)
              + " | tau 0.5: saving, agreement | tokens per exit at tau 0.5 |",
              "|---|---|---|" + "---|" * (len(LEVELS) + 2)]
     for name, members in report.items():
         for member in members:
-            cells = []
-            for level in LEVELS:
-                point = most_saving(member["points"], level)
-                cells.append(f"{point['layer_saving']:.1%} (tau {point['tau']})" if point else "-")
+            cells = _level_cells(member["points"])
             half = next(p for p in member["points"] if p["tau"] == 0.5)
             lines.append(f"| {name} | {member['alpha']} | {member['seed']} | " + " | ".join(cells)
                          + f" | {half['layer_saving']:.1%}, {half['agreement_with_full']:.3f} | {half['exits']} |")
+    if classifier is not None:
+        half = next(p for p in classifier if p["tau"] == 0.5)
+        lines.append("| the run's CALM classifier (threshold as tau) | - | - | " + " | ".join(_level_cells(classifier))
+                     + f" | {half['layer_saving']:.1%}, {half['agreement_with_full']:.3f} | {half['exits']} |")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 
@@ -216,13 +240,15 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per policy: no banner each time
     parts = run_parts(args.run_dir)
     report = study(parts, args.variants, args.alphas, args.seeds, args.cross_fit)
+    classifier = classifier_points(parts)
     command = "python experiments/token_policy_variants.py " + " ".join(
         f'"{a}"' if " " in a else a for a in sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "token_policy_variants.json",
                       json.dumps({"run": str(args.run_dir), "split": parts["split"], "taus": TAUS, "levels": LEVELS,
-                                  "cross_fit": args.cross_fit, "variants": report, "command": command}, indent=1))
-    text = markdown(report, args.run_dir, parts, command, args.cross_fit)
+                                  "cross_fit": args.cross_fit, "variants": report, "classifier": classifier,
+                                  "command": command}, indent=1))
+    text = markdown(report, args.run_dir, parts, command, args.cross_fit, classifier)
     atomic_write_text(args.out / "token_policy_variants.md", text)
     print(text)
 

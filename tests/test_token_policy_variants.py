@@ -101,6 +101,10 @@ def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out
                 assert sum(point["exits"]) == summary["tokens"]  # every held-out response token, once
                 assert 0 <= point["layer_saving"] < 1 and 0 <= point["agreement_with_full"] <= 1
     assert "| exact expected reward | 0.3 | 42 |" in (out / "token_policy_variants.md").read_text()
+    # the run's CALM classifier as a reference rule on the same held-out tokens
+    assert [p["tau"] for p in report["classifier"]] == [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
+    assert all(sum(p["exits"]) == summary["tokens"] for p in report["classifier"])
+    assert "| the run's CALM classifier (threshold as tau) | - | - |" in (out / "token_policy_variants.md").read_text()
 
     # the same member twice: a seed fixes the policy
     again = tmp_path / "again"
