@@ -142,6 +142,8 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
     (["method.policy.alpha=-0.1"], "method.policy.alpha=-0.1: must be >= 0"),
     (["method.finetune.lr=0"], "method.finetune.lr=0.0: must be > 0"),
     (["method.finetune.head_lr=-1e-3"], "method.finetune.head_lr=-0.001: must be > 0"),
+    (["method.finetune.distill_weight=1"], "method.finetune.distill_weight=1.0: must be in [0.0, 1.0)"),
+    (["method.finetune.distill_temperature=0"], "method.finetune.distill_temperature=0.0: must be > 0"),
     (["method.policy.lr=-1e-3"], "method.policy.lr=-0.001: must be > 0"),
     (["method.joint.enabled=true", "method.joint.lr_model=0"], "method.joint.lr_model=0.0: must be > 0"),
     (["method.finetune.epochs=0"], "method.finetune.epochs=0: must be >= 1"),

@@ -85,6 +85,21 @@ def test_exit_heads_learn_at_head_lr_and_the_backbone_at_lr(tmp_path):
     assert set(tensors_at) == {1e-5, 1e-3} and tensors_at[1e-5] > 8
 
 
+def test_self_distillation_reaches_stage_one(tmp_path):
+    """method.finetune.distill_weight and distill_temperature reach the stage-1 system: its checkpoint records
+    them."""
+    import torch
+
+    run = tmp_path / "run"
+    cfg = compose_train(["backbone=tiny_bert", *data_overrides("glue", tmp_path), "method=finetune",
+                         "method.finetune.distill_weight=0.5", "method.finetune.distill_temperature=2.0",
+                         "data.batch_size=8", *FAST], run)
+    train(cfg)
+    checkpoint = torch.load(run / "checkpoints" / "finetune" / "last.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["distill_weight"] == 0.5
+    assert checkpoint["hyper_parameters"]["distill_temperature"] == 2.0
+
+
 def test_unknown_backbone_lists_the_options(tmp_path):
     with pytest.raises(MissingConfigException, match="tiny_bert"):
         compose_train(["backbone=not_a_model"], tmp_path / "run")

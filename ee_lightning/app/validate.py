@@ -480,6 +480,8 @@ def check_finetune(stage: DictConfig, check: Checker) -> None:
     check.number(stage, "weight_decay", p, low=0.0)
     check.number(stage, "warmup_ratio", p, low=0.0, high=1.0, high_open=True)
     check.number(stage, "head_lr", p, low=0.0, low_open=True, optional=True)
+    check.number(stage, "distill_weight", p, low=0.0, high=1.0, high_open=True)
+    check.number(stage, "distill_temperature", p, low=0.0, low_open=True)
     weights = _value(stage, "layer_weights")
     if weights is _MISSING:
         return

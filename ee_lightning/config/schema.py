@@ -66,6 +66,8 @@ class FinetuneStage:
     warmup_ratio: float = MISSING
     layer_weights: Any = MISSING  # linear | uniform | a list of one weight per layer
     head_lr: Optional[float] = MISSING  # null: the exit heads learn at lr, as the backbone
+    distill_weight: float = MISSING  # 0: task loss only; w: (1 - w) * task + w * self-distillation below the last layer
+    distill_temperature: float = MISSING
 
 
 @dataclass

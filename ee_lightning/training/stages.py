@@ -191,7 +191,8 @@ def base_results(run: Run, test: list[float]) -> RunResults:
 def finetune_system(run: Run) -> FinetuneSystem:
     stage = run.method.finetune
     return FinetuneSystem(run.model, run.task, run.spec, lr=stage.lr, weight_decay=stage.weight_decay,
-                          warmup_ratio=stage.warmup_ratio, layer_weights=stage.layer_weights, head_lr=stage.head_lr)
+                          warmup_ratio=stage.warmup_ratio, layer_weights=stage.layer_weights, head_lr=stage.head_lr,
+                          distill_weight=stage.distill_weight, distill_temperature=stage.distill_temperature)
 
 
 def run_finetune(run: Run) -> RunResults:

@@ -30,6 +30,34 @@ def weighted_layer_loss(per_layer_losses: torch.Tensor, weights: torch.Tensor) -
     return (weights * per_layer_losses).sum() / weights.sum()
 
 
+def self_distillation_loss(task, logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """How far an exit head's outputs are from the last layer's (detached), mean over the batch.
+
+    Classification: T^2 * KL(softmax(teacher / T) || softmax(logits / T)), the T^2 keeping its gradient on the
+    scale of the cross-entropy's (Hinton et al. 2015). Regression: the squared error to the last layer's value."""
+    teacher_logits = teacher_logits.detach()
+    if task.is_regression:
+        return torch.nn.functional.mse_loss(logits, teacher_logits)
+    teacher = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    student = torch.log_softmax(logits / temperature, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return temperature ** 2 * kl.mean()
+
+
+def exit_head_losses(task, layer_logits, labels: torch.Tensor, distill_weight: float,
+                     temperature: float) -> torch.Tensor:
+    """One loss per layer: the task loss, mixed below the last layer with self-distillation from it,
+    (1 - w) * task_l + w * distill_l. The last layer learns from the labels alone."""
+    losses = [task_loss(task, logits, labels) for logits in layer_logits]
+    if distill_weight > 0:
+        teacher = layer_logits[-1]
+        losses[:-1] = [(1 - distill_weight) * loss
+                       + distill_weight * self_distillation_loss(task, logits, teacher, temperature)
+                       for loss, logits in zip(losses[:-1], layer_logits[:-1])]
+    return torch.stack(losses)
+
+
 def train_only(model, *parts: str) -> None:
     """Gradients for `parts` of the model only; frozen parts leave DDP no unused parameters to wait for."""
     model.requires_grad_(False)
@@ -54,22 +82,27 @@ def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, sk
 
 
 class FinetuneSystem(EarlyExitSystem):
-    """Stage 1: backbone and every exit head, sum_l w_l * loss_l / sum_l w_l."""
+    """Stage 1: backbone and every exit head, sum_l w_l * loss_l / sum_l w_l (each loss_l optionally
+    mixed with self-distillation from the last layer: `exit_head_losses`)."""
 
     def __init__(self, model, task, spec, *, lr: float, weight_decay: float, warmup_ratio: float,
-                 layer_weights, head_lr: float | None = None):
+                 layer_weights, head_lr: float | None = None, distill_weight: float = 0.0,
+                 distill_temperature: float = 1.0):
         super().__init__(model, task, spec)
         self.save_hyperparameters({"stage": "finetune", "lr": lr, "weight_decay": weight_decay,
-                                   "warmup_ratio": warmup_ratio, "layer_weights": layer_weights, "head_lr": head_lr})
+                                   "warmup_ratio": warmup_ratio, "layer_weights": layer_weights, "head_lr": head_lr,
+                                   "distill_weight": distill_weight, "distill_temperature": distill_temperature})
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.head_lr = lr if head_lr is None else head_lr
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
         self.register_buffer("loss_weights", layer_loss_weights(layer_weights, self.num_layers),
                              persistent=False)
         train_only(self.model, "backbone", "heads")
 
     def training_step(self, batch, batch_idx):
         outputs = self.model(batch)
-        losses = torch.stack([task_loss(self.task, logits, batch["labels"]) for logits in outputs.logits])
+        losses = exit_head_losses(self.task, outputs.logits, batch["labels"], self.distill_weight,
+                                  self.distill_temperature)
         loss = weighted_layer_loss(losses, self.loss_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         self.log(f"train/loss_L{self.num_layers}", losses[-1], batch_size=batch["labels"].shape[0])
