@@ -330,7 +330,21 @@ def variant_settings(overrides: dict) -> dict:
     return {**BASE, **{k: v for k, v in overrides.items() if k != "rl"}, "rl": {**BASE_RL, **overrides.get("rl", {})}}
 
 
-def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: Path) -> None:
+def seed_group_choices(members: list[dict], full_val: float, groups: list[list[int]]) -> list[dict]:
+    """make train's choice made by each group of RL seeds on its own: {"seeds", "choice": `choose_setting`, "one_tau":
+    the test spreads (max - min) of metric and saving had every seed of the group run at the mean's own tau}."""
+    rows = []
+    for seeds in groups:
+        mine = [m for m in members if m["seed"] in seeds]
+        choice = choose_setting(mine, full_val, TOLERANCE)
+        at_tau = [m["test"] for m in mine if m["setting"] == choice["setting"]]
+        rows.append({"seeds": seeds, "choice": choice,
+                     "one_tau": {key: max(p[key] for p in at_tau) - min(p[key] for p in at_tau)
+                                 for key in ("metric", "layer_saving")}})
+    return rows
+
+
+def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: Path, group_size: int | None = None) -> None:
     states, task = split_states(checkpoint)
     curves = rule_curves(states, task)
     full_val = curves["validation"]["full"][0]["metric"]
@@ -346,6 +360,9 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
                         # make train's check: one (alpha, tau) chosen over the seeds' mean; each seed's test point
                         "per_seed": choose_setting(members, full_val, TOLERANCE),
                         "seconds": round(time.perf_counter() - started, 1)}
+        if group_size:
+            groups = [rl_seeds[i:i + group_size] for i in range(0, len(rl_seeds), group_size)]
+            report[name]["seed_groups"] = seed_group_choices(members, full_val, groups)
         print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
                                 "seconds": report[name]["seconds"]}), flush=True)
         (results_dir / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
@@ -360,10 +377,10 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
              "not reach it). Chosen: per alpha, the tau with the most validation saving within 0.5 points of the "
              "full model, its test point: mean, and half the range over RL seeds (alphas where every seed reached "
              "the target). make train's choice: the (alpha, tau) whose mean validation point over the seeds has the "
-             "most saving within 0.5 points of the full model; the seeds' test points there: mean, and the range "
-             "(max - min).", "",
+             "most saving within 0.5 points of the full model, then each seed's tau (in seed order) whose validation "
+             "saving is nearest that mean's; the seeds' test points there: mean, and the range (max - min).", "",
              "| variant | " + " | ".join(f"{100 * s:.0f}%" for s in SAVINGS)
-             + " | min gap | chosen (alpha: test acc, saving, ranges) | make train's choice: (alpha, tau), test acc, saving (ranges) | s |",
+             + " | min gap | chosen (alpha: test acc, saving, ranges) | make train's choice: (alpha, each seed's tau), test acc, saving (ranges) | s |",
              "|---|" + "---|" * (len(SAVINGS) + 4)]
     for name, result in report.items():
         gaps = {s: g for s, g in result["gaps"]}
@@ -377,12 +394,35 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
             else:
                 chosen.append(f"{alpha}: {len(rows)} of {len(rl_seeds)} seeds reached the target")
         per_seed = result["per_seed"]["test"]
-        alpha, tau = result["per_seed"]["setting"]
-        spread = (f"({alpha:g}, {tau:g}), {per_seed['metric']:.4f}, {100 * per_seed['layer_saving']:.1f}% "
+        alpha = result["per_seed"]["setting"][0]
+        taus = "/".join(f"{row['setting'][-1]:g}" for row in result["per_seed"]["seeds"])
+        spread = (f"({alpha:g}, {taus}), {per_seed['metric']:.4f}, {100 * per_seed['layer_saving']:.1f}% "
                   f"({100 * per_seed['metric_spread']:.2f}, {100 * per_seed['layer_saving_spread']:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * min(gaps.values(), default=math.nan):+.2f} | "
                      + "; ".join(chosen) + f" | {spread} | {result['seconds']:.0f} |")
+    for name, result in report.items():
+        if "seed_groups" in result:
+            lines += ["", seed_groups_markdown(name, result["seed_groups"])]
     return "\n".join(lines) + "\n"
+
+
+def seed_groups_markdown(name: str, groups: list[dict]) -> str:
+    """make train's choice made by each group of RL seeds alone: does it hold the point on every group?"""
+    lines = [f"## {name}: make train's choice, made by each group of RL seeds alone", "",
+             "Test points of the group's seeds at the chosen alpha, each at its tau nearest the chosen validation "
+             "saving: mean, and spread (max - min) in points; beside them, the spreads had every seed run at the "
+             "mean's own tau.", "",
+             "| RL seeds | alpha, taus | validation saving (mean) | test acc | test saving | acc spread | saving "
+             "spread | at one tau: acc spread, saving spread |", "|---|---|---|---|---|---|---|---|"]
+    for row in groups:
+        choice, one = row["choice"], row["one_tau"]
+        taus = "/".join(f"{r['setting'][-1]:g}" for r in choice["seeds"])
+        test = choice["test"]
+        lines.append(f"| {', '.join(map(str, row['seeds']))} | {choice['setting'][0]:g}, {taus} | "
+                     f"{100 * choice['validation']['layer_saving']:.1f}% | {test['metric']:.4f} | "
+                     f"{100 * test['layer_saving']:.1f}% | {100 * test['metric_spread']:.2f} | "
+                     f"{100 * test['layer_saving_spread']:.1f} | {100 * one['metric']:.2f}, {100 * one['layer_saving']:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -396,11 +436,16 @@ def main() -> None:
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                         help="sst2: the folder holding GLUE's SST-2/ (default: $GLUE_DIR)")
     parser.add_argument("--variants", nargs="*", help="compare policy variants on validation (no names: all)")
+    parser.add_argument("--seed-groups", type=int, metavar="K",
+                        help="with --variants: also make make train's choice within each group of K consecutive RL seeds")
     parser.add_argument("--results", default=str(RESULTS), help="where the reports go (a dry run: somewhere else)")
     argv = sys.argv[1:]
     # After "--": ee-train overrides for stage 1 (subset sizes, epochs); the study reads them back from the checkpoint.
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.seed_groups is not None and (args.variants is None or args.seed_groups < 1):
+        parser.error("--seed-groups K makes make train's choice within groups of K RL seeds of a --variants comparison: "
+                     "give --variants too, and K >= 1")
     if extra and args.stage1:
         parser.error(f"stage-1 overrides {extra} do nothing with --stage1 (that checkpoint is already trained); "
                      "drop one of them")
@@ -416,7 +461,7 @@ def main() -> None:
     checkpoints = {seed: args.stage1 or stage_one(args.study, seed, extra, out) for seed in args.seeds}
     if args.variants is not None:
         variants(args.study, next(iter(checkpoints.values())), args.alphas, args.rl_seeds, args.variants or list(VARIANTS),
-                 results_dir)
+                 results_dir, args.seed_groups)
         return
     results = run_study(args.study, checkpoints, variant_settings(STUDY_VARIANT), args.alphas, args.rl_seeds)
     seconds = time.perf_counter() - started

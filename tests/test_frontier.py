@@ -111,22 +111,35 @@ GRID = [_member(0.05, 0.9, 0, (0.848, 0.30), (0.840, 0.31)),
         _member(0.10, 0.9, 0, (0.850, 0.45), (0.830, 0.46)),
         _member(0.10, 0.9, 1, (0.842, 0.47), (0.836, 0.48)),   # mean 0.846 at 0.46: the most saving within it
         _member(0.10, 0.5, 0, (0.846, 0.60), (0.990, 0.61)),   # seed 0 alone would take this one ...
-        _member(0.10, 0.5, 1, (0.830, 0.62), (0.820, 0.63))]   # ... but the mean, 0.838, is outside the target
+        _member(0.10, 0.5, 1, (0.830, 0.62), (0.820, 0.63)),   # ... but the mean, 0.838, is outside the target
+        _member(0.10, 0.95, 0, (0.849, 0.40), (0.845, 0.41)),
+        _member(0.10, 0.95, 1, (0.845, 0.455), (0.839, 0.465))]  # seed 1's saving nearest the chosen mean's 0.46
 
 
-def test_choose_setting_takes_one_setting_for_every_seed_from_their_mean_on_validation():
+def test_choose_setting_takes_alpha_and_saving_from_the_seeds_mean_and_matches_each_seeds_tau_to_that_saving():
     choice = choose_setting(GRID, 0.850, 0.005)
     assert (choice["setting"], choice["within_target"]) == ((0.10, 0.9), True)
     assert choice["validation"] == {"metric": pytest.approx(0.846), "layer_saving": pytest.approx(0.46)}
-    assert [(r["seed"], r["setting"]) for r in choice["seeds"]] == [(0, (0.10, 0.9)), (1, (0.10, 0.9))]
-    assert choice["seeds"][1]["test"] == {"metric": 0.836, "layer_saving": 0.48}  # read on test only after the choice
+    # seed 0 saves 0.45 at tau 0.9 (0.40 at 0.95); seed 1 saves 0.455 at tau 0.95, nearer 0.46 than its 0.47 at 0.9
+    assert [(r["seed"], r["setting"]) for r in choice["seeds"]] == [(0, (0.10, 0.9)), (1, (0.10, 0.95))]
+    assert choice["seeds"][1]["test"] == {"metric": 0.839, "layer_saving": 0.465}  # read on test only after the choice
     summary = choice["test"]
-    assert summary["metric"] == pytest.approx(0.833) and summary["metric_spread"] == pytest.approx(0.006)
-    assert summary["layer_saving"] == pytest.approx(0.47) and summary["layer_saving_spread"] == pytest.approx(0.02)
+    assert summary["metric"] == pytest.approx(0.8345) and summary["metric_spread"] == pytest.approx(0.009)
+    assert summary["layer_saving"] == pytest.approx(0.4625) and summary["layer_saving_spread"] == pytest.approx(0.005)
     missed = choose_setting(GRID, 0.900, 0.005)  # no mean within 0.5 points of 0.9: the best mean validation metric
-    assert (missed["setting"], missed["within_target"]) == ((0.05, 0.9), False)
+    assert (missed["setting"], missed["within_target"]) == ((0.10, 0.95), False)  # 0.847 either way: more saving
     with pytest.raises(ValueError, match="method.frontier.alphas"):
         choose_setting([], 0.85, 0.005)
+
+
+def test_a_tie_in_saving_goes_to_the_tau_nearest_the_chosen_one():
+    grid = [_member(0.1, 0.9, 0, (0.85, 0.40), (0.85, 0.40)), _member(0.1, 0.9, 1, (0.85, 0.40), (0.85, 0.40)),
+            _member(0.1, 0.8, 0, (0.85, 0.50), (0.85, 0.50)), _member(0.1, 0.8, 1, (0.85, 0.40), (0.85, 0.41)),
+            _member(0.1, 0.5, 0, (0.85, 0.55), (0.85, 0.55)), _member(0.1, 0.5, 1, (0.85, 0.50), (0.85, 0.50))]
+    choice = choose_setting(grid, 0.85, 0.005)  # the mean at tau 0.5: 0.525 saving
+    assert choice["setting"] == (0.1, 0.5)
+    # seed 0: 0.50 (tau 0.8) and 0.55 (tau 0.5) are equally near 0.525, so tau 0.5; seed 1: 0.50 at tau 0.5
+    assert [r["setting"] for r in choice["seeds"]] == [(0.1, 0.5), (0.1, 0.5)]
 
 
 def test_choose_in_grid_records_alpha_tau_the_runs_seed_and_the_split_that_chose_them():
@@ -138,11 +151,12 @@ def test_choose_in_grid_records_alpha_tau_the_runs_seed_and_the_split_that_chose
     assert chosen["chosen_on"] == "validation" and chosen["target"] == target_text(0.005)
     assert chosen["validation"] == {"metric": 0.850, "layer_saving": 0.45}  # the run's own policy: seed 0's
     assert chosen["test"] == {"metric": 0.830, "layer_saving": 0.46}
-    assert chosen["mean"]["validation"]["metric"] == pytest.approx(0.846)
+    assert chosen["mean"]["validation"]["metric"] == pytest.approx(0.846) and chosen["mean"]["tau"] == 0.9
     per_seed = choice["per_seed"]
-    assert [(r["seed"], r["alpha"], r["tau"]) for r in per_seed["seeds"]] == [(0, 0.10, 0.9), (1, 0.10, 0.9)]
-    assert per_seed["chosen_on"] == "validation" and per_seed["test"]["layer_saving_spread"] == pytest.approx(0.02)
-    assert choose_in_grid(GRID, 0.850, 0.005, run_seed=1)["chosen"]["test"] == {"metric": 0.836, "layer_saving": 0.48}
+    assert [(r["seed"], r["alpha"], r["tau"]) for r in per_seed["seeds"]] == [(0, 0.10, 0.9), (1, 0.10, 0.95)]
+    assert per_seed["chosen_on"] == "validation" and per_seed["test"]["layer_saving_spread"] == pytest.approx(0.005)
+    seed_one = choose_in_grid(GRID, 0.850, 0.005, run_seed=1)["chosen"]
+    assert (seed_one["tau"], seed_one["test"]) == (0.95, {"metric": 0.839, "layer_saving": 0.465})
     with pytest.raises(ValueError, match="no RL seed 7"):
         choose_in_grid(GRID, 0.850, 0.005, run_seed=7)
 
@@ -155,15 +169,15 @@ def test_the_report_and_the_summary_name_the_chosen_policy_and_its_spread_over_s
 
     choice = choose_in_grid(GRID, 0.850, 0.005)
     text = chosen_policy_text(choice, "acc")
-    assert "Chosen: alpha 0.1, tau 0.9 (validation mean 0.8460 at 46.0%)" in text
-    assert "RL seed 0: test acc 0.8300 at 46.0% layer saving (validation 0.8500 at 45.0%)" in text
-    assert "| 1 | 0.8360 | 48.0% | 0.8420 | 47.0% |" in text
-    assert "| 0.8330 (0.60 points) | 47.0% (2.0 points) |" in text and "No setting reached" not in text
+    assert "Chosen: alpha 0.1 at 46.0% validation layer saving (the seeds' mean at tau 0.9: 0.8460)" in text
+    assert "RL seed 0, tau 0.9: test acc 0.8300 at 46.0% layer saving (validation 0.8500 at 45.0%)" in text
+    assert "| 1 | 0.95 | 0.8390 | 46.5% | 0.8450 | 45.5% |" in text
+    assert "| 0.8345 (0.90 points) | 46.2% (0.5 points) |" in text and "No setting reached" not in text
     assert "No setting reached" in chosen_policy_text(choose_in_grid(GRID, 0.9, 0.005), "acc")
     line = seed_spread_text("acc", choice["per_seed"])
-    assert line == ("consistentee per RL seed at alpha 0.1 tau 0.9 (chosen on validation over the seeds' mean): "
-                    "seed 0 -> 0.8300 at 46.0%, seed 1 -> 0.8360 at 48.0%; acc mean 0.8330 (spread 0.60 points), "
-                    "layer saving mean 47.0% (spread 2.0 points)")
+    assert line == ("consistentee per RL seed at alpha 0.1, each at its tau nearest 46.0% validation layer saving "
+                    "(chosen on validation over the seeds' mean): seed 0 (tau 0.9) -> 0.8300 at 46.0%, seed 1 (tau 0.95) "
+                    "-> 0.8390 at 46.5%; acc mean 0.8345 (spread 0.90 points), layer saving mean 46.2% (spread 0.5 points)")
     assert ", outside the target)" in seed_spread_text("acc", choose_in_grid(GRID, 0.9, 0.005)["per_seed"])
     method = MethodResult(metric=0.83, avg_exit_layer=3.0, layer_saving=0.5, speedup=2.0, tau=0.9, alpha=0.1, seed=0,
                           chosen_on="validation", chosen_point={"within_target": False})
@@ -289,10 +303,10 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     assert [r[0] for r in per_seed] == [42, 43]
     summary = capsys.readouterr().out
     assert f"alpha {chosen['alpha']:g}, RL seed {chosen['seed']}, tau {chosen['tau']:g}, chosen on validation" in summary
-    assert (f"consistentee per RL seed at alpha {chosen['alpha']:g} tau {chosen['tau']:g} (chosen on validation over "
-            "the seeds' mean") in summary and "seed 42 -> " in summary
+    assert f"consistentee per RL seed at alpha {chosen['alpha']:g}, each at its tau nearest " in summary
+    assert f"seed 42 (tau {chosen['tau']:g}) -> " in summary
     report = (tmp_path / "same" / "run" / "pareto.md").read_text()
-    assert f"Chosen: alpha {chosen['alpha']:g}, tau {chosen['tau']:g}" in report and "RL seed 42: test acc" in report
+    assert f"Chosen: alpha {chosen['alpha']:g} at " in report and f"RL seed 42, tau {chosen['tau']:g}: test acc" in report
     assert per_seed == [(r["seed"], r["alpha"], r["tau"], r["validation"])
                         for r in flipped.policy_frontier["per_seed"]["seeds"]]
     assert [(r["rule"], r["value"]) for r in flipped.chosen_points] == [(r["rule"], r["value"]) for r in same.chosen_points]

@@ -64,12 +64,13 @@ def policy_text(method) -> str:
 
 
 def seed_spread_text(metric_name: str, per_seed: dict) -> str:
-    """Every RL seed's test point at the (alpha, tau) chosen on validation over the seeds' mean: mean and spread."""
+    """Every RL seed's test point at the alpha and validation saving chosen over the seeds' mean: mean and spread."""
     rows, summary = per_seed["seeds"], per_seed["test"]
     missed = "" if per_seed["within_target"] else ", outside the target"
-    points = ", ".join(f"seed {r['seed']} -> {r['test']['metric']:.4f} at {100 * r['test']['layer_saving']:.1f}%"
-                       for r in rows)
-    return (f"consistentee per RL seed at alpha {per_seed['alpha']:g} tau {per_seed['tau']:g} (chosen on validation over "
-            f"the seeds' mean{missed}): {points}; {metric_name} mean {summary['metric']:.4f} (spread "
+    points = ", ".join(f"seed {r['seed']} (tau {r['tau']:g}) -> {r['test']['metric']:.4f} at "
+                       f"{100 * r['test']['layer_saving']:.1f}%" for r in rows)
+    return (f"consistentee per RL seed at alpha {per_seed['alpha']:g}, each at its tau nearest "
+            f"{100 * per_seed['mean']['validation']['layer_saving']:.1f}% validation layer saving (chosen on validation "
+            f"over the seeds' mean{missed}): {points}; {metric_name} mean {summary['metric']:.4f} (spread "
             f"{100 * summary['metric_spread']:.2f} points), layer saving mean {100 * summary['layer_saving']:.1f}% "
             f"(spread {100 * summary['layer_saving_spread']:.1f} points)")

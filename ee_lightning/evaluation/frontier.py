@@ -61,26 +61,33 @@ def choose_on_split(points: list[dict], reference: float, tolerance: float) -> t
 
 def choose_setting(members: list[dict], reference: float, tolerance: float, split: str = "validation",
                    reported: str = "test") -> dict:
-    """One knob setting for every seed: the setting (e.g. (alpha, tau)) whose mean `split` point over the seeds
-    `choose_on_split` picks, and each seed's member at it ({"setting", "within_target", "seeds": [{"seed",
-    "setting", <split>, <reported>}], <reported>: mean and spread (max - min) over seeds of metric and layer
-    saving}).
+    """One operating point for every seed: the setting (e.g. (alpha, tau)) whose mean `split` point over the seeds
+    `choose_on_split` picks, then each seed's member at the same leading knobs (alpha) whose `split` layer saving
+    is nearest that mean's (ties: the last knob nearest the chosen one). Returns {"setting", "within_target",
+    <split>: the mean point, "seeds": [{"seed", "setting", <split>, <reported>}], <reported>: mean and spread
+    (max - min) over seeds of metric and layer saving}.
 
-    Letting each seed choose its own setting would make every seed read its own share of the split's noise:
-    the seed whose validation metric happens to sit high at some setting takes more saving, and the points
-    drift apart although each setting's policies agree. One setting is what a user sets in the config."""
+    Letting each seed choose on its own metric would make every seed read its own share of the split's label
+    noise: the seed whose validation metric happens to sit high somewhere takes more saving. One tau for every
+    seed does not hold the point either, because each policy's exit probabilities have their own scale: at one
+    tau, policies that agree closely save a few points apart. The layer saving on the choosing split reads no
+    label, so matching it calibrates each seed's tau without reading the noise."""
     if not members:
         raise ValueError("no members to choose from: the policy grid trained nothing (method.frontier.alphas is empty?)")
     means = [{**row[split], "setting": row["setting"]} for row in seed_settings(members, (split,))]
     point, within = choose_on_split(means, reference, tolerance)
-    rows = [{"seed": m["seed"], "setting": m["setting"], split: m[split], reported: m[reported]}
-            for m in sorted((m for m in members if m["setting"] == point["setting"]), key=lambda m: m["seed"])]
+    setting, saving = point["setting"], point["layer_saving"]
+    rows = []
+    for seed in sorted({m["seed"] for m in members}):
+        mine = [m for m in members if m["seed"] == seed and m["setting"][:-1] == setting[:-1]]
+        pick = min(mine, key=lambda m: (abs(m[split]["layer_saving"] - saving), abs(m["setting"][-1] - setting[-1])))
+        rows.append({"seed": seed, "setting": pick["setting"], split: pick[split], reported: pick[reported]})
     summary = {}
     for key in ("metric", "layer_saving"):
         values = [row[reported][key] for row in rows]
         summary[key] = statistics.mean(values)
         summary[f"{key}_spread"] = max(values) - min(values)
-    return {"setting": point["setting"], "within_target": within, split: {k: point[k] for k in ("metric", "layer_saving")},
+    return {"setting": setting, "within_target": within, split: {k: point[k] for k in ("metric", "layer_saving")},
             "seeds": rows, reported: summary}
 
 

@@ -214,24 +214,26 @@ def frontier_table(rows: list[dict], metric_name: str, split: str = "test") -> s
 
 
 def chosen_policy_text(choice: dict, metric_name: str, split: str = "test") -> str:
-    """The (alpha, tau) chosen on validation over the RL seeds' mean, the run's policy at it, and every seed's
-    point there (`policy_grid.choose_in_grid`)."""
+    """The alpha and validation saving chosen over the RL seeds' mean, each seed's tau for that saving, the run's
+    policy, and every seed's point (`policy_grid.choose_in_grid`)."""
     pick, per_seed = choice["chosen"], choice["per_seed"]
     mean = pick["mean"]["validation"]
     missed = "" if pick["within_target"] else " No setting reached that target, so the one of the best validation metric is reported."
     lines = [f"The run's policy is chosen on {pick['chosen_on']}: the (alpha, tau) whose mean over the RL seeds' policies has "
-             f"{pick['target']}.{missed} Chosen: alpha {pick['alpha']:g}, tau {pick['tau']:g} (validation mean "
-             f"{mean['metric']:.4f} at {100 * mean['layer_saving']:.1f}%). The run's policy, RL seed {pick['seed']}: "
+             f"{pick['target']}.{missed} Chosen: alpha {pick['alpha']:g} at {100 * mean['layer_saving']:.1f}% validation "
+             f"layer saving (the seeds' mean at tau {pick['mean']['tau']:g}: {mean['metric']:.4f}). Each seed's tau is "
+             f"the one whose validation saving is nearest it: the saving reads no label, and one tau would save "
+             f"different amounts with different policies. The run's policy, RL seed {pick['seed']}, tau {pick['tau']:g}: "
              f"{split} {metric_name} {pick[split]['metric']:.4f} at {100 * pick[split]['layer_saving']:.1f}% layer saving "
              f"(validation {pick['validation']['metric']:.4f} at {100 * pick['validation']['layer_saving']:.1f}%).", "",
-             "Every RL seed's policy at that setting (does the point hold across seeds?):", "",
-             f"| RL seed | {metric_name} | layer saving | validation {metric_name} | validation layer saving |",
-             "|---|---|---|---|---|"]
+             "Every RL seed's policy at that saving (does the point hold across seeds?):", "",
+             f"| RL seed | tau | {metric_name} | layer saving | validation {metric_name} | validation layer saving |",
+             "|---|---|---|---|---|---|"]
     for row in per_seed["seeds"]:
-        lines.append(f"| {row['seed']} | {row[split]['metric']:.4f} | {100 * row[split]['layer_saving']:.1f}% | "
+        lines.append(f"| {row['seed']} | {row['tau']:g} | {row[split]['metric']:.4f} | {100 * row[split]['layer_saving']:.1f}% | "
                      f"{row['validation']['metric']:.4f} | {100 * row['validation']['layer_saving']:.1f}% |")
     summary = per_seed[split]
-    lines.append(f"| mean (spread: max - min) | {summary['metric']:.4f} ({100 * summary['metric_spread']:.2f} points) | "
+    lines.append(f"| mean (spread: max - min) | | {summary['metric']:.4f} ({100 * summary['metric_spread']:.2f} points) | "
                  f"{100 * summary['layer_saving']:.1f}% ({100 * summary['layer_saving_spread']:.1f} points) | | |")
     return "\n".join(lines)
 

@@ -132,10 +132,11 @@ def policy_frontier(members: list[dict], splits=("validation", "test")) -> dict:
 
 def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test"),
                    run_seed: int | None = None) -> dict:
-    """The run's operating point, chosen on validation: the (alpha, tau) whose mean over the RL seeds' policies
-    meets the target (`frontier.choose_setting`), the run's policy being `run_seed`'s (default: the grid's first
-    seed) at it; and every seed's point at that setting, which says whether the point holds across seeds. Both
-    record the split that chose them and the target."""
+    """The run's operating point, chosen on validation (`frontier.choose_setting`): the alpha and validation layer
+    saving of the (alpha, tau) whose mean over the RL seeds' policies meets the target, each seed's policy at its
+    tau nearest that saving, the run's policy being `run_seed`'s (default: the grid's first seed); and every
+    seed's point, which says whether the point holds across seeds. Both record the split that chose them and
+    the target."""
     choice = choose_setting(members, full_validation, tolerance, split=splits[0], reported=splits[-1])
     rows = choice["seeds"]
     run_seed = members[0]["seed"] if run_seed is None else run_seed
@@ -143,10 +144,13 @@ def choose_in_grid(members: list[dict], full_validation: float, tolerance: float
     if mine is None:
         raise ValueError(f"the policy grid has no RL seed {run_seed}: its seeds are {[row['seed'] for row in rows]}")
     meta = {"chosen_on": splits[0], "target": target_text(tolerance), "within_target": choice["within_target"]}
-    alpha, tau = choice["setting"]
-    point = {"alpha": alpha, "tau": tau, **meta}
-    return {"chosen": {**point, "seed": run_seed, "mean": {splits[0]: choice[splits[0]]}, **{s: mine[s] for s in splits}},
-            "per_seed": {**point, "seeds": [{"seed": row["seed"], **point, **{s: row[s] for s in splits}} for row in rows],
+    alpha, mean_tau = choice["setting"]
+    mean = {splits[0]: choice[splits[0]], "tau": mean_tau}
+    return {"chosen": {"alpha": alpha, "tau": mine["setting"][-1], **meta, "seed": run_seed, "mean": mean,
+                       **{s: mine[s] for s in splits}},
+            "per_seed": {"alpha": alpha, **meta, "mean": mean,
+                         "seeds": [{"seed": row["seed"], "alpha": alpha, "tau": row["setting"][-1], **meta,
+                                    **{s: row[s] for s in splits}} for row in rows],
                          splits[-1]: choice[splits[-1]]}}
 
 
@@ -173,7 +177,8 @@ def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, stat
     """The run's policy frontier (results.json `policy_frontier`) and its policies ({(alpha, seed): policy}):
     policies over `alphas` x `seeds` trained on the training set's cached outputs `cache` (`collect_states`)
     with the policy stage's settings `stage`. With `choose_tolerance`, also the operating point chosen on validation
-    (`choose_in_grid`: one (alpha, tau) for every seed; the run's policy is the first seed's, `seeds[0]`)."""
+    (`choose_in_grid`: one alpha and validation saving for every seed; the run's policy is the first seed's,
+    `seeds[0]`)."""
     policies = train_grid(template, CachedLayerDataset(cache, memorized), task, rl_settings(stage), alphas=alphas,
                           seeds=seeds, lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size,
                           tolerance=tolerance)
