@@ -10,6 +10,8 @@ step (`ee_lightning.training.policy_grid`):
     python experiments/frontier_study.py sst2 --glue-dir <folder with SST-2/>
     python experiments/frontier_study.py bbc_news
     python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --variants   # policy variants, validation only
+    python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --rl-seeds 0 1 2 3 4 5 \
+        --variants "16 epochs" --seed-groups 3    # make train's choice made by each seed triple alone
     python experiments/frontier_study.py bbc_news -- method.finetune.epochs=1   # after --: stage-1 overrides
 
 Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}), or under
@@ -38,7 +40,7 @@ from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import default_grid
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_states, signals_from_states
 from ee_lightning.modeling.exit_policy import ExitPolicy
-from ee_lightning.training.policy_grid import grid_members
+from ee_lightning.training.policy_grid import grid_members, saving_matcher
 from ee_lightning.training.systems.policy import rl_settings
 
 # The data presets (and where results go) are the reward study's: the two studies compare on the same runs.
@@ -106,7 +108,8 @@ def rule_curves(states: dict, task) -> dict[str, dict[str, list[dict]]]:
     return curves
 
 
-def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: list[int]) -> list[dict]:
+def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: list[int]) -> tuple[list[dict], object]:
+    """The members, and make train's matcher of each seed's tau to a validation saving (`saving_matcher`)."""
     train = states["train"]
     correct = hardness_lib.correct_table(task, train["logits"], train["labels"])
     dataset = CachedLayerDataset(train, hardness_lib.memorized_layer(correct))
@@ -114,10 +117,11 @@ def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: li
     template = ExitPolicy(num_layers, hidden, task.output_size, hidden=variant["hidden"],
                           use_confidence=variant["use_confidence"])
     taus = default_grid("policy", num_layers)
-    return grid_members(template, dataset, {"validation": states["validation"], "test": states["test"]}, task,
-                        variant["rl"], alphas=alphas, seeds=seeds, taus=taus, lr=variant["lr"],
-                        epochs=variant["epochs"], batch_size=variant["batch_size"], tolerance=0.5,
-                        schedule=variant["schedule"])
+    splits = {"validation": states["validation"], "test": states["test"]}
+    members, policies = grid_members(template, dataset, splits, task, variant["rl"], alphas=alphas, seeds=seeds,
+                                     taus=taus, lr=variant["lr"], epochs=variant["epochs"],
+                                     batch_size=variant["batch_size"], tolerance=0.5, schedule=variant["schedule"])
+    return members, saving_matcher(policies, splits, task)
 
 
 def seed_curve(members: list[dict], seed: int, split: str) -> list[dict]:
@@ -171,7 +175,7 @@ def run_study(study: str, checkpoints: dict[int, str], variant: dict, alphas: li
         started = time.perf_counter()
         states, task = split_states(checkpoint)
         curves = rule_curves(states, task)
-        members = train_grid(states, task, variant, alphas, rl_seeds)
+        members, _ = train_grid(states, task, variant, alphas, rl_seeds)
         full_val = curves["validation"]["full"][0]["metric"]
         per_stage1[data_seed] = {
             "checkpoint": checkpoint, "metric": task.metric, "full": {s: curves[s]["full"][0]["metric"] for s in curves},
@@ -330,13 +334,13 @@ def variant_settings(overrides: dict) -> dict:
     return {**BASE, **{k: v for k, v in overrides.items() if k != "rl"}, "rl": {**BASE_RL, **overrides.get("rl", {})}}
 
 
-def seed_group_choices(members: list[dict], full_val: float, groups: list[list[int]]) -> list[dict]:
+def seed_group_choices(members: list[dict], full_val: float, groups: list[list[int]], match=None) -> list[dict]:
     """make train's choice made by each group of RL seeds on its own: {"seeds", "choice": `choose_setting`, "one_tau":
     the test spreads (max - min) of metric and saving had every seed of the group run at the mean's own tau}."""
     rows = []
     for seeds in groups:
         mine = [m for m in members if m["seed"] in seeds]
-        choice = choose_setting(mine, full_val, TOLERANCE)
+        choice = choose_setting(mine, full_val, TOLERANCE, match=match)
         at_tau = [m["test"] for m in mine if m["setting"] == choice["setting"]]
         rows.append({"seeds": seeds, "choice": choice,
                      "one_tau": {key: max(p[key] for p in at_tau) - min(p[key] for p in at_tau)
@@ -351,18 +355,19 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
     report = {}
     for name in names:
         started = time.perf_counter()
-        members = train_grid(states, task, variant_settings(VARIANTS[name]), alphas, rl_seeds)
+        members, match = train_grid(states, task, variant_settings(VARIANTS[name]), alphas, rl_seeds)
         rows = matched(members, curves, rl_seeds, "validation")
         gaps = [(r["saving"], r["policy"][0] - r["entropy"]) for r in rows if r["policy"] and r["entropy"] is not None]
         report[name] = {"matched_validation": rows, "gaps": gaps, "chosen": chosen_by_alpha(members, full_val, alphas,
                                                                                              rl_seeds),
                         "matched_test": matched(members, curves, rl_seeds, "test"),
-                        # make train's check: one (alpha, tau) chosen over the seeds' mean; each seed's test point
-                        "per_seed": choose_setting(members, full_val, TOLERANCE),
+                        # make train's check: alpha and validation saving chosen over the seeds' mean, each seed's tau set
+                        # for that saving; each seed's test point
+                        "per_seed": choose_setting(members, full_val, TOLERANCE, match=match),
                         "seconds": round(time.perf_counter() - started, 1)}
         if group_size:
             groups = [rl_seeds[i:i + group_size] for i in range(0, len(rl_seeds), group_size)]
-            report[name]["seed_groups"] = seed_group_choices(members, full_val, groups)
+            report[name]["seed_groups"] = seed_group_choices(members, full_val, groups, match)
         print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
                                 "seconds": report[name]["seconds"]}), flush=True)
         (results_dir / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
@@ -395,7 +400,7 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
                 chosen.append(f"{alpha}: {len(rows)} of {len(rl_seeds)} seeds reached the target")
         per_seed = result["per_seed"]["test"]
         alpha = result["per_seed"]["setting"][0]
-        taus = "/".join(f"{row['setting'][-1]:g}" for row in result["per_seed"]["seeds"])
+        taus = "/".join(f"{row['setting'][-1]:.4g}" for row in result["per_seed"]["seeds"])
         spread = (f"({alpha:g}, {taus}), {per_seed['metric']:.4f}, {100 * per_seed['layer_saving']:.1f}% "
                   f"({100 * per_seed['metric_spread']:.2f}, {100 * per_seed['layer_saving_spread']:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * min(gaps.values(), default=math.nan):+.2f} | "
@@ -416,7 +421,7 @@ def seed_groups_markdown(name: str, groups: list[dict]) -> str:
              "spread | at one tau: acc spread, saving spread |", "|---|---|---|---|---|---|---|---|"]
     for row in groups:
         choice, one = row["choice"], row["one_tau"]
-        taus = "/".join(f"{r['setting'][-1]:g}" for r in choice["seeds"])
+        taus = "/".join(f"{r['setting'][-1]:.4g}" for r in choice["seeds"])
         test = choice["test"]
         lines.append(f"| {', '.join(map(str, row['seeds']))} | {choice['setting'][0]:g}, {taus} | "
                      f"{100 * choice['validation']['layer_saving']:.1f}% | {test['metric']:.4f} | "

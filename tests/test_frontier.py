@@ -72,6 +72,11 @@ def test_choose_points_picks_on_one_split_and_reports_the_other():
     assert row["value"] == "0.3" and row["metric"] == pytest.approx(0.836) and row["layer_saving"] == pytest.approx(0.41)
     assert row["chosen_on"] == "validation" and row["chosen_metric"] == 0.846 and row["target"] == target_text(0.005)
     assert "0.5 points" in row["target"]
+    # a knob set by a larger choice (the policy's tau, chosen over RL seeds) is reported as set, not re-chosen
+    (fixed,) = choose_points(val, test, full_metric=0.85, tolerance=0.005, set_knobs={"entropy": "0.1"})
+    assert (fixed["value"], fixed["chosen_metric"], fixed["set"]) == ("0.1", 0.85, True) and "set" not in row
+    with pytest.raises(ValueError, match="'0.7' was chosen but is not on the choosing split's grid"):
+        choose_points(val, test, full_metric=0.85, tolerance=0.005, set_knobs={"entropy": "0.7"})
 
 
 def _member(alpha, tau, seed, val, test):
@@ -227,19 +232,20 @@ def test_policy_grid_trains_replays_and_chooses_on_validation():
           "eps_start": 0.3, "eps_end": 0.0, "eps_decay_steps": 200, "normalize_advantages": False,
           "entropy_bonus": 0.0, "estimator": "reinforce"}
     taus = [0.9, 0.5, 0.1]
-    members = grid_members(template, dataset, {"validation": val, "test": test}, task, rl, alphas=[0.05, 0.2],
-                           seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
+    members, policies = grid_members(template, dataset, {"validation": val, "test": test}, task, rl,
+                                     alphas=[0.05, 0.2], seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32,
+                                     tolerance=0.5)
+    assert set(policies) == {(a, s) for a in (0.05, 0.2) for s in (0, 1)}
     assert len(members) == 2 * 2 * 3 and {m["setting"] for m in members} == {(a, t) for a in (0.05, 0.2) for t in taus}
-    again = grid_members(template, dataset, {"validation": val, "test": test}, task, rl, alphas=[0.05, 0.2],
-                         seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
+    again, _ = grid_members(template, dataset, {"validation": val, "test": test}, task, rl, alphas=[0.05, 0.2],
+                            seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
     assert again == members  # a seed fixes the policy
     result = policy_frontier(members)
     assert result["frontier"] and all(row["seeds"] == [0, 1] for row in result["settings"])
 
     shuffled = {**test, "labels": test["labels"][torch.randperm(64)]}
-    moved = [m for m in grid_members(template, dataset, {"validation": val, "test": shuffled}, task, rl,
-                                     alphas=[0.05, 0.2], seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32,
-                                     tolerance=0.5)]
+    moved, _ = grid_members(template, dataset, {"validation": val, "test": shuffled}, task, rl, alphas=[0.05, 0.2],
+                            seeds=[0, 1], taus=taus, lr=1e-2, epochs=2, batch_size=32, tolerance=0.5)
     assert [m["validation"] for m in moved] == [m["validation"] for m in members]
     assert [m["test"] for m in moved] != [m["test"] for m in members]
 
@@ -314,3 +320,50 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     frontier = [(r["setting"], r["validation"]) for r in same.policy_frontier["frontier"]]
     assert frontier == [(r["setting"], r["validation"]) for r in flipped.policy_frontier["frontier"]]
     assert same.policy_frontier["seeds"] == [42, 43]
+
+
+def test_tau_for_saving_by_hand():
+    from ee_lightning.exits.rules import exit_summary, policy_exits, tau_for_saving
+
+    # 3 layers, 2 rows: A's p = 0.2, 0.7; B's p = 0.6, 0.4 (the last layer's never matters). Running maxima below the
+    # last layer: A 0.2, 0.7; B 0.6, 0.6. Mean exit layer = 1 + (running maxima <= tau) / 2.
+    probs = torch.tensor([[0.2, 0.6], [0.7, 0.4], [0.1, 0.1]])
+    # tau sits in the middle of the gap between two running maxima
+    assert tau_for_saving(probs, 0.5) == pytest.approx(0.4)         # 1 of them: A exits at 2, B at 1: 1.5 of 3
+    assert tau_for_saving(probs, 2 / 3) == pytest.approx(0.1)       # none: both exit at layer 1
+    assert tau_for_saving(probs, 0.0) == pytest.approx(0.85)        # all 4: both run to layer 3
+    # 1/3 wants 2 of them; the tie at 0.6 allows 1 (saving 1/2) or 3 (1/6), equally near: the less saving
+    assert tau_for_saving(probs, 1 / 3) == pytest.approx(0.65)
+    saturated = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # probabilities at 1: tau 1 keeps every row to the end
+    assert tau_for_saving(saturated, 0.0) == 1.0 and tau_for_saving(saturated, 0.5) == 0.5
+    for saving in (0.0, 1 / 6, 0.5, 2 / 3):
+        assert exit_summary(policy_exits(probs, tau_for_saving(probs, saving)), 3)["layer_saving"] == pytest.approx(saving)
+
+
+def test_saving_matcher_sets_each_seeds_tau_for_the_chosen_validation_saving():
+    from ee_lightning.exits.rules import exit_summary, policy_exits
+    from ee_lightning.inference.layer_cache import signals_from_states
+    from ee_lightning.modeling.exit_policy import ExitPolicy
+    from ee_lightning.tasks import TaskSpec
+    from ee_lightning.training.policy_grid import fresh_policy, saving_matcher
+
+    torch.manual_seed(0)
+    task = TaskSpec("toy")
+
+    def states(n):
+        labels = torch.randint(0, 2, (n,))
+        return {"pooled": torch.randn(4, n, 8), "logits": torch.randn(4, n, 2), "labels": labels,
+                "idx": torch.arange(n), "lengths": torch.full((n,), 5)}
+
+    template = ExitPolicy(4, 8, 2, hidden=4)
+    policies = {(0.05, seed): fresh_policy(template, seed).eval() for seed in (0, 1)}
+    splits = {"validation": states(200), "test": states(100)}
+    match = saving_matcher(policies, splits, task)
+    for seed in (0, 1):
+        row = match(seed, (0.05, 0.9), 0.4)
+        alpha, tau = row["setting"]
+        probs = signals_from_states(splits["validation"], False, policies[(0.05, seed)])["exit_prob"]
+        saving = exit_summary(policy_exits(probs, tau), 4)["layer_saving"]
+        assert alpha == 0.05 and row["validation"]["layer_saving"] == pytest.approx(saving)
+        assert abs(saving - 0.4) <= 1 / (4 * 200) + 1e-9  # as near as 200 rows of 4 layers allow (no ties here)
+        assert set(row["test"]) == {"metric", "layer_saving", "avg_exit_layer"}

@@ -60,12 +60,14 @@ def choose_on_split(points: list[dict], reference: float, tolerance: float) -> t
 
 
 def choose_setting(members: list[dict], reference: float, tolerance: float, split: str = "validation",
-                   reported: str = "test") -> dict:
+                   reported: str = "test", match=None) -> dict:
     """One operating point for every seed: the setting (e.g. (alpha, tau)) whose mean `split` point over the seeds
-    `choose_on_split` picks, then each seed's member at the same leading knobs (alpha) whose `split` layer saving
-    is nearest that mean's (ties: the last knob nearest the chosen one). Returns {"setting", "within_target",
-    <split>: the mean point, "seeds": [{"seed", "setting", <split>, <reported>}], <reported>: mean and spread
-    (max - min) over seeds of metric and layer saving}.
+    `choose_on_split` picks, then each seed at the same leading knobs (alpha) with its `split` layer saving
+    matched to that mean's. `match(seed, setting, saving)` -> {"setting", <split>: point, <reported>: point} sets
+    a seed's last knob for the saving (`policy_grid.saving_matcher`: exactly, from the seed's policy); without
+    it, the seed's member whose saving is nearest on the grid (ties: the last knob nearest the chosen one).
+    Returns {"setting", "within_target", <split>: the mean point, "seeds": [{"seed", "setting", <split>,
+    <reported>}], <reported>: mean and spread (max - min) over seeds of metric and layer saving}.
 
     Letting each seed choose on its own metric would make every seed read its own share of the split's label
     noise: the seed whose validation metric happens to sit high somewhere takes more saving. One tau for every
@@ -77,11 +79,15 @@ def choose_setting(members: list[dict], reference: float, tolerance: float, spli
     means = [{**row[split], "setting": row["setting"]} for row in seed_settings(members, (split,))]
     point, within = choose_on_split(means, reference, tolerance)
     setting, saving = point["setting"], point["layer_saving"]
+
+    def nearest_on_grid(seed, setting, saving) -> dict:
+        mine = [m for m in members if m["seed"] == seed and m["setting"][:-1] == setting[:-1]]
+        return min(mine, key=lambda m: (abs(m[split]["layer_saving"] - saving), abs(m["setting"][-1] - setting[-1])))
+
     rows = []
     for seed in sorted({m["seed"] for m in members}):
-        mine = [m for m in members if m["seed"] == seed and m["setting"][:-1] == setting[:-1]]
-        pick = min(mine, key=lambda m: (abs(m[split]["layer_saving"] - saving), abs(m["setting"][-1] - setting[-1])))
-        rows.append({"seed": seed, "setting": pick["setting"], split: pick[split], reported: pick[reported]})
+        pick = (match or nearest_on_grid)(seed, setting, saving)
+        rows.append({"seed": seed, "setting": tuple(pick["setting"]), split: pick[split], reported: pick[reported]})
     summary = {}
     for key in ("metric", "layer_saving"):
         values = [row[reported][key] for row in rows]
@@ -96,16 +102,24 @@ def target_text(tolerance: float) -> str:
 
 
 def choose_points(chosen_on: list[dict], reported_on: list[dict], full_metric: float, tolerance: float,
-                  chosen_split: str = "validation") -> list[dict]:
+                  chosen_split: str = "validation", set_knobs: dict | None = None) -> list[dict]:
     """Per rule, the knob whose point on the choosing split (`chosen_on`: every rule at every knob) has the
     most layer saving within `tolerance` of the full model's metric there (`full_metric`), then that
     same knob's point on the reported split (`reported_on`). Rules without a knob (oracle, full) are
-    left out. Each row keeps both points and says which split chose it, for what target."""
+    left out. `set_knobs` ({rule: knob value text}) holds knobs already chosen on the same split for the same
+    target by a larger choice (the policy's tau, by the frontier over RL seeds): those rows are at that knob.
+    Each row keeps both points and says which split chose it, for what target."""
     rows = []
     for rule in dict.fromkeys(p["rule"] for p in chosen_on):
         if rule in ("oracle", "full"):
             continue
-        pick = best_within([p for p in chosen_on if p["rule"] == rule], full_metric, tolerance)
+        mine = [p for p in chosen_on if p["rule"] == rule]
+        if set_knobs and rule in set_knobs:
+            pick = next((p for p in mine if p["value"] == set_knobs[rule]), None)
+            if pick is None:
+                raise ValueError(f"{rule}'s knob {set_knobs[rule]!r} was chosen but is not on the choosing split's grid")
+        else:
+            pick = best_within(mine, full_metric, tolerance)
         if pick is None:
             continue
         reported = next((p for p in reported_on if p["rule"] == rule and p["value"] == pick["value"]), None)
@@ -114,7 +128,8 @@ def choose_points(chosen_on: list[dict], reported_on: list[dict], full_metric: f
         rows.append({**{k: reported[k] for k in ("rule", "knob", "value", "metric", "avg_exit_layer", "layer_saving",
                                                   "speedup") if k in reported},
                      "chosen_on": chosen_split, "target": target_text(tolerance),
-                     "chosen_metric": pick["metric"], "chosen_layer_saving": pick["layer_saving"]})
+                     "chosen_metric": pick["metric"], "chosen_layer_saving": pick["layer_saving"],
+                     **({"set": True} if set_knobs and rule in set_knobs else {})})
     return rows
 
 

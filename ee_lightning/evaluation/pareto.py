@@ -185,8 +185,11 @@ def markdown_table(points: list[dict], metric_name: str) -> str:
 
 def chosen_table(chosen: list[dict], metric_name: str) -> str:
     """The operating points chosen on one split and measured on another (`frontier.choose_points`)."""
+    set_rules = [row["rule"] for row in chosen if row.get("set")]
+    also = (f" The {', '.join(set_rules)} row is the run's own point, chosen over its RL seeds (\"The chosen policy\" "
+            "below)." if set_rules else "")
     lines = [f"Each rule's knob is chosen on {chosen[0]['chosen_on']} for {chosen[0]['target']}, then measured on "
-             "the reported split.", "",
+             f"the reported split.{also}", "",
              f"| rule | knob | {metric_name} | layer saving | {chosen[0]['chosen_on']} {metric_name} | "
              f"{chosen[0]['chosen_on']} layer saving |", "|---|---|---|---|---|---|"]
     for row in chosen:
@@ -350,7 +353,9 @@ def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Pat
         grids_with_full = {**grids, "full": [None]}
         validation = replay_points(task, choose_on, grids_with_full)
         full_val = next(p["metric"] for p in validation if p["rule"] == "full")
-        chosen = choose_points(validation, points, full_val, tolerance)
+        # the policy's tau, where the frontier chose it over the RL seeds, is the run's: not this policy's own pick
+        set_knobs = {"policy": _value_text(tau)} if policy_choice and tau is not None and "policy" in grids else None
+        chosen = choose_points(validation, points, full_val, tolerance, set_knobs=set_knobs)
     if latency and latency.get("enabled", True) and "policy" in grids and tau is not None:
         measured = measure_latency(model, build_rule("policy", tau=tau),
                                    lambda bs: datamodule.dataloader(split, batch_size=bs),

@@ -455,6 +455,27 @@ def policy_exits(exit_probs: torch.Tensor, tau: float) -> torch.Tensor:
     return replay(PolicyRule(tau=tau), {"exit_prob": exit_probs})
 
 
+def tau_for_saving(exit_probs: torch.Tensor, saving: float) -> float:
+    """The tau at which the policy rule (exit at the first layer with p_l > tau, forced at the last) saves the
+    nearest to `saving` of the layers that these exit probabilities [L, N] allow (ties: the less saving).
+
+    A row leaves before layer l + 1 exactly when the running maximum of its p_1..p_l exceeds tau, so its exit
+    layer is 1 + the number of layers l < L whose running maximum is <= tau, and the mean exit layer is
+    1 + (the count of such running maxima over all rows) / N. Each gap between two distinct running maxima gives
+    one count; the one nearest N (L (1 - saving) - 1) is chosen, and tau is the middle of its gap, so that no
+    row's probability sits on it (a forward pass that rounds differently moves no row)."""
+    num_layers, rows = exit_probs.shape
+    running = torch.cummax(exit_probs[:-1].double(), dim=0).values.flatten().sort().values
+    wanted = rows * (num_layers * (1.0 - saving) - 1.0)
+    values = torch.unique(running).tolist()
+    counts = torch.searchsorted(running, torch.tensor(values, dtype=running.dtype), right=True).tolist()
+    uppers = [*values[1:], max(values[-1], 1.0)] if values else []
+    candidates = [(count, (low + high) / 2) for count, low, high in zip(counts, values, uppers)]
+    if not values or values[0] > 0.0:
+        candidates.insert(0, (0, values[0] / 2 if values else 0.0))  # below every running maximum
+    return min(candidates, key=lambda c: (abs(c[0] - wanted), -c[0]))[1]
+
+
 def at_exit(per_layer: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
     """Each row's value at its exit: per_layer [L, N, ...], exit_layers [N] (1..L) -> [N, ...]."""
     rows = torch.arange(per_layer.shape[1], device=per_layer.device)

@@ -17,6 +17,7 @@ from torch import nn
 from ee_lightning.config.schema import PolicyStage
 from ee_lightning.evaluation.frontier import choose_on_split, choose_setting, frontier, seed_settings, target_text
 from ee_lightning.evaluation.rule_points import sweep_rule
+from ee_lightning.exits.rules import tau_for_saving
 from ee_lightning.files import atomic_torch_save
 from ee_lightning.inference.layer_cache import CachedLayerDataset, signals_from_states
 from ee_lightning.progress import progress
@@ -117,11 +118,11 @@ def replay_grid(policies: dict[tuple, nn.Module], states: dict[str, dict], task:
 
 def grid_members(template: nn.Module, dataset: CachedLayerDataset, states: dict[str, dict], task: TaskSpec,
                  rl: dict, *, alphas: list[float], seeds: list[int], taus: list[float], lr: float, epochs: int,
-                 batch_size: int, tolerance: float, schedule: str = "constant") -> list[dict]:
-    """`train_grid`, then `replay_grid`: the members alone, for studies that do not keep the policies."""
+                 batch_size: int, tolerance: float, schedule: str = "constant") -> tuple[list[dict], dict]:
+    """`train_grid`, then `replay_grid`: the members, and the policies ({(alpha, seed): policy})."""
     policies = train_grid(template, dataset, task, rl, alphas=alphas, seeds=seeds, lr=lr, epochs=epochs,
                           batch_size=batch_size, tolerance=tolerance, schedule=schedule)
-    return replay_grid(policies, states, task, taus)
+    return replay_grid(policies, states, task, taus), policies
 
 
 def policy_frontier(members: list[dict], splits=("validation", "test")) -> dict:
@@ -130,14 +131,31 @@ def policy_frontier(members: list[dict], splits=("validation", "test")) -> dict:
     return {"settings": settings, "frontier": frontier(settings, "validation")}
 
 
+def saving_matcher(policies: dict[tuple, nn.Module], states: dict[str, dict], task: TaskSpec):
+    """`frontier.choose_setting`'s `match`: the seed's policy at the chosen alpha, at the tau whose layer saving on
+    the first split of `states` ({split: collect_states cache}, validation first) is nearest the chosen saving
+    (`rules.tau_for_saving`, exact: no grid between), and its point on every split."""
+    splits = list(states)
+
+    def match(seed: int, setting: tuple, saving: float) -> dict:
+        alpha = setting[0]
+        policy = policies[(alpha, seed)]
+        exit_probs = signals_from_states(states[splits[0]], task.is_regression, policy)["exit_prob"]
+        tau = tau_for_saving(exit_probs, saving)
+        return {"setting": (alpha, tau), **{split: {k: policy_curve(policy, split_states, task, [tau])[0][k]
+                                                    for k in ("metric", "layer_saving", "avg_exit_layer")}
+                                            for split, split_states in states.items()}}
+    return match
+
+
 def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test"),
-                   run_seed: int | None = None) -> dict:
+                   run_seed: int | None = None, match=None) -> dict:
     """The run's operating point, chosen on validation (`frontier.choose_setting`): the alpha and validation layer
     saving of the (alpha, tau) whose mean over the RL seeds' policies meets the target, each seed's policy at its
-    tau nearest that saving, the run's policy being `run_seed`'s (default: the grid's first seed); and every
-    seed's point, which says whether the point holds across seeds. Both record the split that chose them and
-    the target."""
-    choice = choose_setting(members, full_validation, tolerance, split=splits[0], reported=splits[-1])
+    tau for that saving (`match`: `saving_matcher`; default: the nearest on the grid), the run's policy being
+    `run_seed`'s (default: the grid's first seed); and every seed's point, which says whether the point holds
+    across seeds. Both record the split that chose them and the target."""
+    choice = choose_setting(members, full_validation, tolerance, split=splits[0], reported=splits[-1], match=match)
     rows = choice["seeds"]
     run_seed = members[0]["seed"] if run_seed is None else run_seed
     mine = next((row for row in rows if row["seed"] == run_seed), None)
@@ -189,5 +207,5 @@ def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, stat
               "frontier": result["frontier"]}
     if choose_tolerance is not None:
         report.update(choose_in_grid(members, full_metric(states["validation"], task), choose_tolerance, tuple(states),
-                                     run_seed=seeds[0]))
+                                     run_seed=seeds[0], match=saving_matcher(policies, states, task)))
     return report, policies
