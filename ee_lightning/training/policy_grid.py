@@ -135,16 +135,17 @@ def saving_matcher(policies: dict[tuple, nn.Module], states: dict[str, dict], ta
     """`frontier.choose_setting`'s `match`: the seed's policy at the chosen alpha, at the tau whose layer saving on
     the first split of `states` ({split: collect_states cache}, validation first) is nearest the chosen saving
     (`rules.tau_for_saving`, exact: no grid between), and its point on every split."""
-    splits = list(states)
+    choosing = next(iter(states))
 
     def match(seed: int, setting: tuple, saving: float) -> dict:
         alpha = setting[0]
         policy = policies[(alpha, seed)]
-        exit_probs = signals_from_states(states[splits[0]], task.is_regression, policy)["exit_prob"]
-        tau = tau_for_saving(exit_probs, saving)
-        return {"setting": (alpha, tau), **{split: {k: policy_curve(policy, split_states, task, [tau])[0][k]
-                                                    for k in ("metric", "layer_saving", "avg_exit_layer")}
-                                            for split, split_states in states.items()}}
+        signals = {split: signals_from_states(split_states, task.is_regression, policy)
+                   for split, split_states in states.items()}
+        tau = tau_for_saving(signals[choosing]["exit_prob"], saving)
+        points = {split: sweep_rule(task, split_signals, "policy", [tau])[0] for split, split_signals in signals.items()}
+        return {"setting": (alpha, tau), **{split: {k: point[k] for k in ("metric", "layer_saving", "avg_exit_layer")}
+                                            for split, point in points.items()}}
     return match
 
 
