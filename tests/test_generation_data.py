@@ -45,6 +45,26 @@ def test_aclsum_rejects_unknown_aspect_and_missing_folder(tmp_path):
         aclsum_dir(str(tmp_path / "nowhere"))
 
 
+def test_aclsum_extra_training_prompts_cover_every_training_paper_without_a_reference():
+    tokenizer = tiny_chat_tokenizer()
+    templates = ["Write a title for this paper: {abstract}", "Describe the {aspect} of this paper: {abstract}"]
+    dm = ACLSumDataModule(tokenizer, aspects=["approach", "outcome"], train_prompt_templates=templates,
+                          max_prompt_length=40, max_response_length=8)
+    dm.setup()
+    train = dm.dataset("train")
+    assert len(train) == 100 * 2 + 100 * (1 + 2)  # the pairs, then a title per paper, then one prompt per aspect
+    extra = train.items[200:]
+    assert {item.reference for item in extra} == {""}
+    assert extra[0].prompt.startswith("Write a title for this paper: In this paper, we explore correlation")
+    assert extra[100].prompt.startswith("Describe the approach of this paper: In this paper")
+    assert extra[101].prompt.startswith("Describe the outcome of this paper: In this paper")
+    assert all(item.origin.startswith("ACLSum ") for item in extra)
+    # the held-out splits keep their pairs only
+    assert len(dm.dataset("validation")) == 50 * 2 and len(dm.dataset("test")) == 100 * 2
+    with pytest.raises(DataError, match=r"'Say hello' has no \{abstract\} field"):
+        ACLSumDataModule(tokenizer, train_prompt_templates=["Say hello"])
+
+
 def test_aclsum_datamodule_batches():
     tokenizer = tiny_chat_tokenizer()
     dm = ACLSumDataModule(tokenizer, aspects=["outcome"], max_train_samples=6, max_eval_samples=4,

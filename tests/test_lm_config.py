@@ -175,6 +175,11 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["data.max_prompt_length=0"], "data.max_prompt_length=0: must be >= 1"),
     (["data.aspects=[method]"], "data.aspects=['method']: choose one or more of ['challenge', 'approach', 'outcome']"),
     (["data=jsonl_generation"], "data.train_file=None: the jsonl_generation option needs a file"),
+    (["data.train_prompt_templates=[Say hello]"], "data.train_prompt_templates=Say hello: every extra template needs "
+                                                  "an {abstract} field"),
+    (["data.train_prompt_templates=['Title: {abstract}']", "method.lm_exits.responses=reference"],
+     "data.train_prompt_templates=['Title: {abstract}']: the extra training prompts have no reference text: set "
+     "method.lm_exits.responses=model"),
 ])
 def test_bad_decoder_setting_fails_validation_naming_the_key(overrides, expected, tmp_path):
     assert expected in problems([*LM, *overrides], tmp_path)

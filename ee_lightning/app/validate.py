@@ -202,6 +202,11 @@ def check_decoder_train(cfg: DictConfig, check: Checker, backbone, data) -> None
         check_generation_data(data, check)
     method = cfg.method
     check_lm_exits(method.lm_exits, check, "method.lm_exits.")
+    extra = _value(data, "train_prompt_templates") if data is not _MISSING else _MISSING
+    if extra not in (_MISSING, None) and len(extra) and _value(method.lm_exits, "responses") != "model":
+        check.add("data.train_prompt_templates", list(extra),
+                  "the extra training prompts have no reference text: set method.lm_exits.responses=model (their "
+                  "text is then the model's own response), or data.train_prompt_templates=[]")
     # random weights: the depth is in the config (a checkpoint's is checked when it loads)
     architecture = _value(backbone, "architecture") if backbone is not _MISSING else _MISSING
     depth = (_layers(architecture) if architecture not in (_MISSING, None) and _value(backbone, "pretrained_path") is None
@@ -240,6 +245,10 @@ def check_generation_data(data: DictConfig, check: Checker) -> None:
         unknown = [a for a in (aspects if aspects not in (_MISSING, None) else []) if a not in ACLSUM_ASPECTS]
         if unknown or aspects in (None, []):
             check.add(p + "aspects", aspects, f"choose one or more of {list(ACLSUM_ASPECTS)}")
+        templates = _value(data, "train_prompt_templates")
+        for template in templates if templates not in (_MISSING, None) else []:
+            if "{abstract}" not in str(template):
+                check.add(p + "train_prompt_templates", template, "every extra template needs an {abstract} field")
     if schema is PromptResponseData:
         if not _value(data, "train_file"):
             check.add(p + "train_file", None, "the jsonl_generation option needs a file of prompt -> response rows: "

@@ -397,6 +397,7 @@ class ACLSumData(GenerationData):
     aclsum_dir: Optional[str] = MISSING
     aspects: List[str] = MISSING
     prompt_template: str = MISSING
+    train_prompt_templates: List[str] = MISSING
 
 
 @dataclass

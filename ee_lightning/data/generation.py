@@ -107,13 +107,11 @@ def aclsum_dir(path: str | None = None) -> Path:
     return folder
 
 
-def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPECTS,
-                template: str = ACLSUM_TEMPLATE) -> list[PromptItem]:
-    """The (paper, aspect) pairs of one ACLSum split, in file order, aspects in the given order."""
+def _aclsum_papers(folder: Path, split: str):
+    """(line, paper id, detokenised abstract, summaries by aspect) per paper of one ACLSum split, in file order."""
     path = Path(folder) / ACLSUM_SPLIT_FILES[split]
     if not path.is_file():
         raise DataError(f"{path} does not exist; reinstall {ACLSUM_REQUIREMENT} (--no-deps) or fix data.aclsum_dir")
-    items = []
     for line, row in read_jsonl(path):
         try:
             abstract = detokenize(" ".join(row["sentences"]["abstract"]))
@@ -121,13 +119,36 @@ def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPE
         except (KeyError, TypeError):
             raise DataError(f"{path}, line {line}: no sentences.abstract / summary fields; is this ACLSum's file?") \
                 from None
+        yield line, row.get("id", line), abstract, summaries
+
+
+def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPECTS,
+                template: str = ACLSUM_TEMPLATE) -> list[PromptItem]:
+    """The (paper, aspect) pairs of one ACLSum split, in file order, aspects in the given order."""
+    items = []
+    for line, paper, abstract, summaries in _aclsum_papers(folder, split):
         for aspect in aspects:
             reference = (summaries.get(aspect) or "").strip()
             if not reference:
-                raise DataError(f"{path}, line {line}: no {aspect!r} summary; data.aspects must be among "
-                                f"{list(ACLSUM_ASPECTS)}")
+                raise DataError(f"{Path(folder) / ACLSUM_SPLIT_FILES[split]}, line {line}: no {aspect!r} summary; "
+                                f"data.aspects must be among {list(ACLSUM_ASPECTS)}")
             items.append(PromptItem(template.format(aspect=aspect, abstract=abstract), detokenize(reference),
-                                    f"ACLSum {row.get('id', line)} {aspect}"))
+                                    f"ACLSum {paper} {aspect}"))
+    return items
+
+
+def aclsum_extra_prompts(folder: Path, templates: list[str], aspects: tuple[str, ...] = ACLSUM_ASPECTS) -> list[PromptItem]:
+    """More training prompts on ACLSum's training papers: every paper under every template (once per aspect where
+    the template names one). They have no reference (empty): their text is the model's own response
+    (method.lm_exits.responses=model), so the exits learn from more of what the model writes, on papers that no
+    held-out prompt shows."""
+    items = []
+    for number, template in enumerate(templates):
+        for _, paper, abstract, _ in _aclsum_papers(folder, "train"):
+            for aspect in (aspects if "{aspect}" in template else (None,)):
+                prompt = template.format(abstract=abstract, **({"aspect": aspect} if aspect else {}))
+                items.append(PromptItem(prompt, "", f"ACLSum {paper}, extra template {number}"
+                                        + (f" {aspect}" if aspect else "")))
     return items
 
 
@@ -394,7 +415,8 @@ class ACLSumDataModule(GenerationDataModule):
     """ACLSum's own splits (100 / 50 / 100 papers, times the chosen aspects)."""
 
     def __init__(self, tokenizer, aclsum_dir: str | None = None, aspects=ACLSUM_ASPECTS,
-                 prompt_template: str = ACLSUM_TEMPLATE, name: str = "aclsum", **kwargs):
+                 prompt_template: str = ACLSUM_TEMPLATE, train_prompt_templates=(), name: str = "aclsum",
+                 **kwargs):
         super().__init__(tokenizer, name=name, **kwargs)
         aspects = tuple(str(a) for a in aspects)
         unknown = [a for a in aspects if a not in ACLSUM_ASPECTS]
@@ -403,13 +425,20 @@ class ACLSumDataModule(GenerationDataModule):
         for field in ("{aspect}", "{abstract}"):
             if field not in prompt_template:
                 raise DataError(f"data.prompt_template has no {field} field: {prompt_template!r}")
+        self.train_prompt_templates = [str(t) for t in (train_prompt_templates or ())]
+        for template in self.train_prompt_templates:
+            if "{abstract}" not in template:
+                raise DataError(f"data.train_prompt_templates: {template!r} has no {{abstract}} field; every extra "
+                                "template must show the paper")
         self.aclsum_dir = aclsum_dir
         self.aspects = aspects
         self.prompt_template = prompt_template
 
     def load_splits(self) -> dict[str, list[PromptItem]]:
         folder = aclsum_dir(self.aclsum_dir)
-        return {split: read_aclsum(folder, split, self.aspects, self.prompt_template) for split in SPLITS}
+        splits = {split: read_aclsum(folder, split, self.aspects, self.prompt_template) for split in SPLITS}
+        splits["train"] += aclsum_extra_prompts(folder, self.train_prompt_templates, self.aspects)
+        return splits
 
 
 class PromptResponseDataModule(GenerationDataModule):
