@@ -243,6 +243,24 @@ def test_the_lm_method_fails_before_loading_anything(tmp_path, monkeypatch):
 
 
 # --- train_lm_exits' own config: typed and checked -------------------------------------------------
+def test_the_large_experiment_is_the_small_one_with_more_of_the_models_own_text(tmp_path):
+    from ee_lightning.data.generation import ACLSumDataModule
+    from tests.lm_fixtures import tiny_chat_tokenizer
+
+    small, large = compose_train(LM, tmp_path / "small"), compose_train(["experiment=aclsum_consistentee_large"],
+                                                                       tmp_path / "large")
+    validate_config(large)
+    assert large.method.lm_exits.responses == "model" and large.method.lm_exits.adapter == "block"
+    assert large.method.lm_exits.policy.alpha == 0.02 and large.method.lm_exits.adapters.epochs == 1
+    assert large.method.generation == small.method.generation  # the same evaluation as the small experiment
+    data = {key: large.data[key] for key in ("aspects", "prompt_template", "train_prompt_templates",
+                                              "max_train_samples", "max_eval_samples")}
+    dm = ACLSumDataModule(tiny_chat_tokenizer(), max_prompt_length=16, max_response_length=4, **data)
+    dm.setup()
+    # 300 (paper, aspect) pairs and 100 training papers under each of six more instructions
+    assert len(dm.dataset("train")) == 300 + 100 * 6 and len(dm.dataset("test")) == 16
+
+
 def test_lm_exits_config_types_a_plain_node():
     node = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
     node.policy.k = 4
