@@ -63,6 +63,9 @@ def test_aclsum_extra_training_prompts_cover_every_training_paper_without_a_refe
     assert len(dm.dataset("validation")) == 50 * 2 and len(dm.dataset("test")) == 100 * 2
     with pytest.raises(DataError, match=r"'Say hello' has no \{abstract\} field"):
         ACLSumDataModule(tokenizer, train_prompt_templates=["Say hello"])
+    with pytest.raises(DataError, match=r"'\{title\}: \{abstract\}' is not a template of \{abstract\} and \{aspect\} "
+                                        r"only \(KeyError: 'title'\)"):
+        ACLSumDataModule(tokenizer, train_prompt_templates=["{title}: {abstract}"])
 
 
 def test_aclsum_datamodule_batches():

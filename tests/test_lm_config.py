@@ -175,8 +175,9 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
     (["data.max_prompt_length=0"], "data.max_prompt_length=0: must be >= 1"),
     (["data.aspects=[method]"], "data.aspects=['method']: choose one or more of ['challenge', 'approach', 'outcome']"),
     (["data=jsonl_generation"], "data.train_file=None: the jsonl_generation option needs a file"),
-    (["data.train_prompt_templates=[Say hello]"], "data.train_prompt_templates=Say hello: every extra template needs "
-                                                  "an {abstract} field"),
+    (["data.train_prompt_templates=[Say hello]"], "data.train_prompt_templates=Say hello: has no {abstract} field"),
+    (["data.train_prompt_templates=['{title}: {abstract}']"], "data.train_prompt_templates={title}: {abstract}: is "
+                                                              "not a template of {abstract} and {aspect} only"),
     (["data.train_prompt_templates=['Title: {abstract}']", "method.lm_exits.responses=reference"],
      "data.train_prompt_templates=['Title: {abstract}']: the extra training prompts have no reference text: set "
      "method.lm_exits.responses=model"),
@@ -242,7 +243,6 @@ def test_the_lm_method_fails_before_loading_anything(tmp_path, monkeypatch):
                                          tmp_path / "ok"))
 
 
-# --- train_lm_exits' own config: typed and checked -------------------------------------------------
 def test_the_large_experiment_is_the_small_one_with_more_of_the_models_own_text(tmp_path):
     from ee_lightning.data.generation import ACLSumDataModule
     from tests.lm_fixtures import tiny_chat_tokenizer
@@ -261,6 +261,7 @@ def test_the_large_experiment_is_the_small_one_with_more_of_the_models_own_text(
     assert len(dm.dataset("train")) == 300 + 100 * 6 and len(dm.dataset("test")) == 16
 
 
+# --- train_lm_exits' own config: typed and checked -------------------------------------------------
 def test_lm_exits_config_types_a_plain_node():
     node = OmegaConf.load(CONF_DIR / "lm_exits" / "default.yaml")
     node.policy.k = 4

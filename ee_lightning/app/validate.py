@@ -239,7 +239,7 @@ def check_generation_data(data: DictConfig, check: Checker) -> None:
         check.number(data, key, p, low=1, integer=True, optional=True, why="or null for every row")
     schema = OmegaConf.get_type(data)
     if schema is ACLSumData:
-        from ee_lightning.data.generation import ACLSUM_ASPECTS
+        from ee_lightning.data.generation import ACLSUM_ASPECTS, extra_template_problem
 
         aspects = _value(data, "aspects")
         unknown = [a for a in (aspects if aspects not in (_MISSING, None) else []) if a not in ACLSUM_ASPECTS]
@@ -247,8 +247,9 @@ def check_generation_data(data: DictConfig, check: Checker) -> None:
             check.add(p + "aspects", aspects, f"choose one or more of {list(ACLSUM_ASPECTS)}")
         templates = _value(data, "train_prompt_templates")
         for template in templates if templates not in (_MISSING, None) else []:
-            if "{abstract}" not in str(template):
-                check.add(p + "train_prompt_templates", template, "every extra template needs an {abstract} field")
+            problem = extra_template_problem(str(template))
+            if problem:
+                check.add(p + "train_prompt_templates", template, problem)
     if schema is PromptResponseData:
         if not _value(data, "train_file"):
             check.add(p + "train_file", None, "the jsonl_generation option needs a file of prompt -> response rows: "

@@ -137,6 +137,18 @@ def read_aclsum(folder: Path, split: str, aspects: tuple[str, ...] = ACLSUM_ASPE
     return items
 
 
+def extra_template_problem(template: str) -> str | None:
+    """What is wrong with one of data.train_prompt_templates, or None: it must show the paper ({abstract}) and
+    name no field but {abstract} and {aspect}."""
+    if "{abstract}" not in template:
+        return "has no {abstract} field; every extra template must show the paper"
+    try:
+        template.format(abstract="", aspect="")
+    except (KeyError, IndexError, ValueError) as error:
+        return f"is not a template of {{abstract}} and {{aspect}} only ({type(error).__name__}: {error})"
+    return None
+
+
 def aclsum_extra_prompts(folder: Path, templates: list[str], aspects: tuple[str, ...] = ACLSUM_ASPECTS) -> list[PromptItem]:
     """More training prompts on ACLSum's training papers: every paper under every template (once per aspect where
     the template names one). They have no reference (empty): their text is the model's own response
@@ -427,9 +439,9 @@ class ACLSumDataModule(GenerationDataModule):
                 raise DataError(f"data.prompt_template has no {field} field: {prompt_template!r}")
         self.train_prompt_templates = [str(t) for t in (train_prompt_templates or ())]
         for template in self.train_prompt_templates:
-            if "{abstract}" not in template:
-                raise DataError(f"data.train_prompt_templates: {template!r} has no {{abstract}} field; every extra "
-                                "template must show the paper")
+            problem = extra_template_problem(template)
+            if problem:
+                raise DataError(f"data.train_prompt_templates: {template!r} {problem}")
         self.aclsum_dir = aclsum_dir
         self.aspects = aspects
         self.prompt_template = prompt_template
