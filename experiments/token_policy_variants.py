@@ -17,6 +17,10 @@ same tokens, which flatter them. With `--cross-fit K` the policy learns instead 
 training responses fall into K folds, and each fold's tokens are scored by exits trained (the run's adapter
 stage, its settings) on the other folds only. The held-out evaluation still uses the run's own exits.
 
+Beside the policies, reference rules on the same held-out tokens: the run's CALM classifier, and CALM's softmax
+margin of each exit's own softmax, over the whole vocabulary and over the `--frequent` tokens the model writes
+most often in the training responses (what a cheap head of those rows would tell a rule).
+
 Writes token_policy_variants.{md,json} to --out (default experiments/results/token_policy_variants/).
 """
 from __future__ import annotations
@@ -35,11 +39,13 @@ from omegaconf import OmegaConf
 from ee_lightning import load
 from ee_lightning.app.validate import lm_exits_config
 from ee_lightning.exits.lm_targets import hardness_targets, token_memorized_exit
+from ee_lightning.exits.rules import SoftmaxMarginRule, replay
+from ee_lightning.exits.signals import margin
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.lm_cache import exit_tables, response_only
 from ee_lightning.modeling.lm_exits import LMExitHeads, TokenExitPolicy
 from ee_lightning.progress import progress
-from ee_lightning.training.lm_pipeline import policy_points, policy_stage, stage_loader
+from ee_lightning.training.lm_pipeline import policy_points, policy_stage, stage_loader, teacher_forced_point
 from ee_lightning.training.resume import seed_stage
 from ee_lightning.training.systems.lm import ExitAdapterSystem, TokenStateDataset
 
@@ -48,6 +54,7 @@ OUT = ROOT / "experiments" / "results" / "token_policy_variants"
 TAUS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 LEVELS = [0.99, 0.97, 0.95, 0.9]  # agreement with the full model's token to keep
 CLASSIFIER_THRESHOLDS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
+MARGIN_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
 # Each variant changes some keys of method.lm_exits.policy (alpha is set per member).
 VARIANTS = {
     "run's settings": {},
@@ -187,6 +194,29 @@ def classifier_points(parts: dict) -> list[dict] | None:
                          parts["model"].decoder.num_layers)
 
 
+def margin_points(parts: dict, frequent: int) -> dict[str, list[dict]]:
+    """CALM's softmax margin (top-1 minus top-2 probability of the exit's softmax) as the exit rule at every
+    threshold, on the same held-out cache: once over the whole vocabulary, once over the `frequent` tokens the
+    full model writes most often in the training responses (a head of those rows is far cheaper than the tied LM
+    head). Either way the token is the exit's argmax over the whole vocabulary: the margin only decides."""
+    model, held_out = parts["model"], parts["held_out"]
+    exits, decoder = model.parts.exits, model.decoder
+    counts = torch.bincount(parts["train"]["full_tokens"], minlength=decoder.vocab_size)
+    rows = counts.topk(min(frequent, decoder.vocab_size)).indices
+    margins = {"whole vocabulary": [], "frequent": []}
+    with torch.no_grad():
+        for e, layer in enumerate(exits.exit_layers):
+            logits = exits.logits(layer, held_out["states"][:, e].float(), decoder).float()
+            margins["whole vocabulary"].append(margin(logits))
+            margins["frequent"].append(margin(logits[:, rows]))
+    names = {"whole vocabulary": "softmax margin (threshold as tau)",
+             "frequent": f"softmax margin over the {len(rows)} most frequent training tokens (threshold as tau)"}
+    return {names[key]: [teacher_forced_point(replay(SoftmaxMarginRule(threshold=t), {"margin": torch.stack(m)}) - 1,
+                                              held_out, parts["held_out_tables"], exits.exit_layers,
+                                              decoder.num_layers, tau=t) for t in MARGIN_THRESHOLDS]
+            for key, m in margins.items()}
+
+
 def _level_cells(points: list[dict]) -> list[str]:
     cells = []
     for level in LEVELS:
@@ -196,7 +226,7 @@ def _level_cells(points: list[dict]) -> list[str]:
 
 
 def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: int = 0,
-             classifier: list[dict] | None = None) -> str:
+             classifier: list[dict] | None = None, margins: dict[str, list[dict]] | None = None) -> str:
     held_out = parts["held_out"]
     scores = (f"Each policy learned from out-of-fold exit scores ({cross_fit} folds of the training responses, "
               "exits retrained on the other folds); the held-out tokens are scored by the run's exits. "
@@ -208,7 +238,9 @@ def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: 
              "share of the tokens ('-': no tau does), and at tau 0.5 the saving, the agreement and the tokens per "
              "exit. The last row, where the run trained one: its CALM classifier as the exit rule (the first exit "
              f"whose P(exit token = last exit's token) exceeds the threshold, over {CLASSIFIER_THRESHOLDS}), trained "
-             "on the same states without a reward.", "",
+             "on the same states without a reward. Then CALM's softmax margin of each exit's own softmax, over "
+             "the whole vocabulary and over the most frequent training tokens, at thresholds "
+             f"{MARGIN_THRESHOLDS} (the token is the exit's argmax over the whole vocabulary either way).", "",
              "| variant | alpha | seed | " + " | ".join(f"saving at >= {level:.0%}" for level in LEVELS)
              + " | tau 0.5: saving, agreement | tokens per exit at tau 0.5 |",
              "|---|---|---|" + "---|" * (len(LEVELS) + 2)]
@@ -218,9 +250,11 @@ def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: 
             half = next(p for p in member["points"] if p["tau"] == 0.5)
             lines.append(f"| {name} | {member['alpha']} | {member['seed']} | " + " | ".join(cells)
                          + f" | {half['layer_saving']:.1%}, {half['agreement_with_full']:.3f} | {half['exits']} |")
-    if classifier is not None:
-        half = next(p for p in classifier if p["tau"] == 0.5)
-        lines.append("| the run's CALM classifier (threshold as tau) | - | - | " + " | ".join(_level_cells(classifier))
+    rules = {**({"the run's CALM classifier (threshold as tau)": classifier} if classifier is not None else {}),
+             **(margins or {})}
+    for name, points in rules.items():
+        half = next(p for p in points if p["tau"] == 0.5)
+        lines.append(f"| {name} | - | - | " + " | ".join(_level_cells(points))
                      + f" | {half['layer_saving']:.1%}, {half['agreement_with_full']:.3f} | {half['exits']} |")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
@@ -235,20 +269,24 @@ def main() -> None:
     parser.add_argument("--cross-fit", type=int, default=0, metavar="K",
                         help="train the policies on out-of-fold exit scores from K folds of the training responses "
                              "(0: the run's own scores)")
+    parser.add_argument("--frequent", type=int, default=4096,
+                        help="the softmax margin's cheap variant reads the head's rows of this many of the most "
+                             "frequent tokens of the training responses")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per policy: no banner each time
     parts = run_parts(args.run_dir)
     report = study(parts, args.variants, args.alphas, args.seeds, args.cross_fit)
     classifier = classifier_points(parts)
+    margins = margin_points(parts, args.frequent)
     command = "python experiments/token_policy_variants.py " + " ".join(
         f'"{a}"' if " " in a else a for a in sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "token_policy_variants.json",
                       json.dumps({"run": str(args.run_dir), "split": parts["split"], "taus": TAUS, "levels": LEVELS,
                                   "cross_fit": args.cross_fit, "variants": report, "classifier": classifier,
-                                  "command": command}, indent=1))
-    text = markdown(report, args.run_dir, parts, command, args.cross_fit, classifier)
+                                  "margins": margins, "command": command}, indent=1))
+    text = markdown(report, args.run_dir, parts, command, args.cross_fit, classifier, margins)
     atomic_write_text(args.out / "token_policy_variants.md", text)
     print(text)
 

@@ -97,7 +97,10 @@ def test_eval_config_composes_and_validates(tmp_path):
 def test_the_experiment_picks_the_method(tmp_path):
     assert "method" not in str(OmegaConf.load(CONF_DIR / "train.yaml").defaults)
     for experiment in EXPERIMENTS:
-        chosen = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").defaults[0]["/method"]
+        first = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").defaults[0]
+        while isinstance(first, str):  # an experiment built on another (/experiment/<name>) takes its method
+            first = OmegaConf.load(CONF_DIR / f"{first.lstrip('/')}.yaml").defaults[0]
+        chosen = first["/method"]
         cfg = compose_train([f"experiment={experiment}"], tmp_path / experiment)
         assert cfg.method.name == chosen
     assert compose_train(["method=finetune"], tmp_path / "f").method.name == "finetune"

@@ -52,6 +52,32 @@ def test_most_saving_keeps_the_level_or_reports_none():
     assert most_saving(points, 0.995) is None
 
 
+def test_margin_points_by_hand_over_the_whole_vocabulary_and_the_frequent_rows():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from types import SimpleNamespace
+
+    from token_policy_variants import margin_points
+
+    # two exits (layers 1, 2 of 2) whose "logits" are the cached states themselves; a vocabulary of 3
+    exits = SimpleNamespace(exit_layers=[1, 2], logits=lambda layer, states, decoder: states)
+    model = SimpleNamespace(parts=SimpleNamespace(exits=exits), decoder=SimpleNamespace(vocab_size=3, num_layers=2))
+    last = torch.tensor([0.1, 0.2, 0.7]).log()
+    states = torch.stack([torch.stack([torch.tensor([0.9, 0.05, 0.05]).log(), last]),   # margin 0.85 at exit 1
+                          torch.stack([torch.tensor([0.5, 0.3, 0.2]).log(), last])])    # margin 0.2
+    held_out = {"states": states, "full_tokens": torch.tensor([0, 2])}
+    parts = {"model": model, "held_out": held_out, "train": {"full_tokens": torch.tensor([1, 1, 2, 2, 2, 0])},
+             "held_out_tables": {"tokens": torch.tensor([[0, 0], [2, 2]])}}
+    whole, frequent = margin_points(parts, frequent=2).values()
+    by_tau = {p["tau"]: p for p in whole}
+    # token 0 leaves at exit 1 (its token is the full model's) while the threshold is below 0.85; token 1 never
+    assert by_tau[0.8]["exits"] == [1, 1] and by_tau[0.8]["layer_saving"] == pytest.approx(0.25)
+    assert by_tau[0.8]["agreement_with_full"] == 1
+    assert by_tau[0.9]["exits"] == [0, 2] and by_tau[0.9]["layer_saving"] == 0
+    assert by_tau[0.9]["agreement_with_full"] == 0.5  # exit 2's token 2 is not token 0's full token
+    # over tokens 2 and 1 (the most frequent) token 0's margin is 0.05 - 0.05 = 0, token 1's 0.6 - 0.4: both stay
+    assert all(p["exits"] == [0, 2] for p in frequent)
+
+
 def test_response_folds_keep_each_response_whole_and_fill_every_fold():
     sys.path.insert(0, str(ROOT / "experiments"))
     from token_policy_variants import response_folds
@@ -105,6 +131,12 @@ def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out
     assert [p["tau"] for p in report["classifier"]] == [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
     assert all(sum(p["exits"]) == summary["tokens"] for p in report["classifier"])
     assert "| the run's CALM classifier (threshold as tau) | - | - |" in (out / "token_policy_variants.md").read_text()
+    # and CALM's softmax margin, over the whole vocabulary and over the most frequent training tokens
+    assert len(report["margins"]) == 2
+    for points in report["margins"].values():
+        assert [p["tau"] for p in points] == [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
+        assert all(sum(p["exits"]) == summary["tokens"] for p in points)
+    assert "| softmax margin (threshold as tau) | - | - |" in (out / "token_policy_variants.md").read_text()
 
     # the same member twice: a seed fixes the policy
     again = tmp_path / "again"

@@ -241,18 +241,22 @@ def policy_stage(policy: TokenExitPolicy, policy_cfg, cache: dict, tables: dict,
 
 
 def policy_points(policy: TokenExitPolicy, cache: dict, tables: dict, taus: list[float], num_layers: int) -> list[dict]:
-    """The policy at every tau on a cache, teacher-forced: its layer saving (1 - mean exit layer / L), the share
-    of tokens whose exit keeps the full model's token, and how many tokens leave at each exit."""
-    agree = exit_correct(tables["tokens"], cache["full_tokens"])
-    layers = torch.tensor(policy.exit_layers)
+    """The policy at every tau on a cache, teacher-forced (`teacher_forced_point`)."""
     probs = per_exit_probs(policy, cache["states"])
-    points = []
-    for tau in taus:
-        at = policy_exits(probs, tau).long() - 1  # 0..E-1
-        points.append({"tau": tau, "layer_saving": 1 - layers[at].float().mean().item() / num_layers,
-                       "agreement_with_full": agree.gather(0, at.unsqueeze(0)).float().mean().item(),
-                       "exits": torch.bincount(at, minlength=len(layers)).tolist()})
-    return points
+    return [teacher_forced_point(policy_exits(probs, tau).long() - 1, cache, tables, policy.exit_layers, num_layers,
+                                 tau=tau) for tau in taus]
+
+
+def teacher_forced_point(at: torch.Tensor, cache: dict, tables: dict, exit_layers: list[int], num_layers: int,
+                         **knob) -> dict:
+    """One rule point on a cache from each token's exit index `at` [N] (0..E-1): its layer saving (1 - mean exit
+    layer / L), the share of tokens whose exit keeps the full model's token, and how many tokens leave at each
+    exit; `knob` (e.g. tau=0.5) names the point."""
+    agree = exit_correct(tables["tokens"], cache["full_tokens"])
+    layers = torch.tensor(exit_layers)
+    return {**knob, "layer_saving": 1 - layers[at].float().mean().item() / num_layers,
+            "agreement_with_full": agree.gather(0, at.unsqueeze(0)).float().mean().item(),
+            "exits": torch.bincount(at, minlength=len(layers)).tolist()}
 
 
 def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, identity: dict | None = None) -> LMExitRun:
