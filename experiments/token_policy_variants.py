@@ -38,16 +38,16 @@ from omegaconf import OmegaConf
 
 from ee_lightning import load
 from ee_lightning.app.validate import lm_exits_config
-from ee_lightning.exits.lm_targets import hardness_targets, token_memorized_exit
 from ee_lightning.exits.rules import SoftmaxMarginRule, replay
 from ee_lightning.exits.signals import margin
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.lm_cache import exit_tables, response_only
-from ee_lightning.modeling.lm_exits import LMExitHeads, TokenExitPolicy
+from ee_lightning.modeling.lm_exits import TokenExitPolicy
 from ee_lightning.progress import progress
-from ee_lightning.training.lm_pipeline import policy_points, policy_stage, stage_loader, teacher_forced_point
+from ee_lightning.training import lm_cross_fit
+from ee_lightning.training.lm_pipeline import (make_exits, policy_points, policy_stage, stage_loader,
+                                              teacher_forced_point)
 from ee_lightning.training.resume import seed_stage
-from ee_lightning.training.systems.lm import ExitAdapterSystem, TokenStateDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "token_policy_variants"
@@ -103,44 +103,23 @@ def quiet_trainer(epochs: int) -> L.Trainer:
                      use_distributed_sampler=False)
 
 
-def response_folds(rows: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """Each cached token's fold (0..folds-1), whole responses together: a response's tokens share its prefix,
-    so splitting them would let an exit see most of a held-out token's context in training."""
-    if folds < 2:
-        raise ValueError(f"--cross-fit {folds}: cross-fitting needs at least 2 folds")
-    responses = rows.unique()
-    if len(responses) < folds:
-        raise ValueError(f"--cross-fit {folds}: the run cached only {len(responses)} training responses")
-    order = responses[torch.randperm(len(responses), generator=torch.Generator().manual_seed(seed))]
-    fold_of = torch.empty(int(responses.max()) + 1, dtype=torch.long)
-    fold_of[order] = torch.arange(len(order)) % folds
-    return fold_of[rows]
-
-
 def cross_fitted_scores(parts: dict, folds: int, seed: int) -> dict:
     """The lm_scores stage's tables (tokens, ce, ce_full [E, N]) and memorized exits [N] over the training
-    cache, every token scored by exits trained by the run's adapter stage on the other folds' responses."""
-    cfg, decoder, train = parts["cfg"], parts["model"].decoder, parts["train"]
-    adapters = cfg.adapters
-    fold = response_folds(train["rows"], folds, seed)
-    adapter_targets = hardness_targets(adapters.target, train["targets"], train["full_tokens"])
-    tables = {key: torch.empty_like(value) for key, value in parts["scores"].items() if key in ("tokens", "ce", "ce_full")}
+    cache, every token scored by exits trained by the run's adapter stage on the other folds' responses (the
+    pipeline's own `lm_cross_fit.cross_fitted_scores`, with this study's quiet Trainers)."""
+    cfg, decoder = parts["cfg"], parts["model"].decoder
+    fold_exits = []
     for k in range(folds):
         seed_stage(seed + k, "lm_adapters")
-        exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=cfg.exit_every, rank=cfg.rank,
-                            adapter=cfg.adapter, layers=decoder.layers() if cfg.adapter == "block" else None)
-        fit_on, scored = fold != k, fold == k
-        data = TokenStateDataset(train["states"][fit_on], targets=adapter_targets[fit_on])
-        quiet_trainer(adapters.epochs).fit(ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights),
-                                           train_dataloaders=stage_loader(data, adapters.batch_size, seed + k))
-        held = {key: train[key][scored] for key in ("states", "targets", "full_tokens")}
-        part = exit_tables({**held, "exit_layers": train["exit_layers"]}, exits.eval(), decoder,
-                           batch_size=adapters.batch_size)
-        for key in tables:
-            tables[key][:, scored] = part[key]
-    memorized = token_memorized_exit(tables["tokens"], hardness_targets(cfg.hardness.target, train["targets"],
-                                                                        train["full_tokens"]))
-    return {**tables, "memorized": memorized}
+        fold_exits.append(make_exits(cfg, decoder))
+
+    def fit_fold(k: int, system, dataset) -> None:
+        seed_stage(seed + k, "lm_adapters")
+        quiet_trainer(cfg.adapters.epochs).fit(system, train_dataloaders=stage_loader(dataset, cfg.adapters.batch_size,
+                                                                                      seed + k))
+
+    return lm_cross_fit.cross_fitted_scores(parts["train"], decoder, fold_exits, fit_fold, cfg.adapters,
+                                            cfg.hardness.target, seed)
 
 
 def train_member(parts: dict, changes: dict, seed: int, scores: dict | None = None) -> TokenExitPolicy:

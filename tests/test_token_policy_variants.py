@@ -78,22 +78,6 @@ def test_margin_points_by_hand_over_the_whole_vocabulary_and_the_frequent_rows()
     assert all(p["exits"] == [0, 2] for p in frequent)
 
 
-def test_response_folds_keep_each_response_whole_and_fill_every_fold():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from token_policy_variants import response_folds
-
-    rows = torch.tensor([0, 0, 0, 3, 3, 5, 5, 5, 7])  # the responses' dataset rows, one per cached token
-    fold = response_folds(rows, 2, seed=0)
-    for row in rows.unique():
-        assert fold[rows == row].unique().numel() == 1  # a response's tokens share one fold
-    assert sorted(fold[[0, 3, 5, 8]].tolist()) == [0, 0, 1, 1]  # 4 responses: 2 per fold
-    assert torch.equal(fold, response_folds(rows, 2, seed=0))  # the seed fixes them
-    with pytest.raises(ValueError, match="at least 2 folds"):
-        response_folds(rows, 1, seed=0)
-    with pytest.raises(ValueError, match="only 4 training responses"):
-        response_folds(rows, 5, seed=0)
-
-
 @pytest.mark.slow
 def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out_cache(tmp_path):
     pretrained = save_tiny_llama(tmp_path / "pretrained")

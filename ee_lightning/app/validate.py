@@ -274,6 +274,7 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.number(adapters, "top_k", f"{p}adapters.", low=1, integer=True, why="the teacher's tokens kept per position")
     check.choice(adapters, "vocabulary", f"{p}adapters.", DISTILL_VOCABULARIES)
     check.choice(node.hardness, "target", f"{p}hardness.", TOKEN_TARGETS)
+    check_cross_fit(node, check, p)
     for stage in ("adapters", "policy", "classifier"):  # epochs=0 skips a stage
         q = f"{p}{stage}."
         check.number(node[stage], "epochs", q, low=0, integer=True, why="0 skips the stage")
@@ -296,6 +297,29 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     draft = _value(node, "draft_policy")
     if isinstance(draft, DictConfig):
         check_draft_policy(draft, check, _value(node, "exit_every"), f"{p}draft_policy.")
+
+
+def check_cross_fit(node: DictConfig, check: Checker, p: str) -> None:
+    """`cross_fit`: 0, or K >= 2 folds whose exits the lm_adapters stage's own recipe can train."""
+    folds = _value(node, "cross_fit")
+    check.number(node, "cross_fit", p, low=0, integer=True, why="0 scores with the run's own exits")
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 1:
+        return
+    if folds == 1:
+        check.add(f"{p}cross_fit", folds, "one fold leaves no tokens to score out of fold: use 0 (the run's own "
+                  "exits' scores) or K >= 2 folds")
+        return
+    adapters = node.adapters
+    if _value(adapters, "epochs") == 0:
+        check.add(f"{p}cross_fit", folds, f"with {p}adapters.epochs=0 the exits never see their training tokens, so "
+                  "their own scores are already out of sample: set cross_fit=0")
+    if _value(adapters, "objective") == "distill":
+        check.add(f"{p}cross_fit", folds, f"the folds' exits are trained with {p}adapters.objective=ce; with distill "
+                  "set cross_fit=0")
+    lora = _value(node, "lora")
+    if isinstance(lora, DictConfig) and lora.get("enabled"):
+        check.add(f"{p}cross_fit", folds, "the exits trained with LoRA cannot be retrained per fold without it: "
+                  f"set cross_fit=0 or {p}lora.enabled=false")
 
 
 def check_draft_policy(node: DictConfig, check: Checker, exit_every, p: str) -> None:

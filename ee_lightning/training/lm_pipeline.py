@@ -7,6 +7,8 @@ ledger (stages.json) and resumed after a kill:
   lm_adapters          stage 1: the exits' adapters (weighted LM loss over exits, or distilled from the full
                        model's top-k at every position of the text: adapters.objective=distill);
   lm_scores            every exit's token and cross-entropy on every cached token, and each token's memorized exit;
+  lm_adapters_fold<k>, lm_scores_cross_fit  (optional, `lm_exits.cross_fit`) the same scores out of fold: each
+                       fold's tokens scored by exits trained on the other folds (training/lm_cross_fit.py);
   lm_policy            the per-token REINFORCE policy;
   lm_policy_propagated (optional) the policy fine-tuned on rollouts of whole responses under propagated K/V;
   lm_classifier        CALM's exit classifier;
@@ -53,6 +55,7 @@ from ee_lightning.progress import progress_enabled
 from ee_lightning.results import LMRunResults
 from ee_lightning.training.lm_distill import distillation
 from ee_lightning.training.lm_draft import draft_policy_stage, draft_summary, make_draft_policy
+from ee_lightning.training.lm_cross_fit import cross_fitted_scores
 from ee_lightning.training.lm_lora import digest, train_backbone_lora
 from ee_lightning.training.lm_responses import model_responses
 from ee_lightning.training.processes import all_processes, is_global_zero
@@ -215,6 +218,36 @@ def exit_scores(cache: dict, exits: LMExitHeads, decoder, batch_size: int, hardn
     return {key: scores[key] for key in ("tokens", "ce", "ce_full")}, scores["memorized"]
 
 
+def out_of_fold_scores(cache: dict, decoder, fold_exits: list[LMExitHeads], cfg: LMExitsConfig,
+                       stages: Stages) -> tuple[dict, torch.Tensor]:
+    """Stages lm_adapters_fold<k> and lm_scores_cross_fit: `exit_scores`' tables and memorized exits with every
+    training token scored by exits that never trained on its response (`lm_cross_fit.cross_fitted_scores`),
+    saved in checkpoints/lm_scores_cross_fit/ and read back by a rerun."""
+    adapters = cfg.adapters
+
+    def fit_fold(k: int, system, dataset) -> None:  # each fold its own loader order, as its own stage
+        stages.fit(f"lm_adapters_fold{k}", system, adapters.epochs, trainer=TRAINED,
+                   train_dataloaders=stage_loader(dataset, adapters.batch_size, stages.seed + k))
+
+    def build() -> dict:
+        return cross_fitted_scores(cache, decoder, fold_exits, fit_fold, adapters, cfg.hardness.target, stages.seed)
+
+    # keyed by the cache's tokens, the folds and the fold exits' recipe (the exits themselves exist only once built)
+    meta = {"tokens": len(cache["targets"]), "folds": len(fold_exits), "seed": stages.seed,
+            "hardness_target": cfg.hardness.target, "adapter": cfg.adapter, "rank": cfg.rank,
+            "adapters": {key: getattr(adapters, key) for key in ("epochs", "lr", "batch_size", "weights", "target")}}
+    scores = load_or_build(stages.folder("lm_scores_cross_fit") / "scores.pt", meta, build, save=is_global_zero())
+    if not stages.ledger.done("lm_scores_cross_fit"):
+        stages.ledger.mark("lm_scores_cross_fit", None, folds=len(fold_exits))
+    return {key: scores[key] for key in ("tokens", "ce", "ce_full")}, scores["memorized"]
+
+
+def make_exits(cfg: LMExitsConfig, decoder) -> LMExitHeads:
+    """Fresh exits of `method.lm_exits` on `decoder` (block adapters copy its layers)."""
+    return LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=cfg.exit_every, rank=cfg.rank,
+                       adapter=cfg.adapter, layers=decoder.layers() if cfg.adapter == "block" else None)
+
+
 # These stages call their modules outside a forward pass (the exits' LM head, the policy on cached
 # states, generation): under a sharding strategy (conf/trainer/fsdp.yaml, for LoRA) they run replicated.
 REPLICATED = {"replicate": True}
@@ -275,8 +308,8 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
     # Every module is made before any stage runs: a stage reseeds, so a module made after it would
     # start from other weights when that stage was read back instead of trained.
-    exits = LMExitHeads(num_layers, hidden_size, exit_every=cfg.exit_every, rank=cfg.rank, adapter=cfg.adapter,
-                        layers=decoder.layers() if cfg.adapter == "block" else None)
+    exits = make_exits(cfg, decoder)
+    fold_exits = [make_exits(cfg, decoder) for _ in range(cfg.cross_fit)]  # out-of-fold scores (lm_cross_fit)
     policy_cfg, classifier_cfg = cfg.policy, cfg.classifier
     policy = (TokenExitPolicy(num_layers, hidden_size, hidden=policy_cfg.hidden, exit_layers=exits.exit_layers)
               if policy_cfg.epochs > 0 else None)
@@ -328,9 +361,16 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
 
     tables, memorized = exit_scores(cache, exits, decoder, batch, cfg.hardness.target, stages)
     summary["memorized_histogram"] = histogram(memorized, len(exits.exit_layers)).tolist()
+    # what the policy, the classifier and the draft policy learn from: the exits' scores on these tokens, or
+    # (cross_fit) the scores of exits that never trained on them
+    learned_tables, learned_memorized = tables, memorized
+    if fold_exits:
+        learned_tables, learned_memorized = out_of_fold_scores(cache, decoder, fold_exits, cfg, stages)
+        summary["out_of_fold"] = {"folds": cfg.cross_fit, **exit_summary(cache, learned_tables),
+                                  "memorized_histogram": histogram(learned_memorized, len(exits.exit_layers)).tolist()}
 
     if policy is not None:
-        system, data = policy_stage(policy, policy_cfg, cache, tables, memorized, stages.seed)
+        system, data = policy_stage(policy, policy_cfg, cache, learned_tables, learned_memorized, stages.seed)
         stages.fit("lm_policy", system, policy_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, policy_cfg.batch_size, stages.seed))
         propagated = policy_cfg.propagated
@@ -340,7 +380,7 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
                                             gamma=propagated.gamma,
                                             normalize_advantages=policy_cfg.normalize_advantages,
                                             lr=propagated.lr, seed=stages.seed)
-            rollouts = ResponseRollouts(datamodule.dataset("train"), cache, memorized)
+            rollouts = ResponseRollouts(datamodule.dataset("train"), cache, learned_memorized)
             stages.fit("lm_policy_propagated", system, propagated.epochs, trainer=TRAINED,
                        train_dataloaders=stage_loader(rollouts, propagated.batch_size, stages.seed,
                                                       collate_fn=RolloutCollate(datamodule.pad_id)))
@@ -348,12 +388,12 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
 
     if classifier is not None:
         system = ExitClassifierSystem(classifier, lr=classifier_cfg.lr)
-        data = TokenStateDataset(cache["states"], agree=agrees_with_last(tables["tokens"]).T)
+        data = TokenStateDataset(cache["states"], agree=agrees_with_last(learned_tables["tokens"]).T)
         stages.fit("lm_classifier", system, classifier_cfg.epochs, trainer=TRAINED,
                    train_dataloaders=stage_loader(data, classifier_cfg.batch_size, stages.seed))
 
     if draft_policy is not None:  # verify mode's stop rule, on the draft exit's cached states
-        system, data = draft_policy_stage(draft_policy, decoder, exits, cache, tables["tokens"], draft_cfg)
+        system, data = draft_policy_stage(draft_policy, decoder, exits, cache, learned_tables["tokens"], draft_cfg)
         stages.fit("lm_draft_policy", system, draft_cfg.epochs, trainer=REPLICATED,
                    train_dataloaders=stage_loader(data, draft_cfg.batch_size, stages.seed))
         summary["draft_policy"] = draft_summary(draft_policy, decoder, exits, cache, tables["tokens"])
