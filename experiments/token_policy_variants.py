@@ -17,6 +17,12 @@ same tokens, which flatter them. With `--cross-fit K` the policy learns instead 
 training responses fall into K folds, and each fold's tokens are scored by exits trained (the run's adapter
 stage, its settings) on the other folds only. The held-out evaluation still uses the run's own exits.
 
+The variant "confidence of the frequent rows as input" gives the policy what CALM's best measure reads, at a
+fraction of its cost: beside each exit's state, that exit's top-1 probability and softmax margin over the head's
+rows of the `--frequent` tokens the model writes most often (a head of 4,096 rows costs about half a layer of
+SmolLM2, the tied head of 49,152 about eight), computed by the exits that score the tokens (out of fold under
+--cross-fit). It asks whether the policy, given that view, decides better than the margin alone.
+
 Beside the policies, reference rules on the same held-out tokens: the run's CALM classifier, and CALM's softmax
 margin of each exit's own softmax, over the whole vocabulary and over the `--frequent` tokens the model writes
 most often in the training responses (what a cheap head of those rows would tell a rule).
@@ -35,6 +41,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from ee_lightning import load
 from ee_lightning.app.validate import lm_exits_config
@@ -63,6 +70,44 @@ VARIANTS = {
     "cross-entropy task term": {"task_term": "ce"},
     "normalised advantages": {"normalize_advantages": True},
 }
+# The policy reads, beside each exit's state, that exit's top-1 probability and softmax margin over the head's
+# rows of the `--frequent` most frequent training tokens (training tokens: out of fold under --cross-fit).
+CONFIDENCE = "confidence of the frequent rows as input"
+VARIANTS[CONFIDENCE] = {}
+CONFIDENCE_FEATURES = 2  # exit_tables' confidence: top-1 probability, margin
+
+
+class ConfidenceHead(nn.Module):
+    """One exit's policy head on [state, confidence]: LayerNorm of the state (as `TokenExitPolicy`'s heads) beside
+    the confidence, then Linear -> GELU -> Linear."""
+
+    def __init__(self, hidden_size: int, hidden: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.norm = nn.LayerNorm(hidden_size)
+        self.net = nn.Sequential(nn.Linear(hidden_size + CONFIDENCE_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([self.norm(x[..., :self.hidden_size]), x[..., self.hidden_size:]], -1))
+
+
+class ConfidencePolicy(TokenExitPolicy):
+    """`TokenExitPolicy` whose heads also read the exit's confidence, appended to its state (`with_confidence`)."""
+
+    def __init__(self, num_layers: int, hidden_size: int, hidden: int, exit_layers: list[int]):
+        super().__init__(num_layers, hidden_size, hidden=hidden, exit_layers=exit_layers)
+        self.heads = nn.ModuleDict({key: ConfidenceHead(hidden_size, hidden) for key in self.heads})
+
+
+def with_confidence(states: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """Cached states [N, E, H] with each exit's confidence [E, N, 2] appended: [N, E, H + 2] (float32)."""
+    return torch.cat([states.float(), confidence.transpose(0, 1).float()], -1)
+
+
+def frequent_rows(parts: dict, frequent: int) -> torch.Tensor:
+    """The ids of the `frequent` tokens the full model writes most often in the training responses."""
+    counts = torch.bincount(parts["train"]["full_tokens"], minlength=parts["model"].decoder.vocab_size)
+    return counts.topk(min(frequent, len(counts))).indices
 
 
 def read_tensors(path: Path) -> dict:
@@ -103,7 +148,7 @@ def quiet_trainer(epochs: int) -> L.Trainer:
                      use_distributed_sampler=False)
 
 
-def cross_fitted_scores(parts: dict, folds: int, seed: int) -> dict:
+def cross_fitted_scores(parts: dict, folds: int, seed: int, confidence_rows: torch.Tensor | None = None) -> dict:
     """The lm_scores stage's tables (tokens, ce, ce_full [E, N]) and memorized exits [N] over the training
     cache, every token scored by exits trained by the run's adapter stage on the other folds' responses (the
     pipeline's own `lm_cross_fit.cross_fitted_scores`, with this study's quiet Trainers)."""
@@ -119,20 +164,23 @@ def cross_fitted_scores(parts: dict, folds: int, seed: int) -> dict:
                                                                                       seed + k))
 
     return lm_cross_fit.cross_fitted_scores(parts["train"], decoder, fold_exits, fit_fold, cfg.adapters,
-                                            cfg.hardness.target, seed)
+                                            cfg.hardness.target, seed, confidence_rows)
 
 
-def train_member(parts: dict, changes: dict, seed: int, scores: dict | None = None) -> TokenExitPolicy:
+def train_member(parts: dict, changes: dict, seed: int, scores: dict | None = None,
+                 confidence: torch.Tensor | None = None) -> TokenExitPolicy:
     """The run's policy stage with `changes` to method.lm_exits.policy, trained from `seed` on `scores` (default:
-    the run's own lm_scores)."""
+    the run's own lm_scores); with the training tokens' `confidence` [E, N, 2], a `ConfidencePolicy` reading it."""
     cfg, decoder, exits = parts["cfg"], parts["model"].decoder, parts["model"].parts.exits
     policy_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.policy), changes))
     torch.manual_seed(seed)
-    policy = TokenExitPolicy(decoder.num_layers, decoder.hidden_size, hidden=policy_cfg.hidden,
-                             exit_layers=list(exits.exit_layers))
+    kind = TokenExitPolicy if confidence is None else ConfidencePolicy
+    policy = kind(decoder.num_layers, decoder.hidden_size, hidden=policy_cfg.hidden, exit_layers=list(exits.exit_layers))
     scores = parts["scores"] if scores is None else scores
     tables = {key: scores[key] for key in ("tokens", "ce", "ce_full")}
-    system, data = policy_stage(policy, policy_cfg, parts["train"], tables, scores["memorized"], seed)
+    train = parts["train"] if confidence is None else {**parts["train"],
+                                                       "states": with_confidence(parts["train"]["states"], confidence)}
+    system, data = policy_stage(policy, policy_cfg, train, tables, scores["memorized"], seed)
     seed_stage(seed, "lm_policy")
     quiet_trainer(policy_cfg.epochs).fit(system, train_dataloaders=stage_loader(data, policy_cfg.batch_size, seed))
     return policy.eval()
@@ -144,19 +192,31 @@ def most_saving(points: list[dict], level: float) -> dict | None:
     return max(kept, key=lambda p: p["layer_saving"]) if kept else None
 
 
-def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int], cross_fit: int = 0) -> dict:
+def study(parts: dict, names: list[str], alphas: list[float], seeds: list[int], cross_fit: int = 0,
+          frequent: int = 4096) -> dict:
     """Per variant, alpha and seed: the policy's teacher-forced points on the held-out cache. With `cross_fit`
     folds, each seed's policies learn from that seed's out-of-fold scores (`cross_fitted_scores`)."""
     members = [(name, alpha, seed) for name in names for alpha in alphas for seed in seeds]
-    num_layers = parts["model"].decoder.num_layers
-    scores = ({seed: cross_fitted_scores(parts, cross_fit, seed)
+    model, cfg = parts["model"], parts["cfg"]
+    rows = frequent_rows(parts, frequent) if CONFIDENCE in names else None
+    scores = ({seed: cross_fitted_scores(parts, cross_fit, seed, rows)
                for seed in progress(seeds, f"cross-fitted exit scores ({cross_fit} folds)", unit="seed")}
               if cross_fit else dict.fromkeys(seeds))
+    held_out, own_confidence = parts["held_out"], None
+    if rows is not None:  # the run's exits' confidence on the held-out tokens (and on the training tokens, unfolded)
+        def confidence_of(cache: dict) -> torch.Tensor:
+            return exit_tables(cache, model.parts.exits, model.decoder, batch_size=cfg.adapters.batch_size,
+                               confidence_rows=rows)["confidence"]
+
+        held_out = {**held_out, "states": with_confidence(held_out["states"], confidence_of(held_out))}
+        own_confidence = None if cross_fit else confidence_of(parts["train"])
     report = {}
     for name, alpha, seed in progress(members, "token policy (variant, alpha, seed)", unit="policy"):
         started = time.perf_counter()
-        policy = train_member(parts, {**VARIANTS[name], "alpha": alpha}, seed, scores[seed])
-        points = policy_points(policy, parts["held_out"], parts["held_out_tables"], TAUS, num_layers)
+        confidence = None if name != CONFIDENCE else scores[seed]["confidence"] if cross_fit else own_confidence
+        policy = train_member(parts, {**VARIANTS[name], "alpha": alpha}, seed, scores[seed], confidence)
+        points = policy_points(policy, held_out if confidence is not None else parts["held_out"],
+                               parts["held_out_tables"], TAUS, model.decoder.num_layers)
         report.setdefault(name, []).append({"alpha": alpha, "seed": seed, "points": points,
                                             "seconds": round(time.perf_counter() - started, 1)})
     return report
@@ -180,8 +240,7 @@ def margin_points(parts: dict, frequent: int) -> dict[str, list[dict]]:
     head). Either way the token is the exit's argmax over the whole vocabulary: the margin only decides."""
     model, held_out = parts["model"], parts["held_out"]
     exits, decoder = model.parts.exits, model.decoder
-    counts = torch.bincount(parts["train"]["full_tokens"], minlength=decoder.vocab_size)
-    rows = counts.topk(min(frequent, decoder.vocab_size)).indices
+    rows = frequent_rows(parts, frequent)
     margins = {"whole vocabulary": [], "frequent": []}
     with torch.no_grad():
         for e, layer in enumerate(exits.exit_layers):
@@ -219,7 +278,9 @@ def markdown(report: dict, run_dir: Path, parts: dict, command: str, cross_fit: 
              f"whose P(exit token = last exit's token) exceeds the threshold, over {CLASSIFIER_THRESHOLDS}), trained "
              "on the same states without a reward. Then CALM's softmax margin of each exit's own softmax, over "
              "the whole vocabulary and over the most frequent training tokens, at thresholds "
-             f"{MARGIN_THRESHOLDS} (the token is the exit's argmax over the whole vocabulary either way).", "",
+             f"{MARGIN_THRESHOLDS} (the token is the exit's argmax over the whole vocabulary either way). The "
+             f"variant '{CONFIDENCE}' reads, beside each exit's state, its top-1 probability and margin over the "
+             "head's rows of the most frequent training tokens.", "",
              "| variant | alpha | seed | " + " | ".join(f"saving at >= {level:.0%}" for level in LEVELS)
              + " | tau 0.5: saving, agreement | tokens per exit at tau 0.5 |",
              "|---|---|---|" + "---|" * (len(LEVELS) + 2)]
@@ -255,7 +316,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per policy: no banner each time
     parts = run_parts(args.run_dir)
-    report = study(parts, args.variants, args.alphas, args.seeds, args.cross_fit)
+    report = study(parts, args.variants, args.alphas, args.seeds, args.cross_fit, args.frequent)
     classifier = classifier_points(parts)
     margins = margin_points(parts, args.frequent)
     command = "python experiments/token_policy_variants.py " + " ".join(

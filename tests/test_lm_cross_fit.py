@@ -52,14 +52,17 @@ def test_each_fold_is_scored_by_the_exits_that_never_trained_on_it():
             p.data.normal_()
 
     adapters = OmegaConf.create({"target": "full", "lr": 1e-3, "weights": "layer", "batch_size": 5})
-    scores = cross_fitted_scores(cache, decoder, fold_exits, fit_fold, adapters, "full", seed=7)
+    rows_kept = torch.tensor([3, 7, 11])  # the confidence over these rows of the head, out of fold too
+    scores = cross_fitted_scores(cache, decoder, fold_exits, fit_fold, adapters, "full", seed=7,
+                                 confidence_rows=rows_kept)
     fold = response_folds(rows, 3, seed=7)
     for k in range(3):
         held = fold == k
         assert trained_on[k] == (~held).nonzero().squeeze(1).tolist()  # every other fold's tokens, none of its own
         own = exit_tables({**{key: cache[key][held] for key in ("states", "targets", "full_tokens")},
-                           "exit_layers": [2, 4]}, fold_exits[k], decoder)
-        for key in ("tokens", "ce", "ce_full"):
+                           "exit_layers": [2, 4]}, fold_exits[k], decoder, confidence_rows=rows_kept)
+        assert scores["confidence"].shape == (2, n, 2)
+        for key in ("tokens", "ce", "ce_full", "confidence"):
             assert torch.allclose(scores[key][:, held], own[key])
     assert torch.equal(scores["memorized"], token_memorized_exit(scores["tokens"], cache["full_tokens"]))
     # the last exit is the model itself, in every fold
@@ -98,3 +101,34 @@ def test_the_pipeline_policy_learns_from_out_of_fold_scores(tmp_path, monkeypatc
     mtime = (out / "checkpoints" / "lm_scores_cross_fit" / "scores.pt").stat().st_mtime_ns
     lm_pipeline.train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(out))
     assert (out / "checkpoints" / "lm_scores_cross_fit" / "scores.pt").stat().st_mtime_ns == mtime
+
+
+class IdentityHead(torch.nn.Module):
+    """A one-layer 'decoder' whose next-token logits are the state itself: hand-written logits for exit_tables."""
+
+    num_layers = 1
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.head.weight.data = torch.eye(vocab)
+
+    def final_norm(self, hidden):
+        return hidden
+
+    def lm_head(self, hidden):
+        return self.head(hidden)
+
+
+def test_exit_tables_confidence_is_the_softmax_over_the_given_rows_only():
+    import math
+
+    logits = torch.tensor([[math.log(1.0), math.log(2.0), math.log(5.0), math.log(2.0)]])
+    cache = {"states": logits[:, None], "targets": torch.tensor([2]), "full_tokens": torch.tensor([2]),
+             "exit_layers": [1]}
+    exits = LMExitHeads(1, 4, exit_every=1, rank=1)  # one exit, the last layer: the head itself
+    tables = exit_tables(cache, exits, IdentityHead(4), confidence_rows=torch.tensor([1, 2]))
+    # rows 1 and 2: softmax (2, 5) / 7 -> top-1 5/7, margin 3/7 (the whole vocabulary's would be 5/10, 3/10)
+    assert torch.allclose(tables["confidence"][0, 0], torch.tensor([5 / 7, 3 / 7]))
+    assert tables["tokens"].tolist() == [[2]] and torch.allclose(tables["ce"][0], torch.tensor([math.log(10 / 5)]))
+    assert "confidence" not in exit_tables(cache, exits, IdentityHead(4))

@@ -15,6 +15,25 @@ from ee_lightning.training.lm_pipeline import policy_points
 from tests.conftest import ROOT
 from tests.test_saved_model import save_tiny_llama, write_prompt_files
 
+CONFIDENCE = "confidence of the frequent rows as input"  # the study's variant of that name
+
+
+def test_the_confidence_policy_reads_the_state_on_one_scale_and_the_confidence_as_given():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from token_policy_variants import ConfidencePolicy, with_confidence
+
+    torch.manual_seed(0)
+    states, confidence = torch.randn(5, 3, 8), torch.rand(3, 5, 2)  # [N, E, H], [E, N, 2]
+    joined = with_confidence(states, confidence)
+    assert joined.shape == (5, 3, 10) and torch.equal(joined[2, 1, 8:], confidence[1, 2])
+    policy = ConfidencePolicy(6, 8, hidden=4, exit_layers=[2, 4, 6])
+    assert set(policy.heads) == {"2", "4"}
+    scaled = with_confidence(100 * states, confidence)
+    assert torch.allclose(policy.logit(2, scaled[:, 0]), policy.logit(2, joined[:, 0]), atol=1e-4)
+    other = with_confidence(states, 1 - confidence)
+    assert not torch.allclose(policy.logit(2, other[:, 0]), policy.logit(2, joined[:, 0]))
+    assert torch.equal(policy.logit(6, joined[:, 2]), TokenExitPolicy(6, 8, exit_layers=[2, 4, 6]).logit(6, joined[:, 2]))
+
 
 def fixed_policy(exit_logits: dict[int, float]) -> TokenExitPolicy:
     """A policy over exits 1, 2, 3 of 3 layers whose logit at each exit below the last is a constant."""
@@ -97,12 +116,12 @@ def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out
 
     out = tmp_path / "study"
     command = [sys.executable, "experiments/token_policy_variants.py", "--run-dir", str(run), "--alphas", "0.1", "0.3",
-               "--variants", "run's settings", "exact expected reward", "--out", str(out)]
+               "--variants", "run's settings", "exact expected reward", CONFIDENCE, "--frequent", "8", "--out", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
     report = json.loads((out / "token_policy_variants.json").read_text())
     assert report["split"] == "validation"
     summary = json.loads((run / "results.json").read_text())["training_summary"]["evaluation"]
-    for name in ("run's settings", "exact expected reward"):
+    for name in ("run's settings", "exact expected reward", CONFIDENCE):
         members = report["variants"][name]
         assert [(m["alpha"], m["seed"]) for m in members] == [(0.1, 42), (0.3, 42)]
         for member in members:
@@ -142,10 +161,11 @@ def test_the_study_retrains_the_runs_policy_and_scores_every_tau_on_the_held_out
     # the experiment's memorized exit is against the full model's token
     assert torch.equal(scores["memorized"], token_memorized_exit(scores["tokens"], parts["train"]["full_tokens"]))
     crossed = tmp_path / "crossed"
-    subprocess.run(command[:5] + ["0.3", "--cross-fit", "2", "--out", str(crossed)], cwd=ROOT, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(command[:5] + ["0.3", "--cross-fit", "2", "--variants", "run's settings", CONFIDENCE, "--frequent",
+                                  "8", "--out", str(crossed)], cwd=ROOT, check=True, capture_output=True, timeout=600)
     report = json.loads((crossed / "token_policy_variants.json").read_text())
     assert report["cross_fit"] == 2 and [m["alpha"] for m in report["variants"]["run's settings"]] == [0.3]
+    assert all(sum(p["exits"]) == summary["tokens"] for p in report["variants"][CONFIDENCE][0]["points"])
     assert "out-of-fold exit scores (2 folds" in (crossed / "token_policy_variants.md").read_text()
 
     failed = subprocess.run([*command[:2], "--run-dir", str(tmp_path / "nowhere"), "--alphas", "0.1"], cwd=ROOT,

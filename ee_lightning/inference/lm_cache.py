@@ -155,10 +155,13 @@ def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:
 
 
 @torch.no_grad()
-def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bool | None = None) -> dict:
+def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bool | None = None,
+                confidence_rows: torch.Tensor | None = None) -> dict:
     """Each exit's argmax token and cross-entropy per cached token: tokens [E, N], ce [E, N] against the
     reference token, ce_full [E, N] against the full model's token (float32). One LM-head pass per exit
-    over the cache, in chunks (V-wide logits are big)."""
+    over the cache, in chunks (V-wide logits are big). With `confidence_rows` (token ids), also confidence
+    [E, N, 2]: the top-1 probability and CALM's margin (top-1 minus top-2) of the softmax over those rows only
+    (what a head of those rows alone would tell)."""
     states, targets, full = cache["states"], cache["targets"], cache["full_tokens"]
     layers = [int(x) for x in cache["exit_layers"]]
     device = _device(decoder)
@@ -166,6 +169,7 @@ def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bo
     tokens = torch.empty(len(layers), len(targets), dtype=torch.long)
     ce = torch.empty(len(layers), len(targets))
     ce_full = torch.empty(len(layers), len(targets))
+    confidence = None if confidence_rows is None else torch.empty(len(layers), len(targets), 2)
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, desc="scoring exits", unit="chunk", dynamic_ncols=True,
                       disable=not progress_enabled() if progress is None else not progress):
@@ -174,11 +178,16 @@ def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bo
         full_target = full[start:start + batch_size].to(device)
         rows = slice(start, start + len(target))
         for e, layer in enumerate(layers):
-            log_probs = exits.logits(layer, chunk[:, e].to(_dtype(decoder)), decoder).float().log_softmax(-1)
+            logits = exits.logits(layer, chunk[:, e].to(_dtype(decoder)), decoder).float()
+            log_probs = logits.log_softmax(-1)
             tokens[e, rows] = log_probs.argmax(-1).cpu()
             ce[e, rows] = -log_probs.gather(1, target[:, None]).squeeze(1).cpu()
             ce_full[e, rows] = -log_probs.gather(1, full_target[:, None]).squeeze(1).cpu()
-    return {"tokens": tokens, "ce": ce, "ce_full": ce_full}
+            if confidence is not None:
+                top = logits[:, confidence_rows.to(device)].softmax(-1).topk(2, dim=-1).values
+                confidence[e, rows] = torch.stack([top[:, 0], top[:, 0] - top[:, 1]], -1).cpu()
+    return {"tokens": tokens, "ce": ce, "ce_full": ce_full,
+            **({"confidence": confidence} if confidence is not None else {})}
 
 
 def _dtype(module) -> torch.dtype:

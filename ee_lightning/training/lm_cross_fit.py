@@ -40,10 +40,11 @@ def response_folds(rows: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
 
 
 def cross_fitted_scores(cache: dict, decoder, fold_exits: list[LMExitHeads], fit_fold: FitFold, adapters,
-                        hardness_target: str, seed: int) -> dict:
+                        hardness_target: str, seed: int, confidence_rows: torch.Tensor | None = None) -> dict:
     """The lm_scores stage's tables (tokens, ce, ce_full [E, N]) and memorized exits [N] over the training
     `cache`, every token scored by one of `fold_exits` (fresh exits, one per fold) trained by `fit_fold` on the
-    other folds' responses. `adapters`: the lm_adapters stage's settings (target, lr, weights, batch_size)."""
+    other folds' responses. `adapters`: the lm_adapters stage's settings (target, lr, weights, batch_size);
+    `confidence_rows`: `exit_tables`' confidence over those rows too."""
     fold = response_folds(cache["rows"], len(fold_exits), seed)
     dataset = TokenStateDataset(cache["states"], targets=hardness_targets(adapters.target, cache["targets"],
                                                                           cache["full_tokens"]))
@@ -55,9 +56,10 @@ def cross_fitted_scores(cache: dict, decoder, fold_exits: list[LMExitHeads], fit
         scored = fold == k
         held = {key: cache[key][scored] for key in ("states", "targets", "full_tokens")}
         part = exit_tables({**held, "exit_layers": cache["exit_layers"]}, exits.to(device).eval(), decoder,
-                           batch_size=adapters.batch_size)
+                           batch_size=adapters.batch_size, confidence_rows=confidence_rows)
         for key, values in part.items():
-            tables.setdefault(key, torch.empty(values.shape[0], len(fold), dtype=values.dtype))[:, scored] = values
+            shape = (values.shape[0], len(fold), *values.shape[2:])
+            tables.setdefault(key, torch.empty(shape, dtype=values.dtype))[:, scored] = values
     memorized = token_memorized_exit(tables["tokens"], hardness_targets(hardness_target, cache["targets"],
                                                                         cache["full_tokens"]))
     return {**tables, "memorized": memorized}
