@@ -285,3 +285,7 @@ def test_lm_exits_config_types_a_plain_node():
         lm_exits_config(OmegaConf.merge(node, {"policy": {"k": 1}}))
     with pytest.raises(ConfigKeyError, match="polcy"):
         lm_exits_config(OmegaConf.merge(node, {"polcy": {"k": 1}}))
+    # a run directory written before cross_fit existed still loads, as it ran: the exits' own scores
+    del plain["cross_fit"]
+    plain["policy"]["tau"] = 0.5
+    assert lm_exits_config(plain).cross_fit == 0

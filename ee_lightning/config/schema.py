@@ -226,7 +226,9 @@ class LMExitsConfig:
     adapter: str = MISSING
     evaluate_split: Optional[str] = MISSING
     responses: str = MISSING  # the text the caches are teacher-forced on: reference | model (its own greedy output)
-    cross_fit: int = MISSING  # K >= 2: the policy, classifier and draft policy learn from out-of-fold exit scores; 0: own
+    # K >= 2: the policy, classifier and draft policy learn from out-of-fold exit scores; 0: the exits' own. Not
+    # MISSING: a run directory written before the key existed still loads (as 0, what it did)
+    cross_fit: int = 0
     cache: LMCacheConfig = field(default_factory=LMCacheConfig)
     adapters: LMAdapterStage = field(default_factory=LMAdapterStage)
     hardness: LMHardnessConfig = field(default_factory=LMHardnessConfig)
