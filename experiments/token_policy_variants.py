@@ -46,7 +46,6 @@ from torch import nn
 from ee_lightning import load
 from ee_lightning.app.validate import lm_exits_config
 from ee_lightning.exits.rules import SoftmaxMarginRule, replay
-from ee_lightning.exits.signals import margin
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.lm_cache import exit_tables, response_only
 from ee_lightning.modeling.lm_exits import TokenExitPolicy
@@ -237,22 +236,21 @@ def margin_points(parts: dict, frequent: int) -> dict[str, list[dict]]:
     """CALM's softmax margin (top-1 minus top-2 probability of the exit's softmax) as the exit rule at every
     threshold, on the same held-out cache: once over the whole vocabulary, once over the `frequent` tokens the
     full model writes most often in the training responses (a head of those rows is far cheaper than the tied LM
-    head). Either way the token is the exit's argmax over the whole vocabulary: the margin only decides."""
+    head). Either way the token is the exit's argmax over the whole vocabulary: the margin only decides. The
+    margins are `exit_tables`' confidence, on the states in the decoder's own dtype as the exits' scores are."""
     model, held_out = parts["model"], parts["held_out"]
     exits, decoder = model.parts.exits, model.decoder
-    rows = frequent_rows(parts, frequent)
-    margins = {"whole vocabulary": [], "frequent": []}
-    with torch.no_grad():
-        for e, layer in enumerate(exits.exit_layers):
-            logits = exits.logits(layer, held_out["states"][:, e].float(), decoder).float()
-            margins["whole vocabulary"].append(margin(logits))
-            margins["frequent"].append(margin(logits[:, rows]))
-    names = {"whole vocabulary": "softmax margin (threshold as tau)",
-             "frequent": f"softmax margin over the {len(rows)} most frequent training tokens (threshold as tau)"}
-    return {names[key]: [teacher_forced_point(replay(SoftmaxMarginRule(threshold=t), {"margin": torch.stack(m)}) - 1,
-                                              held_out, parts["held_out_tables"], exits.exit_layers,
-                                              decoder.num_layers, tau=t) for t in MARGIN_THRESHOLDS]
-            for key, m in margins.items()}
+    rows = {"softmax margin (threshold as tau)": torch.arange(decoder.vocab_size)}
+    frequent_ids = frequent_rows(parts, frequent)
+    rows[f"softmax margin over the {len(frequent_ids)} most frequent training tokens (threshold as tau)"] = frequent_ids
+    points = {}
+    for name, ids in rows.items():
+        margins = exit_tables(held_out, exits, decoder, batch_size=parts["cfg"].adapters.batch_size,
+                              confidence_rows=ids)["confidence"][..., 1]
+        points[name] = [teacher_forced_point(replay(SoftmaxMarginRule(threshold=t), {"margin": margins}) - 1, held_out,
+                                             parts["held_out_tables"], exits.exit_layers, decoder.num_layers, tau=t)
+                        for t in MARGIN_THRESHOLDS]
+    return points
 
 
 def _level_cells(points: list[dict]) -> list[str]:

@@ -16,6 +16,7 @@ from ee_lightning.modeling.backbones.decoders import wrap_decoder
 from ee_lightning.modeling.lm_exits import LMExitHeads
 from ee_lightning.training import lm_pipeline
 from ee_lightning.training.lm_cross_fit import cross_fitted_scores, response_folds
+from ee_lightning.training.stages import Stages
 from tests.conftest import CONF_DIR
 from tests.lm_fixtures import tiny_llama
 from tests.test_lm_training import jsonl_datamodule, quiet_stages
@@ -98,9 +99,24 @@ def test_the_pipeline_policy_learns_from_out_of_fold_scores(tmp_path, monkeypatc
     assert summary["folds"] == 2 and summary["tokens"] == run.summary["train"]["tokens"]
     assert sum(summary["memorized_histogram"]) == summary["tokens"]
     # a rerun reads the scores back instead of training the folds again
+    fitted = []
+    fit = Stages.fit
+
+    def spy_fit(self, stage, system, max_epochs, restore=True, **kwargs):
+        fitted.append((stage, restore))
+        return fit(self, stage, system, max_epochs, restore, **kwargs)
+
+    monkeypatch.setattr(Stages, "fit", spy_fit)
     mtime = (out / "checkpoints" / "lm_scores_cross_fit" / "scores.pt").stat().st_mtime_ns
     lm_pipeline.train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(out))
     assert (out / "checkpoints" / "lm_scores_cross_fit" / "scores.pt").stat().st_mtime_ns == mtime
+    assert not any(stage.startswith("lm_adapters_fold") for stage, _ in fitted)
+    # another recipe rebuilds the scores, and the folds train again instead of reading back the finished stages
+    cfg.adapters.lr = 3e-3
+    lm_pipeline.train_lm_exits(decoder, dm, lm_exits_config(cfg), quiet_stages(out))
+    assert (out / "checkpoints" / "lm_scores_cross_fit" / "scores.pt").stat().st_mtime_ns != mtime
+    assert [(stage, restore) for stage, restore in fitted if stage.startswith("lm_adapters_fold")] == [
+        ("lm_adapters_fold0", False), ("lm_adapters_fold1", False)]
 
 
 class IdentityHead(torch.nn.Module):

@@ -75,17 +75,24 @@ def test_margin_points_by_hand_over_the_whole_vocabulary_and_the_frequent_rows()
     sys.path.insert(0, str(ROOT / "experiments"))
     from types import SimpleNamespace
 
+    from ee_lightning.modeling.lm_exits import LMExitHeads
+    from tests.test_lm_cross_fit import IdentityHead
     from token_policy_variants import margin_points
 
-    # two exits (layers 1, 2 of 2) whose "logits" are the cached states themselves; a vocabulary of 3
-    exits = SimpleNamespace(exit_layers=[1, 2], logits=lambda layer, states, decoder: states)
-    model = SimpleNamespace(parts=SimpleNamespace(exits=exits), decoder=SimpleNamespace(vocab_size=3, num_layers=2))
+    # two exits (layers 1, 2 of 2) whose logits are the cached states themselves (an untrained exit adds nothing,
+    # the head is the identity); a vocabulary of 3
+    decoder = IdentityHead(3)
+    decoder.num_layers, decoder.vocab_size = 2, 3
+    exits = LMExitHeads(2, 3, exit_every=1, rank=1)
+    model = SimpleNamespace(parts=SimpleNamespace(exits=exits), decoder=decoder)
     last = torch.tensor([0.1, 0.2, 0.7]).log()
     states = torch.stack([torch.stack([torch.tensor([0.9, 0.05, 0.05]).log(), last]),   # margin 0.85 at exit 1
                           torch.stack([torch.tensor([0.5, 0.3, 0.2]).log(), last])])    # margin 0.2
-    held_out = {"states": states, "full_tokens": torch.tensor([0, 2])}
+    held_out = {"states": states, "full_tokens": torch.tensor([0, 2]), "targets": torch.tensor([0, 2]),
+                "exit_layers": [1, 2]}
     parts = {"model": model, "held_out": held_out, "train": {"full_tokens": torch.tensor([1, 1, 2, 2, 2, 0])},
-             "held_out_tables": {"tokens": torch.tensor([[0, 0], [2, 2]])}}
+             "held_out_tables": {"tokens": torch.tensor([[0, 0], [2, 2]])},
+             "cfg": SimpleNamespace(adapters=SimpleNamespace(batch_size=64))}
     whole, frequent = margin_points(parts, frequent=2).values()
     by_tau = {p["tau"]: p for p in whole}
     # token 0 leaves at exit 1 (its token is the full model's) while the threshold is below 0.85; token 1 never

@@ -226,7 +226,9 @@ def out_of_fold_scores(cache: dict, decoder, fold_exits: list[LMExitHeads], cfg:
     adapters = cfg.adapters
 
     def fit_fold(k: int, system, dataset) -> None:  # each fold its own loader order, as its own stage
-        stages.fit(f"lm_adapters_fold{k}", system, adapters.epochs, trainer=TRAINED,
+        # Scores are rebuilt only when the cache or the recipe changed (or were never saved): the folds train
+        # again then, rather than read back exits a finished stage made under another recipe.
+        stages.fit(f"lm_adapters_fold{k}", system, adapters.epochs, restore=False, trainer=TRAINED,
                    train_dataloaders=stage_loader(dataset, adapters.batch_size, stages.seed + k))
 
     def build() -> dict:
