@@ -170,6 +170,7 @@ def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bo
     ce = torch.empty(len(layers), len(targets))
     ce_full = torch.empty(len(layers), len(targets))
     confidence = None if confidence_rows is None else torch.empty(len(layers), len(targets), 2)
+    confidence_rows = None if confidence_rows is None else confidence_rows.to(device)
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, desc="scoring exits", unit="chunk", dynamic_ncols=True,
                       disable=not progress_enabled() if progress is None else not progress):
@@ -184,7 +185,7 @@ def exit_tables(cache: dict, exits, decoder, batch_size: int = 256, progress: bo
             ce[e, rows] = -log_probs.gather(1, target[:, None]).squeeze(1).cpu()
             ce_full[e, rows] = -log_probs.gather(1, full_target[:, None]).squeeze(1).cpu()
             if confidence is not None:
-                top = logits[:, confidence_rows.to(device)].softmax(-1).topk(2, dim=-1).values
+                top = logits[:, confidence_rows].softmax(-1).topk(2, dim=-1).values
                 confidence[e, rows] = torch.stack([top[:, 0], top[:, 0] - top[:, 1]], -1).cpu()
     return {"tokens": tokens, "ce": ce, "ce_full": ce_full,
             **({"confidence": confidence} if confidence is not None else {})}

@@ -49,13 +49,12 @@ def cross_fitted_scores(cache: dict, decoder, fold_exits: list[LMExitHeads], fit
     dataset = TokenStateDataset(cache["states"], targets=hardness_targets(adapters.target, cache["targets"],
                                                                           cache["full_tokens"]))
     tables: dict[str, torch.Tensor] = {}
-    device = next(decoder.parameters()).device
     for k, exits in enumerate(fold_exits):
         fit_fold(k, ExitAdapterSystem(exits, decoder, lr=adapters.lr, weights=adapters.weights),
                  Subset(dataset, (fold != k).nonzero().squeeze(1).tolist()))
         scored = fold == k
         held = {key: cache[key][scored] for key in ("states", "targets", "full_tokens")}
-        part = exit_tables({**held, "exit_layers": cache["exit_layers"]}, exits.to(device).eval(), decoder,
+        part = exit_tables({**held, "exit_layers": cache["exit_layers"]}, exits.eval(), decoder,
                            batch_size=adapters.batch_size, confidence_rows=confidence_rows)
         for key, values in part.items():
             shape = (values.shape[0], len(fold), *values.shape[2:])
