@@ -40,7 +40,7 @@ from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import default_grid
 from ee_lightning.inference.layer_cache import CachedLayerDataset, collect_states, signals_from_states
 from ee_lightning.modeling.exit_policy import ExitPolicy
-from ee_lightning.training.policy_grid import grid_members, saving_matcher
+from ee_lightning.training.policy_grid import frontier_at_savings, grid_members, saving_matcher
 from ee_lightning.training.systems.policy import rl_settings
 
 # The data presets (and where results go) are the reward study's: the two studies compare on the same runs.
@@ -161,6 +161,23 @@ def matched(members: list[dict], curves: dict, seeds: list[int], split: str) -> 
     return rows
 
 
+def savings_rows(at_savings: list[dict], curves: dict) -> list[dict]:
+    """Per set saving (`frontier_at_savings`): each compared rule's metric on each split at the policy's mean saving
+    there, and the policy's gap to entropy per seed, each seed against entropy at that seed's own saving (a tau set on
+    validation lands a little off the saving on test)."""
+    rows = []
+    for point in at_savings:
+        row = {"saving": point["saving"], "alpha": point["alpha"]}
+        for split in ("validation", "test"):
+            row[split] = {rule: value_at_saving(curves[split][rule], point[split]["layer_saving"]) for rule in COMPARED}
+            entropy_at = [value_at_saving(curves[split]["entropy"], seed[split]["layer_saving"]) for seed in point["seeds"]]
+            row[split]["policy"] = [seed[split]["metric"] for seed in point["seeds"]]
+            row[split]["gap"] = (None if None in entropy_at else
+                                 [seed[split]["metric"] - value for seed, value in zip(point["seeds"], entropy_at)])
+        rows.append(row)
+    return rows
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of a 95% t-interval over seeds (0 for one value)."""
     t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
@@ -175,13 +192,15 @@ def run_study(study: str, checkpoints: dict[int, str], variant: dict, alphas: li
         started = time.perf_counter()
         states, task = split_states(checkpoint)
         curves = rule_curves(states, task)
-        members, _ = train_grid(states, task, variant, alphas, rl_seeds)
+        members, match = train_grid(states, task, variant, alphas, rl_seeds)
         full_val = curves["validation"]["full"][0]["metric"]
+        at_savings = frontier_at_savings(match, alphas, rl_seeds, SAVINGS)
         per_stage1[data_seed] = {
             "checkpoint": checkpoint, "metric": task.metric, "full": {s: curves[s]["full"][0]["metric"] for s in curves},
             "oracle": {s: {k: curves[s]["oracle"][0][k] for k in ("metric", "layer_saving")} for s in curves},
             "members": members, "curves": {s: {r: [{k: p[k] for k in ("value", "metric", "layer_saving")} for p in c]
                                                for r, c in curves[s].items()} for s in curves},
+            "at_savings": at_savings, "at_savings_rows": savings_rows(at_savings, curves),
             "matched_test": matched(members, curves, rl_seeds, "test"),
             "matched_validation": matched(members, curves, rl_seeds, "validation"),
             "chosen": chosen_by_alpha(members, full_val, alphas, rl_seeds),
@@ -212,14 +231,15 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
     first = next(iter(results.values()))
     metric = first["metric"]
     lines = [f"# {study}: the policy's frontier against the exit rules", "",
-             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}, each at tau 1 (never "
-             "exits), 0.999, 0.99, 0.95..0.05. "
-             "The policy's frontier at each RL seed is its (alpha, tau) settings that are Pareto-optimal on "
-             "validation, read on test and interpolated at each saving; mean ± 95% t-interval over every "
-             f"(stage-1 seed, RL seed). The rules' curves are their test curves (one knob, no choice). Wall time "
-             f"{seconds / 60:.1f} min.", ""]
+             f"Stage-1 seeds {list(results)}; policies at alpha {alphas} x RL seeds {rl_seeds}. Every choice is made on "
+             "validation and read on test; mean ± 95% t-interval over every (stage-1 seed, RL seed). The rules' "
+             f"curves are their test curves (one knob, no choice). Wall time {seconds / 60:.1f} min.", ""]
+    lines += savings_markdown(results, metric)
     header = f"| layer saving | policy {metric} | " + " | ".join(COMPARED) + " | policy - entropy |"
-    lines += ["## Test metric at matched layer savings", "", header, "|" + "---|" * (len(COMPARED) + 3)]
+    lines += ["## Test metric at matched layer savings, on the tau grid", "",
+              "Each seed's Pareto-optimal (alpha, tau) settings on validation, read on test and interpolated at each "
+              "saving; '-' or a count of seeds where a seed's settings do not reach the saving.", "",
+              header, "|" + "---|" * (len(COMPARED) + 3)]
     curves_total = sum(len({m["seed"] for m in r["members"]}) for r in results.values())
     for index, saving in enumerate(SAVINGS):
         policy_values, entropy_gap, rules = [], [], {rule: [] for rule in COMPARED}
@@ -263,6 +283,35 @@ def study_markdown(study: str, results: dict, alphas, rl_seeds, seconds: float) 
     return "\n".join(lines) + "\n"
 
 
+def savings_markdown(results: dict, metric: str) -> list[str]:
+    """The frontier at set savings (`savings_rows`): per saving, the alpha chosen on validation, the policy's test
+    metric and saving (mean ± 95% interval over every (stage-1 seed, RL seed)), each rule's test metric at the
+    policy's mean test saving, and the gap to entropy on validation and on test."""
+    rules = [rule for rule in COMPARED if rule != "static"]
+    lines = ["## Test metric at set layer savings", "",
+             "At each saving, every policy runs at its own tau for that saving on validation "
+             "(`rules.tau_for_saving`); the alpha whose seeds' mean validation metric is best there stands for the "
+             "policy. The gap to entropy is each seed's against entropy's curve at that seed's own saving, on "
+             "validation (where the alpha was chosen) and on test.", "",
+             f"| set saving | alpha | policy test {metric} | policy test saving | " + " | ".join(rules)
+             + " | policy - entropy, validation | policy - entropy, test |", "|" + "---|" * (len(rules) + 6)]
+    for index, saving in enumerate(SAVINGS):
+        rows = [r["at_savings_rows"][index] for r in results.values()]
+        points = [r["at_savings"][index] for r in results.values()]
+        policy = [v for row in rows for v in row["test"]["policy"]]
+        test_saving = [seed["test"]["layer_saving"] for point in points for seed in point["seeds"]]
+        cells = [f"{100 * saving:.0f}%", ", ".join(f"{row['alpha']:g}" for row in rows), _pm(*interval(policy)),
+                 f"{100 * statistics.mean(test_saving):.1f}%"]
+        for rule in rules:
+            values = [row["test"][rule] for row in rows if row["test"][rule] is not None]
+            cells.append(f"{statistics.mean(values):.4f}" if values else "-")
+        for split in ("validation", "test"):
+            gaps = [g for row in rows if row[split]["gap"] is not None for g in row[split]["gap"]]
+            cells.append(_pm(*interval(gaps), 100, digits=2, signed=True) + " pt" if gaps else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _per_seed(seed_result: dict, index: int) -> list[float]:
     """The policy frontier's test metric at SAVINGS[index], one value per RL seed (none if a seed does not reach)."""
     members = seed_result["members"]
@@ -283,14 +332,14 @@ def plot(study: str, results: dict, path: Path) -> None:
         points = sorted((p["layer_saving"], p["metric"]) for p in first["curves"]["test"][rule])
         ax.plot([100 * s for s, _ in points], [m for _, m in points], linewidth=1.2, label=rule)
     xs, means, halves = [], [], []
-    for index, saving in enumerate(SAVINGS):
-        values = [v for r in results.values() for v in _per_seed(r, index)]
-        if values:
-            mean, half = interval(values)
-            xs.append(100 * saving)
-            means.append(mean)
-            halves.append(half)
-    ax.errorbar(xs, means, yerr=halves, color="black", linewidth=2, capsize=2, label="policy frontier (95% interval)")
+    for index in range(len(SAVINGS)):
+        points = [r["at_savings"][index] for r in results.values()]
+        mean, half = interval([seed["test"]["metric"] for point in points for seed in point["seeds"]])
+        xs.append(100 * statistics.mean(seed["test"]["layer_saving"] for point in points for seed in point["seeds"]))
+        means.append(mean)
+        halves.append(half)
+    ax.errorbar(xs, means, yerr=halves, color="black", linewidth=2, capsize=2,
+                label="policy at set savings (95% interval)")
     ax.scatter([100 * first["oracle"]["test"]["layer_saving"]], [first["oracle"]["test"]["metric"]], marker="*", s=120,
                color="gray", label="oracle")
     ax.axhline(first["full"]["test"], color="black", linestyle=":", linewidth=1, label="full model")
@@ -358,7 +407,11 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
         members, match = train_grid(states, task, variant_settings(VARIANTS[name]), alphas, rl_seeds)
         rows = matched(members, curves, rl_seeds, "validation")
         gaps = [(r["saving"], r["policy"][0] - r["entropy"]) for r in rows if r["policy"] and r["entropy"] is not None]
-        report[name] = {"matched_validation": rows, "gaps": gaps, "chosen": chosen_by_alpha(members, full_val, alphas,
+        at_savings = savings_rows(frontier_at_savings(match, alphas, rl_seeds, SAVINGS), curves)
+        set_gaps = [(r["saving"], statistics.mean(r["validation"]["gap"])) for r in at_savings
+                    if r["validation"]["gap"] is not None]
+        report[name] = {"matched_validation": rows, "gaps": gaps, "set_savings": at_savings, "set_gaps": set_gaps,
+                        "chosen": chosen_by_alpha(members, full_val, alphas,
                                                                                              rl_seeds),
                         "matched_test": matched(members, curves, rl_seeds, "test"),
                         # make train's check: alpha and validation saving chosen over the seeds' mean, each seed's tau set
@@ -368,7 +421,8 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
         if group_size:
             groups = [rl_seeds[i:i + group_size] for i in range(0, len(rl_seeds), group_size)]
             report[name]["seed_groups"] = seed_group_choices(members, full_val, groups, match)
-        print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps], "chosen": report[name]["chosen"],
+        print(name, json.dumps({"gaps": [(s, round(100 * g, 2)) for s, g in gaps],
+                                "set_gaps": [(s, round(100 * g, 2)) for s, g in set_gaps], "chosen": report[name]["chosen"],
                                 "seconds": report[name]["seconds"]}), flush=True)
         (results_dir / f"frontier_variants_{study}.json").write_text(json.dumps(report, indent=1))
         (results_dir / f"frontier_variants_{study}.md").write_text(variants_markdown(study, report, alphas, rl_seeds))
@@ -405,6 +459,19 @@ def variants_markdown(study: str, report: dict, alphas, rl_seeds) -> str:
                   f"({100 * per_seed['metric_spread']:.2f}, {100 * per_seed['layer_saving_spread']:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * min(gaps.values(), default=math.nan):+.2f} | "
                      + "; ".join(chosen) + f" | {spread} | {result['seconds']:.0f} |")
+    set_savings = {name: result for name, result in report.items() if "set_gaps" in result}
+    if set_savings:
+        lines += ["", "## At set savings, on validation", "",
+                  "Each policy at its own tau for each saving on validation, the alpha best there on validation "
+                  "(`policy_grid.frontier_at_savings`); the gap: the seeds' mean validation metric minus entropy's at "
+                  "each seed's saving, in points. The alpha is chosen on the same split, so every variant's gaps lean "
+                  "the same way; compare variants with each other, and read test in the study proper.", "",
+                  "| variant | " + " | ".join(f"{100 * s:.0f}%" for s in SAVINGS) + " | min gap |",
+                  "|---|" + "---|" * (len(SAVINGS) + 1)]
+        for name, result in set_savings.items():
+            gaps = {s: g for s, g in result["set_gaps"]}
+            lines.append(f"| {name} | " + " | ".join(f"{100 * gaps[s]:+.2f}" if s in gaps else "-" for s in SAVINGS)
+                         + f" | {100 * min(gaps.values(), default=math.nan):+.2f} |")
     for name, result in report.items():
         if "seed_groups" in result:
             lines += ["", seed_groups_markdown(name, result["seed_groups"])]

@@ -367,3 +367,32 @@ def test_saving_matcher_sets_each_seeds_tau_for_the_chosen_validation_saving():
         assert alpha == 0.05 and row["validation"]["layer_saving"] == pytest.approx(saving)
         assert abs(saving - 0.4) <= 1 / (4 * 200) + 1e-9  # as near as 200 rows of 4 layers allow (no ties here)
         assert set(row["test"]) == {"metric", "layer_saving", "avg_exit_layer"}
+
+
+def test_the_frontier_at_set_savings_takes_the_alpha_best_on_validation_at_each_saving():
+    from ee_lightning.training.policy_grid import frontier_at_savings
+
+    # Each (alpha, seed)'s point at a saving, as saving_matcher would return it: (validation metric, test metric).
+    table = {(0.03, 0, 0.2): (0.84, 0.83), (0.03, 1, 0.2): (0.82, 0.85), (0.05, 0, 0.2): (0.83, 0.80),
+             (0.05, 1, 0.2): (0.83, 0.81), (0.03, 0, 0.5): (0.70, 0.72), (0.03, 1, 0.5): (0.74, 0.70),
+             (0.05, 0, 0.5): (0.81, 0.79), (0.05, 1, 0.5): (0.79, 0.77)}
+    calls = []
+
+    def match(seed, setting, saving):
+        calls.append((setting[0], seed, saving))
+        val, test = table[(setting[0], seed, saving)]
+        tau = 0.9 - saving + seed / 100  # each seed its own tau
+        return {"setting": (setting[0], tau), "validation": {"metric": val, "layer_saving": saving + seed / 1000},
+                "test": {"metric": test, "layer_saving": saving + 0.01}}
+
+    rows = frontier_at_savings(match, [0.03, 0.05], [0, 1], [0.2, 0.5])
+    low, high = rows
+    # at 0.2 both alphas' seeds average 0.83 on validation: the tie goes to the earlier alpha (0.03), although
+    # 0.05 would read worse on test and 0.03 better: test never decides
+    assert low["alpha"] == 0.03 and low["test"]["metric"] == pytest.approx(0.84)
+    assert low["validation"] == {"metric": pytest.approx(0.83), "layer_saving": pytest.approx(0.2005)}
+    assert [(s["seed"], s["tau"]) for s in low["seeds"]] == [(0, pytest.approx(0.7)), (1, pytest.approx(0.71))]
+    # at 0.5: 0.80 against 0.72 on validation
+    assert high["alpha"] == 0.05 and high["test"] == {"metric": pytest.approx(0.78), "layer_saving": pytest.approx(0.51)}
+    assert high["seeds"][1]["test"]["metric"] == 0.77
+    assert len(calls) == 8  # every alpha's every seed at every saving

@@ -46,3 +46,26 @@ def test_seed_groups_need_a_variants_comparison():
     done = subprocess.run([sys.executable, "experiments/frontier_study.py", "rotten_tomatoes", "--seed-groups", "3"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "--seed-groups K makes make train's choice" in done.stderr
+
+
+def test_the_set_savings_gap_reads_entropy_at_each_seeds_own_saving(study):
+    curves = {split: {rule: [{"metric": 0.90, "layer_saving": 0.0}, {"metric": 0.80, "layer_saving": 0.5}]
+                      for rule in study.COMPARED} for split in ("validation", "test")}
+    point = {"saving": 0.2, "alpha": 0.05, "validation": {"metric": 0.87, "layer_saving": 0.2},
+             "test": {"metric": 0.855, "layer_saving": 0.25},
+             "seeds": [{"seed": 0, "tau": 0.7, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                        "test": {"metric": 0.86, "layer_saving": 0.2}},
+                       {"seed": 1, "tau": 0.6, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                        "test": {"metric": 0.85, "layer_saving": 0.3}}]}
+    (row,) = study.savings_rows([point], curves)
+    # entropy's line falls 0.02 per 10 points of saving: 0.86 at 20%, 0.84 at 30%, 0.85 at the mean 25%
+    assert row["test"]["gap"] == [pytest.approx(0.0), pytest.approx(0.01)]
+    assert row["test"]["entropy"] == pytest.approx(0.85) and row["test"]["policy"] == [0.86, 0.85]
+    assert row["validation"]["gap"] == [pytest.approx(0.01), pytest.approx(0.01)]
+    results = {42: {"at_savings": [point] * len(study.SAVINGS), "at_savings_rows": [row] * len(study.SAVINGS)}}
+    table = "\n".join(study.savings_markdown(results, "accuracy"))
+    assert ("| 20% | 0.05 | 0.8550 ± 0.0636 | 25.0% | 0.8500 | 0.8500 | 0.8500 | 0.8500 | +1.00 ± 0.00 pt | "
+            "+0.50 ± 6.35 pt |") in table
+    # a seed whose saving lies outside entropy's curve has no gap: not credited either way
+    point["seeds"][1]["test"]["layer_saving"] = 0.6
+    assert study.savings_rows([point], curves)[0]["test"]["gap"] is None

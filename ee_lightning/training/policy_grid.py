@@ -9,6 +9,7 @@ of policy-net arithmetic, where a Trainer per member would cost its loggers and 
 from __future__ import annotations
 
 import copy
+import statistics
 from pathlib import Path
 
 import torch
@@ -136,17 +137,50 @@ def saving_matcher(policies: dict[tuple, nn.Module], states: dict[str, dict], ta
     the first split of `states` ({split: collect_states cache}, validation first) is nearest the chosen saving
     (`rules.tau_for_saving`, exact: no grid between), and its point on every split."""
     choosing = next(iter(states))
+    replayed: dict[tuple, dict] = {}  # (alpha, seed) -> {split: signals}: one policy pass serves every saving
 
     def match(seed: int, setting: tuple, saving: float) -> dict:
         alpha = setting[0]
-        policy = policies[(alpha, seed)]
-        signals = {split: signals_from_states(split_states, task.is_regression, policy)
-                   for split, split_states in states.items()}
+        if (alpha, seed) not in replayed:
+            replayed[(alpha, seed)] = {split: signals_from_states(split_states, task.is_regression, policies[(alpha, seed)])
+                                       for split, split_states in states.items()}
+        signals = replayed[(alpha, seed)]
         tau = tau_for_saving(signals[choosing]["exit_prob"], saving)
         points = {split: sweep_rule(task, split_signals, "policy", [tau])[0] for split, split_signals in signals.items()}
         return {"setting": (alpha, tau), **{split: {k: point[k] for k in ("metric", "layer_saving", "avg_exit_layer")}
                                             for split, point in points.items()}}
     return match
+
+
+def frontier_at_savings(match, alphas: list[float], seeds: list[int], savings: list[float],
+                        splits=("validation", "test")) -> list[dict]:
+    """The policy's frontier at set layer savings, chosen on the first of `splits`: at each saving, every alpha's seeds
+    run at their own tau for that saving on that split (`match`: `saving_matcher`), and the alpha whose mean metric
+    there is best (ties: the earlier alpha) stands for the policy at that saving; its seeds' points on every split.
+
+    On the tau grid a policy's points sit where its exit probabilities crowd (near 0 and 1), so a seed's curve
+    misses whole ranges of saving and the frontier has no point there; a tau set for each saving reaches every saving
+    that the probabilities can tell apart. Those that round to 1 tie, so a policy sure of many rows at the first
+    layers cannot save less than they make it: its points then sit at the saving they reach, which they report.
+    Returns [{"saving", "alpha", <split>: {"metric", "layer_saving"} (means over seeds), "seeds": [{"seed", "tau",
+    <split>: point}]}]."""
+    rows = []
+    for saving in savings:
+        best = None
+        for alpha in alphas:
+            points = [match(seed, (alpha,), saving) for seed in seeds]
+            score = statistics.mean(point[splits[0]]["metric"] for point in points)
+            if best is None or score > best[0]:
+                best = (score, alpha, points)
+        _, alpha, points = best
+        row = {"saving": saving, "alpha": alpha,
+               "seeds": [{"seed": seed, "tau": point["setting"][-1], **{split: point[split] for split in splits}}
+                         for seed, point in zip(seeds, points)]}
+        for split in splits:
+            row[split] = {key: statistics.mean(point[split][key] for point in points)
+                          for key in ("metric", "layer_saving")}
+        rows.append(row)
+    return rows
 
 
 def choose_in_grid(members: list[dict], full_validation: float, tolerance: float, splits=("validation", "test"),
