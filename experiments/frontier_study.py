@@ -56,7 +56,8 @@ POLICY_NET = OmegaConf.load(ROOT / "conf" / "policy" / "default.yaml")
 BASE_RL = rl_settings(OmegaConf.to_container(SHIPPED))
 # The policy stage trains at a constant learning rate; "schedule" is a variant of the study's grid loop alone.
 BASE = {"rl": BASE_RL, "lr": SHIPPED.lr, "schedule": "constant", "epochs": SHIPPED.epochs,
-        "batch_size": SHIPPED.batch_size, "hidden": POLICY_NET.hidden, "use_confidence": POLICY_NET.use_confidence}
+        "batch_size": SHIPPED.batch_size, "hidden": POLICY_NET.hidden, "use_confidence": POLICY_NET.use_confidence,
+        "normalize_state": POLICY_NET.get("normalize_state", False)}
 
 
 def ee_train(args: list[str]) -> None:
@@ -115,7 +116,7 @@ def train_grid(states: dict, task, variant: dict, alphas: list[float], seeds: li
     dataset = CachedLayerDataset(train, hardness_lib.memorized_layer(correct))
     num_layers, _, hidden = train["pooled"].shape
     template = ExitPolicy(num_layers, hidden, task.output_size, hidden=variant["hidden"],
-                          use_confidence=variant["use_confidence"])
+                          use_confidence=variant["use_confidence"], normalize_state=variant["normalize_state"])
     taus = default_grid("policy", num_layers)
     splits = {"validation": states["validation"], "test": states["test"]}
     members, policies = grid_members(template, dataset, splits, task, variant["rl"], alphas=alphas, seeds=seeds,
@@ -376,6 +377,9 @@ VARIANTS = {
     "32 epochs": {"epochs": 32},
     "cosine lr decay": {"schedule": "cosine"},
     "cosine lr decay, 32 epochs": {"schedule": "cosine", "epochs": 32},
+    "state read raw": {"normalize_state": False},
+    "state normalised": {"normalize_state": True},
+    "state normalised, confidence inputs": {"normalize_state": True, "use_confidence": True},
 }
 
 

@@ -169,3 +169,29 @@ def test_init_from_missing_file_is_named(tmp_path):
                         tmp_path / "run")
     with pytest.raises(ConfigError, match="init_from=/nowhere/stage1.ckpt: the file does not exist"):
         train(cfg)
+
+
+def test_the_normalised_policy_reads_the_state_on_one_scale_and_older_specs_read_it_raw():
+    from ee_lightning.modeling.exit_policy import ExitPolicy
+    from ee_lightning.modeling.saved import assemble
+    from tests.conftest import backbone_cfg
+    from ee_lightning.modeling.backbones import build_backbone
+
+    torch.manual_seed(0)
+    state, logits = torch.randn(5, 8), torch.randn(5, 2)
+    normalised = ExitPolicy(3, 8, 2, hidden=4, normalize_state=True)
+    raw = ExitPolicy(3, 8, 2, hidden=4)
+    raw.load_state_dict(normalised.state_dict())  # the same weights: only the reading differs
+    for layer in range(3):
+        # standardised over the features: a state's scale and offset do not reach the net
+        assert torch.allclose(normalised.logit(layer, 4.0 * state + 2.0, logits), normalised.logit(layer, state, logits),
+                              atol=1e-5)
+        assert not torch.allclose(raw.logit(layer, 4.0 * state + 2.0, logits), raw.logit(layer, state, logits))
+        standard = (state - state.mean(-1, keepdim=True)) / state.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
+        assert torch.allclose(normalised.logit(layer, state, logits), raw.logit(layer, standard, logits), atol=1e-5)
+    # a run saved before the option existed has no key in its spec: its policy reads the state raw, as it was trained
+    backbone, _ = build_backbone(backbone_cfg())
+    policy = {"hidden": 4, "use_confidence": False, "detach_state": True}
+    assert assemble(backbone, {"dropout": 0.0, "pooling": "cls"}, policy, TaskSpec("toy")).policy.normalize_state is False
+    policy["normalize_state"] = True
+    assert assemble(backbone, {"dropout": 0.0, "pooling": "cls"}, policy, TaskSpec("toy")).policy.normalize_state is True

@@ -55,6 +55,7 @@ class PolicyNetConfig:
     hidden: int = MISSING
     use_confidence: bool = MISSING
     detach_state: bool = MISSING
+    normalize_state: bool = False  # a default, not MISSING: run directories written before the key existed still load
 
 
 # --- method stages ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -13,13 +14,18 @@ def confidence_features(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ExitPolicy(nn.Module):
-    """One small net per layer (the authors': Linear(H, 32) -> GELU -> Linear(32, 1))."""
+    """One small net per layer (the authors': Linear(H, 32) -> GELU -> Linear(32, 1)).
+
+    normalize_state: the net reads the pooled state standardised over its features (a layer norm without
+    weights). The pooled states' scale differs from layer to layer and from one instance's length to another's;
+    read raw, every layer's net first has to learn it."""
 
     def __init__(self, num_layers: int, hidden_size: int, num_logits: int, hidden: int = 32,
-                 use_confidence: bool = False, detach_state: bool = True):
+                 use_confidence: bool = False, detach_state: bool = True, normalize_state: bool = False):
         super().__init__()
         self.use_confidence = use_confidence
         self.detach_state = detach_state
+        self.normalize_state = normalize_state
         in_size = hidden_size + (num_logits + 1 if use_confidence else 0)
         self.nets = nn.ModuleList(
             nn.Sequential(nn.Linear(in_size, hidden), nn.GELU(), nn.Linear(hidden, 1)) for _ in range(num_layers)
@@ -27,6 +33,8 @@ class ExitPolicy(nn.Module):
 
     def features(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         state = pooled.detach() if self.detach_state else pooled
+        if self.normalize_state:
+            state = F.layer_norm(state, state.shape[-1:])
         if not self.use_confidence:
             return state
         return torch.cat([state, confidence_features(logits.detach())], dim=-1)

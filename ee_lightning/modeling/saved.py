@@ -33,7 +33,8 @@ def assemble(backbone: LayerwiseBackbone, head: dict, policy: dict, task: TaskSp
                       pooling=head["pooling"], first_token_pooler=backbone.first_token_pooler(),
                       output_norm=backbone.output_norm())
     policy_nets = ExitPolicy(backbone.num_layers, backbone.hidden_size, task.output_size, hidden=policy["hidden"],
-                             use_confidence=policy["use_confidence"], detach_state=policy["detach_state"])
+                             use_confidence=policy["use_confidence"], detach_state=policy["detach_state"],
+                             normalize_state=policy.get("normalize_state", False))  # absent from older specs
     return EarlyExitModel(backbone, heads, policy_nets)
 
 
