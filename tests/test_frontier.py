@@ -396,3 +396,16 @@ def test_the_frontier_at_set_savings_takes_the_alpha_best_on_validation_at_each_
     assert high["alpha"] == 0.05 and high["test"] == {"metric": pytest.approx(0.78), "layer_saving": pytest.approx(0.51)}
     assert high["seeds"][1]["test"]["metric"] == 0.77
     assert len(calls) == 8  # every alpha's every seed at every saving
+
+
+def test_exit_probabilities_keep_the_rows_a_policy_is_sure_of_apart_so_that_a_tau_can_split_them():
+    from ee_lightning.exits.rules import exit_summary, policy_exits, tau_for_saving
+    from ee_lightning.modeling.exit_policy import exit_probability
+
+    logits = torch.tensor([[18.0, 20.0], [0.0, 0.0]])  # layer 1: two rows the policy is sure of (layer 2 is forced)
+    assert torch.sigmoid(logits[0]).unique().numel() == 1  # in float32 both read 1: no tau between them
+    probs = exit_probability(logits)
+    assert probs[0, 0] < probs[0, 1] < 1.0
+    tau = tau_for_saving(probs, 0.25)  # one row leaves at layer 1, the other runs both layers
+    assert probs[0, 0] < tau < probs[0, 1]
+    assert exit_summary(policy_exits(probs, tau), 2)["layer_saving"] == pytest.approx(0.25)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ee_lightning.exits.signals import SIGNALS, all_layer_signals
+from ee_lightning.modeling.exit_policy import exit_probability
 from ee_lightning.modeling.model import EarlyExitModel, LayerOutputs
 from ee_lightning.progress import progress
 
@@ -61,7 +62,7 @@ def signals_from_states(states: dict[str, torch.Tensor], is_regression: bool, po
     if policy is not None:
         was_training = policy.training
         policy.eval()
-        exit_probs = torch.stack([torch.sigmoid(policy.logit(layer, pooled, logits))
+        exit_probs = torch.stack([exit_probability(policy.logit(layer, pooled, logits))
                                   for layer, (pooled, logits) in enumerate(zip(states["pooled"], states["logits"]))])
         policy.train(was_training)
     cache = all_layer_signals(states["logits"], exit_probs, is_regression)

@@ -12,6 +12,7 @@ import torch
 
 from ee_lightning.exits.rules import ExitRule, build_rule, require_signals, select_state
 from ee_lightning.exits.signals import SIGNALS, layer_signals
+from ee_lightning.modeling.exit_policy import exit_probability
 from ee_lightning.modeling.model import EarlyExitModel
 
 
@@ -71,7 +72,7 @@ class EarlyExitRunner:
             if layer == L:
                 outputs[rows] = step.logits
                 break
-            exit_prob = torch.sigmoid(step.exit_logit) if step.exit_logit is not None else None
+            exit_prob = exit_probability(step.exit_logit) if step.exit_logit is not None else None
             signals = layer_signals(step.logits, exit_prob, regression, needs=rule.needs)
             exit_now, state = rule.decide(layer, signals, state, labels=labels, is_regression=regression)
             if not bool(exit_now.any()):

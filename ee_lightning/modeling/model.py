@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ee_lightning.modeling.backbones import LayerwiseBackbone
-from ee_lightning.modeling.exit_policy import ExitPolicy
+from ee_lightning.modeling.exit_policy import ExitPolicy, exit_probability
 from ee_lightning.modeling.heads import ExitHeads
 
 
@@ -37,7 +37,7 @@ class LayerOutputs:
 
     @property
     def exit_probs(self) -> torch.Tensor | None:
-        return torch.sigmoid(self.exit_logits) if self.exit_logits is not None else None
+        return exit_probability(self.exit_logits) if self.exit_logits is not None else None
 
 
 class EarlyExitModel(nn.Module):
