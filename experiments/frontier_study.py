@@ -415,8 +415,7 @@ def variants(study: str, checkpoint: str, alphas, rl_seeds, names, results_dir: 
         set_gaps = [(r["saving"], statistics.mean(r["validation"]["gap"])) for r in at_savings
                     if r["validation"]["gap"] is not None]
         report[name] = {"matched_validation": rows, "gaps": gaps, "set_savings": at_savings, "set_gaps": set_gaps,
-                        "chosen": chosen_by_alpha(members, full_val, alphas,
-                                                                                             rl_seeds),
+                        "chosen": chosen_by_alpha(members, full_val, alphas, rl_seeds),
                         "matched_test": matched(members, curves, rl_seeds, "test"),
                         # make train's check: alpha and validation saving chosen over the seeds' mean, each seed's tau set
                         # for that saving; each seed's test point
