@@ -406,6 +406,10 @@ def test_exit_probabilities_keep_the_rows_a_policy_is_sure_of_apart_so_that_a_ta
     assert torch.sigmoid(logits[0]).unique().numel() == 1  # in float32 both read 1: no tau between them
     probs = exit_probability(logits)
     assert probs[0, 0] < probs[0, 1] < 1.0
+    # the signals every replay and the runner read keep them apart too
+    from ee_lightning.exits.signals import all_layer_signals
+    probs = all_layer_signals(torch.zeros(2, 2, 3), probs)["exit_prob"]
+    assert probs[0, 0] < probs[0, 1] < 1.0
     tau = tau_for_saving(probs, 0.25)  # one row leaves at layer 1, the other runs both layers
     assert probs[0, 0] < tau < probs[0, 1]
     assert exit_summary(policy_exits(probs, tau), 2)["layer_saving"] == pytest.approx(0.25)

@@ -82,7 +82,7 @@ def layer_signals(logits: torch.Tensor, exit_prob: torch.Tensor | None = None, i
             if "entropy_normalized" in needs:
                 out["entropy_normalized"] = ent / math.log(max(logits.shape[-1], 2))
     if "exit_prob" in needs and exit_prob is not None:
-        out["exit_prob"] = exit_prob.float()
+        out["exit_prob"] = exit_prob  # as given: the encoders' come in float64 (modeling.exit_policy.exit_probability)
     return out
 
 
