@@ -34,7 +34,8 @@ from omegaconf import OmegaConf, open_dict
 
 from ee_lightning.app.evaluate_checkpoint import load_checkpoint_model
 from ee_lightning.data import build_datamodule
-from ee_lightning.evaluation.frontier import best_within, choose_setting, frontier, mean_sd, seed_settings, value_at_saving
+from ee_lightning.evaluation.frontier import (best_within, choose_setting, frontier, gaps_at_savings, mean_sd,
+                                             seed_settings, value_at_saving)
 from ee_lightning.evaluation.rule_points import sweep_rule
 from ee_lightning.exits import hardness as hardness_lib
 from ee_lightning.exits.rules import default_grid
@@ -163,20 +164,9 @@ def matched(members: list[dict], curves: dict, seeds: list[int], split: str) -> 
 
 
 def savings_rows(at_savings: list[dict], curves: dict) -> list[dict]:
-    """Per set saving (`frontier_at_savings`): each compared rule's metric on each split at the policy's mean saving
-    there, and the policy's gap to entropy per seed, each seed against entropy at that seed's own saving (a tau set on
-    validation lands a little off the saving on test)."""
-    rows = []
-    for point in at_savings:
-        row = {"saving": point["saving"], "alpha": point["alpha"]}
-        for split in ("validation", "test"):
-            row[split] = {rule: value_at_saving(curves[split][rule], point[split]["layer_saving"]) for rule in COMPARED}
-            entropy_at = [value_at_saving(curves[split]["entropy"], seed[split]["layer_saving"]) for seed in point["seeds"]]
-            row[split]["policy"] = [seed[split]["metric"] for seed in point["seeds"]]
-            row[split]["gap"] = (None if None in entropy_at else
-                                 [seed[split]["metric"] - value for seed, value in zip(point["seeds"], entropy_at)])
-        rows.append(row)
-    return rows
+    """`frontier.gaps_at_savings` against the compared rules on validation and test."""
+    return gaps_at_savings(at_savings, {split: {rule: curves[split][rule] for rule in COMPARED}
+                                        for split in ("validation", "test")})
 
 
 def interval(values: list[float]) -> tuple[float, float]:

@@ -320,6 +320,14 @@ def test_the_runs_operating_points_are_chosen_on_validation(tmp_path, capsys):
     frontier = [(r["setting"], r["validation"]) for r in same.policy_frontier["frontier"]]
     assert frontier == [(r["setting"], r["validation"]) for r in flipped.policy_frontier["frontier"]]
     assert same.policy_frontier["seeds"] == [42, 43]
+    # the policy at set savings: its alpha and every seed's tau are set on validation too
+    from ee_lightning.training.policy_grid import SET_SAVINGS
+    at_savings = [(r["saving"], r["alpha"], [(s["seed"], s["tau"]) for s in r["seeds"]], r["validation"])
+                  for r in same.policy_frontier["at_savings"]]
+    assert [row[0] for row in at_savings] == SET_SAVINGS and all(len(row[2]) == 2 for row in at_savings)
+    assert at_savings == [(r["saving"], r["alpha"], [(s["seed"], s["tau"]) for s in r["seeds"]], r["validation"])
+                          for r in flipped.policy_frontier["at_savings"]]
+    assert "## The policy at set savings" in report and "| 10% | " in report
 
 
 def test_tau_for_saving_by_hand():
@@ -413,3 +421,22 @@ def test_exit_probabilities_keep_the_rows_a_policy_is_sure_of_apart_so_that_a_ta
     tau = tau_for_saving(probs, 0.25)  # one row leaves at layer 1, the other runs both layers
     assert probs[0, 0] < tau < probs[0, 1]
     assert exit_summary(policy_exits(probs, tau), 2)["layer_saving"] == pytest.approx(0.25)
+
+
+def test_the_report_sets_the_policy_at_each_saving_beside_the_confidence_rules():
+    from ee_lightning.evaluation.pareto import at_savings_table
+
+    # entropy falls from 0.90 at no saving to 0.80 at half; max-prob is flat at 0.85; no PCEE or patience points
+    points = [{"rule": "entropy", "metric": 0.90, "layer_saving": 0.0}, {"rule": "entropy", "metric": 0.80, "layer_saving": 0.5},
+              {"rule": "maxprob", "metric": 0.85, "layer_saving": 0.0}, {"rule": "maxprob", "metric": 0.85, "layer_saving": 0.5},
+              {"rule": "policy", "metric": 0.99, "layer_saving": 0.2}]
+    seeds = [{"seed": 0, "tau": 0.9, "test": {"metric": 0.87, "layer_saving": 0.2}},
+             {"seed": 1, "tau": 0.8, "test": {"metric": 0.85, "layer_saving": 0.3}}]
+    row = {"saving": 0.25, "alpha": 0.05, "seeds": seeds, "test": {"metric": 0.86, "layer_saving": 0.25}}
+    table = at_savings_table([row], points, "acc")
+    assert "| set saving | alpha | acc | layer saving | entropy | maxprob | policy - entropy |" in table
+    # entropy 0.85 at the mean 25%; the gaps: 0.87 - 0.86 at 20%, 0.85 - 0.84 at 30%: +1.00 points
+    assert "| 25% | 0.05 | 0.8600 ± 0.0141 | 25.0% | 0.8500 | 0.8500 | +1.00 pt |" in table
+    # without entropy's points there is no gap to read
+    assert "| 25% | 0.05 | 0.8600 ± 0.0141 | 25.0% | 0.8500 | - |" in at_savings_table([row], points[2:], "acc")
+

@@ -173,3 +173,23 @@ def frontier(rows: list[dict], chosen_on: str = "validation") -> list[dict]:
 def curve_at_savings(curve: list[dict], savings: list[float], key: str = "metric") -> list[float | None]:
     """`value_at_saving` at each of `savings`."""
     return [value_at_saving(curve, s, key) for s in savings]
+
+
+def gaps_at_savings(at_savings: list[dict], curves: dict[str, dict[str, list[dict]]], baseline: str = "entropy") -> list[dict]:
+    """The policy at set savings (`policy_grid.frontier_at_savings` rows) beside the rules: per row and split of
+    `curves` ({split: {rule: points}}), each rule's metric at the policy's mean saving there, the seeds' metrics
+    ("policy"), and each seed's gap to `baseline` at that seed's own saving ("gap"; None where the baseline is not
+    among the rules or a seed's saving lies outside its curve: a tau set on one split lands a little off the saving
+    on another)."""
+    rows = []
+    for point in at_savings:
+        row = {"saving": point["saving"], "alpha": point["alpha"]}
+        for split, rules in curves.items():
+            row[split] = {rule: value_at_saving(curve, point[split]["layer_saving"]) for rule, curve in rules.items()}
+            at_baseline = [value_at_saving(rules[baseline], seed[split]["layer_saving"]) if baseline in rules else None
+                           for seed in point["seeds"]]
+            row[split]["policy"] = [seed[split]["metric"] for seed in point["seeds"]]
+            row[split]["gap"] = (None if None in at_baseline else
+                                 [seed[split]["metric"] - value for seed, value in zip(point["seeds"], at_baseline)])
+        rows.append(row)
+    return rows

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ee_lightning.evaluation.cost import measure_flops
-from ee_lightning.evaluation.frontier import best_within, choose_points, pareto_optimal
+from ee_lightning.evaluation.frontier import best_within, choose_points, gaps_at_savings, mean_sd, pareto_optimal
 from ee_lightning.evaluation.rule_points import evaluate_rule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.inference.runner import EarlyExitRunner
@@ -216,6 +216,31 @@ def frontier_table(rows: list[dict], metric_name: str, split: str = "test") -> s
     return "\n".join(lines)
 
 
+AT_SAVINGS_RULES = ("entropy", "maxprob", "pcee", "patience")  # the confidence rules the policy is set beside
+
+
+def at_savings_table(at_savings: list[dict], points: list[dict], metric_name: str, split: str = "test") -> str:
+    """The policy at set savings (`policy_grid.frontier_at_savings`: each seed's tau set for the saving on validation,
+    the alpha best there on validation) on `split`: mean and sd over the seeds, beside each confidence rule among
+    `points` at the policy's mean saving, and the seeds' mean gap to entropy, each at its own saving."""
+    curves = {rule: [p for p in points if p["rule"] == rule] for rule in AT_SAVINGS_RULES}
+    curves = {rule: curve for rule, curve in curves.items() if curve}
+    lines = ["Every policy of the frontier runs at its own tau for each saving on validation; the alpha whose seeds' "
+             f"mean validation {metric_name} is best there stands for the policy. Its seeds on {split}: mean ± sd, and "
+             "the gap to entropy, each seed against entropy at its own saving.", "",
+             f"| set saving | alpha | {metric_name} | layer saving | " + "".join(f"{rule} | " for rule in curves)
+             + "policy - entropy |", "|---|---|---|---|" + "---|" * (len(curves) + 1)]
+    for point, row in zip(at_savings, gaps_at_savings(at_savings, {split: curves})):
+        metric, metric_sd = mean_sd(row[split]["policy"])
+        gap = row[split]["gap"]
+        lines.append("| " + " | ".join([f"{100 * point['saving']:.0f}%", f"{point['alpha']:g}",
+                                        f"{metric:.4f} ± {metric_sd:.4f}", f"{100 * point[split]['layer_saving']:.1f}%",
+                                        *(f"{row[split][rule]:.4f}" if row[split][rule] is not None else "-"
+                                          for rule in curves),
+                                        f"{100 * statistics.mean(gap):+.2f} pt" if gap is not None else "-"]) + " |")
+    return "\n".join(lines)
+
+
 def chosen_policy_text(choice: dict, metric_name: str, split: str = "test") -> str:
     """The alpha and validation saving chosen over the RL seeds' mean, each seed's tau for that saving, the run's
     policy, and every seed's point (`policy_grid.choose_in_grid`)."""
@@ -242,12 +267,15 @@ def chosen_policy_text(choice: dict, metric_name: str, split: str = "test") -> s
 
 
 def encoder_markdown(points: list[dict], metric_name: str, title: str = "", chosen: list[dict] | None = None,
-                     frontier_rows: list[dict] | None = None, policy_choice: dict | None = None) -> str:
+                     frontier_rows: list[dict] | None = None, policy_choice: dict | None = None,
+                     at_savings: list[dict] | None = None) -> str:
     parts = [f"# {title}\n" if title else ""]
     if chosen:
         parts.append("## Operating points\n\n" + chosen_table(chosen, metric_name) + "\n")
     if policy_choice:
         parts.append("## The chosen policy\n\n" + chosen_policy_text(policy_choice, metric_name) + "\n")
+    if at_savings:
+        parts.append("## The policy at set savings\n\n" + at_savings_table(at_savings, points, metric_name) + "\n")
     if frontier_rows:
         parts.append("## The policy's frontier\n\n" + frontier_table(frontier_rows, metric_name) + "\n")
     parts.append("## Every rule at every knob\n\n" if chosen or frontier_rows else "")
@@ -333,14 +361,16 @@ def summary_rows(points: list[dict], tolerance: float = 0.01) -> list[dict]:
 # --- the whole comparison -----------------------------------------------------------------------
 def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Path, report_cfg,
                   tau: float | None = None, title: str = "", choose_on: dict | None = None, tolerance: float | None = None,
-                  frontier_rows: list[dict] | None = None, policy_choice: dict | None = None) -> dict:
+                  frontier_rows: list[dict] | None = None, policy_choice: dict | None = None,
+                  at_savings: list[dict] | None = None) -> dict:
     """Replay every rule over `cache` (all-layer signals of `split`), time the real runner at
     ConsistentEE's setting, write pareto.csv / .md / .png into `out_dir`.
 
     choose_on: the validation split's signal cache; each rule's knob is then chosen on it (the most
     saving within `tolerance` of the full model's metric there) and measured on `split`.
     frontier_rows: the policy's frontier over seeds (`training.policy_grid`), reported beside the rules;
-    policy_choice: its operating point chosen on validation, overall and per seed (`policy_grid.choose_in_grid`)."""
+    policy_choice: its operating point chosen on validation, overall and per seed (`policy_grid.choose_in_grid`);
+    at_savings: the policy at set savings (`policy_grid.frontier_at_savings`)."""
     model = model.eval()
     rules = list(report_cfg.rules) if report_cfg.rules is not None else None
     grids, latency = OmegaConf.to_container(report_cfg.grids), report_cfg.latency
@@ -364,7 +394,7 @@ def compare_rules(model, task, cache: dict, datamodule, split: str, out_dir: Pat
         for point in points:
             if point["rule"] == "policy" and point["value"] == _value_text(tau):
                 point.update(measured)
-    markdown = encoder_markdown(points, task.metric, title, chosen, frontier_rows, policy_choice)
+    markdown = encoder_markdown(points, task.metric, title, chosen, frontier_rows, policy_choice, at_savings)
     paths = write_report(points, out_dir, columns=encoder_columns(points, bool(frontier_rows)), markdown=markdown,
                          metric_label=task.metric, title=title, frontier_rows=frontier_rows)
     print(markdown)

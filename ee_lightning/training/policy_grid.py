@@ -26,6 +26,11 @@ from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.policy import cached_batch_inputs, rl_settings, rl_step
 
 
+# The savings at which the run's report sets every policy's tau (`frontier_at_savings`): the whole curve, not only
+# where the tau grid's points fall.
+SET_SAVINGS = [round(0.1 + 0.05 * i, 2) for i in range(15)]  # 10% .. 80%
+
+
 def fresh_policy(template: nn.Module, seed: int) -> nn.Module:
     """A copy of `template` with every layer re-initialised from `seed` (its architecture, new weights)."""
     policy = copy.deepcopy(template)
@@ -229,18 +234,20 @@ def run_frontier(template: nn.Module, cache: dict, memorized: torch.Tensor, stat
                  tolerance: float, choose_tolerance: float | None = None) -> tuple[dict, dict[tuple, nn.Module]]:
     """The run's policy frontier (results.json `policy_frontier`) and its policies ({(alpha, seed): policy}):
     policies over `alphas` x `seeds` trained on the training set's cached outputs `cache` (`collect_states`)
-    with the policy stage's settings `stage`. With `choose_tolerance`, also the operating point chosen on validation
-    (`choose_in_grid`: one alpha and validation saving for every seed; the run's policy is the first seed's,
-    `seeds[0]`)."""
+    with the policy stage's settings `stage`; the frontier on the tau grid, and at SET_SAVINGS (`at_savings`). With
+    `choose_tolerance`, also the operating point chosen on validation (`choose_in_grid`: one alpha and validation
+    saving for every seed; the run's policy is the first seed's, `seeds[0]`)."""
     policies = train_grid(template, CachedLayerDataset(cache, memorized), task, rl_settings(stage), alphas=alphas,
                           seeds=seeds, lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size,
                           tolerance=tolerance)
     members = replay_grid(policies, states, task, taus)
     result = policy_frontier(members, tuple(states))
+    match = saving_matcher(policies, states, task)
     report = {"alphas": list(alphas), "seeds": list(seeds), "chosen_on": "validation",
               "settings": [{**row, "setting": list(row["setting"])} for row in result["settings"]],
-              "frontier": result["frontier"]}
+              "frontier": result["frontier"],
+              "at_savings": frontier_at_savings(match, alphas, seeds, SET_SAVINGS, tuple(states))}
     if choose_tolerance is not None:
         report.update(choose_in_grid(members, full_metric(states["validation"], task), choose_tolerance, tuple(states),
-                                     run_seed=seeds[0], match=saving_matcher(policies, states, task)))
+                                     run_seed=seeds[0], match=match))
     return report, policies

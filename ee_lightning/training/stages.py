@@ -378,6 +378,7 @@ def run_consistentee(run: Run) -> RunResults:
         report = compare_rules(run.model, task, test_cache, run.datamodule, "test", run.run_dir, cfg.report, tau=tau,
                                title=title, frontier_rows=frontier_rows, tolerance=method.choose.tolerance,
                                policy_choice=frontier if frontier and "chosen" in frontier else None,
+                               at_savings=frontier.get("at_savings") if frontier else None,
                                choose_on=signals_from_states(validation, task.is_regression, run.model.policy)
                                if chosen else None)
         results.pareto = {"files": report["files"], "summary_within_1pt": report["summary_within_1pt"]}
