@@ -55,4 +55,4 @@ class ExitPolicy(nn.Module):
         return self.nets[index](self.features(pooled, logits)).squeeze(-1)
 
     def forward(self, index: int, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(index, pooled, logits))
+        return exit_probability(self.logit(index, pooled, logits))
