@@ -149,6 +149,8 @@ def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
     (["method.finetune.distill_temperature=0"], "method.finetune.distill_temperature=0.0: must be > 0"),
     (["method.policy.lr=-1e-3"], "method.policy.lr=-0.001: must be > 0"),
     (["method.joint.enabled=true", "method.joint.lr_model=0"], "method.joint.lr_model=0.0: must be > 0"),
+    (["method.joint.enabled=true", "method.joint.layer_loss_weight=-1"],
+     "method.joint.layer_loss_weight=-1.0: must be >= 0"),
     (["method.finetune.epochs=0"], "method.finetune.epochs=0: must be >= 1"),
     (["method.policy.epochs=0"], "method.policy.epochs=0: must be >= 1"),
     (["method.policy.validate_every=0"], "method.policy.validate_every=0: must be >= 1"),

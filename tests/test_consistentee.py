@@ -14,6 +14,7 @@ from ee_lightning.training import trainers
 from ee_lightning.inference.layer_cache import CachedLayerDataset
 from ee_lightning.exits.rules import policy_exits
 from ee_lightning.tasks import TaskSpec
+from ee_lightning.training.systems.joint import joint_model_loss
 from ee_lightning.training.systems.policy import PolicySystem
 from tests.conftest import make_tiny_model
 from ee_lightning.app.train import train
@@ -73,7 +74,7 @@ def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path)
 def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
     run = tmp_path / "run"
     cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "method.joint.enabled=true",
-                         "report.latency.enabled=true", "report.latency.num_examples=8", "report.latency.repeats=1",
+                         "method.joint.layer_loss_weight=0.5", "report.latency.enabled=true", "report.latency.num_examples=8", "report.latency.repeats=1",
                          "report.latency.warmup=1"], run)
     results = train(cfg)
     written = json.loads((run / "results.json").read_text())
@@ -88,6 +89,15 @@ def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
     for name in ("pareto.csv", "pareto.md", "pareto.png"):
         assert (run / name).is_file()
     assert sum(written["hardness_histogram"]) == 48
+
+
+def test_the_joint_loss_is_the_loss_at_the_sampled_exits_plus_the_weighted_stage_one_loss():
+    losses = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # [L=3, B=2]
+    exits = torch.tensor([[1, 3], [2, 2]])                          # [K=2, B]: layers 1..L
+    # the exits' losses 1, 6, 3, 4 -> 3.5; the layers' batch means 1.5, 3.5, 5.5
+    assert joint_model_loss(losses, exits).item() == pytest.approx(3.5)
+    assert joint_model_loss(losses, exits, 0.5).item() == pytest.approx(3.5 + 0.5 * 3.5)
+    assert joint_model_loss(losses, exits, 1.0, torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(3.5 + 25 / 6)
 
 
 @pytest.mark.parametrize("epochs, every, validated", [(4, 2, [1, 3]), (2, 4, [1])])

@@ -498,6 +498,7 @@ def check_method(method: DictConfig, cfg: DictConfig, check: Checker) -> None:
             check.number(joint, "epochs", "method.joint.", low=1, integer=True)
             check.number(joint, "lr_model", "method.joint.", low=0.0, low_open=True)
             check.number(joint, "lr_policy", "method.joint.", low=0.0, low_open=True)
+            check.number(joint, "layer_loss_weight", "method.joint.", low=0.0)
     init_from = _value(cfg, "init_from")
     if init_from not in (_MISSING, None):
         if not issubclass(schema, ConsistentEEMethod):

@@ -101,6 +101,7 @@ class JointStage:
     epochs: int = MISSING
     lr_model: float = MISSING
     lr_policy: float = MISSING
+    layer_loss_weight: float = 0.0  # older run configs have no such key: the paper's objective alone
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ee_lightning.modeling.saved import SPEC_KEY, check_same_model, load_parts
 from ee_lightning.results import RunResults
 from ee_lightning.tasks import TaskSpec
 from ee_lightning.training.systems.base import EarlyExitSystem, read_checkpoint
-from ee_lightning.training.systems.finetune import FinetuneSystem
+from ee_lightning.training.systems.finetune import FinetuneSystem, layer_loss_weights
 from ee_lightning.training.systems.joint import JointSystem
 from ee_lightning.training.systems.policy import PolicySystem, rl_settings
 from ee_lightning.data.resumable import EpochShuffle, ResumableLoader
@@ -342,7 +342,8 @@ def run_consistentee(run: Run) -> RunResults:
     joint = method.joint
     if joint.enabled:
         system = JointSystem(run.model, task, run.spec, rl=rl, lr_model=joint.lr_model, lr_policy=joint.lr_policy,
-                             memorized=table, tau=tau, tolerance=tolerance)
+                             memorized=table, tau=tau, tolerance=tolerance, layer_loss_weight=joint.layer_loss_weight,
+                             layer_weights=layer_loss_weights(method.finetune.layer_weights, run.model.num_layers))
         if ledger.done("joint"):
             load_stage_weights(run, ledger.checkpoint("joint"), ("backbone", "heads", "policy"), key="stages.json joint")
         else:
