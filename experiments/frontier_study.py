@@ -13,8 +13,14 @@ step (`ee_lightning.training.policy_grid`):
     python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --rl-seeds 0 1 2 3 4 5 \
         --variants "16 epochs" --seed-groups 3    # make train's choice made by each seed triple alone
     python experiments/frontier_study.py bbc_news -- method.finetune.epochs=1   # after --: stage-1 overrides
+    python experiments/frontier_study.py rotten_tomatoes --stage1 <ckpt> --joint 0.05   # stage 4, per RL seed
 
-Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}), or under
+With --joint ALPHA the grid gives way to stage 4: per RL seed, `ee-train method=consistentee` from the study's
+stage 1 (`init_from`) trains the policy at ALPHA and then the joint stage (`method.joint`, stage 1's loss at
+--joint-weight), and each seed's model is read at set savings against entropy, on stage 1's heads and on its own.
+
+Writes experiments/results/frontier_<study>.{md,json,png} (or frontier_variants_<study>.{md,json}, or
+frontier_joint_weight<w>_<study>.{md,json} with --joint), or under
 --results DIR (a dry run that must not replace the committed results).
 """
 from __future__ import annotations
@@ -81,10 +87,14 @@ def stage_one(study: str, seed: int, extra: list[str], out: Path) -> str:
     return json.loads((run_dir / "stages.json").read_text())["finetune"]["checkpoint"]
 
 
-def split_states(checkpoint: str) -> tuple[dict, object]:
-    """Train, validation and test layer outputs of a stage-1 checkpoint (cached beside it), and the task."""
+SPLITS = ("train", "validation", "test")
+HELD_OUT = ("validation", "test")
+
+
+def split_states(checkpoint: str, splits: tuple[str, ...] = SPLITS) -> tuple[dict, object]:
+    """The layer outputs of a checkpoint on `splits` (cached beside it), and the task."""
     model, tokenizer, task, spec = load_checkpoint_model(checkpoint)
-    path = Path(checkpoint).with_suffix(".study_states.pt")
+    path = Path(checkpoint).with_suffix(".study_states.pt" if splits == SPLITS else ".heldout_study_states.pt")
     if path.is_file():
         return torch.load(path, weights_only=False), task
     data_cfg = OmegaConf.create(spec["data"])
@@ -93,8 +103,7 @@ def split_states(checkpoint: str) -> tuple[dict, object]:
     datamodule = build_datamodule(data_cfg, tokenizer)
     datamodule.prepare_data()
     datamodule.setup()
-    states = {split: collect_states(model, datamodule.dataloader(split, by_length=True))
-              for split in ("train", "validation", "test")}
+    states = {split: collect_states(model, datamodule.dataloader(split, by_length=True)) for split in splits}
     torch.save(states, path)
     return states, task
 
@@ -200,6 +209,87 @@ def run_study(study: str, checkpoints: dict[int, str], variant: dict, alphas: li
         }
         print(f"{study} stage-1 seed {data_seed}: {per_stage1[data_seed]['seconds']} s", flush=True)
     return per_stage1
+
+
+# --- stage 4: the joint, consistent stage, one per RL seed ------------------------------------------
+def joint_runs(study: str, checkpoint: str, alpha: float, weight: float, rl_seeds: list[int], extra: list[str],
+               out: Path) -> dict[int, str]:
+    """Per RL seed, the joint checkpoint of an `ee-train method=consistentee` run from the study's stage 1
+    (`init_from`): its policy stage at `alpha`, then stage 4 with stage 1's loss added at `weight`."""
+    checkpoints = {}
+    for seed in rl_seeds:
+        run_dir = out / f"joint-alpha{alpha:g}-weight{weight:g}-seed{seed}"
+        stages = run_dir / "stages.json"
+        if not stages.is_file() or "joint" not in json.loads(stages.read_text()):
+            ee_train(["method=consistentee", *PRESETS[study]["data"], *HEADS, f"init_from={checkpoint}",
+                      f"method.policy.alpha={alpha}", "method.frontier.alphas=[]", "method.joint.enabled=true",
+                      f"method.joint.layer_loss_weight={weight}", f"seed={seed}", "report.latency.enabled=false",
+                      f"task_name={study}", f"hydra.run.dir={run_dir}", *QUIET, *extra])
+        checkpoints[seed] = json.loads(stages.read_text())["joint"]["checkpoint"]
+    return checkpoints
+
+
+def joint_study(stage1: str, joints: dict[int, str], alpha: float) -> dict:
+    """Each RL seed's stage-4 model at set savings (its policy's tau for each saving on validation), against
+    entropy on stage 1's heads (`savings_rows`: each rule with its own training) and on that seed's own heads."""
+    states, task = split_states(stage1, HELD_OUT)
+    curves = rule_curves(states, task)
+    matchers, own_curves = {}, {}
+    for seed, checkpoint in joints.items():
+        model = load_checkpoint_model(checkpoint)[0]
+        joint_states, _ = split_states(checkpoint, HELD_OUT)
+        own_curves[seed] = rule_curves(joint_states, task)
+        matchers[seed] = saving_matcher({(alpha, seed): model.policy}, joint_states, task)
+    at_savings = frontier_at_savings(lambda seed, setting, saving: matchers[seed](seed, setting, saving), [alpha],
+                                     list(joints), SAVINGS)
+    rows = with_own_heads_entropy(savings_rows(at_savings, curves), at_savings, own_curves)
+    return {"checkpoints": {"stage1": stage1, **{str(k): v for k, v in joints.items()}}, "metric": task.metric,
+            "full": {split: curves[split]["full"][0]["metric"] for split in HELD_OUT},
+            "full_joint": {split: [own_curves[seed][split]["full"][0]["metric"] for seed in joints] for split in HELD_OUT},
+            "at_savings": at_savings, "at_savings_rows": rows}
+
+
+def with_own_heads_entropy(rows: list[dict], at_savings: list[dict], own_curves: dict[int, dict]) -> list[dict]:
+    """`savings_rows` with, per split, "entropy_same_heads": entropy on each seed's own model (`own_curves`:
+    {seed: {split: {rule: points}}}) at that seed's own saving (None where it lies outside the curve)."""
+    for row, point in zip(rows, at_savings):
+        for split in HELD_OUT:
+            row[split]["entropy_same_heads"] = [value_at_saving(own_curves[seed["seed"]][split]["entropy"],
+                                                                seed[split]["layer_saving"]) for seed in point["seeds"]]
+    return rows
+
+
+def joint_markdown(study: str, report: dict, alpha: float, weight: float, seconds: float, command: str) -> str:
+    """The stage-4 models at set savings: test metric, gap to entropy on stage 1's heads (validation, test) and
+    to entropy on each seed's own heads (test); mean ± 95% interval over the RL seeds."""
+    metric, seeds = report["metric"], len(report["full_joint"]["test"])
+    lines = [f"# {study}: ConsistentEE with stage 4 (the joint, consistent stage) at set layer savings", "",
+             f"From one stage 1 (full model {report['full']['test']:.4f} test, {report['full']['validation']:.4f} "
+             f"validation), per RL seed ({seeds}): the policy stage at alpha {alpha:g}, then stage 4 (one epoch: "
+             f"heads and backbone trained at each instance's sampled exit, plus stage 1's loss over every head at "
+             f"weight {weight:g}; `method.joint`). Each seed's policy runs at its own tau for each saving on "
+             f"validation. Its model's own full depth: {', '.join(f'{v:.4f}' for v in report['full_joint']['test'])} "
+             f"test. Entropy is read on stage 1's heads (each rule with its own training) and on each seed's own "
+             f"stage-4 heads. Mean ± 95% t-interval over the seeds. Wall time {seconds / 60:.1f} min.", "",
+             f"| set saving | policy test {metric} | its test saving | entropy (stage 1) | policy - entropy (stage 1), "
+             f"validation | policy - entropy (stage 1), test | entropy (own heads) | policy - entropy (own heads), test |",
+             "|---|---|---|---|---|---|---|---|"]
+    for saving, point, row in zip(SAVINGS, report["at_savings"], report["at_savings_rows"]):
+        policy = row["test"]["policy"]
+        own = row["test"]["entropy_same_heads"]
+        cells = [f"{100 * saving:.0f}%", _pm(*interval(policy)),
+                 f"{100 * statistics.mean(s['test']['layer_saving'] for s in point['seeds']):.1f}%",
+                 f"{row['test']['entropy']:.4f}" if row["test"]["entropy"] is not None else "-"]
+        for split in HELD_OUT:
+            gaps = row[split]["gap"]
+            cells.append(_pm(*interval(gaps), 100, digits=2, signed=True) + " pt" if gaps else "-")
+        if None in own:
+            cells += ["-", "-"]
+        else:
+            cells += [f"{statistics.mean(own):.4f}",
+                      _pm(*interval([p - e for p, e in zip(policy, own)]), 100, digits=2, signed=True) + " pt"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "## How it was run", "", f"`{command}`", ""])
 
 
 def _chosen_rule(curves: dict, rule: str, full_val: float) -> dict | None:
@@ -504,6 +594,11 @@ def main() -> None:
     parser.add_argument("--seed-groups", type=int, metavar="K",
                         help="with --variants: also make make train's choice within each group of K consecutive RL seeds")
     parser.add_argument("--results", default=str(RESULTS), help="where the reports go (a dry run: somewhere else)")
+    parser.add_argument("--joint", type=float, metavar="ALPHA",
+                        help="stage 4 instead of the grid: per RL seed, the policy stage at ALPHA then the joint stage "
+                             "(ee-train from the study's stage 1), at set savings against entropy")
+    parser.add_argument("--joint-weight", type=float, default=1.0,
+                        help="with --joint: method.joint.layer_loss_weight (stage 1's loss over every head)")
     argv = sys.argv[1:]
     # After "--": ee-train overrides for stage 1 (subset sizes, epochs); the study reads them back from the checkpoint.
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -514,16 +609,31 @@ def main() -> None:
     if extra and args.stage1:
         parser.error(f"stage-1 overrides {extra} do nothing with --stage1 (that checkpoint is already trained); "
                      "drop one of them")
-    if args.study == "sst2" and not args.stage1:
+    data_dir = []  # sst2's rows, for the runs this study starts (stage 1, the joint runs)
+    if args.study == "sst2" and (not args.stage1 or args.joint is not None):
         if not args.glue_dir or not (Path(args.glue_dir) / "SST-2").is_dir():
             parser.error(f"sst2 needs GLUE's SST-2 folder: pass --glue-dir DIR (or set GLUE_DIR) with DIR/SST-2/"
                          f"{{train,dev,test}}.tsv; got {args.glue_dir!r}")
-        extra = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}", *extra]
+        data_dir = [f"data.data_dir={Path(args.glue_dir) / 'SST-2'}"]
+    if not args.stage1:
+        extra = [*data_dir, *extra]
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     out = Path(args.out) / args.study
     checkpoints = {seed: args.stage1 or stage_one(args.study, seed, extra, out) for seed in args.seeds}
+    if args.joint is not None:
+        stage1 = next(iter(checkpoints.values()))
+        joints = joint_runs(args.study, stage1, args.joint, args.joint_weight, args.rl_seeds, data_dir, out)
+        report = joint_study(stage1, joints, args.joint)
+        stem = results_dir / f"frontier_joint_weight{args.joint_weight:g}_{args.study}"
+        stem.with_suffix(".json").write_text(json.dumps({"alpha": args.joint, "weight": args.joint_weight,
+                                                         "rl_seeds": args.rl_seeds, "report": report}, indent=1))
+        markdown = joint_markdown(args.study, report, args.joint, args.joint_weight, time.perf_counter() - started,
+                                  "python experiments/frontier_study.py " + " ".join(argv))
+        stem.with_suffix(".md").write_text(markdown)
+        print(markdown)
+        return
     if args.variants is not None:
         variants(args.study, next(iter(checkpoints.values())), args.alphas, args.rl_seeds, args.variants or list(VARIANTS),
                  results_dir, args.seed_groups)
