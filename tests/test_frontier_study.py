@@ -1,4 +1,4 @@
-"""experiments/frontier_study.py's check of make train's choice over groups of RL seeds."""
+"""experiments/frontier_study.py: make train's choice over groups of RL seeds, the set-savings gaps, the joint study."""
 from __future__ import annotations
 
 import importlib
@@ -69,3 +69,35 @@ def test_the_set_savings_gap_reads_entropy_at_each_seeds_own_saving(study):
     # a seed whose saving lies outside entropy's curve has no gap: not credited either way
     point["seeds"][1]["test"]["layer_saving"] = 0.6
     assert study.savings_rows([point], curves)[0]["test"]["gap"] is None
+
+
+def test_the_joint_study_reads_entropy_on_each_seeds_own_heads_at_its_own_saving(study):
+    stage1 = {split: {rule: [{"metric": 0.90, "layer_saving": 0.0}, {"metric": 0.80, "layer_saving": 0.5}]
+                      for rule in study.COMPARED} for split in study.HELD_OUT}
+    # seed 0's own heads: entropy flat at 0.84; seed 1's: 0.88 falling to 0.78 at 50%
+    own = {0: {split: {"entropy": [{"metric": 0.84, "layer_saving": 0.0}, {"metric": 0.84, "layer_saving": 0.5}]}
+               for split in study.HELD_OUT},
+           1: {split: {"entropy": [{"metric": 0.88, "layer_saving": 0.0}, {"metric": 0.78, "layer_saving": 0.5}]}
+               for split in study.HELD_OUT}}
+    point = {"saving": 0.2, "alpha": 0.05, "validation": {"metric": 0.87, "layer_saving": 0.2},
+             "test": {"metric": 0.855, "layer_saving": 0.25},
+             "seeds": [{"seed": 0, "tau": 0.7, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                        "test": {"metric": 0.86, "layer_saving": 0.2}},
+                       {"seed": 1, "tau": 0.6, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                        "test": {"metric": 0.85, "layer_saving": 0.3}}]}
+    (row,) = study.with_own_heads_entropy(study.savings_rows([point], stage1), [point], own)
+    assert row["test"]["entropy_same_heads"] == [pytest.approx(0.84), pytest.approx(0.82)]
+    assert row["test"]["gap"] == [pytest.approx(0.0), pytest.approx(0.01)]  # against stage 1's entropy
+    report = {"metric": "accuracy", "full": {"validation": 0.9, "test": 0.9}, "full_joint": {"validation": [0.9, 0.9],
+              "test": [0.9, 0.89]}, "at_savings": [point] * len(study.SAVINGS), "at_savings_rows": [row] * len(study.SAVINGS)}
+    table = study.joint_markdown("rotten_tomatoes", report, 0.05, 1.0, 60.0, "the command")
+    # policy 0.86 / 0.85 against 0.84 / 0.82 on their own heads: +2 and +3 points
+    assert ("| 20% | 0.8550 ± 0.0636 | 25.0% | 0.8500 | +1.00 ± 0.00 pt | +0.50 ± 6.35 pt | 0.8300 | "
+            "+2.50 ± 6.35 pt |") in table
+    assert "0.9000, 0.8900 test" in table and "`the command`" in table
+
+
+def test_the_joint_study_on_sst2_needs_its_rows_even_from_a_stage_one_checkpoint(tmp_path):
+    done = subprocess.run([sys.executable, "experiments/frontier_study.py", "sst2", "--stage1", str(tmp_path / "x.ckpt"),
+                           "--joint", "0.05", "--glue-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "sst2 needs GLUE's SST-2 folder" in done.stderr
