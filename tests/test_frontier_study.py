@@ -48,15 +48,25 @@ def test_seed_groups_need_a_variants_comparison():
     assert done.returncode == 2 and "--seed-groups K makes make train's choice" in done.stderr
 
 
+def two_seed_point() -> dict:
+    """One set saving (20%) of the policy frontier, two RL seeds: their taus met it on validation, not on test."""
+    return {"saving": 0.2, "alpha": 0.05, "validation": {"metric": 0.87, "layer_saving": 0.2},
+            "test": {"metric": 0.855, "layer_saving": 0.25},
+            "seeds": [{"seed": 0, "tau": 0.7, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                       "test": {"metric": 0.86, "layer_saving": 0.2}},
+                      {"seed": 1, "tau": 0.6, "validation": {"metric": 0.87, "layer_saving": 0.2},
+                       "test": {"metric": 0.85, "layer_saving": 0.3}}]}
+
+
+def falling_curves(rules, splits) -> dict:
+    """Every rule's curve on every split: 0.90 at no saving, falling linearly to 0.80 at 50%."""
+    return {split: {rule: [{"metric": 0.90, "layer_saving": 0.0}, {"metric": 0.80, "layer_saving": 0.5}]
+                    for rule in rules} for split in splits}
+
+
 def test_the_set_savings_gap_reads_entropy_at_each_seeds_own_saving(study):
-    curves = {split: {rule: [{"metric": 0.90, "layer_saving": 0.0}, {"metric": 0.80, "layer_saving": 0.5}]
-                      for rule in study.COMPARED} for split in ("validation", "test")}
-    point = {"saving": 0.2, "alpha": 0.05, "validation": {"metric": 0.87, "layer_saving": 0.2},
-             "test": {"metric": 0.855, "layer_saving": 0.25},
-             "seeds": [{"seed": 0, "tau": 0.7, "validation": {"metric": 0.87, "layer_saving": 0.2},
-                        "test": {"metric": 0.86, "layer_saving": 0.2}},
-                       {"seed": 1, "tau": 0.6, "validation": {"metric": 0.87, "layer_saving": 0.2},
-                        "test": {"metric": 0.85, "layer_saving": 0.3}}]}
+    curves = falling_curves(study.COMPARED, ("validation", "test"))
+    point = two_seed_point()
     (row,) = study.savings_rows([point], curves)
     # entropy's line falls 0.02 per 10 points of saving: 0.86 at 20%, 0.84 at 30%, 0.85 at the mean 25%
     assert row["test"]["gap"] == [pytest.approx(0.0), pytest.approx(0.01)]
@@ -72,19 +82,13 @@ def test_the_set_savings_gap_reads_entropy_at_each_seeds_own_saving(study):
 
 
 def test_the_joint_study_reads_entropy_on_each_seeds_own_heads_at_its_own_saving(study):
-    stage1 = {split: {rule: [{"metric": 0.90, "layer_saving": 0.0}, {"metric": 0.80, "layer_saving": 0.5}]
-                      for rule in study.COMPARED} for split in study.HELD_OUT}
+    stage1 = falling_curves(study.COMPARED, study.HELD_OUT)
     # seed 0's own heads: entropy flat at 0.84; seed 1's: 0.88 falling to 0.78 at 50%
     own = {0: {split: {"entropy": [{"metric": 0.84, "layer_saving": 0.0}, {"metric": 0.84, "layer_saving": 0.5}]}
                for split in study.HELD_OUT},
            1: {split: {"entropy": [{"metric": 0.88, "layer_saving": 0.0}, {"metric": 0.78, "layer_saving": 0.5}]}
                for split in study.HELD_OUT}}
-    point = {"saving": 0.2, "alpha": 0.05, "validation": {"metric": 0.87, "layer_saving": 0.2},
-             "test": {"metric": 0.855, "layer_saving": 0.25},
-             "seeds": [{"seed": 0, "tau": 0.7, "validation": {"metric": 0.87, "layer_saving": 0.2},
-                        "test": {"metric": 0.86, "layer_saving": 0.2}},
-                       {"seed": 1, "tau": 0.6, "validation": {"metric": 0.87, "layer_saving": 0.2},
-                        "test": {"metric": 0.85, "layer_saving": 0.3}}]}
+    point = two_seed_point()
     (row,) = study.with_own_heads_entropy(study.savings_rows([point], stage1), [point], own)
     assert row["test"]["entropy_same_heads"] == [pytest.approx(0.84), pytest.approx(0.82)]
     assert row["test"]["gap"] == [pytest.approx(0.0), pytest.approx(0.01)]  # against stage 1's entropy
