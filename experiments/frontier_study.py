@@ -606,6 +606,8 @@ def main() -> None:
     if args.seed_groups is not None and (args.variants is None or args.seed_groups < 1):
         parser.error("--seed-groups K makes make train's choice within groups of K RL seeds of a --variants comparison: "
                      "give --variants too, and K >= 1")
+    if args.joint is not None and (args.variants is not None or len(args.seeds) > 1):
+        parser.error("--joint runs stage 4 from one stage 1: give it without --variants and with one --seeds")
     if extra and args.stage1:
         parser.error(f"stage-1 overrides {extra} do nothing with --stage1 (that checkpoint is already trained); "
                      "drop one of them")
@@ -624,7 +626,9 @@ def main() -> None:
     checkpoints = {seed: args.stage1 or stage_one(args.study, seed, extra, out) for seed in args.seeds}
     if args.joint is not None:
         stage1 = next(iter(checkpoints.values()))
-        joints = joint_runs(args.study, stage1, args.joint, args.joint_weight, args.rl_seeds, data_dir, out)
+        # the joint runs read the same rows as stage 1: its overrides when the study trained it, else sst2's folder
+        joints = joint_runs(args.study, stage1, args.joint, args.joint_weight, args.rl_seeds,
+                            data_dir if args.stage1 else extra, out)
         report = joint_study(stage1, joints, args.joint)
         stem = results_dir / f"frontier_joint_weight{args.joint_weight:g}_{args.study}"
         stem.with_suffix(".json").write_text(json.dumps({"alpha": args.joint, "weight": args.joint_weight,

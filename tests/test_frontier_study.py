@@ -105,3 +105,9 @@ def test_the_joint_study_on_sst2_needs_its_rows_even_from_a_stage_one_checkpoint
     done = subprocess.run([sys.executable, "experiments/frontier_study.py", "sst2", "--stage1", str(tmp_path / "x.ckpt"),
                            "--joint", "0.05", "--glue-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "sst2 needs GLUE's SST-2 folder" in done.stderr
+
+
+def test_the_joint_study_takes_one_stage_one_and_no_variants():
+    done = subprocess.run([sys.executable, "experiments/frontier_study.py", "rotten_tomatoes", "--joint", "0.05",
+                           "--seeds", "1", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "--joint runs stage 4 from one stage 1" in done.stderr
