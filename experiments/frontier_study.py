@@ -630,12 +630,12 @@ def main() -> None:
         joints = joint_runs(args.study, stage1, args.joint, args.joint_weight, args.rl_seeds,
                             data_dir if args.stage1 else extra, out)
         report = joint_study(stage1, joints, args.joint)
-        stem = results_dir / f"frontier_joint_weight{args.joint_weight:g}_{args.study}"
-        stem.with_suffix(".json").write_text(json.dumps({"alpha": args.joint, "weight": args.joint_weight,
+        name = f"frontier_joint_weight{args.joint_weight:g}_{args.study}"  # no with_suffix: a weight of 0.5 has a dot
+        (results_dir / f"{name}.json").write_text(json.dumps({"alpha": args.joint, "weight": args.joint_weight,
                                                          "rl_seeds": args.rl_seeds, "report": report}, indent=1))
         markdown = joint_markdown(args.study, report, args.joint, args.joint_weight, time.perf_counter() - started,
                                   "python experiments/frontier_study.py " + " ".join(argv))
-        stem.with_suffix(".md").write_text(markdown)
+        (results_dir / f"{name}.md").write_text(markdown)
         print(markdown)
         return
     if args.variants is not None:
