@@ -95,9 +95,10 @@ def test_the_joint_loss_is_the_loss_at_the_sampled_exits_plus_the_weighted_stage
     losses = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # [L=3, B=2]
     exits = torch.tensor([[1, 3], [2, 2]])                          # [K=2, B]: layers 1..L
     # the exits' losses 1, 6, 3, 4 -> 3.5; the layers' batch means 1.5, 3.5, 5.5
-    assert joint_model_loss(losses, exits).item() == pytest.approx(3.5)
-    assert joint_model_loss(losses, exits, 0.5).item() == pytest.approx(3.5 + 0.5 * 3.5)
-    assert joint_model_loss(losses, exits, 1.0, torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(3.5 + 25 / 6)
+    assert [v.item() for v in joint_model_loss(losses, exits)] == [pytest.approx(3.5), pytest.approx(3.5)]
+    assert [v.item() for v in joint_model_loss(losses, exits, 0.5)] == [pytest.approx(3.5), pytest.approx(3.5 + 0.5 * 3.5)]
+    weighted = joint_model_loss(losses, exits, 1.0, torch.tensor([1.0, 2.0, 3.0]))
+    assert [v.item() for v in weighted] == [pytest.approx(3.5), pytest.approx(3.5 + 25 / 6)]
 
 
 @pytest.mark.parametrize("epochs, every, validated", [(4, 2, [1, 3]), (2, 4, [1])])

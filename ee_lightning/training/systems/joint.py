@@ -15,15 +15,15 @@ from ee_lightning.training.systems.policy import PolicyTrainingMixin, layer_loss
 
 
 def joint_model_loss(losses: torch.Tensor, exits: torch.Tensor, layer_loss_weight: float = 0.0,
-                     layer_weights: torch.Tensor | None = None) -> torch.Tensor:
+                     layer_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's and heads' loss from per-layer losses [L, B] and the sampled exits [K, B] (layers
-    1..L): the mean loss at the exits, plus `layer_loss_weight` times stage 1's weighted mean over the
-    layers (`layer_weights` [L], default uniform) of the batch-mean losses."""
-    loss = gather_layer(losses, exits).mean()
-    if layer_loss_weight:
-        weights = torch.ones(losses.shape[0]) if layer_weights is None else layer_weights
-        loss = loss + layer_loss_weight * weighted_layer_loss(losses.mean(1), weights)
-    return loss
+    1..L): (the consistent loss, the mean loss at the exits; the whole loss, that plus `layer_loss_weight` times
+    stage 1's weighted mean over the layers (`layer_weights` [L], default uniform) of the batch-mean losses)."""
+    consistent = gather_layer(losses, exits).mean()
+    if not layer_loss_weight:
+        return consistent, consistent
+    weights = torch.ones(losses.shape[0]) if layer_weights is None else layer_weights
+    return consistent, consistent + layer_loss_weight * weighted_layer_loss(losses.mean(1), weights)
 
 
 class JointSystem(PolicyTrainingMixin, EarlyExitSystem):
@@ -52,8 +52,7 @@ class JointSystem(PolicyTrainingMixin, EarlyExitSystem):
         losses, correct = layer_losses_and_correct(self.task, outputs.logits, batch["labels"], self.tolerance)
         memorized = self.memorized[batch["idx"]] if self.memorized.numel() else None
         step = self.policy_step(outputs.exit_logits, losses, correct, memorized)
-        consistent = gather_layer(losses, step.exits).mean()
-        model_loss = joint_model_loss(losses, step.exits, self.layer_loss_weight, self.layer_weights)
+        consistent, model_loss = joint_model_loss(losses, step.exits, self.layer_loss_weight, self.layer_weights)
         model_opt.zero_grad()
         policy_opt.zero_grad()
         self.manual_backward(model_loss + step.loss)
