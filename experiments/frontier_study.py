@@ -91,12 +91,17 @@ SPLITS = ("train", "validation", "test")
 HELD_OUT = ("validation", "test")
 
 
-def split_states(checkpoint: str, splits: tuple[str, ...] = SPLITS) -> tuple[dict, object]:
-    """The layer outputs of a checkpoint on `splits` (cached beside it), and the task."""
-    model, tokenizer, task, spec = load_checkpoint_model(checkpoint)
+def split_states(checkpoint: str, splits: tuple[str, ...] = SPLITS, loaded: tuple | None = None) -> tuple[dict, object]:
+    """The layer outputs of a checkpoint on `splits` (cached beside it), and the task. `loaded`: the caller's
+    `load_checkpoint_model(checkpoint)`, so that the checkpoint is not read twice."""
+    model, tokenizer, task, spec = loaded or load_checkpoint_model(checkpoint)
     path = Path(checkpoint).with_suffix(".study_states.pt" if splits == SPLITS else ".heldout_study_states.pt")
-    if path.is_file():
-        return torch.load(path, weights_only=False), task
+    every_split = Path(checkpoint).with_suffix(".study_states.pt")  # holds the held-out splits too
+    for cached in dict.fromkeys((path, every_split)):
+        if cached.is_file():
+            states = torch.load(cached, weights_only=False)
+            if set(splits) <= set(states):
+                return {split: states[split] for split in splits}, task
     data_cfg = OmegaConf.create(spec["data"])
     with open_dict(data_cfg):
         data_cfg.cache_dir = str(Path(os.environ.get("EE_CACHE_DIR", ROOT / ".cache")) / "data")
@@ -236,10 +241,10 @@ def joint_study(stage1: str, joints: dict[int, str], alpha: float) -> dict:
     curves = rule_curves(states, task)
     matchers, own_curves = {}, {}
     for seed, checkpoint in joints.items():
-        model = load_checkpoint_model(checkpoint)[0]
-        joint_states, _ = split_states(checkpoint, HELD_OUT)
+        loaded = load_checkpoint_model(checkpoint)
+        joint_states, _ = split_states(checkpoint, HELD_OUT, loaded)
         own_curves[seed] = rule_curves(joint_states, task)
-        matchers[seed] = saving_matcher({(alpha, seed): model.policy}, joint_states, task)
+        matchers[seed] = saving_matcher({(alpha, seed): loaded[0].policy}, joint_states, task)
     at_savings = frontier_at_savings(lambda seed, setting, saving: matchers[seed](seed, setting, saving), [alpha],
                                      list(joints), SAVINGS)
     rows = with_own_heads_entropy(savings_rows(at_savings, curves), at_savings, own_curves)
