@@ -150,15 +150,19 @@ def main(argv=None):
         rules.append((reader_label(threshold, first, adapted), "policy", threshold, PolicyRule(tau=threshold),
                       FrequentMarginReader(exits, decoder, head, first, adapted)))
     flops = measure_generation_flops(decoder, exits)  # the scoring reads them; this study reports speed instead
-    runs, speed = [], []
     with torch.no_grad():
-        for label, _, _, rule, reader in progress(rules, "confidence reads", unit="rule"):
-            runs.append(merge_runs([generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader,
-                                                   flops=flops, kv="real") for batch in batches]))
-            timed = merge_runs([generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader, kv="defer")
-                                for batch in singles])
-            speed.append(1000 * timed["seconds"] / timed["generated"])
-            print(f"{label}: {speed[-1]:.1f} ms/token", flush=True)
+        runs = [merge_runs([generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader, flops=flops,
+                                           kv="real") for batch in batches])
+                for _, _, _, rule, reader in progress(rules, "confidence reads: text", unit="rule")]
+        generate_batch(decoder, exits, FullRule(), singles[0], 4, eos, pad, kv="defer")  # warm-up
+        # prompt by prompt, every rule in turn: a machine that slows down for a while slows every rule alike
+        seconds, generated = [0.0] * len(rules), [0] * len(rules)
+        for batch in progress(singles, "confidence reads: speed", unit="prompt"):
+            for index, (_, _, _, rule, reader) in enumerate(rules):
+                run = generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader, kv="defer")
+                seconds[index] += run["seconds"]
+                generated[index] += run["generated"]
+        speed = [1000 * s / n for s, n in zip(seconds, generated)]
         points, _ = score_points([(name, value, rule) for _, name, value, rule, _ in rules], runs, tokenizer,
                                  references, decoder.num_layers, 1.0, {"seconds": 1.0, "generated": 1})
         costs = part_costs(decoder, exits, head)
