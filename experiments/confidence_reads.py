@@ -66,6 +66,23 @@ class FrequentMarginReader:
         return torch.log(m / (1 - m)).float()
 
 
+class ConfirmedPolicy:
+    """ConsistentEE's token policy proposes an exit (p > `tau`), the exit's margin over the frequent rows
+    (`FrequentMarginReader`) confirms it: its logit is the margin's where the policy proposes and `NEVER` elsewhere,
+    so the policy rule at tau m exits where p > tau and margin > m. The margin is read only where the policy
+    proposes, so a token pays a read at the exits the policy would leave at, not at every exit."""
+
+    def __init__(self, policy, reader: FrequentMarginReader, tau: float):
+        self.policy, self.reader, self.tau = policy, reader, tau
+
+    def logit(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        out = torch.full(hidden.shape[:-1], NEVER)
+        proposed = torch.sigmoid(self.policy.logit(layer, hidden).float()) > self.tau
+        if bool(proposed.any()):
+            out[proposed] = self.reader.logit(layer, hidden[proposed])
+        return out
+
+
 def reader_label(threshold: float, first_exit: int, adapted: bool) -> str:
     where = "every exit" if first_exit <= 1 else f"exits from layer {first_exit}"
     return f"margin over the frequent rows, {'adapted' if adapted else 'raw'} state, {where}, >= {threshold}"
