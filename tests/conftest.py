@@ -1,7 +1,9 @@
 """Shared test helpers: tiny random backbones, generated text, composed configs."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,19 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from a second thread, and busy-waiting threads slow a loaded 2-core machine.
 torch.set_num_threads(1)
+
+
+def experiment_fixture(name: str):
+    """A module-scoped fixture importing experiments/<name>.py, with the experiments folder on the path while it
+    lives (the scripts import each other by name, as they do when run)."""
+    @pytest.fixture(scope="module")
+    def module():
+        sys.path.insert(0, str(ROOT / "experiments"))
+        try:
+            yield importlib.import_module(name)
+        finally:
+            sys.path.remove(str(ROOT / "experiments"))
+    return module
 
 
 def backbone_cfg(name: str = "tiny_bert"):

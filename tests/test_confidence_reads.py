@@ -2,9 +2,7 @@
 sits, so that generation is the library's own."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 
 import pytest
 import torch
@@ -14,17 +12,11 @@ from ee_lightning.exits import rules as r
 from ee_lightning.inference.deferred import generate_deferred_each
 from ee_lightning.inference.generate import PlainExits
 from ee_lightning.modeling.draft_head import RestrictedHead
-from tests.conftest import ROOT
+from tests.conftest import experiment_fixture
 from tiny_decoders import PAD, VOCAB, left_padded_prompts, tiny_lm
 
 
-@pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        yield importlib.import_module("confidence_reads")
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+study = experiment_fixture("confidence_reads")
 
 
 class ShiftExits:

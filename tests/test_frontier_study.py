@@ -1,23 +1,16 @@
 """experiments/frontier_study.py: make train's choice over groups of RL seeds, the set-savings gaps, the joint study."""
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, experiment_fixture
 from tests.test_frontier import _member
 
 
-@pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        yield importlib.import_module("frontier_study")
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+study = experiment_fixture("frontier_study")
 
 
 # Four RL seeds at one alpha, full model 0.850 on validation (target: >= 0.845). Seeds 0-1 and 2-3 are two groups.
