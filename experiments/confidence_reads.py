@@ -112,6 +112,26 @@ def part_costs(decoder, exits, head: RestrictedHead, repeats: int = 200) -> dict
                 "full LM head (49,152 rows)": clock(lambda layer: decoder.lm_head(normed))}
 
 
+def generate_all(decoder, exits, rules, batches, new, eos, pad, flops, desc: str) -> list[dict]:
+    """Every rule (label, name, value, rule, what sits in the policy's place) on every batch: its run over the batches,
+    with the tokens and exits that deferred skipped layers give (the real layers, batched)."""
+    return [merge_runs([generate_batch(decoder, exits, rule, batch, new, eos, pad, slot, flops=flops, kv="real")
+                        for batch in batches]) for _, _, _, rule, slot in progress(rules, desc, unit="rule")]
+
+
+def batch1_ms_per_token(decoder, exits, rules, singles, new, eos, pad) -> list[float]:
+    """ms per generated token of every rule at batch 1 with deferred skipped layers, the prompt pass excluded. After a
+    warm-up, prompt by prompt, every rule in turn: a machine that slows down for a while slows every rule alike."""
+    generate_batch(decoder, exits, FullRule(), singles[0], 4, eos, pad, kv="defer")
+    seconds, generated = [0.0] * len(rules), [0] * len(rules)
+    for batch in progress(singles, "batch 1, deferred", unit="prompt"):
+        for index, (_, _, _, rule, slot) in enumerate(rules):
+            run = generate_batch(decoder, exits, rule, batch, new, eos, pad, slot, kv="defer")
+            seconds[index] += run["seconds"]
+            generated[index] += run["generated"]
+    return [1000 * s / n for s, n in zip(seconds, generated)]
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished aclsum_consistentee run directory")
@@ -168,18 +188,8 @@ def main(argv=None):
                       FrequentMarginReader(exits, decoder, head, first, adapted)))
     flops = measure_generation_flops(decoder, exits)  # the scoring reads them; this study reports speed instead
     with torch.no_grad():
-        runs = [merge_runs([generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader, flops=flops,
-                                           kv="real") for batch in batches])
-                for _, _, _, rule, reader in progress(rules, "confidence reads: text", unit="rule")]
-        generate_batch(decoder, exits, FullRule(), singles[0], 4, eos, pad, kv="defer")  # warm-up
-        # prompt by prompt, every rule in turn: a machine that slows down for a while slows every rule alike
-        seconds, generated = [0.0] * len(rules), [0] * len(rules)
-        for batch in progress(singles, "confidence reads: speed", unit="prompt"):
-            for index, (_, _, _, rule, reader) in enumerate(rules):
-                run = generate_batch(decoder, exits, rule, batch, args.new, eos, pad, reader, kv="defer")
-                seconds[index] += run["seconds"]
-                generated[index] += run["generated"]
-        speed = [1000 * s / n for s, n in zip(seconds, generated)]
+        runs = generate_all(decoder, exits, rules, batches, args.new, eos, pad, flops, "confidence reads: text")
+        speed = batch1_ms_per_token(decoder, exits, rules, singles, args.new, eos, pad)
         points, _ = score_points([(name, value, rule) for _, name, value, rule, _ in rules], runs, tokenizer,
                                  references, decoder.num_layers, 1.0, {"seconds": 1.0, "generated": 1})
         costs = part_costs(decoder, exits, head)

@@ -27,14 +27,14 @@ import torch
 from hydra.utils import instantiate
 
 from aclsum_benchmark import with_intervals
-from confidence_reads import ConfirmedPolicy, FrequentMarginReader, training_tokens
+from confidence_reads import (ConfirmedPolicy, FrequentMarginReader, batch1_ms_per_token, generate_all,
+                              training_tokens)
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
-from ee_lightning.evaluation.generation_eval import generate_batch, merge_runs, score_points
+from ee_lightning.evaluation.generation_eval import score_points
 from ee_lightning.exits.rules import FullRule, PolicyRule, StaticRule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
 from ee_lightning.modeling.export import load_decoder
-from ee_lightning.progress import progress
 from ee_lightning.training.lm_pipeline import generation_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +55,6 @@ def parse(argv):
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
-
-
-def generate_all(decoder, exits, rules, batches, new, eos, pad, flops, desc: str) -> list[dict]:
-    """Every rule (label, name, value, rule, policy-slot reader) on every batch, tokens as deferral gives them."""
-    return [merge_runs([generate_batch(decoder, exits, rule, batch, new, eos, pad, reader, flops=flops, kv="real")
-                        for batch in batches]) for _, _, _, rule, reader in progress(rules, desc, unit="rule")]
 
 
 def choose(points: list[dict], labels: list[str], level: float) -> int | None:
@@ -137,18 +131,12 @@ def main(argv=None):
         with_intervals(test, runs, tokenizer, references, args.resamples)
         seconds["test"] = time.time() - clock
         clock = time.time()
-        singles = generation_batches(datamodule, "test", 1, args.speed_prompts)
-        generate_batch(decoder, exits, FullRule(), singles[0], 4, eos, pad, kv="defer")  # warm-up
-        spent, generated = [0.0] * len(test_rules), [0] * len(test_rules)
-        for batch in progress(singles, "batch 1, deferred", unit="prompt"):  # every rule in turn, prompt by prompt
-            for index, (_, _, _, rule, slot) in enumerate(test_rules):
-                run = generate_batch(decoder, exits, rule, batch, args.new, eos, pad, slot, kv="defer")
-                spent[index] += run["seconds"]
-                generated[index] += run["generated"]
+        speed = batch1_ms_per_token(decoder, exits, test_rules, generation_batches(datamodule, "test", 1,
+                                                                                 args.speed_prompts),
+                                    args.new, eos, pad)
         seconds["batch 1"] = time.time() - clock
-    for point, s, n in zip(test, spent, generated):
-        point["ms_per_token"] = 1000 * s / n
-        point["speed_vs_full"] = (spent[0] / generated[0]) / (s / n)
+    for point, ms in zip(test, speed):
+        point["ms_per_token"], point["speed_vs_full"] = ms, speed[0] / ms
     seconds["total"] = time.time() - started
     keys = ("label", "value", "layer_saving", "avg_exit_layer", "rougeL", "rougeL_low", "rougeL_high", "rouge1",
             "rouge2", "rougeL_vs_full", "rougeL_vs_full_low", "rougeL_vs_full_high", "token_agreement",
