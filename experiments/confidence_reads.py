@@ -4,8 +4,8 @@ CALM's softmax margin keeps the most of the full model's text of every rule here
 (49,152 x 576 on SmolLM2, about eight layers) at every exit it tries, and runs at under half of full depth's
 speed. This study asks whether a cheap view of the same confidence pays for itself: the margin of the softmax
 over the head's rows of the `--frequent` tokens the model writes most often in the run's training responses,
-read at every exit a token passes (or only from `from` on), from the exit's adapted state or from the raw
-state (no adapter). The emitted token still comes from the exit's full head, once, where the token leaves.
+read at every exit a token passes (or only from a given layer on), from the exit's adapted state or from the
+raw state (no adapter). The emitted token still comes from the exit's full head, once, where the token leaves.
 
 The reader sits where the token policy sits (`FrequentMarginReader.logit`, read by the policy rule: a token
 leaves where margin > tau), so generation is the library's own, unchanged. Per reader and threshold, on the
@@ -60,7 +60,7 @@ class FrequentMarginReader:
 
     def logit(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if layer < self.first_exit:
-            return torch.full(hidden.shape[:-1], NEVER)
+            return torch.full(hidden.shape[:-1], NEVER, device=hidden.device)
         state = self.exits.adapt(layer, hidden) if self.adapted else hidden
         m = margin(self.head(self.decoder.final_norm(state))).double().clamp(1e-12, 1 - 1e-12)
         return torch.log(m / (1 - m)).float()
@@ -76,7 +76,7 @@ class ConfirmedPolicy:
         self.policy, self.reader, self.tau = policy, reader, tau
 
     def logit(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.full(hidden.shape[:-1], NEVER)
+        out = torch.full(hidden.shape[:-1], NEVER, device=hidden.device)
         proposed = torch.sigmoid(self.policy.logit(layer, hidden).float()) > self.tau
         if bool(proposed.any()):
             out[proposed] = self.reader.logit(layer, hidden[proposed])
@@ -90,7 +90,7 @@ def reader_label(threshold: float, first_exit: int, adapted: bool) -> str:
 
 def part_costs(decoder, exits, head: RestrictedHead, repeats: int = 200) -> dict:
     """ms of each part of one read at batch 1, each call on the next exit's weights in turn (as a token climbing the
-    layers meets them), beside the full LM head and one decoder layer's MLP."""
+    layers meets them), beside the full LM head."""
     layers = [layer for layer in exits.exit_layers if layer != decoder.num_layers]
     hidden = torch.randn(1, decoder.hidden_size) * 50
 
@@ -102,8 +102,8 @@ def part_costs(decoder, exits, head: RestrictedHead, repeats: int = 200) -> dict
             fn(layers[index % len(layers)])
         return 1000 * (time.perf_counter() - start) / repeats
 
-    normed = decoder.final_norm(hidden)
     with torch.no_grad():
+        normed = decoder.final_norm(hidden)
         return {"adapter": clock(lambda layer: exits.adapt(layer, hidden)),
                 "final norm": clock(lambda layer: decoder.final_norm(hidden)),
                 f"head over {head.rows} rows": clock(lambda layer: head(normed)),

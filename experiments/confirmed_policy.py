@@ -57,9 +57,9 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def choose(points: list[dict], labels: list[str], level: float) -> int | None:
+def choose(points: list[dict], level: float) -> int | None:
     """Index of the confirmed point with the most layer saving whose ROUGE-L against the full output is >= level."""
-    kept = [i for i, p in enumerate(points) if labels[i].startswith("confirmed") and p["rougeL_vs_full"] >= level]
+    kept = [i for i, p in enumerate(points) if p["label"].startswith("confirmed") and p["rougeL_vs_full"] >= level]
     return max(kept, key=lambda i: (points[i]["layer_saving"], points[i]["rougeL_vs_full"])) if kept else None
 
 
@@ -115,7 +115,7 @@ def main(argv=None):
     with torch.no_grad():
         val_runs = generate_all(decoder, exits, val_rules, val_batches, args.new, eos, pad, flops, "validation")
     validation = scored(val_rules, val_runs, [ref for batch in val_batches for ref in batch["references"]])
-    pick = choose(validation, [p["label"] for p in validation], args.level)
+    pick = choose(validation, args.level)
     seconds["validation"] = time.time() - clock
     test_rules = [full, ("static exit at layer 24", "static", 24, StaticRule(k=24), None)]
     if pick is not None:
