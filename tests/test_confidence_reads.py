@@ -1,10 +1,9 @@
-"""experiments/confidence_reads.py: an exit's softmax margin over a restricted head, read where the token policy
-sits, so that generation is the library's own."""
+"""experiments/confidence_reads.py and confirmed_policy.py: an exit's softmax margin over a restricted head, read
+where the token policy sits (alone, or confirming the policy's proposal), so that generation is the library's own."""
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch import nn
 
