@@ -143,13 +143,16 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def training_tokens(run_dir: Path) -> torch.Tensor:
-    """The full model's tokens over the run's training responses (its lm_cache_train stage)."""
+def frequent_head(run_dir: Path, decoder, frequent: int, eos: int) -> RestrictedHead:
+    """The LM head's rows of the (at most) `frequent` tokens the full model writes most often over the run's
+    training responses (its lm_cache_train stage), EOS always among them, sliced once."""
     path = run_dir / "checkpoints" / "lm_cache_train" / "exit_states_train.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: --run-dir must be a finished aclsum_consistentee run "
                                 "(its lm_cache_train stage holds the training responses' tokens)")
-    return response_only(torch.load(path, map_location="cpu", weights_only=True)["tensors"])["full_tokens"]
+    tokens = response_only(torch.load(path, map_location="cpu", weights_only=True)["tensors"])["full_tokens"]
+    return RestrictedHead(decoder.model.get_output_embeddings(), frequent_tokens([tokens.tolist()], frequent,
+                                                                                 always=[eos]))
 
 
 def markdown(rows: list[dict], costs: dict, meta: dict) -> str:
@@ -173,8 +176,7 @@ def main(argv=None):
     exits = parts.exits
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    head = RestrictedHead(decoder.model.get_output_embeddings(), frequent_tokens(
-        [training_tokens(args.run_dir).tolist()], args.frequent, always=[eos]))
+    head = frequent_head(args.run_dir, decoder, args.frequent, eos)
     data = {**config["data"], "max_eval_samples": None}
     datamodule = instantiate(data, tokenizer=tokenizer, _convert_="all")
     datamodule.setup()

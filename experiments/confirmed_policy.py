@@ -27,13 +27,11 @@ import torch
 from hydra.utils import instantiate
 
 from aclsum_benchmark import with_intervals
-from confidence_reads import (ConfirmedPolicy, FrequentMarginReader, batch1_ms_per_token, generate_all,
-                              training_tokens)
+from confidence_reads import ConfirmedPolicy, FrequentMarginReader, batch1_ms_per_token, frequent_head, generate_all
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
 from ee_lightning.evaluation.generation_eval import score_points
 from ee_lightning.exits.rules import FullRule, PolicyRule, StaticRule
 from ee_lightning.files import atomic_write_text
-from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
 from ee_lightning.modeling.export import load_decoder
 from ee_lightning.training.lm_pipeline import generation_batches
 
@@ -89,8 +87,7 @@ def main(argv=None):
         raise SystemExit(f"{args.run_dir}: the run trained no token policy (method.lm_exits.policy.epochs=0)")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    head = RestrictedHead(decoder.model.get_output_embeddings(), frequent_tokens(
-        [training_tokens(args.run_dir).tolist()], args.frequent, always=[eos]))
+    head = frequent_head(args.run_dir, decoder, args.frequent, eos)
     reader = FrequentMarginReader(exits, decoder, head)
     datamodule = instantiate({**config["data"], "max_eval_samples": None}, tokenizer=tokenizer, _convert_="all")
     datamodule.setup()
