@@ -74,8 +74,8 @@ def test_policy_learns_to_exit_easy_instances_early_and_keeps_accuracy(tmp_path)
 def test_consistentee_runs_all_stages_and_writes_methods(tmp_path):
     run = tmp_path / "run"
     cfg = compose_train([*TINY_RUN, *data_overrides("glue", tmp_path), "method.joint.enabled=true",
-                         "method.joint.layer_loss_weight=0.5", "report.latency.enabled=true", "report.latency.num_examples=8", "report.latency.repeats=1",
-                         "report.latency.warmup=1"], run)
+                         "method.joint.layer_loss_weight=0.5", "report.latency.enabled=true",
+                         "report.latency.num_examples=8", "report.latency.repeats=1", "report.latency.warmup=1"], run)
     results = train(cfg)
     written = json.loads((run / "results.json").read_text())
     assert set(written["methods"]) >= {"consistentee", "full"}
