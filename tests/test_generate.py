@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
-from tiny_decoders import PAD, left_padded_prompts, tiny_lm
+from tiny_decoders import PAD, VOCAB, left_padded_prompts, tiny_lm
 from ee_lightning.exits import rules as r
 from ee_lightning.exits.signals import LOGIT_SIGNALS
 from ee_lightning.inference.generate import PlainExits, generate_with_exits
+from ee_lightning.modeling.lm_exits import LMExitHeads
 
 NEW = 10
 
@@ -204,7 +205,9 @@ def test_a_stateful_rule_follows_the_running_tokens_as_in_the_runner():
 def test_every_rule_runs_in_generation_and_pays_only_for_what_it_reads(name):
     _, decoder = tiny_lm("qwen2")
     ids, mask = left_padded_prompts()
-    exits = PlainExits(4, exit_every=2)  # exits at layers 2 and 4
+    # exits at layers 2 and 4, untrained (the zero adapters: PlainExits), with every head row as confidence tokens
+    exits = LMExitHeads(4, decoder.hidden_size, exit_every=2, rank=1)
+    exits.set_confidence_tokens(torch.arange(VOCAB))
     rule = r.build_rule(name)
     out = generate_with_exits(decoder, exits, rule, ids, mask, 3, policy=HiddenPolicy(), classifier=HiddenPolicy())
     mask_tokens = out.token_mask
@@ -216,6 +219,9 @@ def test_every_rule_runs_in_generation_and_pays_only_for_what_it_reads(name):
     # every token was decided on once (at layer 2; layer 4 is forced): one policy / classifier call if read
     for calls, signal in ((out.policy_calls, "exit_prob"), (out.classifier_calls, "classifier_prob")):
         assert bool((calls[mask_tokens] == int(signal in rule.needs)).all()), (name, signal)
+    # the frequent rows' margin: read at most once (gated: only where the policy proposed), never if not needed
+    reads = out.confidence_reads[mask_tokens]
+    assert bool((reads <= 1).all()) if "frequent_margin" in rule.needs else bool((reads == 0).all()), name
 
 
 def test_missing_modules_and_unknown_signals_are_named():

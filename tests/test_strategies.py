@@ -222,14 +222,14 @@ def test_default_grids_go_from_no_saving_to_full_saving():
         assert grid, name
         labels = torch.randint(0, 3, (50,))
         signals = {**all_layer_signals(logits, probs), "saturation": torch.rand(6, 50) * 2 - 1,
-                   "classifier_prob": torch.rand(6, 50)}
+                   "classifier_prob": torch.rand(6, 50), "frequent_margin": torch.rand(6, 50)}
         averages = [replay(rule_from_grid(name, value, num_layers=6), signals, labels=labels).float().mean().item()
                     for value in grid]
         if name in ("entropy", "maxprob", "softmax_margin", "saturation", "classifier", "static", "patience", "policy"):
             assert averages == sorted(averages, reverse=True), name  # monotone: later points save more
         if name in ("entropy", "maxprob", "softmax_margin", "saturation", "classifier", "static"):
             assert averages[0] == 6 and averages[-1] == 1, name
-        if name == "pcee":
+        if name in ("pcee", "confirmed_policy"):  # two knobs: pairs
             assert all(isinstance(v, tuple) and len(v) == 2 for v in grid)
             assert max(averages) > min(averages)
         if name in ("oracle", "full"):
@@ -243,7 +243,7 @@ def test_default_grids_go_from_no_saving_to_full_saving():
     assert replay(rule_from_grid("policy", 1.0, num_layers=4), {"exit_prob": saturated}).tolist() == [4] * 5
     assert default_grid("entropy", 4, num_classes=3)[-1] > math.log(3)
     assert set(GRID_KNOBS) == set(RULES)
-    assert set(ENCODER_RULES) == set(RULES) - {"saturation", "classifier"}
+    assert set(ENCODER_RULES) == set(RULES) - {"saturation", "classifier", "confirmed_policy"}
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ with a context of S tokens (its real prompt and the tokens before it):
                                        exit's softmax, e.g. softmax_margin or the oracle, pays one
                                        per exit evaluated; every rule one at its exit)
   + policy_calls * policy + classifier_calls * classifier
+  + confidence_reads * confidence_read    the exit's adapter, final norm and the head's frequent rows only
 layer_l(S) is measured for one new token at two context lengths and interpolated: a layer's
 FLOPs for one token are exactly affine in S (projections and MLP constant, attention linear).
 Embedding lookups, norms and elementwise work are not counted (a few percent at most).
@@ -38,6 +39,7 @@ class GenerationFlops:
     exit_head: float                # one exit's logits (adapter, final norm, LM head)
     policy: float
     classifier: float
+    confidence_read: float = 0.0    # one read of the frequent rows' margin (exits without such rows: never read)
 
     def layers_up_to(self, context: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
         base = torch.tensor((0.0, *self.layer_base), dtype=torch.float64).cumsum(0)
@@ -53,6 +55,8 @@ class GenerationFlops:
         flops = (self.layers_up_to(context, depth)
                  + result.kv_fills.cpu() * self.kv_fill + result.lm_head_calls.cpu() * self.exit_head
                  + result.policy_calls.cpu() * self.policy + result.classifier_calls.cpu() * self.classifier)
+        if result.confidence_reads is not None:
+            flops = flops + result.confidence_reads.cpu() * self.confidence_read
         return flops.masked_fill(~result.token_mask.cpu(), 0.0)
 
     def full_depth_per_token(self, result, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,7 +115,11 @@ def measure_generation_flops(decoder, exits, policy=None, classifier=None) -> Ge
         if classifier is not None:
             classifier.logit(layer, hidden[:, -1])
         cls = meter()
-    return GenerationFlops(tuple(base), tuple(per_key), kv, head, pol, cls)
+        tokens = getattr(exits, "confidence_tokens", None)
+        if tokens is not None and tokens.numel() >= 2:
+            exits.frequent_margin(layer, hidden[:, -1], decoder)
+        read = meter()
+    return GenerationFlops(tuple(base), tuple(per_key), kv, head, pol, cls, read)
 
 
 def timed(fn, *args, **kwargs):

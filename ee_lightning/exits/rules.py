@@ -45,6 +45,9 @@ saturation      cosine(h_l, h at the previous exit) >= threshold (CALM's     thr
                 hidden-state saturation; generation only)
 classifier      CALM's trained classifier's probability >= threshold         threshold
                 (generation only)
+confirmed_      exit_prob_l > tau and the exit's margin over the frequent    tau, margin
+policy          rows >= margin (the policy proposes, the exit's own
+                confidence confirms; generation only)
 ==============  ===========================================================  ===================
 
 Every rule is forced to exit at the last layer L. `ENCODER_RULES` are those an encoder's exits
@@ -53,6 +56,7 @@ can run (their signals are `signals.SIGNALS`); generation runs every rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -95,6 +99,8 @@ class ExitRule:
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # the signals decide() reads
     needs_labels: ClassVar[bool] = False  # decide() reads labels (oracle)
+    # signals a driver reads only on the rows `candidates` keeps (the rest get NaN): the dear ones
+    gated: ClassVar[tuple[str, ...]] = ()
     classification_only: ClassVar[bool] = False  # meaningless for a regression head
 
     @property
@@ -107,6 +113,10 @@ class ExitRule:
     def decide(self, layer: int, signals: dict[str, torch.Tensor], state: State,
                labels: torch.Tensor | None = None, is_regression: bool = False) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
+
+    def candidates(self, signals: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """bool [B]: the rows that can still leave given the signals not `gated`; None: every row."""
+        return None
 
     def check(self, num_layers: int, is_regression: bool = False) -> None:
         """Raise if the rule cannot run on a model of `num_layers` layers / this task kind."""
@@ -316,10 +326,34 @@ class ClassifierRule(_ThresholdRule):
     needs: ClassVar[tuple[str, ...]] = ("classifier_prob",)
 
 
+@dataclass(frozen=True)
+class ConfirmedPolicyRule(ExitRule):
+    """ConsistentEE's policy proposes an exit (p_l > tau), the exit's own confidence confirms it (its softmax
+    margin over the head's frequent rows >= margin). The margin is `gated`: read only where the policy proposes,
+    so a token pays a read (about a layer) at the exits the policy would leave at, not at every exit."""
+
+    tau: float = 0.05
+    margin: float = 0.35
+    name: ClassVar[str] = "confirmed_policy"
+    needs: ClassVar[tuple[str, ...]] = ("exit_prob", "frequent_margin")
+    gated: ClassVar[tuple[str, ...]] = ("frequent_margin",)
+
+    def __post_init__(self):
+        _check_number(self.name, "tau", self.tau, low=0.0, high=1.0)
+        _check_number(self.name, "margin", self.margin, low=0.0, high=1.0)
+
+    def candidates(self, signals):
+        return signals["exit_prob"] > self.tau
+
+    def decide(self, layer, signals, state, labels=None, is_regression=False):
+        # NaN (not read) compares False: a row the policy did not propose never leaves
+        return (signals["exit_prob"] > self.tau) & (signals["frequent_margin"] >= self.margin), state
+
+
 RULES: dict[str, type[ExitRule]] = {
     cls.name: cls
     for cls in (EntropyRule, MaxProbRule, PatienceRule, PceeRule, StaticRule, OracleRule, FullRule, PolicyRule,
-                SoftmaxMarginRule, SaturationRule, ClassifierRule)
+                SoftmaxMarginRule, SaturationRule, ClassifierRule, ConfirmedPolicyRule)
 }
 # The rules an encoder's exits can run: those that read only the signals its heads give.
 ENCODER_RULES: tuple[str, ...] = tuple(name for name, cls in RULES.items() if set(cls.needs) <= set(SIGNALS))
@@ -347,6 +381,7 @@ GRID_KNOBS: dict[str, tuple[str, ...]] = {
     "softmax_margin": ("threshold",),
     "saturation": ("threshold",),
     "classifier": ("threshold",),
+    "confirmed_policy": ("tau", "margin"),
 }
 
 
@@ -376,7 +411,9 @@ def rule_from_grid(name: str, value, num_layers: int | None = None, **extra) -> 
     if name not in GRID_KNOBS:
         raise ValueError(f"unknown exit rule {name!r}; valid rules: {', '.join(RULES)}")
     names = GRID_KNOBS[name]
-    values = () if value is None else (tuple(value) if isinstance(value, (tuple, list)) else (value,))
+    # a pair comes as a tuple, a list or a config's list node
+    values = () if value is None else (tuple(value) if isinstance(value, Sequence) and not isinstance(value, str)
+                                       else (value,))
     if len(values) != len(names):
         raise ValueError(f"rule {name!r}: grid point {value!r} does not match its knobs {names}")
     return build_rule(name, num_layers=num_layers, **dict(zip(names, values)), **extra)
@@ -390,6 +427,7 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
     saturation: cosines 1.0 .. -1.0, dense near 1; patience: L-1 .. 1; static: L .. 1;
     policy: tau 1 (never exits), 0.999, 0.99, 0.95 .. 0.05;
     pcee: (patience, threshold) tuples, patience L-1..1 (at most 3 values) x 6 normalised-entropy thresholds;
+    confirmed_policy: (tau, margin) tuples, tau 0.02 / 0.05 / 0.1 x margin 0.9 .. 0.1;
     oracle / full: [None] (no knob).
     """
     if rule_name not in RULES:
@@ -417,6 +455,8 @@ def default_grid(rule_name: str, num_layers: int, num_classes: int = 2) -> list:
         patiences = sorted({min(p, max(L - 1, 1)) for p in (3, 2, 1)}, reverse=True)
         thresholds = [0.05, 0.1, 0.2, 0.4, 0.7, 1.001]  # normalised entropy
         return [(p, t) for p in patiences for t in thresholds]
+    if rule_name == "confirmed_policy":
+        return [(tau, m) for tau in (0.1, 0.05, 0.02) for m in (0.9, 0.7, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1)]
     return [None]
 
 

@@ -20,6 +20,9 @@ saturation          cosine of this exit's hidden state with the previous        
                     exit's (CALM's hidden-state saturation)
 classifier_prob     CALM's trained classifier: P(this exit's token equals the    generation
                     last exit's)
+frequent_margin     margin of the exit's softmax over the head's rows of the     generation
+                    most frequent training tokens only (`LMExitHeads.
+                    frequent_margin`: about a layer's cost, the full head eight)
 =================== ============================================================ =============
 
 The first five come from an exit's logits (`layer_signals`): for a decoder that is an LM-head
@@ -36,7 +39,7 @@ from ee_lightning.tasks import prediction  # a head's prediction is the task's: 
 CLASS_SIGNALS = ("max_prob", "entropy", "entropy_normalized", "margin")
 LOGIT_SIGNALS = ("prediction", *CLASS_SIGNALS)  # computed from an exit's logits
 SIGNALS = (*LOGIT_SIGNALS, "exit_prob")  # what an encoder's exits give (runner, replay cache)
-GENERATION_SIGNALS = (*SIGNALS, "saturation", "classifier_prob")  # what the generation driver gives
+GENERATION_SIGNALS = (*SIGNALS, "saturation", "classifier_prob", "frequent_margin")  # what the generation driver gives
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

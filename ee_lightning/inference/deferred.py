@@ -29,7 +29,8 @@ import torch
 
 from ee_lightning.exits.rules import require_signals
 from ee_lightning.exits.signals import GENERATION_SIGNALS
-from ee_lightning.inference.generate import GenerationResult, _as_list, exit_signals, prefill, unpadded_prompts
+from ee_lightning.inference.generate import (GenerationResult, _as_list, exit_signals, prefill,
+                                             require_confidence_tokens, unpadded_prompts)
 
 
 def _cached(cache, index: int) -> int:
@@ -56,6 +57,7 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
         raise ValueError(f"rule {rule.name!r} reads the token exit policy: pass policy=")
     if "classifier_prob" in rule.needs and classifier is None:
         raise ValueError(f"rule {rule.name!r} reads CALM's exit classifier: pass classifier=")
+    require_confidence_tokens(rule, exits)
     if input_ids.shape[0] != 1:
         raise ValueError(f"deferred generation takes one prompt at a time, got a batch of {input_ids.shape[0]} "
                          "(generate_deferred_each runs a batch prompt by prompt)")
@@ -69,14 +71,14 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
     sequence = input_ids[0].tolist()
     exit_set = set(exits.exit_layers)
     states: dict[int, torch.Tensor] = {}  # position -> its state after the deepest layer it ran (not yet all L)
-    records = {key: [] for key in ("exit", "lm", "policy", "classifier")}
+    records = {key: [] for key in ("exit", "lm", "policy", "classifier", "confidence")}
     for _ in range(max_new_tokens):
         new = len(sequence) - 1  # the position of this step's input (the last token)
         # per layer, the first position it has not seen: the chunk it runs is that position .. the new one
         starts = [_cached(cache, index) for index in range(L)]
         hidden = None
         state = rule.init_state(1, device)
-        exit_layer, lm_calls, policy_calls, classifier_calls, logits = L, 0, 0, 0, None
+        exit_layer, lm_calls, policy_calls, classifier_calls, confidence_reads, logits = L, 0, 0, 0, 0, None
         for index in range(L):
             layer, first = index + 1, starts[index]
             if index == 0 or first != starts[index - 1]:  # the chunk changes: its own positions and masks
@@ -100,6 +102,7 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
             lm_calls += calls["lm"]
             classifier_calls += calls["classifier"]
             policy_calls += calls["policy"]
+            confidence_reads += int(torch.as_tensor(calls["confidence"]).sum())
             leave, state = rule.decide(layer, signals, state)
             previous = out
             if bool(leave.any()):
@@ -112,7 +115,7 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
             del states[position]
         token = int(logits.argmax(-1))
         sequence.append(token)
-        for key, value in zip(records, (exit_layer, lm_calls, policy_calls, classifier_calls)):
+        for key, value in zip(records, (exit_layer, lm_calls, policy_calls, classifier_calls, confidence_reads)):
             records[key].append(value)
         if token in eos:
             break
@@ -129,7 +132,8 @@ def generate_deferred(decoder, exits, rule, input_ids: torch.Tensor, attention_m
 
     return GenerationResult(torch.tensor([sequence], device=device), prompt_length, exit_layers.to(device),
                             row("lm").to(device), torch.zeros_like(exit_layers).to(device), row("policy").to(device),
-                            row("classifier").to(device), cache, layers_after_exit=deferred.to(device))
+                            row("classifier").to(device), cache, layers_after_exit=deferred.to(device),
+                            confidence_reads=row("confidence").to(device))
 
 
 def _through(cache, position: int, num_layers: int) -> bool:
@@ -178,4 +182,5 @@ def generate_deferred_each(decoder, exits, rule, input_ids: torch.Tensor, attent
                             padded([r.exit_layers for r in rows], 0), padded([r.lm_head_calls for r in rows], 0),
                             padded([r.kv_fills for r in rows], 0), padded([r.policy_calls for r in rows], 0),
                             padded([r.classifier_calls for r in rows], 0),
-                            layers_after_exit=padded([r.layers_after_exit for r in rows], 0))
+                            layers_after_exit=padded([r.layers_after_exit for r in rows], 0),
+                            confidence_reads=padded([r.confidence_reads for r in rows], 0))

@@ -47,7 +47,7 @@ class PlainExits:
 class GenerationResult:
     """sequences [B, P + N] (prompt, then new tokens; pad after EOS). Per new token [B, N]
     (0 for padding after a row finished): the exit layer (1..L), LM-head calls, K/V fills of
-    skipped layers, policy and classifier net calls."""
+    skipped layers, policy and classifier net calls, and reads of the frequent rows' confidence."""
 
     sequences: torch.Tensor
     prompt_length: int
@@ -61,6 +61,8 @@ class GenerationResult:
     # [B, N] layers a token ran past its exit for later tokens' K/V: in later steps (`inference.deferred`)
     # or at once (propagate_kv=False); None: none (propagation fills K/V instead, counted in kv_fills)
     layers_after_exit: torch.Tensor | None = None
+    # [B, N] reads of an exit's confidence over the frequent rows (`frequent_margin`); None: a result built without them
+    confidence_reads: torch.Tensor | None = None
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -117,6 +119,14 @@ def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> l
     return rows
 
 
+def require_confidence_tokens(rule, exits) -> None:
+    """Raise before generating if `rule` reads the frequent rows' margin and `exits` carry no such rows."""
+    tokens = getattr(exits, "confidence_tokens", None)
+    if "frequent_margin" in rule.needs and (tokens is None or tokens.numel() < 2):
+        raise ValueError(f"rule {rule.name!r} reads the exits' margin over the frequent tokens, and these exits have "
+                         "none: set method.lm_exits.confidence_tokens (e.g. 4096) and train again")
+
+
 def _as_list(ids):
     if ids is None:
         return []
@@ -153,6 +163,7 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
         raise ValueError(f"rule {rule.name!r} reads the token exit policy: pass policy=")
     if "classifier_prob" in rule.needs and classifier is None:
         raise ValueError(f"rule {rule.name!r} reads CALM's exit classifier: pass classifier=")
+    require_confidence_tokens(rule, exits)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
@@ -165,7 +176,7 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
 
     sequences, next_input = input_ids, input_ids[:, -1:]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    records = {key: [] for key in ("exit", "lm", "kv", "policy", "classifier")}
+    records = {key: [] for key in ("exit", "lm", "kv", "policy", "classifier", "confidence")}
     kept_logits = []
     if force_tokens is not None:
         max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
@@ -201,16 +212,17 @@ def generate_with_exits(decoder, exits, rule, input_ids: torch.Tensor, attention
     after = None if propagate_kv else (decoder.num_layers - exit_layers).masked_fill(exit_layers == 0, 0)
     return GenerationResult(sequences, prompt_length, exit_layers, stack("lm"), stack("kv"), stack("policy"),
                             stack("classifier"), cache, torch.stack(kept_logits, dim=1) if output_logits and kept_logits
-                            else None, layers_after_exit=after)
+                            else None, layers_after_exit=after, confidence_reads=stack("confidence"))
 
 
 def exit_signals(rule, layer: int, out: torch.Tensor, previous: torch.Tensor, exits, decoder, policy=None,
-                 classifier=None) -> tuple[dict, torch.Tensor | None, dict[str, int]]:
+                 classifier=None) -> tuple[dict, torch.Tensor | None, dict]:
     """What `rule` reads at exit `layer` of states `out` [R, H], and nothing else: (signals, the exit's
-    logits when a signal needed them, else None, the calls made per row: {"lm", "classifier", "policy"}).
-    previous [R, H]: the states at the previous exit (saturation)."""
+    logits when a signal needed them, else None, the calls made per row: {"lm", "classifier", "policy",
+    "confidence"}, each an int or a [R] count). previous [R, H]: the states at the previous exit (saturation).
+    A signal the rule `gated` is read only on the rows its `candidates` keeps, NaN on the others."""
     logit_needs = [name for name in rule.needs if name in LOGIT_SIGNALS]
-    signals, exit_logits, calls = {}, None, {"lm": 0, "classifier": 0, "policy": 0}
+    signals, exit_logits, calls = {}, None, {"lm": 0, "classifier": 0, "policy": 0, "confidence": 0}
     if logit_needs:
         exit_logits = exits.logits(layer, out, decoder)
         calls["lm"] = 1
@@ -223,6 +235,13 @@ def exit_signals(rule, layer: int, out: torch.Tensor, previous: torch.Tensor, ex
     if "exit_prob" in rule.needs:
         signals["exit_prob"] = torch.sigmoid(policy.logit(layer, out).float())
         calls["policy"] = 1
+    if "frequent_margin" in rule.needs:
+        read = rule.candidates(signals) if "frequent_margin" in rule.gated else None
+        read = torch.ones(out.shape[0], dtype=torch.bool, device=out.device) if read is None else read.to(out.device)
+        signals["frequent_margin"] = torch.full((out.shape[0],), float("nan"), device=out.device)
+        if bool(read.any()):
+            signals["frequent_margin"][read] = exits.frequent_margin(layer, out[read], decoder)
+        calls["confidence"] = read.long()
     return signals, exit_logits, calls
 
 
@@ -238,6 +257,7 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
     lm_calls = torch.zeros(batch, dtype=torch.long, device=device)
     policy_calls = torch.zeros_like(lm_calls)
     classifier_calls = torch.zeros_like(lm_calls)
+    confidence_reads = torch.zeros_like(lm_calls)
     previous = hidden[:, -1].clone()  # the state at the previous exit (saturation)
     full_tokens = _full_depth_tokens(decoder, hidden, ctx) if rule.needs_labels else None
     state = rule.init_state(int(running.sum()), device)  # rows of `state` = running rows, in order
@@ -257,6 +277,7 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
             lm_calls[rows] += calls["lm"]
             classifier_calls[rows] += calls["classifier"]
             policy_calls[rows] += calls["policy"]
+            confidence_reads[rows] += calls["confidence"]
             labels = full_tokens[rows] if full_tokens is not None else None
             leave, state = rule.decide(layer, signals, state, labels=labels)
             leave = leave.to(device)
@@ -278,5 +299,6 @@ def _token_step(decoder, exits, rule, hidden, ctx, finished, policy, classifier,
     if logits is None:  # every row had finished: the caller pads them
         logits = torch.zeros(batch, decoder.vocab_size, device=device)
     kv_fills = (L - exit_at).masked_fill(exit_at == 0, 0) if propagate_kv else torch.zeros_like(exit_at)
-    counts = {"exit": exit_at, "lm": lm_calls, "kv": kv_fills, "policy": policy_calls, "classifier": classifier_calls}
+    counts = {"exit": exit_at, "lm": lm_calls, "kv": kv_fills, "policy": policy_calls, "classifier": classifier_calls,
+              "confidence": confidence_reads}
     return logits.float(), counts

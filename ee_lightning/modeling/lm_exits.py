@@ -5,6 +5,8 @@
   so an untrained exit is the plain "final norm + LM head on an intermediate state"; the last
   layer has none (its exit is the model itself). `adapter="block"` puts a stronger adapter there
   instead (`BlockAdapter`: the backbone's own norm and MLP, copied from the next layer, output zeroed).
+  An exit may also carry `confidence_tokens`, the head's rows of the tokens the model writes most often:
+  its confidence over those rows (`frequent_margin`) costs about a layer to read, the full head about eight.
 * `TokenExitPolicy`: ConsistentEE's policy, p_l = sigmoid(g_l(h_l)) per token, read from the hidden
   state: the LM head (a [H, V] matmul) runs only where a token actually exits.
 * `ExitClassifier`: CALM's trained confidence measure, P(the exit's token equals the final token),
@@ -21,6 +23,8 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ee_lightning.exits.signals import margin
 
 FORCED_LOGIT = 30.0  # sigmoid ~ 1: at the last layer every token exits, whatever a policy says
 
@@ -90,10 +94,12 @@ ADAPTERS = ("lowrank", "block")
 
 
 class LMExitHeads(nn.Module):
-    """layers: the backbone's decoder layers, needed by `adapter="block"` (it copies them)."""
+    """layers: the backbone's decoder layers, needed by `adapter="block"` (it copies them).
+    confidence_tokens: how many token ids the `confidence_tokens` buffer holds (0: none; the pipeline sets
+    them with `set_confidence_tokens`, a saved model loads them with its weights)."""
 
     def __init__(self, num_layers: int, hidden_size: int, exit_every: int = 1, rank: int = 32,
-                 adapter: str = "lowrank", layers: nn.ModuleList | None = None):
+                 adapter: str = "lowrank", layers: nn.ModuleList | None = None, confidence_tokens: int = 0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank={rank} must be >= 1")
@@ -110,6 +116,36 @@ class LMExitHeads(nn.Module):
 
         self.adapters = nn.ModuleDict({str(layer): make(layer) for layer in self.exit_layers
                                        if layer != self.num_layers})
+        # kept in the weights only when there are some, so a model saved before they existed still loads
+        self.register_buffer("confidence_tokens", torch.zeros(int(confidence_tokens), dtype=torch.long),
+                             persistent=confidence_tokens > 0)
+        self._confidence_head = None  # (the head weight it was sliced from, its rows' weight, bias): see frequent_margin
+
+    def set_confidence_tokens(self, token_ids: torch.Tensor) -> None:
+        """The head rows `frequent_margin` reads: sorted, distinct vocabulary ids (`draft_head.frequent_tokens`)."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if token_ids.numel() < 2 or not bool((token_ids[1:] > token_ids[:-1]).all()) or int(token_ids.min()) < 0:
+            raise ValueError("confidence tokens must be at least two sorted, distinct, non-negative token ids")
+        device = self.confidence_tokens.device
+        del self.confidence_tokens
+        self.register_buffer("confidence_tokens", token_ids.to(device))
+        self._confidence_head = None
+
+    def frequent_margin(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder) -> torch.Tensor:
+        """Top-1 minus top-2 probability of the exit's softmax over the `confidence_tokens` rows of the LM head
+        only, from its hidden states [R, H] -> [R] (float32): CALM's softmax measure at a fraction of the head."""
+        if self.confidence_tokens.numel() < 2:
+            raise ValueError("these exits have no confidence tokens: set method.lm_exits.confidence_tokens (e.g. "
+                             "4096) and train again, or call exits.set_confidence_tokens(ids)")
+        head = decoder.model.get_output_embeddings()
+        if self._confidence_head is None or self._confidence_head[0] is not head.weight:
+            # sliced once: gathering thousands of rows at every read would cost as much as the read itself
+            rows = self.confidence_tokens.to(head.weight.device)
+            bias = getattr(head, "bias", None)
+            self._confidence_head = (head.weight, head.weight.detach()[rows].clone(),
+                                     None if bias is None else bias.detach()[rows].clone())
+        _, weight, bias = self._confidence_head
+        return margin(F.linear(decoder.final_norm(self.adapt(layer, hidden)), weight, bias))
 
     def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """h + adapter_l(h) (h itself at the last layer)."""
