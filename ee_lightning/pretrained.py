@@ -37,7 +37,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> "EarlyExitClas
 
 def make_rule(name: str | ExitRule, knob, num_layers: int, tau: float | None) -> ExitRule:
     """The exit rule `name` at `knob`: a value of its knob (a threshold, tau, a layer, a patience), a
-    (patience, threshold) pair for pcee, or a dict of knobs by name; None: the policy's trained tau,
+    (patience, threshold) pair for pcee, a (tau, margin) pair for confirmed_policy, or a dict of knobs by
+    name; None: the policy's trained tau,
     any other rule's default knobs."""
     if isinstance(name, ExitRule):
         return build_rule(name, num_layers=num_layers)
@@ -207,8 +208,9 @@ class EarlyExitGenerator:
                  draft_length: int | None = None, min_confidence: float | None = None,
                  kv: str | None = None) -> Generations:
         """prompts: user messages (each goes into the chat template, with the run's system prompt);
-        max_new_tokens: default the run's; rule / knob: any exit rule (policy, softmax_margin, saturation,
-        classifier, entropy, maxprob, patience, pcee, static, full), default the policy at its trained tau;
+        max_new_tokens: default the run's; rule / knob: any exit rule (policy, confirmed_policy (a run trained
+        with lm_exits.confidence_tokens), softmax_margin, saturation, classifier, entropy, maxprob, patience,
+        pcee, static, full), default the policy at its trained tau;
         mode: "exit" (each token leaves at its exit) or "verify" (the exit at `draft_layer` drafts up to
         `draft_length` tokens, stopping early below `min_confidence`; the layers above check them: the
         text is the full model's greedy text; one prompt at a time, no rule). Where the run trained a

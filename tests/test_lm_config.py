@@ -115,6 +115,8 @@ def test_misspelt_key_in_the_lm_exits_yaml_file(tmp_path):
     ("method.generation.rules.softmax_margin=[high]", "method.generation.rules.softmax_margin"),
     ("method.generation.rules.static=[2.5]", "method.generation.rules.static"),
     ("method.generation.rules.oracle=sometimes", "method.generation.rules.oracle"),
+    ("method.generation.rules.confirmed_policy=[0.05]", "method.generation.rules.confirmed_policy"),
+    ("method.lm_exits.confidence_tokens=many", "method.lm_exits.confidence_tokens"),
     ("method.lm_exits.lora.target_modules=q_proj", "method.lm_exits.lora.target_modules"),
     ("data.max_prompt_length=long", "data.max_prompt_length"),
 ])
@@ -176,6 +178,15 @@ def test_wrong_type_fails_at_compose_naming_the_key(override, key, tmp_path):
                                                     "knob threshold=-1.5 must be >= -1.0"),
     (["method.generation.rules.policy=[1.5]"], "method.generation.rules.policy=[1.5]: rule 'policy': knob tau=1.5 "
                                                "must be <= 1.0"),
+    (["method.lm_exits.confidence_tokens=-1"], "method.lm_exits.confidence_tokens=-1: must be >= 0; the head rows "
+                                               "rule confirmed_policy reads"),
+    (["method.generation.rules.confirmed_policy=[[0.05,0.35]]"],
+     "method.generation.rules.confirmed_policy=[[0.05, 0.35]]: reads the exits' margin over the frequent tokens, and "
+     "method.lm_exits.confidence_tokens=0 gives them none: set method.lm_exits.confidence_tokens=4096"),
+    (["method.lm_exits.confidence_tokens=64", "method.generation.rules.confirmed_policy=[[0.05,1.35]]"],
+     "method.generation.rules.confirmed_policy=[[0.05, 1.35]]: rule 'confirmed_policy': knob margin=1.35 must be <= 1.0"),
+    (["method.lm_exits.confidence_tokens=64", "method.generation.rules.confirmed_policy=[[0.05,0.3,0.1]]"],
+     "rule 'confirmed_policy': grid point [0.05, 0.3, 0.1] does not match its knobs ('tau', 'margin')"),
     (["backbone=tiny_llama"], "method.generation.rules.static=[15, 21, 24, 27]: rule 'static': k=15 is outside 1..4 "
                               "(the model has 4 layers)"),
     (["backbone=tiny_llama", "backbone.dtype=int8"], "backbone.dtype=int8: must be one of float32 | bfloat16 | float16"),

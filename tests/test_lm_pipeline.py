@@ -29,7 +29,7 @@ def test_the_lm_method_refuses_an_encoder_backbone(tmp_path):
 
 def test_generation_rule_points_come_from_the_one_rule_set():
     from ee_lightning.evaluation.generation_eval import RULE_ORDER, policy_at, rule_points_grid
-    from ee_lightning.exits.rules import RULES, PatienceRule, StaticRule
+    from ee_lightning.exits.rules import RULES, ConfirmedPolicyRule, PatienceRule, StaticRule
 
     assert set(RULE_ORDER) == set(RULES)
     grids = {"oracle": True, "static": None, "patience": True, "policy": [0.5], "classifier": [0.5],
@@ -45,7 +45,12 @@ def test_generation_rule_points_come_from_the_one_rule_set():
     with_tau = rule_points_grid({"policy": [0.3, 0.5]}, [3, 6], has_policy=True, has_classifier=False, tau=0.6)
     assert [value for _, value, _ in with_tau] == [None, 0.3, 0.5, 0.6] and policy_at(with_tau, 0.6) == 3
     assert policy_at(with_tau, 0.7) is None
-    with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, softmax_margin"):
+    # confirmed_policy: (tau, margin) pairs, left out without a trained policy
+    pairs = rule_points_grid({"confirmed_policy": [[0.05, 0.35]]}, [3, 6], has_policy=True, has_classifier=False)
+    assert [rule for _, _, rule in pairs][1:] == [ConfirmedPolicyRule(tau=0.05, margin=0.35)]
+    assert len(rule_points_grid({"confirmed_policy": [[0.05, 0.35]]}, [3, 6], False, False)) == 1
+    with pytest.raises(ValueError, match=r"unknown rule\(s\) \['margin'\]; rules: full, policy, confirmed_policy, "
+                                         r"softmax_margin"):
         rule_points_grid({"margin": [0.5]}, [3, 6], has_policy=True, has_classifier=True)
     with pytest.raises(ValueError, match=r"method.generation.rules.static=\[7\]: rule 'static': k=7 is outside 1\.\.6"):
         rule_points_grid({"static": [7]}, [3, 6], has_policy=True, has_classifier=True)
@@ -64,12 +69,20 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                          "method.generation.rules.static=null", "method.generation.rules.policy=[0.3,0.4,0.5]",
                          "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
                          "method.generation.rules.classifier=[0.5]",
+                         "method.lm_exits.confidence_tokens=6", "method.generation.rules.confirmed_policy=[[0.3,0.0],[0.3,0.5]]",
                          "method.generation.kv=propagate"], run_dir)  # deferral: tests/test_deferred.py
     results = train(cfg)
     saved = json.loads((run_dir / "results.json").read_text())
     rules = [p["rule"] for p in saved["points"]]
-    assert rules == ["full", "policy", "policy", "policy", "softmax_margin", "saturation", "classifier", "static", "static",
-                     "static", "oracle"]
+    assert rules == ["full", "policy", "policy", "policy", "confirmed_policy", "confirmed_policy", "softmax_margin",
+                     "saturation", "classifier", "static", "static", "static", "oracle"]
+    # the exits kept the rows of the tokens the model wrote most often (and EOS), and saved them with the model
+    frequent = saved["training_summary"]["confidence_tokens"]
+    assert 2 <= frequent <= 7
+    assert json.loads((run_dir / "model" / "config.json").read_text())["exits"]["confidence_tokens"] == frequent
+    # confirmed at margin 0 is the policy at its tau: every proposal confirmed
+    points = {(p["rule"], str(p["value"])): p for p in saved["points"]}
+    assert points[("confirmed_policy", "[0.3, 0.0]")]["exit_histogram"] == points[("policy", "0.3")]["exit_histogram"]
     full = saved["points"][0]
     assert full["rougeL_vs_full"] == 1.0 and full["token_agreement"] == 1.0 and full["avg_exit_layer"] == 4.0
     assert all(sum(p["exit_histogram"]) == p["tokens"] for p in saved["points"])

@@ -311,7 +311,8 @@ def test_a_finetune_only_model_predicts_at_full_depth_by_default_and_names_the_m
         loaded.predict(SENTENCES, rule="policy")
 
 
-def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama", adapter: str = "lowrank"):
+def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama", adapter: str = "lowrank",
+                        confidence_tokens: torch.Tensor | None = None):
     decoder, tokenizer = build_decoder(backbone_cfg(backbone))
     torch.manual_seed(1)
     exits = LMExitHeads(decoder.num_layers, decoder.hidden_size, exit_every=2, rank=4, adapter=adapter,
@@ -321,10 +322,40 @@ def tiny_decoder_folder(folder: Path, backbone: str = "tiny_llama", adapter: str
     for module in (exits, policy, classifier):
         for parameter in module.parameters():
             torch.nn.init.normal_(parameter, 0, 0.5)
+    if confidence_tokens is not None:
+        exits.set_confidence_tokens(confidence_tokens)
     save_decoder(folder, decoder, tokenizer, exits, policy, classifier,
                  generation={"rules": {"policy": [0.5]}, "tau": 0.5, "max_new_tokens": 5, "batch_size": 2},
                  data={"system_prompt": None, "max_prompt_length": 48}, backbone=backbone)
     return decoder, tokenizer, exits, policy, classifier
+
+
+def test_a_saved_decoder_keeps_its_confidence_tokens_and_one_saved_before_them_loads_without(tmp_path):
+    from ee_lightning.data.generation import chat_prompt_ids, collate_generate
+
+    tokens = torch.arange(0, 40, 3)
+    decoder, tokenizer, exits, policy, _ = tiny_decoder_folder(tmp_path / "model", confidence_tokens=tokens)
+    loaded = ee_lightning.load(tmp_path / "model")
+    assert loaded.parts.exits.confidence_tokens.tolist() == tokens.tolist()
+    prompts = ["Say hello.", "Count to three."]
+    rows = [{"prompt_ids": chat_prompt_ids(tokenizer, p), "reference": "", "prompt": p, "idx": i}
+            for i, p in enumerate(prompts)]
+    batch = collate_generate(rows, tokenizer.pad_token_id)
+    got = loaded.generate(prompts, rule="confirmed_policy", knob=(0.5, 0.001), batch_size=2)
+    out = generate_with_exits(decoder, exits, build_rule("confirmed_policy", tau=0.5, margin=0.001),
+                              batch["input_ids"], batch["attention_mask"], 5, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, policy=policy)
+    assert got.exit_layers == [row[row > 0].tolist() for row in out.exit_layers]
+    assert {layer for layers in got.exit_layers for layer in layers} == {2, 4}  # some confirmed, some not
+    # a folder from before the key: no tokens in its config or its weights; it loads, and the rule says what is missing
+    tiny_decoder_folder(tmp_path / "older")
+    config = json.loads((tmp_path / "older" / "config.json").read_text())
+    assert config["exits"].pop("confidence_tokens") == 0
+    (tmp_path / "older" / "config.json").write_text(json.dumps(config))
+    older = ee_lightning.load(tmp_path / "older")
+    assert older.parts.exits.confidence_tokens.numel() == 0
+    with pytest.raises(ValueError, match="set method.lm_exits.confidence_tokens"):
+        older.generate(prompts, rule="confirmed_policy", knob=(0.5, 0.3))
 
 
 def test_a_saved_decoder_generates_what_generation_gives_on_the_modules_it_saved(tmp_path):

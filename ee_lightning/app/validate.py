@@ -212,6 +212,11 @@ def check_decoder_train(cfg: DictConfig, check: Checker, backbone, data) -> None
     depth = (_layers(architecture) if architecture not in (_MISSING, None) and _value(backbone, "pretrained_path") is None
              else None)
     check_generation(method.generation, check, depth)
+    confirmed = _value(method.generation.rules, "confirmed_policy")
+    if confirmed not in (_MISSING, None) and len(confirmed) and not _value(method.lm_exits, "confidence_tokens"):
+        check.add("method.generation.rules.confirmed_policy", [list(v) for v in confirmed],
+                  "reads the exits' margin over the frequent tokens, and method.lm_exits.confidence_tokens=0 gives "
+                  "them none: set method.lm_exits.confidence_tokens=4096, or drop this grid (null)")
 
 
 def check_decoder_backbone(backbone: DictConfig, check: Checker) -> None:
@@ -275,6 +280,8 @@ def check_lm_exits(node: DictConfig, check: Checker, p: str = "") -> None:
     check.choice(adapters, "vocabulary", f"{p}adapters.", DISTILL_VOCABULARIES)
     check.choice(node.hardness, "target", f"{p}hardness.", TOKEN_TARGETS)
     check_cross_fit(node, check, p)
+    check.number(node, "confidence_tokens", p, low=0, integer=True,
+                 why="the head rows rule confirmed_policy reads (e.g. 4096); 0: none")
     for stage in ("adapters", "policy", "classifier"):  # epochs=0 skips a stage
         q = f"{p}{stage}."
         check.number(node[stage], "epochs", q, low=0, integer=True, why="0 skips the stage")
@@ -390,7 +397,7 @@ def check_generation(node: DictConfig, check: Checker, depth: int | None = None)
     # Each knob as the rule itself checks it (exits/rules.py: thresholds within their signal's range,
     # static layers within 1..depth; without a known depth, checked again once the model is loaded).
     rules, q = node.rules, f"{p}rules."
-    for name in ("policy", "softmax_margin", "saturation", "classifier", "static"):
+    for name in ("policy", "softmax_margin", "saturation", "classifier", "static", "confirmed_policy"):
         grid = _value(rules, name)
         for value in (grid if grid not in (_MISSING, None) else []):
             try:

@@ -231,6 +231,9 @@ class LMExitsConfig:
     # K >= 2: the policy, classifier and draft policy learn from out-of-fold exit scores; 0: the exits' own. Not
     # MISSING: a run directory written before the key existed still loads (as 0, what it did)
     cross_fit: int = 0
+    # the head rows the `frequent_margin` signal reads (rule confirmed_policy): the N tokens the full model writes
+    # most often in the training responses; 0: none. Not MISSING, for the run directories written before it
+    confidence_tokens: int = 0
     cache: LMCacheConfig = field(default_factory=LMCacheConfig)
     adapters: LMAdapterStage = field(default_factory=LMAdapterStage)
     hardness: LMHardnessConfig = field(default_factory=LMHardnessConfig)
@@ -251,6 +254,8 @@ class GenerationRules:
     classifier: Optional[List[float]] = MISSING
     static: Optional[List[int]] = MISSING
     oracle: bool = MISSING
+    # [tau, margin] pairs; needs lm_exits.confidence_tokens. Not MISSING, for the run directories written before it
+    confirmed_policy: Optional[List[List[float]]] = None
 
 
 @dataclass

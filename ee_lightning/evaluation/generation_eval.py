@@ -38,8 +38,8 @@ from ee_lightning.inference.generate import generate_with_exits, unpadded_prompt
 log = logging.getLogger(__name__)
 
 # The report's order; every rule of `exits.rules` runs in generation.
-RULE_ORDER = ("full", "policy", "softmax_margin", "saturation", "classifier", "entropy", "maxprob", "patience", "pcee",
-              "static", "oracle")
+RULE_ORDER = ("full", "policy", "confirmed_policy", "softmax_margin", "saturation", "classifier", "entropy", "maxprob",
+              "patience", "pcee", "static", "oracle")
 
 
 def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_classifier: bool,
@@ -63,7 +63,8 @@ def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_
         elif values is True:
             # patience counts decisions, and a rule decides at exit layers only: its default counts exits
             values = exit_layers[:-1] if name == "static" else default_grid(name, len(exit_layers), vocab_size)
-        if not values or (name == "policy" and not has_policy) or (name == "classifier" and not has_classifier):
+        if not values or (name in ("policy", "confirmed_policy") and not has_policy) or \
+                (name == "classifier" and not has_classifier):
             continue
         if name == "policy" and tau is not None and tau not in values:
             values = [*values, tau]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ee_lightning.data.generation import IGNORE_INDEX
 from ee_lightning.exits.distill import teacher_topk
+from ee_lightning.modeling.draft_head import frequent_tokens
 from ee_lightning.progress import progress_enabled
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,13 @@ def response_only(cache: dict) -> dict:
     first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
     per_token["positions"] = index - first
     return {**per_token, "exit_layers": cache["exit_layers"]}
+
+
+def confidence_tokens(cache: dict, size: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """The `size` tokens the full model writes most often over a cache's response tokens (its `full_tokens`),
+    EOS always among them, sorted: the LM-head rows the exits' `frequent_margin` reads."""
+    tokens = response_only(cache)["full_tokens"].tolist()
+    return frequent_tokens([tokens], size, always=[] if eos_token_id is None else [eos_token_id])
 
 
 def source_meta(decoder, datamodule, split: str, identity: dict | None) -> dict:

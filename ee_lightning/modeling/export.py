@@ -88,7 +88,8 @@ def save_decoder(folder: str | Path, decoder: LayerwiseDecoder, tokenizer, exits
         "model_config": decoder.model.config.to_dict(),
         "attn_implementation": decoder.model.config._attn_implementation or "sdpa",
         "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),
-        "exits": {"exit_layers": list(exits.exit_layers), "rank": _adapter_rank(exits), "adapter": exits.adapter_kind},
+        "exits": {"exit_layers": list(exits.exit_layers), "rank": _adapter_rank(exits), "adapter": exits.adapter_kind,
+                  "confidence_tokens": int(exits.confidence_tokens.numel())},
         "policy": None if policy is None else {"hidden": _policy_width(policy)},
         "classifier": classifier is not None,
         "draft_policy": None if draft_policy is None else draft_policy.settings(),
@@ -218,7 +219,8 @@ def load_decoder(folder: str | Path) -> tuple[DecoderParts, LayerwiseDecoder, ob
     every = exit_layers[0] if len(exit_layers) > 1 else num_layers
     adapter = config["exits"].get("adapter", "lowrank")  # folders saved before block adapters existed
     exits = LMExitHeads(num_layers, hidden, exit_every=every, rank=config["exits"]["rank"], adapter=adapter,
-                        layers=decoder.layers() if adapter == "block" else None)
+                        layers=decoder.layers() if adapter == "block" else None,
+                        confidence_tokens=int(config["exits"].get("confidence_tokens", 0)))  # none before they existed
     if exits.exit_layers != exit_layers:
         raise ModelFolderError(f"{folder / CONFIG_FILE}: exits at {exit_layers} are not every k-th layer of "
                                f"{num_layers}; the file was edited, copy it again")

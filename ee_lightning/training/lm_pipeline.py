@@ -46,7 +46,8 @@ from ee_lightning.exits.lm_targets import agrees_with_last, exit_correct, hardne
 from ee_lightning.exits.rules import policy_exits
 from ee_lightning.files import atomic_write_text, load_or_build
 from ee_lightning.inference.propagated import propagated_exits
-from ee_lightning.inference.lm_cache import check_exit_layers, exit_tables, merge_parts, response_only, source_meta
+from ee_lightning.inference.lm_cache import (check_exit_layers, confidence_tokens, exit_tables, merge_parts,
+                                             response_only, source_meta)
 from ee_lightning.modeling.backbones.decoder_build import build_decoder
 from ee_lightning.modeling.draft_policy import DraftStopPolicy
 from ee_lightning.modeling.export import save_decoder
@@ -340,6 +341,9 @@ def train_lm_exits(decoder, datamodule, cfg: LMExitsConfig, stages: Stages, iden
     targets = cache["targets"]
     batch = cfg.adapters.batch_size
     summary: dict = {"exit_layers": exits.exit_layers, "responses": cfg.responses}
+    if cfg.confidence_tokens > 0:  # the head rows the frequent_margin signal reads (rules.ConfirmedPolicyRule)
+        exits.set_confidence_tokens(confidence_tokens(cache, cfg.confidence_tokens, datamodule.tokenizer.eos_token_id))
+        summary["confidence_tokens"] = int(exits.confidence_tokens.numel())
     # the exits before their own stage (untrained, or trained with LoRA): the same on every rerun
     before = exit_summary(cache, exit_tables(cache, exits, decoder, batch_size=batch))
     if lora_outcome is None:
