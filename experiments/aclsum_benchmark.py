@@ -34,6 +34,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from confidence_reads import run_confidence_tokens
 from ee_lightning.evaluation.calibration import calibrated_on
 from ee_lightning.evaluation.generation_cost import measure_generation_flops, timed
 from ee_lightning.evaluation.generation_eval import (calibration_note, calibration_section, generate_batch,
@@ -67,6 +68,10 @@ def parse(argv):
                         help="an exited token's skipped layers (default: the run's method.generation.kv). With defer the "
                              "batch runs score the same tokens through the batched real-deeper-states path, and speed "
                              "is the batch-1 deferred decoding of --speed-prompts")
+    parser.add_argument("--confidence-tokens", type=int, default=0,
+                        help="give the exits the head rows of the N tokens the model writes most often in the run's "
+                             "training responses (rule confirmed_policy reads them), for a run trained without "
+                             "method.lm_exits.confidence_tokens; 0: the run's own")
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -152,6 +157,8 @@ def main(argv=None):
     args = parse(argv)
     started = time.time()
     config, decoder, tokenizer, exits, policy, classifier = load_run(args.run_dir)
+    if args.confidence_tokens:
+        exits.set_confidence_tokens(run_confidence_tokens(args.run_dir, args.confidence_tokens, tokenizer.eos_token_id))
     torch.manual_seed(0)
     data = dict(config["data"])
     data["max_eval_samples"] = None

@@ -35,8 +35,8 @@ from ee_lightning.evaluation.generation_eval import generate_batch, merge_runs, 
 from ee_lightning.exits.rules import FullRule, PolicyRule, SoftmaxMarginRule, StaticRule
 from ee_lightning.exits.signals import margin
 from ee_lightning.files import atomic_write_text
-from ee_lightning.inference.lm_cache import response_only
-from ee_lightning.modeling.draft_head import RestrictedHead, frequent_tokens
+from ee_lightning.inference.lm_cache import confidence_tokens
+from ee_lightning.modeling.draft_head import RestrictedHead
 from ee_lightning.modeling.export import load_decoder
 from ee_lightning.progress import progress
 from ee_lightning.training.lm_pipeline import generation_batches
@@ -64,23 +64,6 @@ class FrequentMarginReader:
         state = self.exits.adapt(layer, hidden) if self.adapted else hidden
         m = margin(self.head(self.decoder.final_norm(state))).double().clamp(1e-12, 1 - 1e-12)
         return torch.log(m / (1 - m)).float()
-
-
-class ConfirmedPolicy:
-    """ConsistentEE's token policy proposes an exit (p > `tau`), the exit's margin over the frequent rows
-    (`FrequentMarginReader`) confirms it: its logit is the margin's where the policy proposes and `NEVER` elsewhere,
-    so the policy rule at tau m exits where p > tau and margin > m. The margin is read only where the policy
-    proposes, so a token pays a read at the exits the policy would leave at, not at every exit."""
-
-    def __init__(self, policy, reader: FrequentMarginReader, tau: float):
-        self.policy, self.reader, self.tau = policy, reader, tau
-
-    def logit(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.full(hidden.shape[:-1], NEVER, device=hidden.device)
-        proposed = torch.sigmoid(self.policy.logit(layer, hidden).float()) > self.tau
-        if bool(proposed.any()):
-            out[proposed] = self.reader.logit(layer, hidden[proposed])
-        return out
 
 
 def reader_label(threshold: float, first_exit: int, adapted: bool) -> str:
@@ -143,16 +126,19 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def frequent_head(run_dir: Path, decoder, frequent: int, eos: int) -> RestrictedHead:
-    """The LM head's rows of the (at most) `frequent` tokens the full model writes most often over the run's
-    training responses (its lm_cache_train stage), EOS always among them, sliced once."""
+def run_confidence_tokens(run_dir: Path, frequent: int, eos: int) -> torch.Tensor:
+    """The (at most) `frequent` tokens the full model writes most often over the run's training responses (its
+    lm_cache_train stage), EOS always among them: what `method.lm_exits.confidence_tokens` gives a run trained now."""
     path = run_dir / "checkpoints" / "lm_cache_train" / "exit_states_train.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: --run-dir must be a finished aclsum_consistentee run "
                                 "(its lm_cache_train stage holds the training responses' tokens)")
-    tokens = response_only(torch.load(path, map_location="cpu", weights_only=True)["tensors"])["full_tokens"]
-    return RestrictedHead(decoder.model.get_output_embeddings(), frequent_tokens([tokens.tolist()], frequent,
-                                                                                 always=[eos]))
+    return confidence_tokens(torch.load(path, map_location="cpu", weights_only=True)["tensors"], frequent, eos)
+
+
+def frequent_head(run_dir: Path, decoder, frequent: int, eos: int) -> RestrictedHead:
+    """The LM head's rows of `run_confidence_tokens`, sliced once."""
+    return RestrictedHead(decoder.model.get_output_embeddings(), run_confidence_tokens(run_dir, frequent, eos))
 
 
 def markdown(rows: list[dict], costs: dict, meta: dict) -> str:

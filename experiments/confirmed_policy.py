@@ -3,8 +3,8 @@
 `confidence_reads.py` found that CALM's softmax margin over the head's rows of the most frequent training tokens
 keeps nearly what the whole head's margin keeps, but that reading it at every exit costs about a layer each
 time, so it never runs faster than full depth. Here a run's trained token policy says where a token could
-leave (p > tau), and the margin is read only there (`confidence_reads.ConfirmedPolicy`): the token leaves where
-the margin is above m too. Every (tau, m) of the grid generates on `--calibrate-prompts` validation prompts;
+leave (p > tau), and the margin is read only there (the package's rule `confirmed_policy`,
+`exits.rules.ConfirmedPolicyRule`): the token leaves where the margin is at least m too. Every (tau, m) of the grid generates on `--calibrate-prompts` validation prompts;
 the point chosen there (the most layer saving whose ROUGE-L against the full output is at least `--level`,
 CALM's calibration) is then measured on the first `--prompts` test prompts beside full depth, the policy alone
 at the same tau, the margin over the frequent rows at every exit at the same m, and a static exit, with seeded
@@ -27,10 +27,10 @@ import torch
 from hydra.utils import instantiate
 
 from aclsum_benchmark import with_intervals
-from confidence_reads import ConfirmedPolicy, FrequentMarginReader, batch1_ms_per_token, frequent_head, generate_all
+from confidence_reads import FrequentMarginReader, batch1_ms_per_token, frequent_head, generate_all
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
 from ee_lightning.evaluation.generation_eval import score_points
-from ee_lightning.exits.rules import FullRule, PolicyRule, StaticRule
+from ee_lightning.exits.rules import ConfirmedPolicyRule, FullRule, PolicyRule, StaticRule
 from ee_lightning.files import atomic_write_text
 from ee_lightning.modeling.export import load_decoder
 from ee_lightning.training.lm_pipeline import generation_batches
@@ -88,14 +88,15 @@ def main(argv=None):
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     head = frequent_head(args.run_dir, decoder, args.frequent, eos)
+    exits.set_confidence_tokens(head.token_ids)  # a run trained with lm_exits.confidence_tokens has them already
     reader = FrequentMarginReader(exits, decoder, head)
     datamodule = instantiate({**config["data"], "max_eval_samples": None}, tokenizer=tokenizer, _convert_="all")
     datamodule.setup()
     flops = measure_generation_flops(decoder, exits)  # the scoring reads them; this study reports speed instead
 
     def confirmed(tau: float, m: float) -> tuple:
-        return (f"confirmed: policy > {tau}, margin > {m}", "policy", f"{tau}/{m}", PolicyRule(tau=m),
-                ConfirmedPolicy(policy, reader, tau))
+        return (f"confirmed: policy > {tau}, margin > {m}", "confirmed_policy", [tau, m],
+                ConfirmedPolicyRule(tau=tau, margin=m), policy)
 
     def scored(rules, runs, references):
         points, _ = score_points([(name, value, rule) for _, name, value, rule, _ in rules], runs, tokenizer,
@@ -116,7 +117,7 @@ def main(argv=None):
     seconds["validation"] = time.time() - clock
     test_rules = [full, ("static exit at layer 24", "static", 24, StaticRule(k=24), None)]
     if pick is not None:
-        tau, m = (float(x) for x in validation[pick]["value"].split("/"))
+        tau, m = validation[pick]["value"]
         test_rules += [confirmed(tau, m), (f"policy alone, tau {tau}", "policy", tau, PolicyRule(tau=tau), policy),
                        (f"margin over the frequent rows at every exit, > {m}", "policy", m, PolicyRule(tau=m), reader)]
     clock = time.time()

@@ -1,5 +1,6 @@
 """experiments/confidence_reads.py and confirmed_policy.py: an exit's softmax margin over a restricted head, read
-where the token policy sits (alone, or confirming the policy's proposal), so that generation is the library's own."""
+where the token policy sits, so that generation is the library's own; and the study's choice of the confirmed
+point (the rule itself: tests/test_confirmed_policy_rule.py)."""
 from __future__ import annotations
 
 import math
@@ -67,37 +68,6 @@ def test_over_every_row_the_reader_exits_where_the_softmax_margin_rule_does(stud
     # the reader makes no LM-head call before the exit: one per token, where it leaves
     assert bool((read.lm_head_calls[read.token_mask] == 1).all())
     assert bool((margin.lm_head_calls > 1).any())
-
-
-class CountingReader:
-    """A margin reader stand-in: its logit is the first feature; it records the rows it was asked about."""
-
-    def __init__(self):
-        self.asked = []
-
-    def logit(self, layer, hidden):
-        self.asked.append(hidden.shape[0])
-        return hidden[..., 0]
-
-
-class SecondFeaturePolicy:
-    def logit(self, layer, hidden):
-        return hidden[..., 1]
-
-
-def test_the_policy_proposes_and_the_margin_confirms_reading_only_the_proposed_rows(study):
-    # rows: (margin logit, policy logit); the policy proposes where sigmoid > 0.5, i.e. a positive second feature
-    hidden = torch.tensor([[2.0, 1.0], [-2.0, 1.0], [2.0, -1.0], [-2.0, -1.0]])
-    reader = CountingReader()
-    confirmed = study.ConfirmedPolicy(SecondFeaturePolicy(), reader, tau=0.5)
-    logits = confirmed.logit(3, hidden)
-    assert reader.asked == [2]  # the two proposed rows only
-    assert logits[:2].tolist() == [2.0, -2.0] and bool((torch.sigmoid(logits[2:]) == 0).all())
-    leave, _ = r.PolicyRule(tau=0.5).decide(3, {"exit_prob": torch.sigmoid(logits)}, None)
-    assert leave.tolist() == [True, False, False, False]  # proposed and confirmed
-    nothing = CountingReader()
-    study.ConfirmedPolicy(SecondFeaturePolicy(), nothing, tau=0.5).logit(3, hidden[2:])
-    assert nothing.asked == []  # no proposal, no read
 
 
 confirmed_study = experiment_fixture("confirmed_policy")
