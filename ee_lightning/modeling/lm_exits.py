@@ -119,7 +119,7 @@ class LMExitHeads(nn.Module):
         # kept in the weights only when there are some, so a model saved before they existed still loads
         self.register_buffer("confidence_tokens", torch.zeros(int(confidence_tokens), dtype=torch.long),
                              persistent=confidence_tokens > 0)
-        self._confidence_head = None  # (the head weight it was sliced from, its rows' weight, bias): see frequent_margin
+        self._confidence_head = None  # (the head weight's storage it was sliced from, its rows' weight, bias)
 
     def set_confidence_tokens(self, token_ids: torch.Tensor) -> None:
         """The head rows `frequent_margin` reads: sorted, distinct vocabulary ids (`draft_head.frequent_tokens`)."""
@@ -138,11 +138,13 @@ class LMExitHeads(nn.Module):
             raise ValueError("these exits have no confidence tokens: set method.lm_exits.confidence_tokens (e.g. "
                              "4096) and train again, or call exits.set_confidence_tokens(ids)")
         head = decoder.model.get_output_embeddings()
-        if self._confidence_head is None or self._confidence_head[0] is not head.weight:
-            # sliced once: gathering thousands of rows at every read would cost as much as the read itself
+        # sliced once (gathering thousands of rows at every read would cost as much as the read itself), again
+        # where the head's weight moved or was replaced
+        source = (head.weight.data_ptr(), head.weight.device, head.weight.dtype)
+        if self._confidence_head is None or self._confidence_head[0] != source:
             rows = self.confidence_tokens.to(head.weight.device)
             bias = getattr(head, "bias", None)
-            self._confidence_head = (head.weight, head.weight.detach()[rows].clone(),
+            self._confidence_head = (source, head.weight.detach()[rows].clone(),
                                      None if bias is None else bias.detach()[rows].clone())
         _, weight, bias = self._confidence_head
         return margin(F.linear(decoder.final_norm(self.adapt(layer, hidden)), weight, bias))
