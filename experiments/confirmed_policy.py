@@ -1,15 +1,15 @@
 """Study: ConsistentEE's token policy proposes an exit, the exit's margin over the frequent rows confirms it.
 
 `confidence_reads.py` found that CALM's softmax margin over the head's rows of the most frequent training tokens
-keeps nearly what the whole head's margin keeps, but that reading it at every exit costs about a layer each
-time, so it never runs faster than full depth. Here a run's trained token policy says where a token could
-leave (p > tau), and the margin is read only there (the package's rule `confirmed_policy`,
-`exits.rules.ConfirmedPolicyRule`): the token leaves where the margin is at least m too. Every (tau, m) of the grid generates on `--calibrate-prompts` validation prompts;
-the point chosen there (the most layer saving whose ROUGE-L against the full output is at least `--level`,
-CALM's calibration) is then measured on the first `--prompts` test prompts beside full depth, the policy alone
-at the same tau, the margin over the frequent rows at every exit at the same m, and a static exit, with seeded
-bootstrap 95% intervals, and timed at batch 1 with the skipped layers deferred (every rule in turn, prompt by
-prompt, the prompt pass excluded).
+keeps nearly what the whole head's margin keeps, but that reading it at every exit costs about a layer each time,
+so it never runs faster than full depth. Here a run's trained token policy says where a token could leave (p >
+tau), and the margin is read only there (the package's rule `confirmed_policy`, `exits.rules.ConfirmedPolicyRule`):
+the token leaves where the margin is at least m too. Every (tau, m) of the grid generates on `--calibrate-prompts`
+validation prompts; the point chosen there (the most layer saving whose ROUGE-L against the full output is at least
+`--level`, CALM's calibration) is then measured on the first `--prompts` test prompts beside full depth, the policy
+alone at the same tau, the margin over the frequent rows at every exit at the same m, and a static exit, with
+seeded bootstrap 95% intervals, and timed at batch 1 with the skipped layers deferred (every rule in turn, prompt
+by prompt, the prompt pass excluded).
 
     python experiments/confirmed_policy.py --run-dir <a finished aclsum_consistentee run>
 
@@ -95,7 +95,7 @@ def main(argv=None):
     flops = measure_generation_flops(decoder, exits)  # the scoring reads them; this study reports speed instead
 
     def confirmed(tau: float, m: float) -> tuple:
-        return (f"confirmed: policy > {tau}, margin > {m}", "confirmed_policy", [tau, m],
+        return (f"confirmed: policy > {tau}, margin >= {m}", "confirmed_policy", [tau, m],
                 ConfirmedPolicyRule(tau=tau, margin=m), policy)
 
     def scored(rules, runs, references):

@@ -75,9 +75,9 @@ confirmed_study = experiment_fixture("confirmed_policy")
 
 def test_the_confirmed_point_chosen_is_the_most_saving_that_keeps_the_level(confirmed_study):
     points = [{"label": "full depth", "layer_saving": 0.0, "rougeL_vs_full": 1.0},
-              {"label": "confirmed: policy > 0.05, margin > 0.3", "layer_saving": 0.21, "rougeL_vs_full": 0.58},
-              {"label": "confirmed: policy > 0.05, margin > 0.35", "layer_saving": 0.18, "rougeL_vs_full": 0.62},
-              {"label": "confirmed: policy > 0.1, margin > 0.4", "layer_saving": 0.17, "rougeL_vs_full": 0.65},
+              {"label": "confirmed: policy > 0.05, margin >= 0.3", "layer_saving": 0.21, "rougeL_vs_full": 0.58},
+              {"label": "confirmed: policy > 0.05, margin >= 0.35", "layer_saving": 0.18, "rougeL_vs_full": 0.62},
+              {"label": "confirmed: policy > 0.1, margin >= 0.4", "layer_saving": 0.17, "rougeL_vs_full": 0.65},
               {"label": "policy alone, tau 0.05", "layer_saving": 0.30, "rougeL_vs_full": 0.70}]  # not a candidate
     assert confirmed_study.choose(points, 0.6) == 2
     assert confirmed_study.choose(points, 0.64) == 3

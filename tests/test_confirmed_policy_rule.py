@@ -10,6 +10,7 @@ from torch import nn
 
 from ee_lightning.evaluation.generation_cost import measure_generation_flops
 from ee_lightning.exits import rules as r
+from ee_lightning.exits.signals import margin
 from ee_lightning.inference.deferred import generate_deferred_each
 from ee_lightning.inference.generate import exit_signals, generate_with_exits
 from ee_lightning.modeling.lm_exits import LMExitHeads, TokenExitPolicy
@@ -49,31 +50,33 @@ def test_the_exits_margin_over_their_confidence_tokens_by_hand():
     exits = LMExitHeads(4, 2, exit_every=2, rank=1)  # zero-initialised adapters: the exit reads the state itself
     decoder = HeadDecoder()
     with pytest.raises(ValueError, match="no confidence tokens"):
-        exits.frequent_margin(2, torch.zeros(1, 2), decoder)
+        exits.frequent_logits(2, torch.zeros(1, 2), decoder)
     exits.set_confidence_tokens(torch.tensor([0, 2]))  # rows 1 and 3 would win over the whole vocabulary
     # logits (ln 9, 0) over the two rows: softmax (0.9, 0.1), margin 0.8
-    margin = exits.frequent_margin(2, torch.tensor([[math.log(9), 0.0]]), decoder)
-    torch.testing.assert_close(margin, torch.tensor([0.8]))
+    logits = exits.frequent_logits(2, torch.tensor([[math.log(9), 0.0]]), decoder)
+    torch.testing.assert_close(logits, torch.tensor([[math.log(9), 0.0]]))
+    torch.testing.assert_close(margin(logits), torch.tensor([0.8]))
     with torch.no_grad():  # the head changes (a new weight tensor): the rows are sliced again
         decoder.model.lm_head.weight = nn.Parameter(torch.tensor([[0.0, 1.0], [5.0, 5.0], [1.0, 0.0], [9.0, 0.0]]))
-    torch.testing.assert_close(exits.frequent_margin(2, torch.tensor([[math.log(9), 0.0]]), decoder),
-                               torch.tensor([-0.8]).abs())
+    torch.testing.assert_close(exits.frequent_logits(2, torch.tensor([[math.log(9), 0.0]]), decoder),
+                               torch.tensor([[0.0, math.log(9)]]))
     for bad in ([3, 1], [2], [1, 1, 2]):
         with pytest.raises(ValueError, match="sorted, distinct"):
             exits.set_confidence_tokens(torch.tensor(bad))
 
 
 class CountingExits:
-    """Exits whose margin is the state's first feature; they record the rows they were asked about."""
+    """Exits whose logits over two rows are (x, -x), x the state's first feature: softmax margin tanh(x). They
+    record the rows they were asked about."""
 
     confidence_tokens = torch.arange(4)
 
     def __init__(self):
         self.asked = []
 
-    def frequent_margin(self, layer, hidden, decoder):
+    def frequent_logits(self, layer, hidden, decoder):
         self.asked.append(hidden.shape[0])
-        return hidden[:, 0]
+        return torch.stack([hidden[:, 0], -hidden[:, 0]], dim=-1)
 
 
 class SecondFeaturePolicy:
@@ -82,8 +85,8 @@ class SecondFeaturePolicy:
 
 
 def test_the_margin_is_read_only_on_the_rows_the_policy_proposes():
-    # rows: (margin, policy logit); the policy proposes where sigmoid(logit) > 0.5, i.e. a positive second feature
-    hidden = torch.tensor([[0.6, 1.0], [0.1, 1.0], [0.6, -1.0], [0.1, -1.0]])
+    # rows: (atanh(margin), policy logit); the policy proposes where sigmoid(logit) > 0.5: a positive second feature
+    hidden = torch.tensor([[math.atanh(0.6), 1.0], [math.atanh(0.1), 1.0], [math.atanh(0.6), -1.0], [0.1, -1.0]])
     exits, rule = CountingExits(), r.ConfirmedPolicyRule(tau=0.5, margin=0.3)
     signals, logits, calls = exit_signals(rule, 3, hidden, hidden, exits, None, policy=SecondFeaturePolicy())
     assert exits.asked == [2] and logits is None

@@ -117,7 +117,7 @@ def measure_generation_flops(decoder, exits, policy=None, classifier=None) -> Ge
         cls = meter()
         tokens = getattr(exits, "confidence_tokens", None)
         if tokens is not None and tokens.numel() >= 2:
-            exits.frequent_margin(layer, hidden[:, -1], decoder)
+            exits.frequent_logits(layer, hidden[:, -1], decoder)
         read = meter()
     return GenerationFlops(tuple(base), tuple(per_key), kv, head, pol, cls, read)
 

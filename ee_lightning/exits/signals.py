@@ -22,7 +22,7 @@ classifier_prob     CALM's trained classifier: P(this exit's token equals the   
                     last exit's)
 frequent_margin     margin of the exit's softmax over the head's rows of the     generation
                     most frequent training tokens only (`LMExitHeads.
-                    frequent_margin`: about a layer's cost, the full head eight)
+                    frequent_logits`: about a layer's cost, the full head eight)
 =================== ============================================================ =============
 
 The first five come from an exit's logits (`layer_signals`): for a decoder that is an LM-head

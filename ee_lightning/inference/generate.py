@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ee_lightning.exits.rules import require_signals, select_state
-from ee_lightning.exits.signals import GENERATION_SIGNALS, LOGIT_SIGNALS, layer_signals, saturation
+from ee_lightning.exits.signals import GENERATION_SIGNALS, LOGIT_SIGNALS, layer_signals, margin, saturation
 
 
 class PlainExits:
@@ -240,7 +240,7 @@ def exit_signals(rule, layer: int, out: torch.Tensor, previous: torch.Tensor, ex
         read = torch.ones(out.shape[0], dtype=torch.bool, device=out.device) if read is None else read.to(out.device)
         signals["frequent_margin"] = torch.full((out.shape[0],), float("nan"), device=out.device)
         if bool(read.any()):
-            signals["frequent_margin"][read] = exits.frequent_margin(layer, out[read], decoder)
+            signals["frequent_margin"][read] = margin(exits.frequent_logits(layer, out[read], decoder))
         calls["confidence"] = read.long()
     return signals, exit_logits, calls
 

@@ -6,7 +6,8 @@
   layer has none (its exit is the model itself). `adapter="block"` puts a stronger adapter there
   instead (`BlockAdapter`: the backbone's own norm and MLP, copied from the next layer, output zeroed).
   An exit may also carry `confidence_tokens`, the head's rows of the tokens the model writes most often:
-  its confidence over those rows (`frequent_margin`) costs about a layer to read, the full head about eight.
+  its logits over those rows (`frequent_logits`, whose softmax margin is the `frequent_margin` signal) cost
+  about a layer to read, the full head about eight.
 * `TokenExitPolicy`: ConsistentEE's policy, p_l = sigmoid(g_l(h_l)) per token, read from the hidden
   state: the LM head (a [H, V] matmul) runs only where a token actually exits.
 * `ExitClassifier`: CALM's trained confidence measure, P(the exit's token equals the final token),
@@ -23,8 +24,6 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from ee_lightning.exits.signals import margin
 
 FORCED_LOGIT = 30.0  # sigmoid ~ 1: at the last layer every token exits, whatever a policy says
 
@@ -122,7 +121,7 @@ class LMExitHeads(nn.Module):
         self._confidence_head = None  # (the head weight's storage it was sliced from, its rows' weight, bias)
 
     def set_confidence_tokens(self, token_ids: torch.Tensor) -> None:
-        """The head rows `frequent_margin` reads: sorted, distinct vocabulary ids (`draft_head.frequent_tokens`)."""
+        """The head rows `frequent_logits` reads: sorted, distinct vocabulary ids (`draft_head.frequent_tokens`)."""
         token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         if token_ids.numel() < 2 or not bool((token_ids[1:] > token_ids[:-1]).all()) or int(token_ids.min()) < 0:
             raise ValueError("confidence tokens must be at least two sorted, distinct, non-negative token ids")
@@ -131,9 +130,9 @@ class LMExitHeads(nn.Module):
         self.register_buffer("confidence_tokens", token_ids.to(device))
         self._confidence_head = None
 
-    def frequent_margin(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder) -> torch.Tensor:
-        """Top-1 minus top-2 probability of the exit's softmax over the `confidence_tokens` rows of the LM head
-        only, from its hidden states [R, H] -> [R] (float32): CALM's softmax measure at a fraction of the head."""
+    def frequent_logits(self, layer: int, hidden: torch.Tensor, decoder: ExitDecoder) -> torch.Tensor:
+        """The exit's logits over the `confidence_tokens` rows of the LM head only, from its hidden states
+        [R, H] -> [R, V']: what CALM's softmax measure reads, at V'/V of the head's cost."""
         if self.confidence_tokens.numel() < 2:
             raise ValueError("these exits have no confidence tokens: set method.lm_exits.confidence_tokens (e.g. "
                              "4096) and train again, or call exits.set_confidence_tokens(ids)")
@@ -147,7 +146,7 @@ class LMExitHeads(nn.Module):
             self._confidence_head = (source, head.weight.detach()[rows].clone(),
                                      None if bias is None else bias.detach()[rows].clone())
         _, weight, bias = self._confidence_head
-        return margin(F.linear(decoder.final_norm(self.adapt(layer, hidden)), weight, bias))
+        return F.linear(decoder.final_norm(self.adapt(layer, hidden)), weight, bias)
 
     def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """h + adapter_l(h) (h itself at the last layer)."""
