@@ -487,6 +487,7 @@ def test_ee_eval_reports_an_encoder_folder_as_its_run_did(encoder_run, tmp_path)
 @pytest.mark.slow
 def test_ee_eval_reports_a_decoder_folder_as_its_run_did(decoder_run, tmp_path):
     from ee_lightning.app.evaluate_checkpoint import evaluate
+    from ee_lightning.evaluation.generation_eval import deferred_timing_note
 
     folder, reference = decoder_run
     out = tmp_path / "eval"
@@ -499,6 +500,11 @@ def test_ee_eval_reports_a_decoder_folder_as_its_run_did(decoder_run, tmp_path):
             assert mine[key][column] == pytest.approx(point[column]), (key, column)
     for name in ("pareto.csv", "pareto.md", "pareto.png", "eval.json"):
         assert (out / name).is_file()
+    # timed as the run timed it: under deferral, the run's prompts per batch one at a time, generate beside them
+    timing = deferred_timing_note(1)
+    assert json.loads((folder / "config.json").read_text())["generation"]["timed_per_batch"] == 1
+    run_report = folder.parent.parent / "moved-away" / "run" / "pareto.md"
+    assert timing in (out / "pareto.md").read_text() and timing in run_report.read_text()
     with pytest.raises(ValueError, match=r"holds backbone='tiny_llama', but expect.backbone='smollm2_135m'"):
         evaluate(compose_train([f"model_dir={folder}", "expect.backbone=smollm2_135m"], tmp_path / "e2", "eval"))
 

@@ -103,8 +103,11 @@ def evaluate_decoder(cfg: DictConfig) -> dict:
     has_policy, has_classifier = parts.policy is not None, parts.classifier is not None
     rules = rule_points_grid(gen["rules"], parts.exits.exit_layers, has_policy, has_classifier, decoder.vocab_size,
                              tau=tau if has_policy else None)
+    # under kv=defer the run timed that many prompts per batch one at a time, and generate on the same prompts; a
+    # folder saved before the key times every prompt deferred (its 'vs generate' is then against generate's batches)
     system = GenerationEvalSystem(decoder, tokenizer, parts.exits, rules, gen["max_new_tokens"], parts.policy,
-                                  parts.classifier, tau=tau if has_policy else None, kv=gen.get("kv", "propagate"))
+                                  parts.classifier, tau=tau if has_policy else None, kv=gen.get("kv", "propagate"),
+                                  timed_rows=gen.get("timed_per_batch"))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_enabled())
     trainer.test(system, dataloaders=DataLoader(batches, batch_size=None), verbose=False)

@@ -504,7 +504,7 @@ def run_consistentee_lm(run: Run) -> LMRunResults:
                      draft_policy=trained.draft_policy,
                      generation={"rules": dataclasses.asdict(gen.rules), "tau": tau,
                                  "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
-                                 "max_prompts": gen.max_prompts, "kv": gen.kv},
+                                 "max_prompts": gen.max_prompts, "kv": gen.kv, "timed_per_batch": gen.timed_per_batch},
                      data=OmegaConf.to_container(cfg.data, resolve=True), backbone=cfg.backbone.name)
     return LMRunResults(**{
         "method": method.name, "backbone": cfg.backbone.name, "data": run.datamodule.name,
