@@ -69,7 +69,8 @@ def test_tiny_decoder_runs_every_stage_and_reports_every_rule(tmp_path):
                          "method.generation.rules.static=null", "method.generation.rules.policy=[0.3,0.4,0.5]",
                          "method.generation.rules.softmax_margin=[0.5]", "method.generation.rules.saturation=[0.9]",
                          "method.generation.rules.classifier=[0.5]",
-                         "method.lm_exits.confidence_tokens=6", "method.generation.rules.confirmed_policy=[[0.3,0.0],[0.3,0.5]]",
+                         "method.lm_exits.confidence_tokens=6",
+                         "method.generation.rules.confirmed_policy=[[0.3,0.0],[0.3,0.5]]",
                          "method.generation.kv=propagate"], run_dir)  # deferral: tests/test_deferred.py
     results = train(cfg)
     saved = json.loads((run_dir / "results.json").read_text())

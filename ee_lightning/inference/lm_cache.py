@@ -146,7 +146,7 @@ def response_only(cache: dict) -> dict:
 
 def confidence_tokens(cache: dict, size: int, eos_token_id: int | None = None) -> torch.Tensor:
     """The `size` tokens the full model writes most often over a cache's response tokens (its `full_tokens`),
-    EOS always among them, sorted: the LM-head rows the exits' `frequent_margin` reads."""
+    EOS always among them, sorted: the LM-head rows the exits' `frequent_logits` read (the frequent_margin signal)."""
     tokens = response_only(cache)["full_tokens"].tolist()
     return frequent_tokens([tokens], size, always=[] if eos_token_id is None else [eos_token_id])
 
