@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ee_lightning.evaluation.cost import FlopMeter, flop_counter
+from ee_lightning.inference.generate import has_confidence_tokens
 
 _PROBE = 33  # the second context length measured
 
@@ -115,8 +116,7 @@ def measure_generation_flops(decoder, exits, policy=None, classifier=None) -> Ge
         if classifier is not None:
             classifier.logit(layer, hidden[:, -1])
         cls = meter()
-        tokens = getattr(exits, "confidence_tokens", None)
-        if tokens is not None and tokens.numel() >= 2:
+        if has_confidence_tokens(exits):
             exits.frequent_logits(layer, hidden[:, -1], decoder)
         read = meter()
     return GenerationFlops(tuple(base), tuple(per_key), kv, head, pol, cls, read)

@@ -63,8 +63,8 @@ def rule_points_grid(grids: dict, exit_layers: list[int], has_policy: bool, has_
         elif values is True:
             # patience counts decisions, and a rule decides at exit layers only: its default counts exits
             values = exit_layers[:-1] if name == "static" else default_grid(name, len(exit_layers), vocab_size)
-        if not values or (name in ("policy", "confirmed_policy") and not has_policy) or \
-                (name == "classifier" and not has_classifier):
+        needs = RULES[name].needs  # a rule whose trained module the run lacks is left out
+        if not values or ("exit_prob" in needs and not has_policy) or ("classifier_prob" in needs and not has_classifier):
             continue
         if name == "policy" and tau is not None and tau not in values:
             values = [*values, tau]

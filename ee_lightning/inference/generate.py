@@ -119,10 +119,15 @@ def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> l
     return rows
 
 
+def has_confidence_tokens(exits) -> bool:
+    """Do `exits` carry head rows to read the frequent_margin signal over (`LMExitHeads.set_confidence_tokens`)?"""
+    tokens = getattr(exits, "confidence_tokens", None)
+    return tokens is not None and tokens.numel() >= 2
+
+
 def require_confidence_tokens(rule, exits) -> None:
     """Raise before generating if `rule` reads the frequent rows' margin and `exits` carry no such rows."""
-    tokens = getattr(exits, "confidence_tokens", None)
-    if "frequent_margin" in rule.needs and (tokens is None or tokens.numel() < 2):
+    if "frequent_margin" in rule.needs and not has_confidence_tokens(exits):
         raise ValueError(f"rule {rule.name!r} reads the exits' margin over the frequent tokens, and these exits have "
                          "none: set method.lm_exits.confidence_tokens (e.g. 4096) and train again")
 
